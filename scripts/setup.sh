@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs fluxjax with the PyTorch reference stack.
+# torch's CPU build goes in first: installing diffusers without it would pull a multi-GB CUDA build.
+# Re-running is cheap: a stamp file records the hash of what was installed.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${FLUXJAX_VENV:-$root/.venv}"
+stamp="$venv/.fluxjax-installed"
+want="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q "torch==2.13.0"
+"$venv/bin/python" -m pip install -q -e "$root[reference,experiments,test]"
+echo "$want" > "$stamp"
