@@ -1,0 +1,33 @@
+"""fluxjax: a pure-functional JAX/Flax FLUX.2 transformer built to be taken apart.
+
+    config, params = fluxjax.load_transformer("klein9b-native/")
+    out = fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids)
+
+`import fluxjax` never imports torch or diffusers.
+"""
+
+from fluxjax.config import FLUX2_DEV, FLUX2_KLEIN_4B, FLUX2_KLEIN_9B, PRESETS, Flux2Config
+from fluxjax.interventions import (
+    BLOCK0_INPUT,
+    Capture,
+    Captures,
+    DropReference,
+    Interventions,
+    Knockout,
+    Substitution,
+    allow_all,
+    cut_reference,
+    drop_reference,
+    knockout,
+    substitution,
+)
+from fluxjax.layout import TokenLayout
+from fluxjax.model import forward
+from fluxjax.params import Flux2Params, count_params, init_params, param_shapes
+
+__all__ = [
+    "FLUX2_DEV", "FLUX2_KLEIN_4B", "FLUX2_KLEIN_9B", "PRESETS", "Flux2Config",
+    "BLOCK0_INPUT", "Capture", "Captures", "DropReference", "Interventions", "Knockout", "Substitution",
+    "allow_all", "cut_reference", "drop_reference", "knockout", "substitution",
+    "TokenLayout", "forward", "Flux2Params", "count_params", "init_params", "param_shapes",
+]
