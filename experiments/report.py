@@ -1,0 +1,202 @@
+"""Block-sweep plots and the one HTML report per run.
+
+`sweep_plot` draws a metric against the block (x: global block index, double blocks first; one
+line per setting) and returns PNG bytes, drawn with matplotlib's Agg canvas directly (no pyplot,
+so no global backend state). `render_html` lays out sections of text, tables and figures as a
+single self-contained page: figures are referenced by paths relative to the run folder (and must
+lie inside it), the style sheet is inline, so the folder can be copied or zipped and still reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import html
+import io
+import json
+import os
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments.runs import CODE_VERSION_FILE, RunFolder, atomic_write_bytes, atomic_write_text
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def sweep_plot(blocks: Sequence[int], series: Mapping[str, Sequence[float | None]], *, ylabel: str,
+               title: str = "", xlabel: str = "block (global index)", threshold: float | None = None,
+               num_double_blocks: int | None = None, ylim: tuple[float, float] | None = None) -> bytes:
+    """PNG bytes of one line per series over the blocks; None values leave gaps.
+
+    threshold: drawn as a dashed horizontal line (e.g. a pass threshold).
+    num_double_blocks: shades blocks 0..num_double_blocks-1 as the double-stream blocks.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError("a sweep plot needs at least one block")
+    for name, values in series.items():
+        if len(values) != len(blocks):
+            raise ValueError(f"series {name!r} has {len(values)} values for {len(blocks)} blocks")
+    fig = Figure(figsize=(7.0, 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if num_double_blocks:
+        ax.axvspan(-0.5, num_double_blocks - 0.5, color="0.93", zorder=0, label="double-stream blocks")
+    for name, values in series.items():
+        ys = [float("nan") if v is None else float(v) for v in values]
+        ax.plot(blocks, ys, marker="o", markersize=3.5, linewidth=1.6, label=name)
+    if threshold is not None:
+        ax.axhline(threshold, color="0.35", linestyle="--", linewidth=1.0, label=f"threshold {threshold:g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=11)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlim(min(blocks) - 0.5, max(blocks) + 0.5)
+    if len(blocks) <= 40:
+        ax.set_xticks(blocks if len(blocks) <= 16 else blocks[::2])
+    ax.grid(True, color="0.88", linewidth=0.6)
+    ax.legend(fontsize=8, frameon=False, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def save_sweep_plot(path: str | os.PathLike, blocks: Sequence[int], series: Mapping[str, Sequence[float | None]],
+                    **kwargs: Any) -> Path:
+    """`sweep_plot` written atomically to `path`."""
+    return atomic_write_bytes(path, sweep_plot(blocks, series, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    text: str  # plain text; blank lines separate paragraphs
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    title: str
+    columns: Sequence[str]
+    rows: Sequence[Mapping[str, Any]]
+    formats: Mapping[str, str] = dataclasses.field(default_factory=dict)  # column -> "{:.1%}" etc.
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    path: Path  # an image inside the report's folder: absolute, or relative to that folder
+    caption: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    title: str
+    items: Sequence[Text | Table | Figure]
+
+
+def table_from_csv(path: str | os.PathLike, title: str, **kwargs: Any) -> Table:
+    """A table of a CSV file's rows (values stay as the file's text)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return Table(title=title, columns=list(reader.fieldnames or []), rows=list(reader), **kwargs)
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def _cell(value: Any, fmt: str | None) -> tuple[str, bool]:
+    if value is None or value == "":
+        return "", False
+    if fmt is not None:
+        try:
+            return fmt.format(value), True
+        except (ValueError, TypeError):
+            pass
+    if isinstance(value, float):
+        return f"{value:.3f}", True
+    return str(value), isinstance(value, int) and not isinstance(value, bool)
+
+
+def _relative_url(folder: Path, path: Path) -> str:
+    target = (folder / path).resolve() if not Path(path).is_absolute() else Path(path).resolve()
+    root = folder.resolve()
+    if root != target and root not in target.parents:
+        raise ValueError(f"figure {path} lies outside the report folder {folder}; save it inside the run folder")
+    if not target.is_file():
+        raise FileNotFoundError(f"figure {target} does not exist; write it before the report")
+    return urllib.parse.quote(target.relative_to(root).as_posix())
+
+
+def render_html(folder: str | os.PathLike, title: str, sections: Sequence[Section], *,
+                config: Mapping[str, Any] | None = None, code: Mapping[str, Any] | None = None) -> str:
+    """The report page; figure paths are made relative to `folder`, where the page will be saved."""
+    folder = Path(folder)
+
+    def esc(text: str) -> str:  # element content; attributes go through html.escape with quotes
+        return html.escape(text, quote=False)
+
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    if code:
+        out.append(f'<p class="note">code: {esc(", ".join(f"{k} = {v}" for k, v in code.items()))}</p>')
+    for section in sections:
+        out.append(f"<h2>{esc(section.title)}</h2>")
+        for item in section.items:
+            if isinstance(item, Text):
+                out += [f"<p>{esc(p.strip())}</p>" for p in item.text.split("\n\n") if p.strip()]
+            elif isinstance(item, Table):
+                out.append(f"<h3>{esc(item.title)}</h3><table><tr>"
+                           + "".join(f"<th>{esc(c)}</th>" for c in item.columns) + "</tr>")
+                for row in item.rows:
+                    cells = [_cell(row.get(c), item.formats.get(c)) for c in item.columns]
+                    out.append("<tr>" + "".join(f'<td class="num">{esc(t)}</td>' if num else f"<td>{esc(t)}</td>"
+                                                for t, num in cells) + "</tr>")
+                out.append("</table>")
+                if item.note:
+                    out.append(f'<p class="note">{esc(item.note)}</p>')
+            elif isinstance(item, Figure):
+                url = _relative_url(folder, Path(item.path))
+                out.append(f'<figure><a href="{url}"><img src="{url}" alt="{html.escape(item.caption)}" loading="lazy"></a>'
+                           + (f"<figcaption>{esc(item.caption)}</figcaption>" if item.caption else "") + "</figure>")
+            else:
+                raise TypeError(f"a report section holds Text, Table or Figure items, got {type(item).__name__}")
+    if config is not None:
+        out.append("<h2>Configuration</h2><pre>" + esc(json.dumps(config, indent=2, sort_keys=True)) + "</pre>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_report(folder: str | os.PathLike, title: str, sections: Sequence[Section], *,
+                 config: Mapping[str, Any] | None = None, code: Mapping[str, Any] | None = None,
+                 name: str = "report.html") -> Path:
+    """Render and write the report as `folder/name` (atomically)."""
+    folder = Path(folder)
+    return atomic_write_text(folder / name, render_html(folder, title, sections, config=config, code=code))
+
+
+def write_run_report(run: RunFolder, title: str, sections: Sequence[Section], name: str = "report.html") -> Path:
+    """The run's report, with its config and the code version that made the folder."""
+    code = json.loads((run.path / CODE_VERSION_FILE).read_text())
+    return run.write_derived(name, render_html(run.path, title, sections, config=run.config, code=code))
