@@ -24,10 +24,12 @@ from fluxjax.interventions import (
 from fluxjax.layout import TokenLayout
 from fluxjax.model import forward
 from fluxjax.params import Flux2Params, count_params, init_params, param_shapes
+from fluxjax.sampler import SamplerOptions, sample
 
 __all__ = [
     "FLUX2_DEV", "FLUX2_KLEIN_4B", "FLUX2_KLEIN_9B", "PRESETS", "Flux2Config",
     "BLOCK0_INPUT", "Capture", "Captures", "DropReference", "Interventions", "Knockout", "Substitution",
     "allow_all", "cut_reference", "drop_reference", "knockout", "substitution",
     "TokenLayout", "forward", "Flux2Params", "count_params", "init_params", "param_shapes",
+    "SamplerOptions", "sample",
 ]

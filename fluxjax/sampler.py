@@ -1,0 +1,232 @@
+"""The FLUX.2 flow-matching Euler sampler, the whole denoising loop compiled as one program.
+
+    options = fluxjax.sampler.KLEIN_DISTILLED               # 4 steps, no guidance
+    latents = fluxjax.sample(params, config, options, txt, layout.txt_ids(), layout.img_ids(),
+                             seed=1234, refs=ref_tokens)
+
+Rectified flow (spec section 9): x_t = (1 - t) x_0 + t eps, the model predicts v ~ eps - x_0, and
+each step moves x from sigma_i to sigma_{i+1} by x += (sigma_{i+1} - sigma_i) v, from t = 1 to 0.
+The steps run under `lax.scan` inside one `jit`: one compile per (shapes, options, intervention
+structure, capture spec), reused across seeds, noise, prompts, guidance scales and intervention
+values.
+
+Latents are packed tokens [B, N_img, in_channels] in the bn-normalised, 2x2-patchified latent
+space, the same space as `Flux2Pipeline(output_type="latent")`'s output (`fluxjax.images` turns
+them back into a latent grid). Reference tokens are context only: they are concatenated after
+the noisy tokens at every step, never updated, and only the first N_img predictions are used.
+
+Per-step interventions: any array of an `Interventions` value may carry a leading step axis [S]
+(a substitution value [S, B, T, D], its mask [S, B, T], a knockout table [S, blocks, G, G], ...);
+step s then sees slice s. Arrays without the step axis are shared by every step. Captures come
+back with a leading step axis, so a source run's `captures.text[:, j]` ([S, B, T, D]) is directly
+the per-step substitution value of a target run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fluxjax.config import Flux2Config
+from fluxjax.interventions import Capture, Captures, Interventions
+from fluxjax.model import forward
+from fluxjax.schedule import NUM_TRAIN_TIMESTEPS, flux2_sigmas
+
+GUIDANCE_MODES = ("none", "embedded", "cfg")
+
+# Rank of every intervention array without a step axis; one more means "one slice per step".
+_STEPLESS_RANK = {"site": 0, "value": 3, "mask": 2, "allowed": 3, "groups": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+    """Static sampler options.
+
+    guidance:
+        "none"      [klein] distilled: one forward per step, no guidance input.
+        "embedded"  [dev]: the scale goes through the guidance embedder (as 1000 g); one forward.
+        "cfg"       [klein] base: true classifier-free guidance against the empty-prompt
+                    embeddings, v = v_u + g (v_c - v_u); two forwards per step.
+    guidance_scale: g. It enters the compiled program as a value: changing it does not recompile.
+    Note: diffusers switches CFG off when g <= 1; here "cfg" always applies the formula.
+    """
+
+    num_steps: int = 4
+    guidance: str = "none"
+    guidance_scale: float = 1.0
+
+    def __post_init__(self):
+        if int(self.num_steps) < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.guidance not in GUIDANCE_MODES:
+            raise ValueError(f"unknown guidance mode {self.guidance!r}; use one of {GUIDANCE_MODES}")
+
+
+KLEIN_DISTILLED = SamplerOptions(num_steps=4, guidance="none", guidance_scale=1.0)
+KLEIN_BASE = SamplerOptions(num_steps=50, guidance="cfg", guidance_scale=4.0)
+DEV = SamplerOptions(num_steps=50, guidance="embedded", guidance_scale=4.0)
+
+
+def initial_noise(seed, batch: int, num_tokens: int, channels: int, dtype=jnp.float32):
+    """N(0, 1) packed noise [batch, num_tokens, channels] from integer seeds, with JAX's PRNG.
+
+    seed: an int in [0, 2**32) (every sample gets the same noise) or one per sample [batch]. The
+    noise of a sample depends only on its seed and shape, not on its batch mates. It is drawn in
+    float32 and rounded to `dtype`, so a bfloat16 run starts from the rounded float32 noise.
+    (The torch generators of the references draw different numbers; no port can match them.)
+    """
+    seeds = np.asarray(seed, dtype=np.int64)
+    if seeds.ndim == 0:
+        seeds = np.full(batch, seeds)
+    if seeds.shape != (batch,):
+        raise ValueError(f"seed must be one int or one per sample ({batch}), got shape {seeds.shape}")
+    if (seeds < 0).any() or (seeds >= 2**32).any():
+        raise ValueError("seeds must lie in [0, 2**32), e.g. zlib.crc32 values")
+    return _noise(jnp.asarray(seeds.astype(np.uint32)), num_tokens, channels, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _noise(seeds, num_tokens, channels, dtype):
+    draw = lambda s: jax.random.normal(jax.random.key(s), (num_tokens, channels), jnp.float32)
+    return jax.vmap(draw)(seeds).astype(dtype)
+
+
+def model_timestep(sigma, dtype):
+    """The timestep the pipelines feed the model for `sigma` (in [0, 1]).
+
+    diffusers: the scheduler's timestep sigma * 1000 (float32) is cast to the latents' dtype and
+    divided by 1000 in that dtype; the transformer casts again and multiplies by 1000. In float32
+    this is 1000 sigma up to rounding; in bfloat16 it quantises t (spec section 9).
+    """
+    return (sigma * NUM_TRAIN_TIMESTEPS).astype(dtype) / NUM_TRAIN_TIMESTEPS
+
+
+def euler_step(x, v, sigma, sigma_next):
+    """x + (sigma_next - sigma) v with diffusers' precision chain (`FlowMatchEulerDiscreteScheduler.step`).
+
+    The sample is upcast to float32; dt is a 0-dim float32 tensor, so dt * v keeps v's dtype in
+    torch (computed in float32, rounded once); the float32 sum is cast back to v's dtype.
+    """
+    dt = sigma_next - sigma
+    update = (dt * v.astype(jnp.float32)).astype(v.dtype)
+    return (x.astype(jnp.float32) + update.astype(jnp.float32)).astype(v.dtype)
+
+
+def split_step_axis(interventions: Interventions | None, num_steps: int):
+    """Which intervention arrays carry a leading [num_steps] axis (a tuple of bools, leaf order).
+
+    Raises for an array whose rank fits neither reading, or whose step axis has the wrong length.
+    """
+    if interventions is None:
+        return ()
+    flags = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(interventions)[0]:
+        name = getattr(path[-1], "name", None)
+        where = jax.tree_util.keystr(path)
+        if name not in _STEPLESS_RANK:
+            raise ValueError(f"the sampler does not know the rank of intervention array {where}; "
+                             f"add it to fluxjax.sampler._STEPLESS_RANK")
+        rank = np.ndim(leaf)
+        if rank == _STEPLESS_RANK[name]:
+            flags.append(False)
+        elif rank == _STEPLESS_RANK[name] + 1:
+            if np.shape(leaf)[0] != num_steps:
+                raise ValueError(f"intervention array {where} has a step axis of {np.shape(leaf)[0]}, "
+                                 f"but the sampler runs {num_steps} steps")
+            flags.append(True)
+        else:
+            raise ValueError(f"intervention array {where} has rank {rank}; expected {_STEPLESS_RANK[name]} "
+                             f"(shared by all steps) or {_STEPLESS_RANK[name] + 1} (leading step axis)")
+    return tuple(flags)
+
+
+def sample(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids, img_ids, *, noise=None, seed=None,
+           refs=None, uncond_txt=None, interventions: Interventions | None = None,
+           capture: Capture | None = None, sigmas=None, attn_impl: str | None = None):
+    """Denoise from noise to clean latents.
+
+    params, config: the transformer. txt: [B, T, C] prompt embeddings; txt_ids: int [T, 4].
+    img_ids: int [N_img + N_ref, 4], position ids of the noisy tokens then the references
+    (`TokenLayout.img_ids()`). noise: [B, N_img, in_channels], or seed: int or [B] ints
+    (`initial_noise`); exactly one of the two. refs: None or [B or 1, N_ref, in_channels] clean
+    reference tokens (`fluxjax.images.reference_tokens`). uncond_txt: [B, T, C] empty-prompt
+    embeddings, required by guidance "cfg". interventions: applied to every forward of every step
+    (both CFG branches, as a module hook in the reference would be); arrays may carry a leading
+    step axis (module docstring). capture: static spec; captures come from the conditional branch.
+    sigmas: float32 [num_steps + 1] to override the FLUX.2 schedule of N_img tokens.
+
+    Latents live in the model's dtype (diffusers keeps them in the prompt embeddings' dtype, the
+    same one whenever the embeddings are in the model dtype, as the pipelines produce them).
+    Returns latents [B, N_img, in_channels], and with `capture` also `Captures` whose arrays have
+    a leading [num_steps] axis.
+    """
+    dtype = params.img_in.dtype
+    batch = txt.shape[0]
+    n_ref = 0 if refs is None else refs.shape[1]
+    n_img = np.shape(img_ids)[-2] - n_ref
+    if n_img <= 0:
+        raise ValueError(f"img_ids has {np.shape(img_ids)[-2]} rows for {n_ref} reference tokens: it must list the "
+                         f"noisy-image tokens first, then the references")
+    if (noise is None) == (seed is None):
+        raise ValueError("pass exactly one of `noise` (explicit initial latents) or `seed`")
+    if noise is None:
+        noise = initial_noise(seed, batch, n_img, config.in_channels, dtype)
+    if tuple(noise.shape) != (batch, n_img, config.in_channels):
+        raise ValueError(f"noise must be [B, N_img, in_channels] = {(batch, n_img, config.in_channels)}, "
+                         f"got {tuple(noise.shape)}")
+    if options.guidance == "cfg" and uncond_txt is None:
+        raise ValueError("guidance 'cfg' needs `uncond_txt`, the empty-prompt embeddings")
+    if options.guidance == "embedded" and not config.use_guidance_embed:
+        raise ValueError("guidance 'embedded' needs a model with a guidance embedder ([dev]); use 'none' or 'cfg'")
+    if sigmas is None:
+        sigmas = flux2_sigmas(n_img, options.num_steps)
+    if np.shape(sigmas) != (options.num_steps + 1,):
+        raise ValueError(f"sigmas must have num_steps + 1 = {options.num_steps + 1} entries, got {np.shape(sigmas)}")
+    stepped = split_step_axis(interventions, options.num_steps)
+    if capture is not None:
+        capture.validate(config)
+    return _denoise(params, jnp.asarray(noise).astype(dtype), jnp.asarray(txt), jnp.asarray(txt_ids),
+                    jnp.asarray(img_ids), None if refs is None else jnp.asarray(refs),
+                    None if uncond_txt is None else jnp.asarray(uncond_txt), jnp.asarray(sigmas, jnp.float32),
+                    jnp.asarray(options.guidance_scale, jnp.float32), interventions,
+                    config=config, guidance=options.guidance, stepped=stepped, capture=capture, attn_impl=attn_impl)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "guidance", "stepped", "capture", "attn_impl"))
+def _denoise(params, noise, txt, txt_ids, img_ids, refs, uncond_txt, sigmas, guidance_scale, interventions, *,
+             config, guidance, stepped, capture, attn_impl):
+    n_img = noise.shape[1]
+    if refs is not None:  # the same clean references for every sample unless given per sample
+        refs = jnp.broadcast_to(refs, (noise.shape[0], *refs.shape[1:])).astype(noise.dtype)
+    leaves, treedef = jax.tree_util.tree_flatten(interventions)
+    per_step = [leaf for leaf, s in zip(leaves, stepped) if s]
+
+    def at_step(step_leaves):
+        it = iter(step_leaves)
+        return jax.tree_util.tree_unflatten(treedef, [next(it) if s else leaf for leaf, s in zip(leaves, stepped)])
+
+    def predict(x, text, t, iv, cap):
+        model_in = x if refs is None else jnp.concatenate([x, refs], axis=1)
+        g = jnp.full(x.shape[:1], guidance_scale) if guidance == "embedded" else None
+        out = forward(params, config, model_in, text, t, img_ids, txt_ids, g, interventions=iv, capture=cap,
+                      attn_impl=attn_impl)
+        out, caps = out if cap is not None else (out, None)
+        return out[:, :n_img], caps
+
+    def step(x, xs):
+        sigma, sigma_next, step_leaves = xs
+        iv = at_step(step_leaves)
+        t = jnp.broadcast_to(model_timestep(sigma, x.dtype), x.shape[:1])
+        v, caps = predict(x, txt, t, iv, capture)
+        if guidance == "cfg":
+            v_u, _ = predict(x, uncond_txt, t, iv, None)
+            # diffusers: neg + g * (pred - neg) in the model dtype, g a Python float.
+            v = v_u + (guidance_scale * (v - v_u).astype(jnp.float32)).astype(v.dtype)
+        return euler_step(x, v, sigma, sigma_next), caps
+
+    x, caps = jax.lax.scan(step, noise, (sigmas[:-1], sigmas[1:], per_step))
+    return x if capture is None else (x, caps)
