@@ -1,15 +1,21 @@
 """Interventions as values and captures as return values.
 
 `Interventions` is one pytree argument of `fluxjax.forward`. Which interventions exist is its
-structure (`None` / `()` where absent, plus a few static fields); their contents are arrays. So
-`jit` compiles one program per structure and reuses it when only values change, and `vmap` over
-the arrays sweeps blocks, seeds and tasks in one call.
+structure (`()` / `None` where absent, plus the static fields of `DropReference`); their contents
+are arrays. So `jit` compiles one program per structure and reuses it when only values change
+(mask contents, substituted activations, knockout matrices, substitution sites), and `vmap` over
+those arrays sweeps blocks, seeds and tasks in one call (see `stack`).
 
 Sites name where the text stream is read or written. Blocks are numbered globally, double blocks
 first (klein-9B: 0..7 double, 8..31 single):
 
     site -1 (BLOCK0_INPUT)  input of block 0, i.e. the output of the text input projection
     site b >= 0             output of block b (in single blocks, the text slice of the joint stream)
+
+At a site, substitutions apply first, in order, and a capture at the same site sees the result:
+what is captured is what the next block reads.
+
+Axis names as in `fluxjax.numerics`; V is a sweep axis added by `vmap`.
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ EDGE_SETTINGS = ("ref->text", "ref->image", "ref->text[padding]", "ref->text[con
 
 @struct.dataclass
 class Substitution:
-    """Replace the text stream at `site` where `mask` is True: new = where(mask, value, current)."""
+    """Replace the text stream at `site` where `mask` is True: new = where(mask, value, current).
+
+    value and mask broadcast against the stream: value [B, T, D] or [T, D], mask [B, T] or [T].
+    """
 
     site: jax.Array  # int32 []: BLOCK0_INPUT or a global block index
     value: jax.Array  # [B, T, D]
@@ -49,17 +58,24 @@ class Knockout:
     """
 
     allowed: jax.Array  # bool [num_blocks, G, G]
-    groups: jax.Array  # int32 [B, L]
+    groups: jax.Array  # int32 [B, L] (B may be 1: shared by the batch)
 
     def __and__(self, other: "Knockout") -> "Knockout":
-        if np.shape(self.allowed) != np.shape(other.allowed):
+        """Both knockouts at once: an edge is allowed only where both allow it."""
+        if np.shape(self.allowed) != np.shape(other.allowed) or np.shape(self.groups) != np.shape(other.groups):
             raise ValueError("knockouts built for different layouts or models cannot be combined")
+        if not any(isinstance(a, jax.core.Tracer) for a in (self.groups, other.groups)):
+            if not np.array_equal(np.asarray(self.groups), np.asarray(other.groups)):
+                raise ValueError("knockouts built from different content masks cannot be combined")
         return Knockout(allowed=jnp.logical_and(self.allowed, other.allowed), groups=self.groups)
 
 
 @struct.dataclass
 class DropReference:
-    """The reference tokens leave the sequence from block `from_block` on (static: shapes change)."""
+    """The reference tokens leave the sequence from block `from_block` on (static: shapes change).
+
+    Blocks before `from_block` see them as usual; the output then has no reference tokens.
+    """
 
     from_block: int = struct.field(pytree_node=False)
     num_ref_tokens: int = struct.field(pytree_node=False)
@@ -76,9 +92,9 @@ class Interventions:
 class Capture:
     """What a forward returns besides its output (static). Only what is asked for is kept.
 
-    text, image: sites to capture (see module docstring). image_tokens: how many leading
-    image-stream tokens to keep (e.g. `layout.n_img` for the noisy image only); None keeps the
-    whole stream present at the site.
+    text, image: sites to capture (see module docstring), each at most once. image_tokens: how
+    many leading image-stream tokens to keep (e.g. `layout.n_img` for the noisy image only); None
+    keeps the whole stream, which needs a fixed stream length (so not with `DropReference`).
     """
 
     text: tuple[int, ...] = ()
@@ -88,6 +104,11 @@ class Capture:
     def __post_init__(self):
         object.__setattr__(self, "text", tuple(int(s) for s in self.text))
         object.__setattr__(self, "image", tuple(int(s) for s in self.image))
+        for name, sites in (("text", self.text), ("image", self.image)):
+            if len(set(sites)) != len(sites):
+                raise ValueError(f"capture {name} sites {sites} repeat a site; ask for each site once")
+        if self.image_tokens is not None and self.image_tokens <= 0:
+            raise ValueError(f"image_tokens must be positive or None, got {self.image_tokens}")
 
     def validate(self, config: Flux2Config):
         for s in self.text + self.image:
@@ -102,18 +123,99 @@ class Captures:
 
 
 # ---------------------------------------------------------------------------------------------
+# validation at trace time (shapes and static fields only: values may be tracers)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _broadcasts_to(shape, target) -> bool:
+    try:
+        return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except ValueError:
+        return False
+
+
+def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: int, n_txt: int, n_stream: int):
+    """Raise a ValueError that says what to fix if `iv` or `capture` do not fit this forward.
+
+    batch, n_txt, n_stream: B, T and N of the forward's inputs (the image stream N includes the
+    reference tokens).
+    """
+    capture.validate(config)
+    nb, width, length = config.num_blocks, config.hidden_size, n_txt + n_stream
+    for i, sub in enumerate(iv.substitutions):
+        if np.ndim(sub.site) != 0:
+            raise ValueError(f"substitution {i}: site must be a scalar, got shape {np.shape(sub.site)}; "
+                             "to sweep sites, vmap over a stacked site array")
+        if _is_concrete(sub.site) and not BLOCK0_INPUT <= int(sub.site) < nb:
+            raise ValueError(f"substitution {i}: site {int(sub.site)} out of range [-1, {nb - 1}]")
+        if not _broadcasts_to(np.shape(sub.value), (batch, n_txt, width)):
+            raise ValueError(f"substitution {i}: value of shape {np.shape(sub.value)} does not fit the text stream "
+                             f"[B, T, D] = {(batch, n_txt, width)}")
+        if not _broadcasts_to(np.shape(sub.mask), (batch, n_txt)):
+            raise ValueError(f"substitution {i}: mask of shape {np.shape(sub.mask)} does not fit the text tokens "
+                             f"[B, T] = {(batch, n_txt)}")
+    knock = iv.knockout
+    if knock is not None:
+        if np.ndim(knock.allowed) != 3 or np.shape(knock.allowed)[0] != nb or \
+                np.shape(knock.allowed)[1] != np.shape(knock.allowed)[2]:
+            raise ValueError(f"knockout.allowed has shape {np.shape(knock.allowed)}; it must be [num_blocks, G, G] "
+                             f"with num_blocks = {nb}")
+        g_shape = np.shape(knock.groups)
+        if len(g_shape) != 2 or g_shape[1] != length or g_shape[0] not in (1, batch):
+            raise ValueError(f"knockout groups of shape {g_shape} do not match this forward's joint sequence "
+                             f"[B, T + N] = {(batch, length)}; build the knockout from this forward's layout")
+    drop = iv.drop_reference
+    if drop is not None:
+        if not 0 <= drop.from_block <= nb:
+            raise ValueError(f"drop_reference from block {drop.from_block}: must be in [0, {nb}]")
+        if not 0 < drop.num_ref_tokens < n_stream:
+            raise ValueError(f"drop_reference removes {drop.num_ref_tokens} tokens from an image stream of "
+                             f"{n_stream}; build it from this forward's layout")
+        if capture.image and capture.image_tokens is None:
+            raise ValueError("an image capture with drop_reference needs Capture(image_tokens=...): the image "
+                             "stream changes length when the references leave; e.g. image_tokens=layout.n_img")
+    keep_max = n_stream - (drop.num_ref_tokens if drop is not None else 0)
+    if capture.image and capture.image_tokens is not None and capture.image_tokens > keep_max:
+        raise ValueError(f"capture asks for {capture.image_tokens} image tokens but at most {keep_max} are in the "
+                         "stream at every site")
+
+
+# ---------------------------------------------------------------------------------------------
 # builders
 
 
 def substitution(site, value, mask=None) -> Substitution:
-    """A text-stream substitution; mask None replaces every position."""
+    """A text-stream substitution at `site`; mask None replaces every position.
+
+    value: [B, T, D] or [T, D]; mask: bool [B, T] or [T], e.g. `layout.text_mask('text[padding]',
+    content_mask)` for padding-only patching.
+    """
     value = jnp.asarray(value)
-    if mask is None:
-        mask = jnp.ones(value.shape[:-1], bool)
-    mask = jnp.asarray(mask, bool)
-    if mask.shape != value.shape[:-1]:
-        raise ValueError(f"substitution mask {mask.shape} must match value {value.shape} without its last axis")
-    return Substitution(site=jnp.asarray(site, jnp.int32), value=value, mask=mask)
+    if value.ndim < 2:
+        raise ValueError(f"substitution value must be [B, T, D] or [T, D], got shape {value.shape}")
+    mask = jnp.ones(value.shape[:-1], bool) if mask is None else jnp.asarray(mask, bool)
+    if not _broadcasts_to(mask.shape, value.shape[:-1]) and not _broadcasts_to(value.shape[:-1], mask.shape):
+        raise ValueError(f"substitution mask {mask.shape} does not fit value {value.shape} without its last axis")
+    site = jnp.asarray(site, jnp.int32)
+    if site.ndim == 0 and _is_concrete(site) and int(site) < BLOCK0_INPUT:
+        raise ValueError(f"substitution site {int(site)}: use -1 (input of block 0) or a block index")
+    return Substitution(site=site, value=value, mask=mask)
+
+
+def stack(items: Sequence):
+    """Stack pytrees of one structure (interventions, substitutions, knockouts) on a new leading
+    axis V, for `jax.vmap(..., in_axes=0)` over a sweep."""
+    items = list(items)
+    if not items:
+        raise ValueError("nothing to stack")
+    structure = jax.tree_util.tree_structure(items[0])
+    for i, it in enumerate(items[1:], 1):
+        if jax.tree_util.tree_structure(it) != structure:
+            raise ValueError(f"item {i} has a different structure from item 0; a sweep varies values only")
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *items)
 
 
 def block_indices(blocks, num_blocks: int) -> list[int]:
@@ -127,6 +229,8 @@ def block_indices(blocks, num_blocks: int) -> list[int]:
         if len(parts) != 2:
             raise ValueError(f"block range {blocks!r}: use 'all', 'a:b', ':k' or 'k:'")
         start, stop = (int(p) if p.strip() else None for p in parts)
+        if any(v is not None and v < 0 for v in (start, stop)):
+            raise ValueError(f"block range {blocks!r}: negative bounds are not allowed; count blocks from 0")
         out = list(range(num_blocks))[slice(start, stop)]
     elif isinstance(blocks, Iterable):
         out = [int(b) for b in blocks]
@@ -150,8 +254,9 @@ def knockout(config: Flux2Config, layout: TokenLayout, content_mask, edges: str 
              blocks="all") -> Knockout:
     """Build a knockout that cuts `edges` (e.g. 'ref->text' or ['ref->text', 'ref->image']) in `blocks`.
 
-    Raises if some query of some sample would be left with no key to attend to in some block.
-    Combine knockouts with different block ranges with `&`.
+    content_mask: bool [B, T] or [T], True at the instruction's tokens. Raises if some query of
+    some sample would be left with no key to attend to in some block. Combine knockouts with
+    different block ranges with `&`.
     """
     edges = [edges] if isinstance(edges, str) else list(edges)
     groups = layout.group_ids(content_mask)
@@ -176,14 +281,18 @@ def allow_all(config: Flux2Config, layout: TokenLayout, content_mask) -> Knockou
 
 def cut_reference(config: Flux2Config, layout: TokenLayout, content_mask, from_block: int) -> Knockout:
     """Every edge into and out of the reference tokens cut from `from_block` on: the mask form of
-    `DropReference(from_block)`. References still attend to each other, so no query goes empty."""
+    `drop_reference(layout, from_block)`. References still attend to each other, so no query goes
+    empty; the non-reference outputs equal the dropped form's."""
     edges = [f"ref->{g}" for g in ("text", "image")] + [f"{g}->ref" for g in ("text", "image")]
     return knockout(config, layout, content_mask, edges, blocks=range(from_block, config.num_blocks))
 
 
 def drop_reference(layout: TokenLayout, from_block: int) -> DropReference:
+    """Remove the reference tokens from the sequence from block `from_block` on (0: never seen)."""
     if layout.num_refs == 0:
         raise ValueError("this layout has no reference tokens to drop")
+    if from_block < 0:
+        raise ValueError(f"from_block must be >= 0, got {from_block}")
     return DropReference(from_block=int(from_block), num_ref_tokens=layout.n_ref)
 
 

@@ -111,13 +111,21 @@ class TokenLayout:
             return table[name]
         if name.startswith("ref[") and name.endswith("]") and name[4:-1].isdigit():
             r = int(name[4:-1])
-            self.ref(r)  # raises for a missing reference
+            if r >= self.num_refs:
+                raise ValueError(f"token group {name!r} does not exist; this layout has {self.num_refs} references")
             return (3 + r,)
         raise ValueError(f"unknown token group {name!r}; use one of {sorted(table)} or ref[r]")
 
     def token_mask(self, name: str, content_mask) -> np.ndarray:
         """bool [B, L]: which joint-sequence tokens belong to group `name`."""
         return np.isin(self.group_ids(content_mask), self.groups_of(name))
+
+    def text_mask(self, name: str, content_mask) -> np.ndarray:
+        """bool [B, T]: which text tokens belong to `name` ('text', 'text[content]' or 'text[padding]');
+        the mask of a padding-only or content-only substitution."""
+        if not set(self.groups_of(name)) <= {TEXT_CONTENT, TEXT_PADDING}:
+            raise ValueError(f"{name!r} is not a text group; use 'text', 'text[content]' or 'text[padding]'")
+        return self.token_mask(name, content_mask)[:, self.text]
 
     # position ids -------------------------------------------------------------
     def txt_ids(self) -> np.ndarray:

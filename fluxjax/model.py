@@ -13,7 +13,7 @@ import numpy as np
 
 from fluxjax.blocks import double_block, single_block
 from fluxjax.config import Flux2Config
-from fluxjax.interventions import BLOCK0_INPUT, Capture, Captures, Interventions
+from fluxjax.interventions import BLOCK0_INPUT, Capture, Captures, Interventions, validate
 from fluxjax.numerics import linear, modulate, rope_tables, timestep_embedding
 from fluxjax.params import Flux2Params, MLPEmbedder
 
@@ -63,9 +63,9 @@ def forward(params: Flux2Params, config: Flux2Config, img, txt, timestep, img_id
     """
     iv = interventions if interventions is not None else Interventions()
     cap = capture if capture is not None else Capture()
-    cap.validate(config)
-    dtype = params.img_in.dtype
     n_txt, n_stream = txt.shape[1], img.shape[1]
+    validate(iv, cap, config, img.shape[0], n_txt, n_stream)
+    dtype = params.img_in.dtype
     nd, nb = config.depth, config.num_blocks
 
     # 1. Timestep (and guidance) embedding; diffusers casts t to the model dtype before x1000.
@@ -97,8 +97,6 @@ def forward(params: Flux2Params, config: Flux2Config, img, txt, timestep, img_id
     keep = cap.image_tokens
 
     def image_part(h):
-        if keep is not None and keep > h.shape[1]:
-            raise ValueError(f"capture asks for {keep} image tokens but only {h.shape[1]} are in the stream")
         return h if keep is None else h[:, :keep]
 
     text_buf = image_buf = None
@@ -162,7 +160,8 @@ def forward(params: Flux2Params, config: Flux2Config, img, txt, timestep, img_id
             z, tb, ib = carry
             p, (layer, tslot, islot, allowed) = xs
             z = single_block(p, z, mod_single, rope_for(length), attention_mask(allowed, length), attn_impl)
-            z = z.at[:, :n_txt].set(substitute(z[:, :n_txt], layer))
+            if iv.substitutions:
+                z = z.at[:, :n_txt].set(substitute(z[:, :n_txt], layer))
             return (z, store(tb, tslot, z[:, :n_txt]), store(ib, islot, image_part(z[:, n_txt:]))), None
 
         (z, text_buf, image_buf), _ = jax.lax.scan(body, (z, text_buf, image_buf), (blocks, layer_xs(start, stop)))
