@@ -24,6 +24,21 @@ def _embed_scalar(p: MLPEmbedder, s, dtype, channels: int):
     return linear(jax.nn.silu(linear(emb, p.in_layer)), p.out_layer)
 
 
+def _scaled_in_model_dtype(x, dtype):
+    """diffusers' `x.to(dtype) * 1000`: x rounded to the model dtype, times 1000, rounded again.
+
+    The roundings are explicit (`reduce_precision` on float32 values) because under jit XLA may
+    otherwise drop a float32 -> bf16 -> float32 round trip (excess precision), which moves a bf16
+    timestep such as 0.9 from diffusers' 900 to 898.4.
+    """
+    f = jnp.finfo(dtype)
+
+    def rounded(v):
+        return jax.lax.reduce_precision(v, exponent_bits=f.nexp, mantissa_bits=f.nmant)
+
+    return rounded(rounded(x.astype(jnp.float32)) * 1000)
+
+
 def _chunks(mod, n: int):
     """[B, nD] -> n arrays [B, 1, D], in checkpoint row order."""
     return jnp.split(mod[:, None, :], n, axis=-1)
@@ -69,9 +84,10 @@ def forward(params: Flux2Params, config: Flux2Config, img, txt, timestep, img_id
     nd, nb = config.depth, config.num_blocks
 
     # 1. Timestep (and guidance) embedding; diffusers casts t to the model dtype before x1000.
-    vec = _embed_scalar(params.time_in, timestep.astype(dtype) * 1000, dtype, config.timestep_channels)
+    vec = _embed_scalar(params.time_in, _scaled_in_model_dtype(timestep, dtype), dtype, config.timestep_channels)
     if guidance is not None and params.guidance_in is not None:
-        vec = vec + _embed_scalar(params.guidance_in, guidance.astype(dtype) * 1000, dtype, config.timestep_channels)
+        vec = vec + _embed_scalar(params.guidance_in, _scaled_in_model_dtype(guidance, dtype), dtype,
+                                  config.timestep_channels)
     act = jax.nn.silu(vec)
     mod_img = _triples(linear(act, params.double_stream_modulation_img.lin), 2)
     mod_txt = _triples(linear(act, params.double_stream_modulation_txt.lin), 2)
