@@ -95,25 +95,43 @@ def _noise(seeds, num_tokens, channels, dtype):
     return jax.vmap(draw)(seeds).astype(dtype)
 
 
+def _rounded(x, dtype):
+    """float32 x rounded to `dtype`, kept in float32. The rounding is explicit because under jit XLA
+    may drop a float32 -> bfloat16 -> float32 round trip as excess precision."""
+    f = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=f.nexp, mantissa_bits=f.nmant)
+
+
 def model_timestep(sigma, dtype):
-    """The timestep the pipelines feed the model for `sigma` (in [0, 1]).
+    """The timestep the pipelines feed the model for `sigma` (in [0, 1]), in `dtype`.
 
     diffusers: the scheduler's timestep sigma * 1000 (float32) is cast to the latents' dtype and
-    divided by 1000 in that dtype; the transformer casts again and multiplies by 1000. In float32
-    this is 1000 sigma up to rounding; in bfloat16 it quantises t (spec section 9).
+    divided by 1000 in that dtype (a Python scalar: computed in float32, rounded once); the
+    transformer casts again and multiplies by 1000. In float32 this is 1000 sigma up to rounding;
+    in bfloat16 it quantises t (spec section 9).
     """
-    return (sigma * NUM_TRAIN_TIMESTEPS).astype(dtype) / NUM_TRAIN_TIMESTEPS
+    t = _rounded(jnp.asarray(sigma, jnp.float32) * NUM_TRAIN_TIMESTEPS, dtype)
+    return _rounded(t / NUM_TRAIN_TIMESTEPS, dtype).astype(dtype)
 
 
 def euler_step(x, v, sigma, sigma_next):
     """x + (sigma_next - sigma) v with diffusers' precision chain (`FlowMatchEulerDiscreteScheduler.step`).
 
-    The sample is upcast to float32; dt is a 0-dim float32 tensor, so dt * v keeps v's dtype in
-    torch (computed in float32, rounded once); the float32 sum is cast back to v's dtype.
+    The sample is upcast to float32. dt is a 0-dim float32 tensor, which torch rounds to v's dtype
+    before the product, and the product is rounded to v's dtype (measured on CPU, torch 2.13); the
+    float32 sum is cast back to v's dtype.
     """
-    dt = sigma_next - sigma
-    update = (dt * v.astype(jnp.float32)).astype(v.dtype)
-    return (x.astype(jnp.float32) + update.astype(jnp.float32)).astype(v.dtype)
+    dt = jnp.asarray(sigma_next, jnp.float32) - jnp.asarray(sigma, jnp.float32)
+    update = _rounded(_rounded(dt, v.dtype) * v.astype(jnp.float32), v.dtype)
+    return (x.astype(jnp.float32) + update).astype(v.dtype)
+
+
+def cfg_combine(v_cond, v_uncond, scale):
+    """diffusers' `neg + g * (pred - neg)` in the model dtype with g a Python float: every operation
+    rounds to that dtype, and g itself is not rounded (torch keeps Python scalars in float32)."""
+    dtype = v_cond.dtype
+    diff = _rounded(v_cond.astype(jnp.float32) - v_uncond.astype(jnp.float32), dtype)
+    return (v_uncond.astype(jnp.float32) + _rounded(jnp.asarray(scale, jnp.float32) * diff, dtype)).astype(dtype)
 
 
 def split_step_axis(interventions: Interventions | None, num_steps: int):
@@ -224,8 +242,7 @@ def _denoise(params, noise, txt, txt_ids, img_ids, refs, uncond_txt, sigmas, gui
         v, caps = predict(x, txt, t, iv, capture)
         if guidance == "cfg":
             v_u, _ = predict(x, uncond_txt, t, iv, None)
-            # diffusers: neg + g * (pred - neg) in the model dtype, g a Python float.
-            v = v_u + (guidance_scale * (v - v_u).astype(jnp.float32)).astype(v.dtype)
+            v = cfg_combine(v, v_u, guidance_scale)
         return euler_step(x, v, sigma, sigma_next), caps
 
     x, caps = jax.lax.scan(step, noise, (sigmas[:-1], sigmas[1:], per_step))
