@@ -41,12 +41,12 @@ EDGE_SETTINGS = ("ref->text", "ref->image", "ref->text[padding]", "ref->text[con
 class Substitution:
     """Replace the text stream at `site` where `mask` is True: new = where(mask, value, current).
 
-    value and mask broadcast against the stream: value [B, T, D] or [T, D], mask [B, T] or [T].
+    A batch axis of 1 is shared by every sample. Build it with `substitution`.
     """
 
     site: jax.Array  # int32 []: BLOCK0_INPUT or a global block index
-    value: jax.Array  # [B, T, D]
-    mask: jax.Array  # bool [B, T]
+    value: jax.Array  # [B or 1, T, D]
+    mask: jax.Array  # bool [B or 1, T]
 
 
 @struct.dataclass
@@ -151,12 +151,12 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
                              "to sweep sites, vmap over a stacked site array")
         if _is_concrete(sub.site) and not BLOCK0_INPUT <= int(sub.site) < nb:
             raise ValueError(f"substitution {i}: site {int(sub.site)} out of range [-1, {nb - 1}]")
-        if not _broadcasts_to(np.shape(sub.value), (batch, n_txt, width)):
+        if np.ndim(sub.value) != 3 or not _broadcasts_to(np.shape(sub.value), (batch, n_txt, width)):
             raise ValueError(f"substitution {i}: value of shape {np.shape(sub.value)} does not fit the text stream "
-                             f"[B, T, D] = {(batch, n_txt, width)}")
-        if not _broadcasts_to(np.shape(sub.mask), (batch, n_txt)):
+                             f"[B, T, D] = {(batch, n_txt, width)} (a batch axis of 1 is shared)")
+        if np.ndim(sub.mask) != 2 or not _broadcasts_to(np.shape(sub.mask), (batch, n_txt)):
             raise ValueError(f"substitution {i}: mask of shape {np.shape(sub.mask)} does not fit the text tokens "
-                             f"[B, T] = {(batch, n_txt)}")
+                             f"[B, T] = {(batch, n_txt)} (a batch axis of 1 is shared)")
     knock = iv.knockout
     if knock is not None:
         if np.ndim(knock.allowed) != 3 or np.shape(knock.allowed)[0] != nb or \
@@ -190,13 +190,16 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
 def substitution(site, value, mask=None) -> Substitution:
     """A text-stream substitution at `site`; mask None replaces every position.
 
-    value: [B, T, D] or [T, D]; mask: bool [B, T] or [T], e.g. `layout.text_mask('text[padding]',
-    content_mask)` for padding-only patching.
+    value: [B, T, D] or [T, D] (shared by the batch); mask: bool [B, T] or [T], e.g.
+    `layout.text_mask('text[padding]', content_mask)` for padding-only patching. Arrays with more
+    leading axes (a sampler's step axis) pass through unchanged.
     """
     value = jnp.asarray(value)
     if value.ndim < 2:
         raise ValueError(f"substitution value must be [B, T, D] or [T, D], got shape {value.shape}")
-    mask = jnp.ones(value.shape[:-1], bool) if mask is None else jnp.asarray(mask, bool)
+    value = value[None] if value.ndim == 2 else value
+    mask = jnp.ones((1, value.shape[-2]), bool) if mask is None else jnp.asarray(mask, bool)
+    mask = mask[None] if mask.ndim == 1 else mask
     if not _broadcasts_to(mask.shape, value.shape[:-1]) and not _broadcasts_to(value.shape[:-1], mask.shape):
         raise ValueError(f"substitution mask {mask.shape} does not fit value {value.shape} without its last axis")
     site = jnp.asarray(site, jnp.int32)
