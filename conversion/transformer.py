@@ -3,7 +3,9 @@
 `params_from_state(state, config, fmt)` reads from any mapping of key -> array (an in-memory state
 dict, or a lazy reader over safetensors files that loads one tensor at a time). Before reading
 any tensor it checks the full key set and every shape against `fluxjax.params.param_shapes`, and
-raises naming the key on a missing key, an unexpected key or a wrong shape.
+raises naming the key on a missing key, an unexpected key or a wrong shape. Each leaf is then
+assembled in place, one layer at a time, into a preallocated array: converting holds the output
+plus one layer's source tensors, never a second copy of the model.
 """
 
 from __future__ import annotations
@@ -13,13 +15,12 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from conversion.transformer_keys import assemble, expected_source_shapes, leaf_name, rows_for, source_keys
+from conversion.transformer_keys import assemble, expected_source_shapes, leaf_name, num_layers, rows_for, source_keys
+from fluxjax.checkpoint import CheckpointError
 from fluxjax.config import Flux2Config
 from fluxjax.params import Flux2Params, param_shapes
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match what fluxjax expects; the message names file and key."""
+__all__ = ["CheckpointError", "check_state", "params_from_state"]
 
 
 def check_state(shapes: Mapping[str, tuple[int, ...]], config: Flux2Config, fmt: str, where: str = "checkpoint"):
@@ -38,20 +39,44 @@ def check_state(shapes: Mapping[str, tuple[int, ...]], config: Flux2Config, fmt:
             raise CheckpointError(f"{where}: key {k!r} has shape {tuple(shapes[k])}, expected {want} for this config")
 
 
+def _source_dtypes(state: Mapping, where: str) -> dict[str, np.dtype]:
+    dtypes = getattr(state, "dtypes", None)
+    if dtypes is None:
+        dtypes = {k: np.asarray(v).dtype for k, v in state.items()}
+    for k, dt in dtypes.items():
+        if not np.issubdtype(dt, np.floating):
+            raise CheckpointError(f"{where}: key {k!r} has dtype {dt}; FLUX.2 weights are floating point")
+    return dtypes
+
+
 def params_from_state(state: Mapping, config: Flux2Config, fmt: str, dtype=None, where: str = "checkpoint",
-                      shapes: Mapping[str, tuple[int, ...]] | None = None) -> Flux2Params:
-    """Build numpy params from `state`; `dtype` None keeps the stored dtype."""
-    check_state(shapes if shapes is not None else {k: np.shape(state[k]) for k in state}, config, fmt, where)
+                      shapes: Mapping[str, tuple[int, ...]] | None = None, progress=None) -> Flux2Params:
+    """Build numpy params from `state`.
+
+    dtype: None keeps the stored dtype (the widest one if the tensors differ).
+    shapes: key -> shape without reading tensors (default: `state.shapes` of a lazy reader, else
+        the arrays' shapes). progress: anything with `update(n)`, told the source bytes consumed.
+    """
+    if shapes is None:
+        shapes = getattr(state, "shapes", None)
+    if shapes is None:
+        shapes = {k: np.shape(v) for k, v in state.items()}
+    check_state(shapes, config, fmt, where)
+    dtypes = _source_dtypes(state, where)
+    out_dtype = np.dtype(dtype) if dtype is not None else np.result_type(*dtypes.values())
     rows = rows_for(config, fmt)
-    template = param_shapes(config)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config))
     leaves = []
     for path, sds in flat:
         name = leaf_name(path)
         row = rows[name]
-        layers = [assemble(row, [np.asarray(state[k]) for k in keys]) for keys in source_keys(config, name, row)]
-        leaf = layers[0] if len(layers) == 1 and sds.ndim == layers[0].ndim else np.stack(layers)
-        if dtype is not None:
-            leaf = leaf.astype(dtype)
-        leaves.append(np.ascontiguousarray(leaf))
+        leaf = np.empty(sds.shape, out_dtype)
+        stacked = num_layers(config, name) is not None
+        for i, keys in enumerate(source_keys(config, name, row)):
+            tensors = [state[k] for k in keys]
+            (leaf[i] if stacked else leaf)[...] = assemble(row, tensors)  # transposes and casts in place
+            if progress is not None:
+                progress.update(sum(t.nbytes for t in tensors))
+            del tensors
+        leaves.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -20,6 +20,7 @@ import dataclasses
 
 import numpy as np
 
+from fluxjax.checkpoint import leaf_name
 from fluxjax.config import Flux2Config
 
 BFL_PREFIX = "model.diffusion_model."  # some third-party single files prefix every key with this
@@ -170,8 +171,3 @@ def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
 
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {leaf_name(path): tuple(x.shape) for path, x in flat}
-
-
-def leaf_name(path) -> str:
-    """Dotted name of a params pytree path, e.g. 'double_blocks.img_attn.qkv'."""
-    return ".".join(str(getattr(k, "name", getattr(k, "key", k))) for k in path)

@@ -6,6 +6,7 @@
 `import fluxjax` never imports torch or diffusers.
 """
 
+from fluxjax.checkpoint import CheckpointError, load_transformer, save_transformer
 from fluxjax.config import FLUX2_DEV, FLUX2_KLEIN_4B, FLUX2_KLEIN_9B, PRESETS, Flux2Config
 from fluxjax.interventions import (
     BLOCK0_INPUT,
@@ -31,5 +32,6 @@ __all__ = [
     "BLOCK0_INPUT", "Capture", "Captures", "DropReference", "Interventions", "Knockout", "Substitution",
     "allow_all", "cut_reference", "drop_reference", "knockout", "substitution",
     "TokenLayout", "forward", "Flux2Params", "count_params", "init_params", "param_shapes",
+    "CheckpointError", "load_transformer", "save_transformer",
     "SamplerOptions", "sample",
 ]

@@ -1,0 +1,43 @@
+"""`python -m conversion SRC DST`: convert a FLUX.2 transformer checkpoint into a native fluxjax one.
+
+Exit status: 0 on success, 1 when the checkpoint is refused (the message names file and key),
+2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from conversion.convert import convert_transformer, preset_name
+from fluxjax.checkpoint import CheckpointError
+from fluxjax.config import PRESETS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m conversion",
+        description="Convert a diffusers FLUX.2 transformer folder or a Black Forest Labs .safetensors file into "
+                    "a native fluxjax checkpoint (Orbax). Needs no torch; pickle checkpoints are refused.")
+    parser.add_argument("src", help="diffusers transformer folder (config.json + safetensors) or BFL .safetensors")
+    parser.add_argument("dst", help="new checkpoint directory")
+    parser.add_argument("--config", help=f"{' | '.join(PRESETS)} or a JSON file of Flux2Config fields; must agree "
+                                         f"with the checkpoint (default: config.json, or inferred from the shapes)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), help="stored dtype (default: the source's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing fluxjax checkpoint at DST")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        config = convert_transformer(args.src, args.dst, args.config, args.dtype, overwrite=args.overwrite,
+                                     progress=not args.quiet)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    name = preset_name(config)
+    print(f"wrote {args.dst} ({name or 'custom config'}: D={config.hidden_size}, {config.depth} double + "
+          f"{config.depth_single_blocks} single blocks)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The native fluxjax checkpoint: the params as an Orbax checkpoint, the config as JSON.
+
+A checkpoint is a directory:
+
+    fluxjax_transformer.json   {"format": "fluxjax-transformer", "format_version": 1,
+                                "config": {Flux2Config fields}, "dtype": "bfloat16"}
+    params/                    Orbax PyTree checkpoint (OCDBT) of the params as a nested dict
+                               keyed like Flux2Params: {"double_blocks": {"img_attn": {"qkv": ...}}}
+
+The params are stored as plain nested dicts, so any Orbax user can read them without fluxjax;
+`load_transformer` rebuilds the Flux2Params pytree from the config. Matrices are (in, out) and
+block parameters stacked on a leading layer axis, exactly as in memory.
+
+Writing never leaves a half-written directory behind: everything goes into a temporary sibling
+that is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import type_handlers
+
+from fluxjax.config import Flux2Config
+from fluxjax.params import Flux2Params, param_shapes
+
+FORMAT = "fluxjax-transformer"
+FORMAT_VERSION = 1
+CONFIG_FILE = "fluxjax_transformer.json"
+PARAMS_DIR = "params"
+CHUNK_BYTES = 64 << 20  # storage chunks; a sharded restore reads only the chunks its shards touch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is not what fluxjax expects; the message names the file and the key."""
+
+
+def leaf_name(path) -> str:
+    """Dotted name of a params pytree path, e.g. 'double_blocks.img_attn.qkv'."""
+    return ".".join(str(getattr(k, "name", getattr(k, "key", k))) for k in path)
+
+
+def params_to_dict(params: Flux2Params) -> dict:
+    """Flux2Params (or a pytree of the same structure) -> nested dict keyed by field names."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        *parents, last = leaf_name(path).split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return out
+
+
+def _flat_dict(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _params_from_flat(flat: dict, config: Flux2Config) -> Flux2Params:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config))
+    return jax.tree_util.tree_unflatten(treedef, [flat[leaf_name(p)] for p, _ in leaves])
+
+
+def config_to_json(config: Flux2Config) -> dict:
+    return {f.name: (list(v) if isinstance(v := getattr(config, f.name), tuple) else v)
+            for f in dataclasses.fields(config)}
+
+
+def config_from_json(fields: dict, where: str) -> Flux2Config:
+    known = {f.name for f in dataclasses.fields(Flux2Config)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CheckpointError(f"{where}: unknown config field {unknown[0]!r}; known fields: {sorted(known)}")
+    try:
+        return Flux2Config(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def check_params(params, config: Flux2Config, where: str = "params") -> None:
+    """Raise CheckpointError unless `params` has exactly the leaves and shapes of `config`."""
+    want = {leaf_name(p): s.shape for p, s in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
+    have = {leaf_name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for name in sorted(set(want) | set(have)):
+        if name not in have:
+            raise CheckpointError(f"{where}: missing parameter {name!r} for this config")
+        if name not in want:
+            raise CheckpointError(f"{where}: unexpected parameter {name!r}; this config has no such parameter")
+        if have[name] != want[name]:
+            raise CheckpointError(f"{where}: parameter {name!r} has shape {have[name]}, the config needs {want[name]}")
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def save_transformer(path: str | os.PathLike, config: Flux2Config, params: Flux2Params, *,
+                     overwrite: bool = False) -> None:
+    """Write `params` (numpy or jax arrays) and `config` as a native checkpoint directory at `path`.
+
+    The stored dtype is the params' own. Existing `path`: refused unless `overwrite`, and even then
+    only an existing fluxjax checkpoint or an empty directory is replaced.
+
+    Numpy leaves are written without the defensive copy Orbax makes by default and uncompressed
+    (zstd buffers every chunk until commit): saving holds no second copy of the params.
+    """
+    path = os.path.abspath(os.fspath(path))
+    check_params(params, config)
+    dtypes = {np.dtype(x.dtype).name for x in jax.tree_util.tree_leaves(params)}
+    if len(dtypes) != 1:
+        raise CheckpointError(f"{path}: params mix dtypes {sorted(dtypes)}; cast them to one dtype first")
+    check_destination(path, overwrite)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    try:
+        registry = type_handlers.create_type_handler_registry(
+            (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, type_handlers.ArrayHandler()),
+        )
+        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+        tree = params_to_dict(params)
+        save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
+        with ocp.Checkpointer(handler) as checkpointer:
+            checkpointer.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config_to_json(config),
+                "dtype": dtypes.pop()}
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=1)
+        _replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_destination(path: str, overwrite: bool) -> None:
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise CheckpointError(f"{path}: already exists; choose a new destination or pass overwrite=True "
+                              f"(--overwrite) to replace it")
+    if not (os.path.isdir(path) and (is_checkpoint(path) or not os.listdir(path))):
+        raise CheckpointError(f"{path}: exists and is not a fluxjax checkpoint; refusing to replace it even with "
+                              f"overwrite (remove it yourself if it is yours to delete)")
+
+
+def _replace(tmp: str, path: str) -> None:
+    """Move the finished `tmp` to `path`; an old checkpoint there goes only once the new one is in place."""
+    old = None
+    if os.path.lexists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=os.path.dirname(path))
+        os.rename(path, os.path.join(old, "checkpoint"))
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(path: str | os.PathLike) -> Flux2Config:
+    """The config stored in a native checkpoint directory."""
+    path = os.fspath(path)
+    where = os.path.join(path, CONFIG_FILE)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not os.path.isfile(where):
+        raise CheckpointError(f"{where}: missing; {path} is not a fluxjax checkpoint (convert a diffusers or BFL "
+                              f"checkpoint with `python -m conversion SRC DST`)")
+    try:
+        with open(where) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{where}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: key 'format' must be {FORMAT!r}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{where}: key 'format_version' is {version!r}; this fluxjax reads up to "
+                              f"{FORMAT_VERSION} (upgrade fluxjax)")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{where}: key 'config' must be an object of Flux2Config fields")
+    return config_from_json(meta["config"], where)
+
+
+ShardingsArg = Flux2Params | Callable[[Flux2Config], Flux2Params] | None
+
+
+def load_transformer(path: str | os.PathLike, dtype=None, shardings: ShardingsArg = None
+                     ) -> tuple[Flux2Config, Flux2Params]:
+    """Read a native checkpoint -> (config, params of jax arrays).
+
+    dtype: cast every parameter on load (None keeps the stored dtype).
+    shardings: a Flux2Params-structured pytree of `jax.sharding.Sharding` (or a function
+        config -> that pytree); each device then reads only its own shards from disk. None puts
+        every parameter on the default device.
+    """
+    path = os.path.abspath(os.fspath(path))
+    config = read_config(path)
+    params_dir = os.path.join(path, PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{params_dir}: missing; the checkpoint at {path} is incomplete")
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        stored = _flat_dict(checkpointer.metadata(params_dir).item_metadata.tree)
+    except Exception as e:  # orbax raises assorted types for a damaged directory
+        raise CheckpointError(f"{params_dir}: unreadable Orbax metadata ({type(e).__name__}: {e})") from None
+    expected = _expected_names(config)
+    for name in expected:
+        if name not in stored:
+            raise CheckpointError(f"{params_dir}: missing parameter {name!r} for the config in {CONFIG_FILE}")
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise CheckpointError(f"{params_dir}: unexpected parameter {extra[0]!r} for the config in {CONFIG_FILE}")
+    shapes = _params_from_flat({k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for k, m in stored.items()}, config)
+    check_params(shapes, config, params_dir)
+
+    if callable(shardings):
+        shardings = shardings(config)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, shapes)
+    else:
+        _check_shardings(shardings, shapes)
+    restore_args = jax.tree_util.tree_map(
+        lambda sds, sharding: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=sds.shape,
+                                                   dtype=None if dtype is None else jnp.dtype(dtype)),
+        shapes, shardings)
+    try:
+        tree = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=params_to_dict(restore_args)))
+    except Exception as e:
+        raise CheckpointError(f"{params_dir}: restoring the params failed ({type(e).__name__}: {e})") from None
+    return config, _params_from_flat(_flat_dict(tree), config)
+
+
+def _expected_names(config: Flux2Config) -> list[str]:
+    return [leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]]
+
+
+def _check_shardings(shardings, shapes) -> None:
+    want = jax.tree_util.tree_structure(shapes)
+    have = jax.tree_util.tree_structure(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    if want != have:
+        raise ValueError(f"shardings must be a Flux2Params pytree of jax.sharding.Sharding matching the params; "
+                         f"got structure {have}")

@@ -1,0 +1,57 @@
+"""`import fluxjax` (and the converter) never imports torch or diffusers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCKED = ("torch", "diffusers", "transformers")
+
+
+def test_library_imports_without_torch_or_diffusers():
+    script = textwrap.dedent(f"""
+        import sys
+
+        class Refuse:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {BLOCKED!r}:
+                    raise ImportError(f"{{name}} must not be imported here")
+                return None
+
+        sys.meta_path.insert(0, Refuse())
+        import fluxjax, fluxjax.checkpoint, fluxjax.testing, fluxjax.demo
+        import conversion, conversion.convert, conversion.safetensors_io, conversion.transformer
+        import conversion.__main__
+        pulled = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r})
+        assert not pulled, pulled
+        print("clean")
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "clean" in done.stdout, done.stderr[-3000:]
+
+
+def test_the_blocker_blocks():
+    """Guards the test above: the same finder does stop a torch import."""
+    script = textwrap.dedent(f"""
+        import sys
+
+        class Refuse:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {BLOCKED!r}:
+                    raise ImportError(f"{{name}} must not be imported here")
+                return None
+
+        sys.meta_path.insert(0, Refuse())
+        import fluxjax.testing
+        try:
+            fluxjax.testing.diffusers_transformer()
+        except ImportError as e:
+            print("blocked:", e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert "blocked: diffusers must not be imported here" in done.stdout, done.stderr[-3000:]
