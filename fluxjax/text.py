@@ -301,3 +301,31 @@ def _fingerprint(encoder: TextEncoder) -> str:
             h.update(name.encode())
             h.update(p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def load_text_encoder(model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, kind: str,
+                      torch_dtype=None) -> TextEncoder:
+    """Load a model folder's `text_encoder/` and `tokenizer/` with Hugging Face transformers.
+
+    kind: "qwen3" ([klein]: `Qwen3ForCausalLM` + tokenizer) or "mistral3" ([dev]:
+    `Mistral3ForConditionalGeneration` + `AutoProcessor`). torch_dtype None keeps the stored dtype.
+    """
+    import torch  # noqa: F401  (the one place fluxjax needs torch)
+    import transformers
+
+    for path in (model_dir, tokenizer_dir):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path} is missing: the model folder needs text_encoder/ and tokenizer/")
+    dtype = torch_dtype if torch_dtype is not None else "auto"
+    if kind == "qwen3":
+        model = transformers.Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+        return qwen3_encoder(model.eval(), tokenizer)
+    if kind == "mistral3":
+        model = transformers.Mistral3ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(tokenizer_dir)
+        except (OSError, ValueError, ImportError):
+            processor = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+        return mistral3_encoder(model.eval(), processor)
+    raise ValueError(f"unknown text encoder kind {kind!r}; use one of {KINDS}")

@@ -1,0 +1,256 @@
+"""Image-level generation: prompts and reference images in, PIL images out.
+
+    model = fluxjax.pipeline.load_model("FLUX.2-klein-9B/")      # a diffusers model folder
+    result = fluxjax.pipeline.generate(model, "draw a ball in this color", references=["red.png"],
+                                       seed=1234, interventions=..., capture=...)
+    result.images[0].save("out.png")
+
+`load_model` reads a model folder as users download it (diffusers layout: `transformer/`, `vae/`,
+`text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json`). On first use it converts the
+transformer and the VAE into native fluxjax checkpoints in a cache (`$FLUXJAX_CACHE`, default
+`~/.cache/fluxjax`), keyed by the source files' names, sizes and modification times, and reuses
+them afterwards. The text encoder runs in PyTorch through Hugging Face transformers
+(`fluxjax.text`); its encodings are cached on disk per prompt.
+
+`generate` follows diffusers' `Flux2KleinPipeline` / `Flux2Pipeline`: references preprocessed and
+encoded one by one (posterior mean, patchify, bn-normalise, pack; T = 10, 20, ...), the output size
+defaulting to the first reference's processed size (else 1024x1024), the FLUX.2 schedule and
+sampler (`fluxjax.sampler`), then unpack, de-normalise, unpatchify, decode, and
+`round(255 * clamp(x / 2 + 1/2, 0, 1))` to uint8 (diffusers' `postprocess`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+
+from fluxjax import images as imagelib
+from fluxjax import sampler as samplerlib
+from fluxjax import vae as vaelib
+from fluxjax.checkpoint import is_checkpoint, load_transformer
+from fluxjax.config import Flux2Config
+from fluxjax.interventions import Capture, Captures, Interventions
+from fluxjax.layout import TokenLayout
+from fluxjax.params import Flux2Params
+from fluxjax.vae_checkpoint import is_vae_checkpoint, load_vae
+
+DEFAULT_SIZE = 1024  # diffusers: default_sample_size 128 x vae_scale_factor 8
+
+# model_index.json `_class_name` -> (text encoder kind, sampler options)
+PIPELINES = {
+    "Flux2KleinPipeline": "qwen3",
+    "Flux2KleinKVPipeline": "qwen3",
+    "Flux2Pipeline": "mistral3",
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Flux2Model:
+    """Everything `generate` needs. Built by `load_model`, or by hand from the parts."""
+
+    config: Flux2Config
+    params: Flux2Params
+    vae_config: vaelib.VAEConfig
+    vae_params: vaelib.VAEParams
+    options: samplerlib.SamplerOptions
+    text_encoder: object | None = None  # fluxjax.text.TextEncoder; None: pass `text=` to generate
+    text_cache: str | None = None  # where prompt encodings are cached (None: not cached)
+    name: str = "flux2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    images: list  # PIL images, one per sample
+    latents: np.ndarray  # [B, N_img, in_channels] packed, normalised latent tokens
+    layout: TokenLayout
+    content_mask: np.ndarray  # bool [B, T]
+    captures: Captures | None = None  # arrays with a leading [num_steps] axis
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def cache_root() -> str:
+    return os.path.expanduser(os.environ.get("FLUXJAX_CACHE", "~/.cache/fluxjax"))
+
+
+def _fingerprint(folder: str) -> str:
+    """Names, sizes and mtimes of a component folder's files: changes when the weights change."""
+    h = hashlib.sha256(os.path.abspath(folder).encode())
+    for name in sorted(os.listdir(folder)):
+        st = os.stat(os.path.join(folder, name))
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: a FLUX.2 model folder in the diffusers layout has "
+                                f"model_index.json, transformer/, vae/, text_encoder/ and tokenizer/") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def native_component(folder: str, component: str, *, cache: str | None = None, progress: bool = True) -> str:
+    """Path of the native checkpoint of `folder/component` ("transformer" or "vae"), converting
+    it on first use. Conversion writes to a temporary directory renamed into place, so an
+    interrupted conversion leaves no half-written cache entry."""
+    src = os.path.join(folder, component)
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src} is missing: the model folder has no {component}/ subfolder")
+    dst = os.path.join(cache if cache is not None else cache_root(), "native", f"{component}-{_fingerprint(src)}")
+    present = is_checkpoint(dst) if component == "transformer" else is_vae_checkpoint(dst)
+    if not present:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if component == "transformer":
+            from conversion.convert import convert_transformer
+
+            convert_transformer(src, dst, progress=progress)
+        else:
+            from conversion.vae import convert_vae
+
+            convert_vae(src, dst)
+    return dst
+
+
+def load_model(folder: str | os.PathLike, *, dtype=None, cache: str | None = None, text_encoder: bool = True,
+               options: samplerlib.SamplerOptions | None = None, progress: bool = True) -> Flux2Model:
+    """Load a FLUX.2 model folder (diffusers layout), converting transformer and VAE on first use.
+
+    dtype: the transformer's dtype (None keeps the checkpoint's); the VAE stays in float32, as
+    the pipelines run it for references (`force_upcast`). options: sampler options; None picks
+    the model's defaults ([klein] distilled: 4 steps; [klein] base: CFG 4.0, 50 steps; [dev]:
+    embedded guidance 4.0, 50 steps). text_encoder: False skips loading the (large) encoder;
+    then `generate` needs precomputed `text=`.
+    """
+    folder = os.fspath(folder)
+    index = _read_json(os.path.join(folder, "model_index.json"))
+    cls = index.get("_class_name")
+    if cls not in PIPELINES:
+        raise ValueError(f"{folder}/model_index.json names pipeline {cls!r}; fluxjax loads {sorted(PIPELINES)}")
+    config, params = load_transformer(native_component(folder, "transformer", cache=cache, progress=progress), dtype)
+    vae_config, vae_params = load_vae(native_component(folder, "vae", cache=cache, progress=progress))
+    if options is None:
+        if cls == "Flux2Pipeline":
+            options = samplerlib.DEV
+        elif index.get("is_distilled", cls == "Flux2KleinKVPipeline"):
+            options = samplerlib.KLEIN_DISTILLED
+        else:
+            options = samplerlib.KLEIN_BASE
+    encoder = None
+    if text_encoder:
+        from fluxjax.text import load_text_encoder
+
+        encoder = load_text_encoder(os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"),
+                                    PIPELINES[cls])
+    root = cache if cache is not None else cache_root()
+    return Flux2Model(config=config, params=params, vae_config=vae_config, vae_params=vae_params, options=options,
+                      text_encoder=encoder, text_cache=os.path.join(root, "text"),
+                      name=os.path.basename(os.path.abspath(folder)))
+
+
+# --- VAE, jitted once per shape ------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _encode_latent(vae_params, vae_config, pixels):
+    """[1, 3, H, W] in [-1, 1] (the preprocessing's layout) -> normalised latent [1, P, Hl, Wl]."""
+    z = vaelib.encode(vae_params, vae_config, jnp.transpose(pixels, (0, 2, 3, 1)))
+    z = vaelib.normalize(vae_params, vae_config, vaelib.patchify(z, vae_config.patch_size))
+    return jnp.transpose(z, (0, 3, 1, 2))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3, 4))
+def _decode_pixels(vae_params, vae_config, tokens, height, width):
+    """Normalised tokens -> uint8 [B, H, W, 3] as diffusers' postprocess: round(255 clamp(x/2 + 1/2))."""
+    x = vaelib.decode_tokens(vae_params, vae_config, tokens, height, width).astype(jnp.float32)
+    return jnp.round(jnp.clip(x / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+
+def reference_tokens(model: Flux2Model, references):
+    """Reference images (PIL or paths) -> (tokens [1, N_ref, P] in the model dtype, grids, pixel sizes)."""
+    sizes = []
+
+    def encode(pixels):
+        sizes.append(pixels.shape[2:])
+        return np.asarray(_encode_latent(model.vae_params, model.vae_config, jnp.asarray(pixels)))
+
+    tokens, grids = imagelib.reference_tokens(references, encode)
+    return jnp.asarray(tokens, model.params.img_in.dtype), grids, sizes
+
+
+# --- generation ------------------------------------------------------------------------------
+
+
+def encode_prompts(model: Flux2Model, prompts):
+    if model.text_encoder is None:
+        raise ValueError("this model was loaded without a text encoder: pass `text=` (a TextConditioning)")
+    return model.text_encoder.encode(prompts, cache_dir=model.text_cache)
+
+
+def generate(model: Flux2Model, prompts=None, references=None, *, text=None, seed=0, noise=None,
+             height: int | None = None, width: int | None = None, options: samplerlib.SamplerOptions | None = None,
+             negative_text=None, interventions: Interventions | None = None, capture: Capture | None = None,
+             attn_impl: str | None = None) -> Generation:
+    """Generate (or edit) images.
+
+    prompts: a string or a list (one sample each); or `text=` a precomputed `TextConditioning`
+    (e.g. `encode_prompts`, or the encodings of another prompt, for the lens). references: None,
+    or a list of images (PIL or paths) shared by every sample. seed: int or one per sample
+    (JAX PRNG, `fluxjax.sampler.initial_noise`); or `noise` [B, N_img, P]. height, width: output
+    size (default: the first reference's processed size, else 1024). interventions / capture:
+    passed to every step (`fluxjax.sampler.sample`); build their token groups from
+    `Generation.layout` (see `plan_layout`).
+    """
+    if text is None:
+        if prompts is None:
+            raise ValueError("pass `prompts` or `text=`")
+        text = encode_prompts(model, [prompts] if isinstance(prompts, str) else list(prompts))
+    options = options or model.options
+    refs, grids, sizes = (None, (), [])
+    if references:
+        refs, grids, sizes = reference_tokens(model, references)
+    if height is None or width is None:
+        h0, w0 = sizes[0] if sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
+        height, width = height or int(h0), width or int(w0)
+    grid = imagelib.image_grid(height, width)
+    height, width = grid[0] * imagelib.MULTIPLE_OF, grid[1] * imagelib.MULTIPLE_OF
+    dtype = model.params.img_in.dtype
+    embeds = jnp.asarray(np.asarray(text.embeds, np.float32), dtype)
+    layout = TokenLayout(n_txt=embeds.shape[1], img_grid=grid, ref_grids=grids)
+    uncond = None
+    if options.guidance == "cfg":
+        negative_text = negative_text if negative_text is not None else encode_prompts(model, [""] * embeds.shape[0])
+        uncond = jnp.asarray(np.asarray(negative_text.embeds, np.float32), dtype)
+    out = samplerlib.sample(model.params, model.config, options, embeds, text.txt_ids, layout.img_ids(),
+                            noise=noise, seed=None if noise is not None else seed, refs=refs, uncond_txt=uncond,
+                            interventions=interventions, capture=capture, attn_impl=attn_impl)
+    latents, captures = out if capture is not None else (out, None)
+    pixels = np.asarray(_decode_pixels(model.vae_params, model.vae_config, latents, height, width))
+    return Generation(images=[PIL.Image.fromarray(p) for p in pixels], latents=np.asarray(latents),
+                      layout=layout, content_mask=np.asarray(text.content_mask), captures=captures)
+
+
+def plan_layout(model: Flux2Model, references=None, height: int | None = None, width: int | None = None,
+                n_txt: int = 512) -> TokenLayout:
+    """The token layout `generate` will use, without running the model (for building interventions)."""
+    grids, sizes = [], []
+    for image in references or []:
+        pixels = imagelib.preprocess_reference(image)
+        sizes.append(pixels.shape[1:])
+        grids.append((pixels.shape[1] // imagelib.MULTIPLE_OF, pixels.shape[2] // imagelib.MULTIPLE_OF))
+    if height is None or width is None:
+        h0, w0 = sizes[0] if sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
+        height, width = height or int(h0), width or int(w0)
+    return TokenLayout(n_txt=n_txt, img_grid=imagelib.image_grid(height, width), ref_grids=tuple(grids))

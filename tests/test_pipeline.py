@@ -1,0 +1,109 @@
+"""Image-level generation against diffusers' `Flux2KleinPipeline` on a tiny random model folder.
+
+The folder is what users download (diffusers layout); fluxjax converts it on first use, so these
+tests run the real loading path: model_index.json, transformer/ and vae/ conversion into the
+native cache, the Qwen3 text encoder and tokenizer through transformers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from fluxjax import images, pipeline
+
+torch = pytest.importorskip("torch")
+
+PIXEL_MEAN_TOL = 1.0  # mean |diff| on 0..255: the study's own regression bar for re-running a task
+HEIGHT, WIDTH = 64, 96
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from flux2ref.folder import build_model_folder
+
+    return build_model_folder(tmp_path_factory.mktemp("models") / "tiny-klein", seed=0)
+
+
+@pytest.fixture(scope="module")
+def loaded(folder, tmp_path_factory):
+    from diffusers import Flux2KleinPipeline
+
+    cache = str(tmp_path_factory.mktemp("cache"))
+    model = pipeline.load_model(folder, cache=cache, progress=False)
+    pipe = Flux2KleinPipeline.from_pretrained(folder).to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return model, pipe, cache
+
+
+def flat(rgb, size):
+    return PIL.Image.new("RGB", size, rgb)
+
+
+def noisy(seed, size):
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("refs", [[], [("flat", (64, 80))], [("flat", (64, 80)), ("noisy", (96, 64))]],
+                         ids=["t2i", "1ref", "2refs"])
+def test_images_match_diffusers_pipeline(loaded, refs):
+    model, pipe, _ = loaded
+    references = [flat((220, 40, 40), size) if kind == "flat" else noisy(i, size) for i, (kind, size) in enumerate(refs)]
+    prompt = "draw a ball in this color"
+    text = model.text_encoder.encode([prompt])
+    grid = images.image_grid(HEIGHT, WIDTH)
+    noise = np.random.default_rng(7).standard_normal((1, model.config.in_channels, *grid)).astype(np.float32)
+
+    with torch.no_grad():
+        expected = pipe(image=references or None, prompt_embeds=torch.from_numpy(np.asarray(text.embeds, np.float32)),
+                        height=HEIGHT, width=WIDTH, num_inference_steps=4, guidance_scale=1.0,
+                        latents=torch.from_numpy(noise), output_type="np").images
+    expected = np.round(expected * 255).astype(np.uint8)  # diffusers' numpy_to_pil
+
+    got = pipeline.generate(model, text=text, references=references, noise=images.pack(noise),
+                            height=HEIGHT, width=WIDTH)
+    ours = np.stack([np.asarray(im) for im in got.images])
+    assert ours.shape == expected.shape
+    diff = np.abs(ours.astype(np.int16) - expected.astype(np.int16))
+    print(f"pixel |diff| mean {diff.mean():.4f} max {diff.max()} ({len(references)} references)")
+    assert diff.mean() <= PIXEL_MEAN_TOL
+
+
+def test_prompt_path_equals_given_embeddings(loaded):
+    model, _, _ = loaded
+    text = model.text_encoder.encode(["draw a mug in this color"])
+    a = pipeline.generate(model, "draw a mug in this color", seed=5, height=32, width=32)
+    b = pipeline.generate(model, text=text, seed=5, height=32, width=32)
+    np.testing.assert_array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert a.content_mask.sum() > 0 and a.layout.n_txt == 512
+
+
+def test_default_size_follows_first_reference_and_layout_is_planned(loaded):
+    model, _, _ = loaded
+    ref = flat((40, 90, 220), (96, 64))  # width 96, height 64
+    planned = pipeline.plan_layout(model, [ref])
+    got = pipeline.generate(model, text=model.text_encoder.encode(["draw a car in this color"]), references=[ref],
+                            seed=1)
+    assert got.images[0].size == (96, 64)
+    assert got.layout == planned
+
+
+def test_conversion_cache_is_reused(folder, loaded):
+    _, _, cache = loaded
+    entries = sorted(os.listdir(os.path.join(cache, "native")))
+    assert [e.split("-")[0] for e in entries] == ["transformer", "vae"]
+    stamp = {e: os.stat(os.path.join(cache, "native", e)).st_mtime_ns for e in entries}
+    pipeline.load_model(folder, cache=cache, text_encoder=False, progress=False)
+    assert {e: os.stat(os.path.join(cache, "native", e)).st_mtime_ns for e in entries} == stamp
+
+
+def test_bad_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        pipeline.load_model(tmp_path)
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(ValueError, match="StableDiffusionPipeline"):
+        pipeline.load_model(tmp_path)
