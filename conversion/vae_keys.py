@@ -32,7 +32,7 @@ import dataclasses
 
 import numpy as np
 
-from fluxjax.vae import VAEConfig
+from fluxjax.vae import VAEConfig, leaf_name, vae_param_shapes
 
 FORMATS = ("bfl", "diffusers")
 OPTIONAL_KEYS = ("bn.num_batches_tracked",)  # torch BatchNorm2d buffer, [] int64; unused in eval mode
@@ -175,12 +175,5 @@ def expected_source_shapes(config: VAEConfig, fmt: str) -> dict[str, tuple[int, 
 def leaf_shapes(config: VAEConfig) -> dict[str, tuple[int, ...]]:
     import jax
 
-    from fluxjax.vae import vae_param_shapes
-
     flat, _ = jax.tree_util.tree_flatten_with_path(vae_param_shapes(config))
     return {leaf_name(path): tuple(x.shape) for path, x in flat}
-
-
-def leaf_name(path) -> str:
-    """Dotted name of a VAEParams pytree path, e.g. 'decoder.up.3.block.0.nin_shortcut.kernel'."""
-    return ".".join(str(k.idx) if hasattr(k, "idx") else str(k.name) for k in path)

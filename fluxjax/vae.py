@@ -257,6 +257,12 @@ def vae_param_shapes(config: VAEConfig, dtype=jnp.float32) -> VAEParams:
     return VAEParams(encoder=encoder, decoder=decoder, bn=BatchNormStats(running_mean=s(p), running_var=s(p)))
 
 
+def leaf_name(path) -> str:
+    """Dotted name of a VAEParams pytree path, e.g. 'decoder.up.3.block.0.nin_shortcut.kernel'."""
+    return ".".join(str(k.idx) if hasattr(k, "idx") else str(getattr(k, "name", getattr(k, "key", k)))
+                    for k in path)
+
+
 def init_vae_params(config: VAEConfig, key: jax.Array, dtype=jnp.float32) -> VAEParams:
     """Random, well-conditioned parameters, every tensor non-trivial so parity tests see it.
 

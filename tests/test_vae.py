@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from conversion.transformer import CheckpointError
+from fluxjax.checkpoint import CheckpointError
 from conversion.vae import detect_vae_format, vae_params_from_state
-from conversion.vae_keys import expected_source_shapes, leaf_name, leaf_shapes, rows_for
+from conversion.vae_keys import expected_source_shapes, leaf_shapes, rows_for
 from fluxjax import vae
+from fluxjax.vae import leaf_name
 
 # Relative L2 error of fp32 outputs. Convolutions summed in a different order (XLA vs oneDNN) differ
 # by a few ulp per layer; ~30 layers deep that is ~1e-6. 1e-5 is the bar the project set for parity.
@@ -352,3 +353,46 @@ def test_conversion_is_strict_and_names_the_key(tiny):
         vae_params_from_state(state, other, "diffusers")
     no_counter = {k: v for k, v in state.items() if k != "bn.num_batches_tracked"}
     vae_params_from_state(no_counter, TINY, "diffusers")  # BatchNorm's step counter is optional
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: diffusers folder and BFL single file -> native checkpoint -> load
+
+
+def _assert_same_params(a, b):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [leaf_name(p) for p, _ in la] == [leaf_name(p) for p, _ in lb]
+    for (p, x), (_, y) in zip(la, lb):
+        assert np.asarray(x).dtype == np.asarray(y).dtype, leaf_name(p)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=leaf_name(p))
+
+
+def test_convert_diffusers_folder_and_bfl_file_to_native_and_load(tiny, tmp_path):
+    from safetensors.numpy import save_file
+
+    from conversion.vae import convert_vae, is_vae_source
+    from fluxjax.vae_checkpoint import load_vae
+
+    model, params = tiny
+    model.save_pretrained(tmp_path / "vae")
+    assert is_vae_source(tmp_path / "vae")
+    assert convert_vae(tmp_path / "vae", tmp_path / "native") == TINY  # config from config.json
+    config, loaded = load_vae(tmp_path / "native")
+    assert config == TINY
+    _assert_same_params(loaded, params)
+
+    bfl = _random_bfl_state(TINY, seed=8)
+    save_file(bfl, str(tmp_path / "ae.safetensors"))
+    assert is_vae_source(tmp_path / "ae.safetensors")
+    convert_vae(tmp_path / "ae.safetensors", tmp_path / "native_bfl", config=TINY, dtype="bf16")
+    config, loaded = load_vae(tmp_path / "native_bfl")
+    want = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), vae_params_from_state(bfl, TINY, "bfl"))
+    _assert_same_params(loaded, want)
+
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert_vae(tmp_path / "vae", tmp_path / "native")
+    with pytest.raises(CheckpointError, match="missing key|has shape"):  # FLUX2_VAE is the single-file default
+        convert_vae(tmp_path / "ae.safetensors", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(CheckpointError, match="not the config asked for"):
+        convert_vae(tmp_path / "vae", tmp_path / "other", config=vae.FLUX2_VAE)
