@@ -396,3 +396,16 @@ def test_convert_diffusers_folder_and_bfl_file_to_native_and_load(tiny, tmp_path
     assert not (tmp_path / "other").exists()
     with pytest.raises(CheckpointError, match="not the config asked for"):
         convert_vae(tmp_path / "vae", tmp_path / "other", config=vae.FLUX2_VAE)
+
+
+def test_cli_converts_a_vae_folder(tiny, tmp_path, capsys):
+    from conversion.__main__ import main
+    from fluxjax.vae_checkpoint import load_vae
+
+    model, params = tiny
+    model.save_pretrained(tmp_path / "vae")
+    assert main([str(tmp_path / "vae"), str(tmp_path / "native"), "--quiet"]) == 0
+    assert "autoencoder" in capsys.readouterr().out
+    _assert_same_params(load_vae(tmp_path / "native")[1], params)
+    assert main([str(tmp_path / "vae"), str(tmp_path / "other"), "--quiet", "--config", "klein-9b"]) == 1
+    assert "--config applies to transformers" in capsys.readouterr().err
