@@ -26,6 +26,16 @@ from fluxjax.layout import TokenLayout
 from fluxjax.model import forward
 from fluxjax.params import Flux2Params, count_params, init_params, param_shapes
 from fluxjax.sampler import SamplerOptions, sample
+from fluxjax.vae import (
+    FLUX2_VAE,
+    VAEConfig,
+    VAEParams,
+    decode_tokens,
+    encode_to_tokens,
+    init_vae_params,
+    vae_param_shapes,
+)
+from fluxjax.vae_checkpoint import load_vae, save_vae
 
 __all__ = [
     "FLUX2_DEV", "FLUX2_KLEIN_4B", "FLUX2_KLEIN_9B", "PRESETS", "Flux2Config",
@@ -34,4 +44,6 @@ __all__ = [
     "TokenLayout", "forward", "Flux2Params", "count_params", "init_params", "param_shapes",
     "CheckpointError", "load_transformer", "save_transformer",
     "SamplerOptions", "sample",
+    "FLUX2_VAE", "VAEConfig", "VAEParams", "decode_tokens", "encode_to_tokens", "init_vae_params", "vae_param_shapes",
+    "load_vae", "save_vae",
 ]
