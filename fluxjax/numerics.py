@@ -122,22 +122,70 @@ def apply_rope(x, cos, sin):
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def attention(q, k, v, mask=None, implementation: str | None = None):
-    """The one softmax attention of the package: softmax(q k^T / sqrt(K)) v.
+ATTENTION_QUERY_BLOCK = 256  # queries per block: a [B, 256, L] float32 logits tile stays in cache
 
-    q: [B, Lq, H, K]; k, v: [B, Lk, H, K]; mask: None or bool [B, Lq, Lk] (True = may attend).
-    Every attention-edge knockout goes through here, so the clean and the masked paths share
-    their numerics. `implementation`: None or "xla" for the einsum path below (float32 softmax),
-    or "cudnn" for jax.nn.dot_product_attention's fused kernel on GPU.
-    """
-    if implementation == "cudnn":
-        m = None if mask is None else mask[:, None, :, :]
-        return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
-    if implementation not in (None, "xla"):
-        raise ValueError(f"unknown attention implementation {implementation!r}; use None, 'xla' or 'cudnn'")
+
+def _dense_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(K)) v with float32 logits and softmax, like torch's SDPA on CPU."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqhk,blhk->bhql", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(mask[:, None, :, :], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhql,blhk->bqhk", probs, v)
+
+
+def _blocked_attention(q, k, v, mask, block: int = ATTENTION_QUERY_BLOCK):
+    """`_dense_attention` one (head, block of queries) at a time, under `lax.map`.
+
+    Every query row goes through the dense computation (same float32 logits, same softmax), so the
+    result differs from the dense form only by float rounding (dot kernels of different shapes sum
+    in different orders), and the [B, H, Lq, Lk] logits never exist at once. On CPU this makes
+    attention run at matmul speed: the dense form streams the whole logits tensor through memory
+    several times and runs both contractions as slow batched dots. The batch axis stays a batch
+    axis of the dots, so a batch sharded over a device mesh stays sharded.
+    """
+    q, k, v = (jnp.asarray(a) for a in (q, k, v))
+    B, Lq, H, K = q.shape
+    n = -(-Lq // block) if Lq > block else 1
+    block = -(-Lq // n)
+    pad = n * block - Lq
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    qb = q.reshape(B, n, block, H, K).transpose(3, 1, 0, 2, 4).reshape(H * n, B, block, 1, K)  # [(H n), B, Q, 1, K]
+    kh, vh = (a.transpose(2, 0, 1, 3)[..., None, :] for a in (k, v))  # [H, B, L, 1, K]
+    heads, blocks = np.repeat(np.arange(H), n), np.tile(np.arange(n), H)
+    if mask is not None:
+        mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)), constant_values=True)  # padded queries see all keys
+        mask = mask.reshape(B, n, block, -1).swapaxes(0, 1)  # [n, B, Q, L]
+
+    def one(xs):
+        qq, h, i = xs
+        return _dense_attention(qq, kh[h], vh[h], None if mask is None else mask[i])
+
+    o = jax.lax.map(one, (qb, heads, blocks))  # [(H n), B, Q, 1, K]
+    o = o.reshape(H, n, B, block, K).transpose(2, 1, 3, 0, 4).reshape(B, n * block, H, K)
+    return o[:, :Lq]
+
+
+def attention(q, k, v, mask=None, implementation: str | None = None):
+    """The one softmax attention of the package: softmax(q k^T / sqrt(K)) v.
+
+    q: [B, Lq, H, K]; k, v: [B, Lk, H, K]; mask: None or bool [B, Lq, Lk] (True = may attend).
+    Every attention-edge knockout goes through here, so the clean and the masked paths share
+    their numerics. `implementation`:
+      None     "blocked" on CPU, "xla" on other backends;
+      "xla"    one einsum over all heads and queries (float32 logits and softmax);
+      "blocked" the same numerics one (head, 256-query block) at a time: "xla" up to float
+               rounding, without the [B, H, Lq, Lk] logits in memory;
+      "cudnn"  jax.nn.dot_product_attention's fused kernel on GPU.
+    """
+    if implementation is None:
+        implementation = "blocked" if jax.default_backend() == "cpu" else "xla"
+    if implementation == "cudnn":
+        m = None if mask is None else mask[:, None, :, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
+    if implementation == "xla":
+        return _dense_attention(q, k, v, mask)
+    if implementation == "blocked":
+        return _blocked_attention(q, k, v, mask)
+    raise ValueError(f"unknown attention implementation {implementation!r}; use None, 'xla', 'blocked' or 'cudnn'")
