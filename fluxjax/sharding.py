@@ -1,0 +1,135 @@
+"""Sharded execution over a device mesh, with JAX's own SPMD partitioner.
+
+The mesh has two named axes:
+
+    data  batches: seeds, tasks, sweep cells. Inputs are split along their leading (batch) axis.
+    fsdp  the weights: every parameter matrix is split along one of its two matrix axes (fully
+          sharded data parallel); XLA gathers or reduces what each matmul needs.
+
+Nothing in the model knows about the mesh. Place the parameters with `shard_params` (or load them
+straight into their shards with `load_transformer(path, shardings=partial(param_shardings, mesh))`),
+place the batch with `shard_batch`, and call `fluxjax.forward` or `fluxjax.sampler.sample` as
+usual: `jit` follows the input shardings and XLA partitions the program.
+
+    mesh = make_mesh(data=2, fsdp=4)
+    params = shard_params(params, mesh)
+    img, txt, t = shard_batch((img, txt, t), mesh)
+    out = jax.jit(forward, static_argnums=1)(params, config, img, txt, t, img_ids, txt_ids)
+
+The plan for each parameter comes from `fluxjax.params.param_shapes`, so it is known before any
+weight exists (`jax.eval_shape`):
+
+    stacked block leaves  [layers, in, out]: layer axis whole, `out` split (else `in`)
+    other matrices        [in, out]:         `out` split (else `in`)
+    vectors (QK norms)    [layers, K]:       replicated (a few KiB per layer)
+
+A matrix axis is split only when the fsdp size divides it; a matrix with neither axis divisible
+stays replicated (`bytes_per_device` shows the cost). Every matrix of the released presets splits
+over 2, 4 and 8 devices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fluxjax.config import Flux2Config
+from fluxjax.params import Flux2Params, param_shapes
+
+DATA = "data"
+FSDP = "fsdp"
+_STACKED = ("double_blocks", "single_blocks")  # Flux2Params fields whose leaves carry a layer axis
+
+
+def make_mesh(data: int = 1, fsdp: int | None = None, devices=None) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all devices); fsdp None takes the rest.
+
+    The axes are `AxisType.Auto`: XLA propagates shardings through the program.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if data < 1 or len(devices) % data:
+        raise ValueError(f"data={data} must be a positive divisor of the {len(devices)} devices")
+    fsdp = len(devices) // data if fsdp is None else fsdp
+    if fsdp < 1 or data * fsdp != len(devices):
+        raise ValueError(f"a ({data}, {fsdp}) mesh needs {data * fsdp} devices, got {len(devices)}; "
+                         f"pass devices=jax.devices()[:{data * fsdp}] to use a subset")
+    return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def _leaf_spec(path, shape: tuple[int, ...], fsdp: int) -> P:
+    lead = 1 if getattr(path[0], "name", None) in _STACKED else 0
+    if len(shape) - lead < 2:
+        return P()  # norm weights: replicated
+    for axis in (len(shape) - 1, len(shape) - 2):  # the out axis, else the in axis
+        if shape[axis] % fsdp == 0:
+            return P(*(FSDP if a == axis else None for a in range(len(shape))))
+    return P()
+
+
+def partition_specs(tree, fsdp: int):
+    """PartitionSpecs for a Flux2Params-structured pytree of arrays or ShapeDtypeStructs."""
+    if fsdp < 1:
+        raise ValueError(f"fsdp must be >= 1, got {fsdp}")
+    return jax.tree_util.tree_map_with_path(lambda path, x: _leaf_spec(path, tuple(x.shape), fsdp), tree)
+
+
+def param_partition_specs(config: Flux2Config, fsdp: int) -> Flux2Params:
+    """The PartitionSpec of every parameter of `config` for an fsdp axis of size `fsdp`."""
+    return partition_specs(param_shapes(config), fsdp)
+
+
+def param_shardings(mesh: Mesh, config: Flux2Config) -> Flux2Params:
+    """NamedShardings of every parameter of `config` on `mesh` (replicated over `data`).
+
+    This is the `shardings` argument of `fluxjax.load_transformer` and the `out_shardings` of a
+    jitted `init_params`.
+    """
+    specs = param_partition_specs(config, mesh.shape[FSDP])
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_params(params: Flux2Params, mesh: Mesh) -> Flux2Params:
+    """Place `params` on `mesh` according to the plan (module docstring)."""
+    specs = partition_specs(params, mesh.shape[FSDP])
+    shardings = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    return jax.device_put(params, shardings)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over `data`, every other axis whole; for arrays of any rank >= 1."""
+    return NamedSharding(mesh, P(DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The whole array on every device (position ids, knockout tables, scalars)."""
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(tree, mesh: Mesh):
+    """Place every array of `tree` with its leading axis split over `data`."""
+    size = mesh.shape[DATA]
+
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim == 0 or x.shape[0] % size:
+            raise ValueError(f"an array of shape {x.shape} cannot be split over data={size}: its leading (batch) "
+                             f"axis must be a multiple of {size}; pad the batch or use a smaller data axis")
+        return jax.device_put(x, batch_sharding(mesh))
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def bytes_per_device(tree) -> int:
+    """Largest number of bytes any one device holds of `tree` (placed arrays, or ShapeDtypeStructs
+    carrying a `.sharding`, e.g. from `jax.eval_shape` of a function jitted with out_shardings)."""
+    per_device: dict = {}
+    for x in jax.tree_util.tree_leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        size = math.prod(shard) * np.dtype(x.dtype).itemsize
+        for d in x.sharding.device_set:
+            per_device[d] = per_device.get(d, 0) + size
+    return max(per_device.values(), default=0)
