@@ -132,7 +132,8 @@ def open_vae_source(src: str | os.PathLike, config: VAEConfig | None = None) -> 
             with open(config_path) as f:
                 cfg = json.load(f)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{config_path}: a diffusers vae/ folder needs a readable config.json ({e})") from None
+            raise CheckpointError(f"{config_path}: a diffusers vae/ folder needs a readable config.json "
+                                  f"({e})") from None
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{config_path}: must be a JSON object")
         from_json = vae_config_from_diffusers(cfg, config_path)
