@@ -126,13 +126,21 @@ ATTENTION_QUERY_BLOCK = 256  # queries per block: a [B, 256, L] float32 logits t
 
 
 def _dense_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(K)) v with float32 logits and softmax, like torch's SDPA on CPU."""
+    """softmax(q k^T / sqrt(K)) v with float32 logits, normalised after the value contraction.
+
+    As torch's fused CPU kernel (SDPA's flash path) does: p = exp(logits - max) goes through the
+    p v contraction unnormalised, and the [Q, K] result is divided by sum(p) once, instead of the
+    [Q, L] probabilities. Equal to softmax-then-contract up to float rounding; one pass over the
+    logits fewer.
+    """
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqhk,blhk->bhql", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(mask[:, None, :, :], logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhql,blhk->bqhk", probs, v)
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    denom = jnp.sum(p, axis=-1)  # [B, H, Q]
+    o = jnp.einsum("bhql,blhk->bqhk", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (o / jnp.swapaxes(denom, 1, 2)[..., None]).astype(v.dtype)
 
 
 def _blocked_attention(q, k, v, mask, block: int = ATTENTION_QUERY_BLOCK):
