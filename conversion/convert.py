@@ -25,9 +25,9 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from conversion.safetensors_io import INDEX_NAME, SafetensorsFile, ShardedSafetensors, refuse_pickle
-from conversion.transformer import check_state, params_from_state
+from conversion.transformer import check_state, leaves_from_state
 from conversion.transformer_keys import BFL_PREFIX, TABLES
-from fluxjax.checkpoint import CheckpointError, check_destination, config_from_json, save_transformer
+from fluxjax.checkpoint import CheckpointError, check_destination, config_from_json, write_checkpoint
 from fluxjax.config import PRESETS, Flux2Config
 
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -56,8 +56,9 @@ def convert_transformer(src: str | os.PathLike, dst: str | os.PathLike, config: 
     dtype: "bf16" / "fp32" (or a numpy/jax dtype); None keeps the stored dtype.
     overwrite: replace an existing fluxjax checkpoint at `dst`.
     progress: show a progress bar (tqdm) over the bytes converted.
-    Returns the config. Raises CheckpointError (naming the file and key) on any mismatch; `dst` is
-    written only once everything was read, through a temporary directory renamed into place.
+    Returns the config. Raises CheckpointError (naming the file and key) on any mismatch. Every key
+    and shape is checked before any tensor is read; parameters then stream, one at a time, into a
+    temporary directory next to `dst` that is renamed into place only when complete.
     """
     dst = os.path.abspath(os.fspath(dst))
     out_dtype = _dtype(dtype)
@@ -69,8 +70,8 @@ def convert_transformer(src: str | os.PathLike, dst: str | os.PathLike, config: 
     from tqdm.auto import tqdm
 
     with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=None if progress else True) as bar:
-        params = params_from_state(source.state, config, source.fmt, out_dtype, source.where, progress=bar)
-    save_transformer(dst, config, params, overwrite=overwrite)
+        leaves = leaves_from_state(source.state, config, source.fmt, out_dtype, source.where, progress=bar)
+        write_checkpoint(dst, config, leaves, overwrite=overwrite)
     return config
 
 

@@ -4,8 +4,8 @@
 dict, or a lazy reader over safetensors files that loads one tensor at a time). Before reading
 any tensor it checks the full key set and every shape against `fluxjax.params.param_shapes`, and
 raises naming the key on a missing key, an unexpected key or a wrong shape. Each leaf is then
-assembled in place, one layer at a time, into a preallocated array: converting holds the output
-plus one layer's source tensors, never a second copy of the model.
+assembled in place, one layer at a time, into a preallocated array; `leaves_from_state` builds
+them one by one, so a conversion streams them to disk instead of holding the model.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from conversion.transformer_keys import assemble, expected_source_shapes, leaf_name, num_layers, rows_for, source_keys
@@ -20,7 +21,7 @@ from fluxjax.checkpoint import CheckpointError
 from fluxjax.config import Flux2Config
 from fluxjax.params import Flux2Params, param_shapes
 
-__all__ = ["CheckpointError", "check_state", "params_from_state"]
+__all__ = ["CheckpointError", "check_state", "leaves_from_state", "params_from_state"]
 
 
 def check_state(shapes: Mapping[str, tuple[int, ...]], config: Flux2Config, fmt: str, where: str = "checkpoint"):
@@ -44,14 +45,14 @@ def _source_dtypes(state: Mapping, where: str) -> dict[str, np.dtype]:
     if dtypes is None:
         dtypes = {k: np.asarray(v).dtype for k, v in state.items()}
     for k, dt in dtypes.items():
-        if not np.issubdtype(dt, np.floating):
+        if not jnp.issubdtype(dt, jnp.floating):  # numpy alone does not count bfloat16
             raise CheckpointError(f"{where}: key {k!r} has dtype {dt}; FLUX.2 weights are floating point")
     return dtypes
 
 
-def params_from_state(state: Mapping, config: Flux2Config, fmt: str, dtype=None, where: str = "checkpoint",
-                      shapes: Mapping[str, tuple[int, ...]] | None = None, progress=None) -> Flux2Params:
-    """Build numpy params from `state`.
+def leaves_from_state(state: Mapping, config: Flux2Config, fmt: str, dtype=None, where: str = "checkpoint",
+                      shapes: Mapping[str, tuple[int, ...]] | None = None, progress=None):
+    """Yield (leaf name, numpy array) in params order, each leaf built only when asked for.
 
     dtype: None keeps the stored dtype (the widest one if the tensors differ).
     shapes: key -> shape without reading tensors (default: `state.shapes` of a lazy reader, else
@@ -65,9 +66,7 @@ def params_from_state(state: Mapping, config: Flux2Config, fmt: str, dtype=None,
     dtypes = _source_dtypes(state, where)
     out_dtype = np.dtype(dtype) if dtype is not None else np.result_type(*dtypes.values())
     rows = rows_for(config, fmt)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config))
-    leaves = []
-    for path, sds in flat:
+    for path, sds in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]:
         name = leaf_name(path)
         row = rows[name]
         leaf = np.empty(sds.shape, out_dtype)
@@ -78,5 +77,12 @@ def params_from_state(state: Mapping, config: Flux2Config, fmt: str, dtype=None,
             if progress is not None:
                 progress.update(sum(t.nbytes for t in tensors))
             del tensors
-        leaves.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+        yield name, leaf
+        del leaf  # before the next leaf is allocated
+
+
+def params_from_state(state: Mapping, config: Flux2Config, fmt: str, dtype=None, where: str = "checkpoint",
+                      shapes: Mapping[str, tuple[int, ...]] | None = None, progress=None) -> Flux2Params:
+    """All of `leaves_from_state` as a Flux2Params of numpy arrays (small models, tests)."""
+    leaves = [leaf for _, leaf in leaves_from_state(state, config, fmt, dtype, where, shapes, progress)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(param_shapes(config)), leaves)

@@ -321,6 +321,19 @@ def test_sharded_folder_matches_single_file(tmp_path, state, good):
     refused(src, tmp_path / "dst", keys[0], str(index))
 
 
+def test_bf16_file_keeps_its_dtype_and_values(tmp_path):
+    import ml_dtypes
+
+    config = dataclasses.replace(TINY, use_guidance_embed=False)
+    state = {k: v.astype(ml_dtypes.bfloat16) for k, v in random_state(expected_source_shapes(config, "bfl")).items()}
+    write_safetensors(tmp_path / "f.safetensors", state.items())
+    convert_transformer(tmp_path / "f.safetensors", tmp_path / "native")
+    _, params = fluxjax.load_transformer(tmp_path / "native")
+    np.testing.assert_array_equal(np.asarray(params.img_in), state["img_in.weight"].T)
+    np.testing.assert_array_equal(np.asarray(params.single_blocks.linear1[2]), state["single_blocks.2.linear1.weight"].T)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_destination_is_never_clobbered(tmp_path, good):
     src, native = good
     dst = tmp_path / "dst"
@@ -427,3 +440,12 @@ def test_sharded_load_on_two_devices(tmp_path, good):
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_conversion_memory_of_a_2gb_checkpoint():
+    """Peak RSS of `python -m conversion` on a random ~2 GB file stays under 1.3x its size."""
+    from benchmarks.conversion_memory import measure
+
+    result = measure(gb=2.0, dtype="bf16")
+    assert result["ratio"] < 1.3, result
