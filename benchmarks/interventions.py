@@ -2,12 +2,14 @@
 
     python -m benchmarks.interventions [--out benchmarks/results/interventions.json] [--reps 3]
 
-Every program is compiled first (compile time reported on its own) and run once, then all of
-them run in turn, `--reps` rounds (`--sweep-reps` for the sweeps, 6 forwards each), the order
-rotated each round so that no side always runs first or last. Ratios use each program's best
-round: on a shared machine other processes only ever add time, so the minimum is the least
-disturbed figure; medians are reported next to them. Random weights, fp32, batch 1, one
-process. Prints a Markdown table and writes JSON.
+Every program is compiled first (compile time reported on its own) and run once. Then each
+comparison runs its two sides in alternating pairs (a b, b a, a b, ...; `--reps` pairs,
+`--sweep-reps` for the sweeps), and its ratio is the median over pairs of a / b: the two runs of
+a pair are adjacent in time, so on a shared machine they see about the same load. Both the
+wall-time and the process-CPU-time ratios are reported; the goals are judged on CPU time, the
+work the program itself did, because on a machine shared with other jobs the wall time of one
+side swings by +-20 % from pair to pair while its CPU time stays within a few per cent. Random
+weights, fp32, batch 1, one process. Prints a Markdown table and writes JSON.
 
 Comparisons and goals:
   knockout (ref->text at every block) / plain forward          <= 1.25x
@@ -77,8 +79,8 @@ def main(argv=None):
     ap.add_argument("--image", type=int, nargs=2, default=(32, 32), metavar=("ROWS", "COLS"))
     ap.add_argument("--ref", type=int, nargs=2, default=(32, 32), metavar=("ROWS", "COLS"))
     ap.add_argument("--drop-block", type=int, default=None, help="k of the reference removal (default: the join)")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--sweep-reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5, help="alternating pairs per comparison")
+    ap.add_argument("--sweep-reps", type=int, default=1, help="alternating pairs per sweep comparison")
     ap.add_argument("--out", default="benchmarks/results/interventions.json")
     args = ap.parse_args(argv)
 
@@ -140,67 +142,85 @@ def main(argv=None):
             return [compiled["substitution"](params, img, txt, t, iv) for iv in sub_at]
         return compiled[name](params, img, txt, t, programs[name][1])
 
-    singles = [n for n in programs if not n.startswith("sweep")]
-    sweeps = ["sweep vmapped", "sweep lax.map", "sweep loop"]
-    for name in singles:  # warm-up: first executions allocate
+    def timed(name):
+        w0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(run(name))
-    times = {n: [] for n in singles + sweeps}
-    for names, reps in ((singles, args.reps), (sweeps, args.sweep_reps)):
-        for rep in range(reps):
-            order = names[rep % len(names):] + names[:rep % len(names)]
-            for name in order:
-                t0 = time.perf_counter()
-                jax.block_until_ready(run(name))
-                times[name].append(time.perf_counter() - t0)
-            print(f"round {rep + 1}/{reps}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
-    names = singles + sweeps
-    best = {n: min(v) for n, v in times.items()}
-    med = {n: statistics.median(v) for n, v in times.items()}
+        return time.perf_counter() - w0, time.process_time() - c0
 
-    def ratio(a, b):
-        return best[a] / best[b], med[a] / med[b]
+    times = {n: [] for n in [*programs, "sweep loop"]}  # (wall s, process CPU s) per run
+    for name in programs:  # warm-up: first executions allocate
+        if not name.startswith("sweep"):
+            timed(name)
+
+    def pairs(a, b, reps):
+        """Alternate the two sides (a b, b a, a b, ...); per pair, the ratio a / b of wall and CPU time."""
+        out = []
+        for rep in range(reps):
+            order = (a, b) if rep % 2 == 0 else (b, a)
+            got = {n: timed(n) for n in order}
+            for n in order:
+                times[n].append(got[n])
+            out.append((got[a][0] / got[b][0], got[a][1] / got[b][1]))
+            print(f"  {a} {got[a][0]:.2f}s / {b} {got[b][0]:.2f}s = {out[-1][0]:.3f} (CPU {out[-1][1]:.3f})",
+                  flush=True)
+        return out
 
     flop_ratio = forward_flops(config, layout, None) / forward_flops(config, layout, k)
     site = min(config.depth + 1, nb - 1)
-    rows = [
-        ("knockout ref->text, all blocks / plain", *ratio("knockout", "plain"), "<= 1.25x", lambda r: r <= 1.25),
-        (f"substitution at block {site} / plain", *ratio("substitution", "plain"), "<= 1.05x", lambda r: r <= 1.05),
-        (f"removal after block {k}: speed-up over the mask form (FLOP ratio {flop_ratio:.3f})",
-         *ratio("mask form", "removed"), f"{0.8 * flop_ratio:.3f}..{1.2 * flop_ratio:.3f} (FLOP ratio +-20 %)",
+    comparisons = [  # (what, a, b, reps, goal text, goal test on the median CPU-time ratio)
+        ("knockout ref->text, all blocks / plain", "knockout", "plain", args.reps, "<= 1.25x",
+         lambda r: r <= 1.25),
+        (f"substitution at block {site} / plain", "substitution", "plain", args.reps, "<= 1.05x",
+         lambda r: r <= 1.05),
+        (f"removal after block {k}: speed-up over the mask form (FLOP ratio {flop_ratio:.3f})", "mask form",
+         "removed", args.reps, f"{0.8 * flop_ratio:.3f}..{1.2 * flop_ratio:.3f} (FLOP ratio +-20 %)",
          lambda r: 0.8 * flop_ratio <= r <= 1.2 * flop_ratio),
-        (f"sweep over {nb} blocks: one vmapped call / {nb} calls", *ratio("sweep vmapped", "sweep loop"),
-         "(report)", None),
-        (f"sweep over {nb} blocks: one lax.map call / {nb} calls", *ratio("sweep lax.map", "sweep loop"),
-         "(report)", None),
+        (f"sweep over {nb} blocks: one vmapped call / {nb} calls", "sweep vmapped", "sweep loop", args.sweep_reps,
+         "(reported)", None),
+        (f"sweep over {nb} blocks: one lax.map call / {nb} calls", "sweep lax.map", "sweep loop", args.sweep_reps,
+         "(reported)", None),
     ]
-    rows = [(w, r, m, g, None if ok is None else ok(r)) for w, r, m, g, ok in rows]
+    rows = []
+    for what, a, b, reps, goal, ok in comparisons:
+        print(what, flush=True)
+        r = pairs(a, b, reps)
+        wall, cpu = statistics.median(x[0] for x in r), statistics.median(x[1] for x in r)
+        rows.append(dict(comparison=what, ratio_wall=wall, ratio_cpu=cpu, pairs=r, goal=goal,
+                         met=None if ok is None else ok(cpu)))
+    names = list(times)
+    best = {n: min(w for w, _ in v) for n, v in times.items()}
+    med = {n: statistics.median(w for w, _ in v) for n, v in times.items()}
+
     print()
     print(f"config: D={config.hidden_size}, heads={config.num_heads}, {config.depth} double + "
           f"{config.depth_single_blocks} single blocks; tokens: {layout.n_txt} text + {layout.n_img} image + "
           f"{layout.n_ref} reference; fp32, batch 1; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs")
     print()
-    print("| program | compile (s) | steady state, best (s) | median (s) | rounds |")
+    print("| program | compile (s) | steady state, best (s) | median (s) | runs |")
     print("|---|---|---|---|---|")
     for n in names:
         c = compile_s[n]
         c = f"{c['compile_s']:.1f}" if "compile_s" in c else f"(the {c['shared_with']} program)"
         print(f"| {n} | {c} | {best[n]:.3f} | {med[n]:.3f} | {len(times[n])} |")
     print()
-    print("| comparison | ratio (best) | ratio (median) | goal | met (best) |")
+    print("Ratios: median over alternating pairs of the two sides' wall time (and process CPU time).")
+    print()
+    print("| comparison | ratio, wall | ratio, CPU | goal | met (CPU) |")
     print("|---|---|---|---|---|")
-    for what, r, m, goal, ok in rows:
-        print(f"| {what} | {r:.3f} | {m:.3f} | {goal} | {'-' if ok is None else ('yes' if ok else 'no')} |")
+    for r in rows:
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "no")
+        print(f"| {r['comparison']} | {r['ratio_wall']:.3f} | {r['ratio_cpu']:.3f} | {r['goal']} | {met} |")
 
     result = dict(
         config=dataclasses.asdict(config),
         layout=dict(n_txt=layout.n_txt, img_grid=layout.img_grid, ref_grids=layout.ref_grids),
-        dtype="float32", batch=1, drop_block=k, reps=args.reps,
+        dtype="float32", batch=1, drop_block=k, reps=args.reps, sweep_reps=args.sweep_reps,
         device=str(jax.devices()[0]), cpu_count=os.cpu_count(), platform=platform.platform(),
         versions=dict(jax=jax.__version__, numpy=np.__version__, python=platform.python_version()),
-        compile=compile_s, steady_s=times, steady_best_s=best, steady_median_s=med,
+        compile=compile_s, runs_wall_cpu_s=times, steady_best_s=best, steady_median_s=med,
         flops=dict(mask_form=forward_flops(config, layout, None), removed=forward_flops(config, layout, k),
                    ratio=flop_ratio),
-        ratios=[dict(comparison=w, ratio_best=r, ratio_median=m, goal=g, met=ok) for w, r, m, g, ok in rows],
+        ratios=rows,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

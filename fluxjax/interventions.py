@@ -163,6 +163,8 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
                 np.shape(knock.allowed)[1] != np.shape(knock.allowed)[2]:
             raise ValueError(f"knockout.allowed has shape {np.shape(knock.allowed)}; it must be [num_blocks, G, G] "
                              f"with num_blocks = {nb}")
+        if jnp.result_type(knock.allowed) != jnp.bool_:
+            raise ValueError(f"knockout.allowed must be boolean, got {jnp.result_type(knock.allowed)}")
         g_shape = np.shape(knock.groups)
         if len(g_shape) != 2 or g_shape[1] != length or g_shape[0] not in (1, batch):
             raise ValueError(f"knockout groups of shape {g_shape} do not match this forward's joint sequence "

@@ -238,6 +238,11 @@ def test_forward_rejects_what_does_not_fit(params, data):
     wrong_layout = fluxjax.knockout(TINY, other, CONTENT, "ref->text")
     with pytest.raises(ValueError, match="knockout groups"):
         run(params, data, interventions=fluxjax.Interventions(knockout=wrong_layout))
+    right = fluxjax.knockout(TINY, LAYOUT, CONTENT, "ref->text")
+    with pytest.raises(ValueError, match="boolean"):
+        run(params, data, interventions=fluxjax.Interventions(knockout=right.replace(allowed=right.allowed.astype(int))))
+    with pytest.raises(ValueError, match="num_blocks"):
+        run(params, data, interventions=fluxjax.Interventions(knockout=right.replace(allowed=right.allowed[:2])))
     with pytest.raises(ValueError, match="image_tokens"):
         run(params, data, interventions=fluxjax.Interventions(drop_reference=fluxjax.drop_reference(LAYOUT, 2)),
             capture=fluxjax.Capture(image=(0,)))
@@ -261,7 +266,9 @@ def mask_form(params, data):
     return out
 
 
-@pytest.mark.parametrize("k", [0, 1, 2, 3])  # k=0; a double block; the join (first single block); a single block
+# k=0; in a double block; at the join (the first single block). Removal inside the single blocks
+# (k=3) is test_binding_protocol_drop_equals_masks.
+@pytest.mark.parametrize("k", [0, 1, 2])
 def test_drop_reference_equals_mask_form(params, data, mask_form, k):
     iv = fluxjax.Interventions(drop_reference=fluxjax.drop_reference(LAYOUT, k))
     out, caps = run(params, data, interventions=iv, capture=CAP_DROP)
@@ -284,7 +291,8 @@ def test_drop_reference_at_0_is_text_to_image(params, data, mask_form):
 
 
 def test_binding_protocol_drop_equals_masks(params, data):
-    """The paper's 'drop after the binding': ref->image cut before k, references gone from k on."""
+    """The paper's 'drop after the binding': ref->image cut before k, references gone from k on;
+    here k is a single block."""
     k = 3
     before = fluxjax.knockout(TINY, LAYOUT, CONTENT, "ref->image", f":{k}")
     masks = fluxjax.Interventions(knockout=before & fluxjax.cut_reference(TINY, LAYOUT, CONTENT, k))
@@ -360,3 +368,17 @@ def test_vmap_over_seeds_equals_loop(params, data):
                                                       data["img_ids"], data["txt_ids"], interventions=knock)))(noise)
     for s in range(3):
         assert rel_err(swept[s], run(params, data, img=noise[s], interventions=knock)) <= SWEEP_TOL
+
+
+@pytest.mark.slow
+def test_docs_examples_run():
+    """Every Python example of docs/interventions.md runs as written (after its signature sketch)."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "interventions.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
+    assert len(blocks) >= 6
+    namespace: dict = {}
+    for i, block in enumerate(blocks[1:], 1):
+        exec(compile(block, f"docs/interventions.md, example {i}", "exec"), namespace)
