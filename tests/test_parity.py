@@ -41,6 +41,11 @@ LAYOUTS = {
 GENERAL_CASES = [((0.0, 1.0), (4.0, 2.5)), ((0.25, 0.63), (4.0, 1.0)), ((0.9, 0.1), (3.5, 4.0))]
 
 
+# (model, layout) pairs of the fp32 tests: every layout with guidance embedding, two without.
+CASES = [("guidance", "no_ref"), ("guidance", "one_ref"), ("guidance", "two_refs"),
+         ("no_guidance", "no_ref"), ("no_guidance", "two_refs")]
+
+
 def general_cases(config):
     """GENERAL_CASES; without a guidance embedder guidance is dropped (ignoring it is tested apart)."""
     return [(t, g if config.use_guidance_embed else None) for t, g in GENERAL_CASES]
@@ -54,21 +59,30 @@ def cli_convert(src, dst, *args):
                           env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def converted(request, tmp_path_factory):
-    """(diffusers model, config, params): saved by diffusers, converted, loaded by fluxjax."""
-    config = CONFIGS[request.param]
-    model = diffusers_transformer(config, seed=1)
-    root = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(root / "diffusers")
-    if request.param == "guidance":
-        done = cli_convert(root / "diffusers", root / "native")
-        assert done.returncode == 0, done.stderr
-    else:
-        assert convert_transformer(root / "diffusers", root / "native") == config
-    loaded_config, params = fluxjax.load_transformer(root / "native")
-    assert loaded_config == config
-    return model, config, params, root
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name -> (diffusers model, config, params, folder): saved by diffusers, converted, loaded by fluxjax.
+
+    Built once per config on first use."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            config = CONFIGS[name]
+            model = diffusers_transformer(config, seed=1)
+            root = tmp_path_factory.mktemp(name)
+            model.save_pretrained(root / "diffusers")
+            if name == "guidance":
+                done = cli_convert(root / "diffusers", root / "native")
+                assert done.returncode == 0, done.stderr
+            else:
+                assert convert_transformer(root / "diffusers", root / "native") == config
+            loaded_config, params = fluxjax.load_transformer(root / "native")
+            assert loaded_config == config
+            built[name] = model, config, params, root
+        return built[name]
+
+    return get
 
 
 def run_both(model, config, params, layout, timestep, guidance):
@@ -81,25 +95,26 @@ def run_both(model, config, params, layout, timestep, guidance):
     return np.asarray(got), want
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_fp32_at_t0_without_guidance(converted, layout):
-    model, config, params, _ = converted
+@pytest.mark.parametrize("name, layout", CASES)
+def test_fp32_at_t0_without_guidance(models, name, layout):
+    model, config, params, _ = models(name)
     got, want = run_both(model, config, params, LAYOUTS[layout], (0.0, 0.0), None)
     assert rel_err(got, want) <= TOL_T0
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_fp32_general(converted, layout):
-    model, config, params, _ = converted
+@pytest.mark.parametrize("name, layout", CASES)
+def test_fp32_general(models, name, layout):
+    model, config, params, _ = models(name)
     for timestep, guidance in general_cases(config):
         got, want = run_both(model, config, params, LAYOUTS[layout], timestep, guidance)
         assert rel_err(got, want) <= TOL_GENERAL, (timestep, guidance)
 
 
-def test_guidance_changes_the_output_only_with_a_guidance_embedder(converted):
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_guidance_changes_the_output_only_with_a_guidance_embedder(models, name):
     """Guards the general test: guidance must reach the output exactly when the model embeds it."""
-    model, config, params, _ = converted
-    layout = LAYOUTS["one_ref"]
+    model, config, params, _ = models(name)
+    layout = LAYOUTS["two_refs"]
     a, _ = run_both(model, config, params, layout, (0.5, 0.5), (1.0, 1.0))
     b, _ = run_both(model, config, params, layout, (0.5, 0.5), (4.0, 4.0))
     if config.use_guidance_embed:
@@ -108,8 +123,9 @@ def test_guidance_changes_the_output_only_with_a_guidance_embedder(converted):
         np.testing.assert_array_equal(a, b)
 
 
-def test_bf16_error_within_the_reference_bf16_error(converted):
-    model, config, params32, root = converted
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bf16_error_within_the_reference_bf16_error(models, name):
+    model, config, _, root = models(name)
     convert_transformer(root / "diffusers", root / "native-bf16", dtype="bf16")
     _, params = fluxjax.load_transformer(root / "native-bf16")
     assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
@@ -118,18 +134,18 @@ def test_bf16_error_within_the_reference_bf16_error(converted):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # both round to nearest even
 
     model16 = copy.deepcopy(model).to(torch.bfloat16)
-    for name, layout in [("two_refs", LAYOUTS["two_refs"])]:
-        for timestep, guidance in [((0.0, 0.0), None), *general_cases(config)]:
-            img, txt = inputs(config, layout, batch=2, seed=3)
-            t = np.asarray(timestep, np.float32)
-            g = None if guidance is None else np.asarray(guidance, np.float32)
-            want = run_diffusers(model, img, txt, t, layout, g)
-            ref16 = run_diffusers(model16, img, txt, t, layout, g, dtype=torch.bfloat16)
-            ours = forward(params, config, jnp.asarray(img, jnp.bfloat16), jnp.asarray(txt, jnp.bfloat16),
-                           jnp.asarray(t), layout.img_ids(), layout.txt_ids(), g)
-            err_ref, err_ours = rel_err(ref16, want), rel_err(np.asarray(ours, np.float32), want)
-            assert err_ref > 1e-3, (name, timestep)  # really a bf16 run (t itself is rounded to bf16)
-            assert err_ours <= BF16_RATIO * err_ref, (name, timestep, err_ours, err_ref)
+    layout = LAYOUTS["two_refs"]
+    img, txt = inputs(config, layout, batch=2, seed=3)
+    for timestep, guidance in [((0.0, 0.0), None), *general_cases(config)]:
+        t = np.asarray(timestep, np.float32)
+        g = None if guidance is None else np.asarray(guidance, np.float32)
+        want = run_diffusers(model, img, txt, t, layout, g)
+        ref16 = run_diffusers(model16, img, txt, t, layout, g, dtype=torch.bfloat16)
+        ours = forward(params, config, jnp.asarray(img, jnp.bfloat16), jnp.asarray(txt, jnp.bfloat16), t,
+                       layout.img_ids(), layout.txt_ids(), g)
+        err_ref, err_ours = rel_err(ref16, want), rel_err(np.asarray(ours, np.float32), want)
+        assert err_ref > 1e-3, timestep  # really a bf16 run (t itself is rounded to bf16)
+        assert err_ours <= BF16_RATIO * err_ref, (timestep, err_ours, err_ref)
 
 
 # --- Black Forest Labs single files, checked through diffusers' own converter -------------------
@@ -204,10 +220,10 @@ def test_final_layer_reads_bfl_rows_as_shift_then_scale(tmp_path):
         write_bfl(tmp_path / f"s{k}.safetensors", state)
         convert_transformer(tmp_path / f"s{k}.safetensors", tmp_path / f"native{k}")
         _, params = fluxjax.load_transformer(tmp_path / f"native{k}")
-        layout = LAYOUTS["one_ref"]
+        layout = LAYOUTS["two_refs"]  # shapes already compiled by the tests above
         img, txt = inputs(config, layout, batch=2, seed=3)
         t = np.asarray((0.3, 0.8), np.float32)
-        outputs[k] = np.asarray(forward(params, config, img, txt, t, layout.img_ids(), layout.txt_ids()))
+        outputs[k] = np.asarray(forward(params, config, img, txt, t, layout.img_ids(), layout.txt_ids(), None))
 
     delta = outputs[2] - outputs[1]  # [B, N, out]: the extra shift, mapped by final_layer.linear
     np.testing.assert_allclose(delta, np.broadcast_to(delta[:, :1], delta.shape), atol=1e-5)
