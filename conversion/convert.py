@@ -22,7 +22,9 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
+from tqdm.auto import tqdm
 
 from conversion.safetensors_io import INDEX_NAME, SafetensorsFile, ShardedSafetensors, refuse_pickle
 from conversion.transformer import check_state, leaves_from_state
@@ -31,7 +33,8 @@ from fluxjax.checkpoint import CheckpointError, check_destination, config_from_j
 from fluxjax.config import PRESETS, Flux2Config
 
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+          "fp32": np.dtype(np.float32), "float32": np.dtype(np.float32)}  # conversion targets
 DEFAULT_THETA = 2000
 
 
@@ -67,27 +70,22 @@ def convert_transformer(src: str | os.PathLike, dst: str | os.PathLike, config: 
     check_state(source.state.shapes, config, source.fmt, source.where)
     check_destination(dst, overwrite)
     total = sum(source.state.nbytes(k) for k in source.state)
-    from tqdm.auto import tqdm
-
     with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=None if progress else True) as bar:
         leaves = leaves_from_state(source.state, config, source.fmt, out_dtype, source.where, progress=bar)
         write_checkpoint(dst, config, leaves, overwrite=overwrite)
     return config
 
 
-def _dtype(dtype):
+def _dtype(dtype) -> np.dtype | None:
     if dtype is None:
         return None
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
-        dtype = DTYPES[dtype]
-    import ml_dtypes  # registers bfloat16 with numpy
-
-    dt = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)
-    if dt.name not in ("bfloat16", "float32"):
-        raise ValueError(f"unsupported target dtype {dt.name}; use bf16 or fp32")
-    return dt
+        return DTYPES[dtype]
+    if np.dtype(dtype) not in DTYPES.values():
+        raise ValueError(f"unsupported target dtype {np.dtype(dtype).name}; use bf16 or fp32")
+    return np.dtype(dtype)
 
 
 # --- opening a source ------------------------------------------------------------------------
@@ -210,24 +208,24 @@ def _block_count(fmt: str, leaf: str, shapes: Mapping) -> int:
 def infer_config(shapes: Mapping[str, tuple[int, ...]], fmt: str, where: str = "checkpoint"
                  ) -> tuple[Flux2Config, dict[str, str]]:
     """Config from tensor shapes alone -> (config, {field: the key it was read from})."""
-    def shape(leaf, i=None):
-        key = _key(fmt, leaf, 0 if i is None else i)
+    def shape(leaf):
+        key = _key(fmt, leaf)
         if key not in shapes:
             raise CheckpointError(f"{where}: missing key {key!r}, needed to infer the config")
         return key, tuple(shapes[key])
 
-    source = {}
+    provenance = {}
     k, (D, in_channels) = shape("img_in")
-    source.update(hidden_size=k, in_channels=k)
+    provenance.update(hidden_size=k, in_channels=k)
     k, (_, C) = shape("txt_in")
-    source["context_in_dim"] = k
+    provenance["context_in_dim"] = k
     k, (_, t_channels) = shape("time_in.in_layer")
-    source["timestep_channels"] = k
+    provenance["timestep_channels"] = k
     k, (out_channels, _) = shape("final_layer.linear")
-    source["out_channels"] = k
+    provenance["out_channels"] = k
     depth = _block_count(fmt, "double_blocks.img_attn.qkv", shapes)
     single = _block_count(fmt, "single_blocks.linear1", shapes)
-    source.update(depth=_block_pattern(fmt, "double_blocks.img_attn.qkv"),
+    provenance.update(depth=_block_pattern(fmt, "double_blocks.img_attn.qkv"),
                   depth_single_blocks=_block_pattern(fmt, "single_blocks.linear1"))
     if depth:
         k, (K,) = shape("double_blocks.img_attn.norm.query_norm")
@@ -238,14 +236,14 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], fmt: str, where: str = "
         M = DM - D
     else:
         raise CheckpointError(f"{where}: no transformer blocks found; cannot infer the head dim")
-    source.update(num_heads=k, mlp_ratio=k2)
+    provenance.update(num_heads=k, mlp_ratio=k2)
     if K <= 0 or D % K:
         raise CheckpointError(f"{where}: key {k!r} gives head dim {K}, which does not divide the width {D}")
     if K % 8:
         raise CheckpointError(f"{where}: head dim {K} (key {k!r}) cannot be split into 4 even RoPE axes; "
                               f"give the config explicitly")
     guidance = _key(fmt, "guidance_in.in_layer") in shapes
-    source["use_guidance_embed"] = _key(fmt, "guidance_in.in_layer")
+    provenance["use_guidance_embed"] = _key(fmt, "guidance_in.in_layer")
     try:
         config = Flux2Config(in_channels=in_channels, context_in_dim=C, hidden_size=D, num_heads=D // K, depth=depth,
                              depth_single_blocks=single, axes_dim=(K // 4,) * 4, theta=DEFAULT_THETA,
@@ -255,8 +253,8 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], fmt: str, where: str = "
     except ValueError as e:
         raise CheckpointError(f"{where}: the tensor shapes give no valid config ({e})") from None
     if config.mlp_hidden != M:
-        raise CheckpointError(f"{where}: key {k2!r} gives MLP width {M}, not an integer multiple of width {D}")
-    return config, source
+        raise CheckpointError(f"{where}: key {k2!r} gives MLP width {M}, which no mlp_ratio reproduces at width {D}")
+    return config, provenance
 
 
 # diffusers config.json field -> Flux2Config field (hidden_size is heads x head dim)
@@ -317,12 +315,12 @@ def preset_name(config: Flux2Config) -> str | None:
     return next((name for name, preset in PRESETS.items() if preset == config), None)
 
 
-def _disagreement(config: Flux2Config, inferred: Flux2Config, source: dict[str, str], label: str,
+def _disagreement(config: Flux2Config, inferred: Flux2Config, provenance: dict[str, str], label: str,
                   where: str) -> None:
     for f in dataclasses.fields(Flux2Config):
-        if f.name in source and getattr(config, f.name) != getattr(inferred, f.name):
+        if f.name in provenance and getattr(config, f.name) != getattr(inferred, f.name):
             raise CheckpointError(f"{label} gives {f.name}={getattr(config, f.name)!r} but the tensors in {where} "
-                                  f"say {getattr(inferred, f.name)!r} (from {source[f.name]!r})")
+                                  f"say {getattr(inferred, f.name)!r} (from {provenance[f.name]!r})")
 
 
 def resolve_config(source: Source, config: Flux2Config | str | None = None) -> Flux2Config:

@@ -394,6 +394,9 @@ def test_native_round_trip_and_errors(tmp_path):
     assert config == TINY
     for a, b in zip(leaves(params), leaves(loaded), strict=True):
         np.testing.assert_array_equal(a, b)
+    fluxjax.save_transformer(tmp_path / "from-jax", TINY, loaded)  # jax arrays save as well
+    for a, b in zip(leaves(params), leaves(fluxjax.load_transformer(tmp_path / "from-jax")[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         fluxjax.load_transformer(tmp_path / "nowhere")
