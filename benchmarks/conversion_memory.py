@@ -56,14 +56,17 @@ def write_random_bfl(path: str, config, dtype: np.dtype, seed: int = 0) -> int:
     return os.path.getsize(path)
 
 
-def max_rss(args: list[str]) -> int:
-    """Maximum resident set size in bytes of a child process, from `/usr/bin/time -v`."""
+def max_rss(args: list[str]) -> tuple[int, float]:
+    """(maximum resident set size in bytes, wall seconds) of a child process, from `/usr/bin/time -v`."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(["/usr/bin/time", "-v", sys.executable, *args], cwd=REPO, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{args} failed:\n{done.stderr[-3000:]}")
-    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1)) * 1024
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1)) * 1024
+    clock = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr).group(1)
+    seconds = sum(float(part) * 60 ** i for i, part in enumerate(reversed(clock.split(":"))))
+    return rss, seconds
 
 
 def measure(gb: float = 2.0, dtype: str = "bf16", out_dtype: str | None = None) -> dict:
@@ -73,9 +76,10 @@ def measure(gb: float = 2.0, dtype: str = "bf16", out_dtype: str | None = None) 
         src, dst = os.path.join(tmp, "flux2-random.safetensors"), os.path.join(tmp, "native")
         size = write_random_bfl(src, config, DTYPES[dtype])
         extra = [] if out_dtype is None else ["--dtype", out_dtype]
-        peak = max_rss(["-m", "conversion", src, dst, "--quiet", *extra])
-        baseline = max_rss(["-c", "import conversion.convert, conversion.__main__"])
-    return dict(config=config, file_bytes=size, peak_rss=peak, baseline_rss=baseline, ratio=peak / size)
+        peak, seconds = max_rss(["-m", "conversion", src, dst, "--quiet", *extra])
+        baseline, _ = max_rss(["-c", "import conversion.convert, conversion.__main__"])
+    return dict(config=config, file_bytes=size, peak_rss=peak, baseline_rss=baseline, ratio=peak / size,
+                seconds=seconds)
 
 
 def main() -> int:
@@ -89,7 +93,8 @@ def main() -> int:
     print(f"file: {r['file_bytes'] / 1e9:.2f} GB {args.dtype} (D={c.hidden_size}, {c.depth} double + "
           f"{c.depth_single_blocks} single blocks), converted to {args.out_dtype or args.dtype}")
     print(f"peak RSS of `python -m conversion`: {r['peak_rss'] / 1e9:.2f} GB = {r['ratio']:.2f}x the file "
-          f"(of which {r['baseline_rss'] / 1e9:.2f} GB is the interpreter with jax and orbax imported)")
+          f"(of which {r['baseline_rss'] / 1e9:.2f} GB is the interpreter with jax and orbax imported); "
+          f"{r['seconds']:.0f} s wall")
     return 0
 
 
