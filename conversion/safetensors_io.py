@@ -40,23 +40,25 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 _READ_CHUNK = 1 << 30  # one positioned read moves at most ~2 GiB on Linux; stay well below
 
 
-def refuse_pickle(path: str) -> None:
-    """Raise CheckpointError if `path` is a pickle-based (torch.save) checkpoint, by name or content.
+_PICKLE_HINT = "re-save it as safetensors (e.g. diffusers' save_pretrained(..., safe_serialization=True))"
 
-    Never unpickles anything: the check is the file suffix and the first bytes (pickle protocol 2+
-    opens with 0x80 and the protocol number; torch's zip format with 'PK\\x03\\x04').
-    """
-    hint = "re-save it as safetensors (e.g. diffusers' save_pretrained(..., safe_serialization=True))"
+
+def refuse_pickle(path: str) -> None:
+    """Raise CheckpointError if `path` names a pickle-based (torch.save) checkpoint by its suffix."""
     if path.lower().endswith(PICKLE_SUFFIXES):
-        raise CheckpointError(f"{path}: pickle checkpoints are refused (they can run arbitrary code); {hint}")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return
+        raise CheckpointError(f"{path}: pickle checkpoints are refused (they can run arbitrary code); {_PICKLE_HINT}")
+
+
+def _refuse_pickle_content(path: str, head: bytes) -> None:
+    """Called on a file whose safetensors header is invalid: name a pickle if it is one.
+
+    Never unpickles anything: pickle protocol 2+ opens with 0x80 and the protocol number, torch's
+    zip format with 'PK\x03\x04'. (A valid safetensors header length can begin with the same
+    bytes, so this runs only once the header has been found invalid.)
+    """
     if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
         raise CheckpointError(f"{path}: this is a pickle/torch.save checkpoint, not safetensors; refused "
-                              f"(it could run arbitrary code); {hint}")
+                              f"(it could run arbitrary code); {_PICKLE_HINT}")
 
 
 class SafetensorsFile(Mapping):
@@ -111,10 +113,12 @@ def _read_header(path: str):
         if len(prefix) < 8:
             raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors header (truncated?)")
         n = int.from_bytes(prefix, "little")
+        raw = f.read(n) if n <= min(size - 8, MAX_HEADER_BYTES) else b""
+    if not raw.startswith(b"{"):
+        _refuse_pickle_content(path, prefix)
         if n > min(size - 8, MAX_HEADER_BYTES):
             raise CheckpointError(f"{path}: header length {n} does not fit in the file of {size} bytes "
                                   f"(truncated, or not a safetensors file)")
-        raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:

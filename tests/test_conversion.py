@@ -182,6 +182,17 @@ def test_pickle_checkpoint_is_refused_unopened(tmp_path, name):
     assert not marker.exists()
 
 
+def test_safetensors_whose_header_length_looks_like_pickle_magic(tmp_path):
+    """A header of 0x380 bytes starts the file with 0x80 0x03, pickle protocol 3's opening."""
+    path = tmp_path / "f.safetensors"
+    for k in range(1000):
+        write_safetensors(path, [("w", np.ones((2, 2), np.float32))], metadata={"pad": "x" * k})
+        if path.read_bytes()[:2] == b"\x80\x03":
+            break
+    assert path.read_bytes()[:2] == b"\x80\x03"
+    np.testing.assert_array_equal(SafetensorsFile(path)["w"], np.ones((2, 2), np.float32))
+
+
 def test_torch_zip_checkpoint_is_refused_by_magic(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"PK\x03\x04" + b"\0" * 64)
