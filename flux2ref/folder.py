@@ -102,7 +102,7 @@ def tiny_klein_pipeline(seed: int = 0, config: Flux2Config = TINY_KLEIN):
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 
-    from fluxjax.testing import diffusers_kwargs, randomize_
+    from flux2ref.models import diffusers_kwargs, randomize_
 
     torch.manual_seed(seed)
     tokenizer = qwen3_tokenizer()

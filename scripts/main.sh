@@ -4,4 +4,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
 cd "$root"
-exec "${FLUXJAX_VENV:-$root/.venv}/bin/python" -m fluxjax.demo "$@"
+exec "${FLUXJAX_VENV:-$root/.venv}/bin/python" -m flux2ref.demo "$@"

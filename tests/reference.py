@@ -1,10 +1,10 @@
 """Tiny random reference models built with diffusers, for parity tests.
 
-The builders live in `fluxjax.testing` (the demo uses them too); this module keeps the names the
+The builders live in `flux2ref.models` (the demo uses them too); this module keeps the names the
 tests import.
 """
 
-from fluxjax.testing import (  # noqa: F401
+from flux2ref.models import (  # noqa: F401
     BF16_RATIO,
     TOL_GENERAL,
     TOL_T0,

@@ -1,6 +1,6 @@
 """Tiny random reference models built with diffusers (the PyTorch reference), for parity checks.
 
-Used by the tests and by `python -m fluxjax.demo`. torch and diffusers are imported inside the
+Used by the tests and by `python -m flux2ref.demo`. torch and diffusers are imported inside the
 functions that need them, so importing this module does not pull them in.
 
 Every tensor is randomised and well conditioned (matrices N(0, 1/fan_in), norm weights near 1):

@@ -1,4 +1,4 @@
-"""`python -m fluxjax.demo`: the parity claim, end to end, on a fresh machine.
+"""`python -m flux2ref.demo`: the parity claim, end to end, on a fresh machine.
 
 Builds a random tiny diffusers FLUX.2 transformer (every tensor randomised), saves it with
 diffusers' `save_pretrained`, converts it with the real converter, loads it with
@@ -20,7 +20,7 @@ import numpy as np
 from fluxjax.checkpoint import load_transformer
 from fluxjax.layout import TokenLayout
 from fluxjax.model import forward
-from fluxjax.testing import (BF16_RATIO, TINY, TOL_GENERAL, TOL_T0, diffusers_transformer, inputs, rel_err,
+from flux2ref.models import (BF16_RATIO, TINY, TOL_GENERAL, TOL_T0, diffusers_transformer, inputs, rel_err,
                              run_diffusers)
 
 
