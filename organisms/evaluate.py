@@ -1,0 +1,277 @@
+"""Evaluate an organism on held-out seeds: quality, and the study's routing experiments.
+
+    python -m organisms.evaluate runs/text-routed/organism --out runs/text-routed/eval --n 64
+
+Every function takes an organism folder (or an `(Organism, OrganismParams)` pair) and returns
+`experiments.metrics.PassRate`s. Held-out examples come from `organisms.data.heldout_example`;
+the noise seed of held-out example i of a kind is crc32 of its id `"{kind}_{i}"` (the study's
+convention), and every run of the same example uses the same seed unless said.
+
+Quality (`quality`):
+    swatch colour   the output's dominant colour within CIEDE2000 15 of the swatch
+    swatch shape    the shape classifier (organisms.shapes) finds the asked shape
+    t2i shape / colour name   the shape; the nearest named colour is the one asked for
+    recolour colour / shape   the new colour within CIEDE2000 15; the reference's shape kept
+
+Routing (colour tasks: `draw a {shape} in this color` with a swatch):
+    `knockout(setting)`  the edge cut in every block and step, on top of the organism's own cuts;
+                         passes when the colour is lost (CIEDE2000 to the swatch > 15)
+    `patching(mode, block)`  I2I -> I2I: pairs with the same instruction and different swatches;
+                         the target run's text stream at the output of `block` is replaced at
+                         every step by the source run's (all / padding / content positions);
+                         passes when the output's colour is closer to the source's than the target's
+    `lens(mode, block)`  T2I Lens: a 1-step edit's text stream at the output of `block` replaces the
+                         text stream fed to block 0 of an empty-prompt text-to-image run (noise
+                         seed + 1), at every step; passes when the swatch colour appears (<= 15)
+    `t2i_clean`          the instruction as text-to-image, no reference: the colour by chance
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import zlib
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+import fluxjax
+from experiments.metrics import (COLOUR_MATCH_DE00, PassRate, ciede2000, closer_to_source, colour_error,
+                                 dominant_colour, nearest_colour, reference_colour, srgb_to_lab, write_pass_rates_csv)
+from organisms import codec
+from organisms.checkpoint import load_organism
+from organisms.data import COLOURS, Example, heldout_examples
+from organisms.model import EDIT_LAYOUT, GRID, T2I_LAYOUT, Organism, OrganismParams, generate
+from organisms.shapes import classify
+from organisms.text import tokenize
+
+KNOCKOUTS = ("ref->image", "ref->text", "ref->text[padding]", "ref->text[content]")
+MODES = {"all": "text", "padding": "text[padding]", "content": "text[content]"}
+MIN_PAIR_DE00 = 30.0  # patching pairs: the two swatches differ by at least this much
+
+
+def _load(organism) -> tuple[Organism, OrganismParams]:
+    return load_organism(organism) if isinstance(organism, str | Path) else organism
+
+
+def noise_seed(kind: str, index: int) -> int:
+    return zlib.crc32(f"{kind}_{index}".encode())
+
+
+def _rate(setting: str, criterion: str, verdicts, threshold=COLOUR_MATCH_DE00) -> PassRate:
+    verdicts = [bool(v) for v in verdicts]
+    return PassRate(setting=setting, criterion=criterion, threshold=threshold, n=len(verdicts), passed=sum(verdicts))
+
+
+def _run(org, examples, seeds, *, refs=True, interventions=None, capture=None, num_steps=None, txt=None,
+         tokens=None):
+    """Sample the examples in one batch; returns tokens (and captures)."""
+    organism, params = org
+    if tokens is None:
+        tokens, content = tokenize([e.instruction for e in examples])
+    else:
+        tokens, content = tokens
+    ref_tokens = jnp.asarray(codec.images_to_tokens(np.stack([e.reference for e in examples]))) if refs else None
+    kwargs = {} if num_steps is None else {"num_steps": num_steps}
+    return generate(params, organism, tokens, content, refs=ref_tokens, seed=np.asarray(seeds),
+                    interventions=interventions, capture=capture, txt=txt, **kwargs)
+
+
+def _images(latents) -> np.ndarray:
+    return codec.tokens_to_images(latents, GRID)
+
+
+def swatch_tasks(n: int) -> tuple[list[Example], list[int]]:
+    return heldout_examples("swatch", n), [noise_seed("swatch", i) for i in range(n)]
+
+
+def _next_seeds(seeds) -> list[int]:
+    """The study's target seed of a lens run: the task's seed + 1 (wrapped into 32 bits)."""
+    return [(s + 1) % 2**32 for s in seeds]
+
+
+def _swatch_lab(example: Example):
+    return reference_colour(example.reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# quality
+
+
+def quality(organism, n: int = 64) -> tuple[list[PassRate], dict[str, tuple[list[Example], np.ndarray]]]:
+    """Quality pass rates on n held-out examples of each task, and per task the examples and samples."""
+    org = _load(organism)
+    samples = {}
+    for kind in ("swatch", "t2i", "recolour"):
+        indexed = [(i, e) for i, e in enumerate(heldout_examples(kind, 2 * n)) if e.instruction][:n]
+        examples = [e for _, e in indexed]
+        out = _images(_run(org, examples, [noise_seed(kind, i) for i, _ in indexed], refs=kind != "t2i"))
+        samples[kind] = (examples, out)
+
+    def shape_rate(kind, criterion):
+        examples, out = samples[kind]
+        return _rate(f"{kind} shape", criterion, [classify(o) == e.shape for o, e in zip(out, examples)], None)
+
+    def colour_rate(kind, criterion):
+        examples, out = samples[kind]
+        return _rate(f"{kind} colour", criterion, [colour_error(o, srgb_to_lab(np.asarray(e.colour, np.float64)))
+                                                   <= COLOUR_MATCH_DE00 for o, e in zip(out, examples)])
+
+    t2i, t2i_out = samples["t2i"]
+    rates = [
+        colour_rate("swatch", "CIEDE2000 to the swatch <= 15"),
+        shape_rate("swatch", "classified as the asked shape"),
+        shape_rate("t2i", "classified as the asked shape"),
+        _rate("t2i colour name", "the nearest named colour is the asked one",
+              [nearest_colour(dominant_colour(o).lab, COLOURS)[0] == e.colour_name for o, e in zip(t2i_out, t2i)],
+              None),
+        colour_rate("recolour", "CIEDE2000 to the asked colour (as drawn in the ground truth) <= 15"),
+        shape_rate("recolour", "the reference's shape kept"),
+    ]
+    return rates, samples
+
+
+# ---------------------------------------------------------------------------------------------
+# routing
+
+
+def knockout(organism, setting: str, n: int = 64) -> PassRate:
+    """Share of colour tasks whose colour is lost with `setting` cut in every block ('none': baseline)."""
+    org = _load(organism)
+    examples, seeds = swatch_tasks(n)
+    iv = None
+    if setting != "none":
+        _, content = tokenize([e.instruction for e in examples])
+        iv = fluxjax.Interventions(knockout=fluxjax.knockout(org[0].transformer, EDIT_LAYOUT, content, setting))
+    out = _images(_run(org, examples, seeds, interventions=iv))
+    lost = [colour_error(o, _swatch_lab(e)) > COLOUR_MATCH_DE00 for o, e in zip(out, examples)]
+    return _rate(f"knockout {setting}", "colour lost: CIEDE2000 to the swatch > 15", lost)
+
+
+def patching_pairs(n: int) -> list[tuple[int, int]]:
+    """(source, target) indices of held-out swatch tasks with the same instruction and swatches at
+    least MIN_PAIR_DE00 apart: each target is paired with the next such source after it."""
+    examples, _ = swatch_tasks(4 * n)
+    pairs = []
+    for t, target in enumerate(examples):
+        for s in range(t + 1, len(examples)):
+            source = examples[s]
+            if source.instruction == target.instruction and \
+                    _de(source.colour, target.colour) >= MIN_PAIR_DE00:
+                pairs.append((s, t))
+                break
+        if len(pairs) == n:
+            break
+    return pairs
+
+
+def _de(a, b) -> float:
+    return float(ciede2000(srgb_to_lab(np.asarray(a, np.float64)), srgb_to_lab(np.asarray(b, np.float64))))
+
+
+def default_block(organism) -> int:
+    """The last double block (the study's cell for style and identity is klein's last double block)."""
+    return _load(organism)[0].transformer.depth - 1
+
+
+def patching(organism, mode: str = "padding", block: int | None = None, n: int = 64) -> PassRate:
+    """I2I -> I2I patching of the text stream (`mode`: all, padding, content) at the output of `block`."""
+    org = _load(organism)
+    block = default_block(org) if block is None else block
+    pairs = patching_pairs(n)
+    examples, seeds = swatch_tasks(4 * n)
+    sources = [examples[s] for s, _ in pairs]
+    targets = [examples[t] for _, t in pairs]
+    _, caps = _run(org, sources, [seeds[s] for s, _ in pairs], capture=fluxjax.Capture(text=(block,)))
+    _, content = tokenize([e.instruction for e in targets])
+    mask = EDIT_LAYOUT.text_mask(MODES[mode], content)
+    sub = fluxjax.substitution(block, caps.text[:, 0], mask)  # value [S, B, T, D]: one slice per step
+    out = _images(_run(org, targets, [seeds[t] for _, t in pairs],
+                       interventions=fluxjax.Interventions(substitutions=(sub,))))
+    verdicts = [closer_to_source(o, _swatch_lab(s), _swatch_lab(t))[0] for o, s, t in zip(out, sources, targets)]
+    return _rate(f"patching {mode} @ block {block}", "colour closer to the source's swatch than the target's",
+                 verdicts, None)
+
+
+def lens(organism, mode: str = "all", block: int | None = None, n: int = 64) -> PassRate:
+    """T2I Lens (`mode`: all, padding, content positions replaced) from the output of `block`."""
+    org = _load(organism)
+    block = default_block(org) if block is None else block
+    examples, seeds = swatch_tasks(n)
+    _, caps = _run(org, examples, seeds, capture=fluxjax.Capture(text=(block,)), num_steps=1)
+    _, content = tokenize([e.instruction for e in examples])
+    empty = tokenize([""] * n)
+    mask = T2I_LAYOUT.text_mask(MODES[mode], content)
+    sub = fluxjax.substitution(fluxjax.BLOCK0_INPUT, caps.text[0, 0], mask)  # the 1-step run's only step
+    out = _images(_run(org, examples, _next_seeds(seeds), refs=False, tokens=empty,
+                       interventions=fluxjax.Interventions(substitutions=(sub,))))
+    shown = [colour_error(o, _swatch_lab(e)) <= COLOUR_MATCH_DE00 for o, e in zip(out, examples)]
+    return _rate(f"lens {mode} @ block {block}", "swatch colour appears: CIEDE2000 <= 15", shown)
+
+
+def t2i_clean(organism, n: int = 64) -> PassRate:
+    """The colour instruction as text-to-image with no reference: how often the colour matches by chance."""
+    org = _load(organism)
+    examples, seeds = swatch_tasks(n)
+    out = _images(_run(org, examples, _next_seeds(seeds), refs=False))
+    shown = [colour_error(o, _swatch_lab(e)) <= COLOUR_MATCH_DE00 for o, e in zip(out, examples)]
+    return _rate("t2i_clean", "swatch colour appears without the swatch: CIEDE2000 <= 15", shown)
+
+
+def routing(organism, n: int = 64, block: int | None = None) -> list[PassRate]:
+    """Every routing experiment of the organism: the knockouts, patching and lens in each mode."""
+    org = _load(organism)
+    rates = [knockout(org, "none", n)] + [knockout(org, s, n) for s in KNOCKOUTS]
+    rates += [patching(org, mode, block, n) for mode in MODES]
+    rates += [lens(org, mode, block, n) for mode in MODES]
+    return rates + [t2i_clean(org, n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the sample grid
+
+
+def sample_grid(rows: list[tuple[np.ndarray | None, np.ndarray, np.ndarray]], scale: int = 3, gap: int = 2
+                ) -> Image.Image:
+    """A PNG-ready grid: one row per task, (reference or blank, sample, ground truth), upscaled."""
+    side = rows[0][1].shape[0] * scale
+    width, height = 3 * side + 4 * gap, len(rows) * (side + gap) + gap
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    for r, tiles in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            if tile is None:
+                continue
+            img = Image.fromarray(tile).resize((side, side), Image.Resampling.NEAREST)
+            canvas.paste(img, (gap + c * (side + gap), gap + r * (side + gap)))
+    return canvas
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("organism", help="organism folder (the run folder's organism/)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n", type=int, default=64, help="held-out examples per measurement")
+    parser.add_argument("--block", type=int, default=None, help="patching / lens block (default: last double)")
+    args = parser.parse_args(argv)
+    org = _load(args.organism)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rates, images = quality(org, args.n)
+    rates += routing(org, args.n, args.block)
+    write_pass_rates_csv(out / "pass_rates.csv", rates)
+    (out / "pass_rates.json").write_text(json.dumps([dataclasses.asdict(r) | {"rate": r.rate} for r in rates],
+                                                    indent=1))
+    rows = []
+    for kind in ("swatch", "t2i", "recolour"):
+        examples, out_images = images[kind]
+        rows += [(e.reference, img, e.target) for e, img in zip(examples[:4], out_images[:4])]
+    sample_grid(rows).save(out / "samples.png")
+    for r in rates:
+        print(f"{org[0].name:12s} {r.setting:32s} {r.passed:3d}/{r.n:3d} = {r.rate:.0%}   ({r.criterion})")
+
+
+if __name__ == "__main__":
+    main()

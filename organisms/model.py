@@ -1,0 +1,210 @@
+"""The model organisms: small FLUX.2 transformers (fluxjax's own `Flux2Config`, `forward`, `sample`
+and interventions) with a jointly trained text encoder and the patchify codec.
+
+An organism is (transformer config, text encoder config, routing cuts):
+
+    direct       no cut: trained plainly; it may read the reference from anywhere.
+    text-routed  `ref->image` and `ref->text[content]` cut in every block. The reference reaches the
+                 noisy image only through the text padding positions, the route the study reports
+                 for FLUX.2.
+
+The routing cuts are part of the model, not an experiment: the text-routed organism was trained
+with them, so it is only defined with them. Every call that runs an organism (training's
+`velocity`, `generate`) goes through `organism_interventions`, which puts the cuts in front of
+whatever interventions an experiment adds (`&`: an edge is open only if both leave it open).
+Experiments therefore measure the organism as trained; an extra knockout such as
+`ref->text[padding]` is cut on top of the cuts. Text-to-image runs have no reference tokens, so
+the cuts have nothing to cut there and no knockout is passed (bit-identical to the plain forward).
+
+Token layouts: text-to-image [text 32 | image 64]; edit [text 32 | image 64 | reference 64].
+Sampling integrates the rectified flow with SAMPLER_STEPS Euler steps on a linear schedule
+(`sigmas`), not FLUX.2's shifted schedule: the shift's empirical fit is for thousands of image
+tokens and would leave the last step of a 64-token image jumping from sigma 0.5 to 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+import fluxjax
+from fluxjax import Flux2Config, Interventions, Knockout, SamplerOptions, TokenLayout
+from fluxjax.interventions import check_knockout
+from fluxjax.params import Flux2Params
+from organisms import codec
+from organisms.data import SIZE
+from organisms.text import TEXT_LENGTH, TextEncoderConfig, TextEncoderParams, encode, encoder_shapes, tokenize
+
+ENCODER = TextEncoderConfig()
+TRANSFORMER = dataclasses.replace(
+    fluxjax.FLUX2_KLEIN_9B, in_channels=codec.CHANNELS, context_in_dim=ENCODER.output_dim, hidden_size=128,
+    num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 8, 8, 8), use_guidance_embed=False)
+
+GRID = codec.grid(SIZE, SIZE)  # (8, 8) tokens
+T2I_LAYOUT = TokenLayout(n_txt=TEXT_LENGTH, img_grid=GRID)
+EDIT_LAYOUT = TokenLayout(n_txt=TEXT_LENGTH, img_grid=GRID, ref_grids=(GRID,))
+
+SAMPLER_STEPS = 8
+SAMPLER = SamplerOptions(num_steps=SAMPLER_STEPS, guidance="none")
+
+
+def sigmas(num_steps: int = SAMPLER_STEPS) -> np.ndarray:
+    """float32 [num_steps + 1]: the linear rectified-flow schedule from 1 to 0."""
+    return np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Organism:
+    name: str
+    transformer: Flux2Config = TRANSFORMER
+    encoder: TextEncoderConfig = ENCODER
+    cuts: tuple[str, ...] = ()  # attention edges cut in every block, at training and at sampling
+
+    def __post_init__(self):
+        if self.transformer.context_in_dim != self.encoder.output_dim:
+            raise ValueError(f"the transformer reads {self.transformer.context_in_dim} text channels, the encoder "
+                             f"writes {self.encoder.output_dim}")
+        if self.transformer.in_channels != codec.CHANNELS:
+            raise ValueError(f"the codec writes {codec.CHANNELS} channels per token, the transformer reads "
+                             f"{self.transformer.in_channels}")
+
+
+DIRECT = Organism("direct")
+TEXT_ROUTED = Organism("text-routed", cuts=("ref->image", "ref->text[content]"))
+ORGANISMS = {o.name: o for o in (DIRECT, TEXT_ROUTED)}
+
+
+@struct.dataclass
+class OrganismParams:
+    transformer: Flux2Params
+    encoder: TextEncoderParams
+
+
+INIT_STREAM = 3  # first SeedSequence entry of the initial parameters (organisms.data uses 0..2)
+_ZERO_AT_INIT = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation",
+                 "final_layer")
+
+
+def init_organism(organism: Organism, seed: int, *, adaln_zero: bool = True) -> OrganismParams:
+    """Initial parameters, drawn on the host with numpy (nothing to compile; the same numbers on any
+    JAX version): matrices N(0, 1/fan_in), embeddings N(0, 1), QK-norm weights 1.
+
+    adaln_zero: the DiT convention for training: every modulation and the final layer start at
+    zero, so each block starts as the identity and the first prediction is 0. False draws them
+    like every other matrix (a random model in which every path carries signal, for tests).
+    """
+    rng = np.random.default_rng([INIT_STREAM, seed])
+
+    def draw(path, sds):
+        names = [getattr(k, "name", None) for k in path]
+        if names[-1] in ("query_norm", "key_norm"):
+            return jnp.ones(sds.shape, sds.dtype)
+        if adaln_zero and names[0] in _ZERO_AT_INIT:
+            return jnp.zeros(sds.shape, sds.dtype)
+        scale = 1.0 if names[0] in ("embed", "position") else 1.0 / np.sqrt(sds.shape[-2])
+        return jnp.asarray((scale * rng.standard_normal(sds.shape)).astype(np.float32))
+
+    return OrganismParams(
+        transformer=jax.tree_util.tree_map_with_path(draw, fluxjax.param_shapes(organism.transformer)),
+        encoder=jax.tree_util.tree_map_with_path(draw, encoder_shapes(organism.encoder)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the routing cuts
+
+
+def routing_knockout(organism: Organism, layout: TokenLayout, content_mask) -> Knockout | None:
+    """The organism's own cuts for this layout (built with `fluxjax.knockout`), or None when it has
+    none or the layout has no reference (nothing to cut)."""
+    if not organism.cuts or layout.num_refs == 0:
+        return None
+    return fluxjax.knockout(organism.transformer, layout, content_mask, organism.cuts, blocks="all")
+
+
+def organism_interventions(organism: Organism, layout: TokenLayout, content_mask,
+                           interventions: Interventions | None = None) -> Interventions | None:
+    """`interventions` with the organism's routing cuts added (see the module docstring).
+
+    An extra knockout may carry a sampler step axis ([S, blocks, G, G]); it must be built from the
+    same layout and content mask.
+    """
+    own = routing_knockout(organism, layout, content_mask)
+    if own is None:
+        return interventions
+    iv = interventions if interventions is not None else Interventions()
+    extra = iv.knockout
+    if extra is None:
+        return dataclasses.replace(iv, knockout=own)
+    if np.shape(extra.groups)[-1] != np.shape(own.groups)[-1]:
+        raise ValueError(f"the knockout covers {np.shape(extra.groups)[-1]} tokens, this layout {layout.total}")
+    if not isinstance(extra.groups, jax.core.Tracer):
+        if not np.array_equal(*np.broadcast_arrays(np.asarray(extra.groups), np.asarray(own.groups))):
+            raise ValueError("the knockout was built from another content mask than this run's; build it with "
+                             "this run's content mask")
+    allowed = jnp.logical_and(extra.allowed, own.allowed)
+    if not isinstance(allowed, jax.core.Tracer):
+        check_knockout(np.asarray(allowed).reshape(-1, *allowed.shape[-2:]), own.groups, layout)
+    return dataclasses.replace(iv, knockout=Knockout(allowed=allowed, groups=extra.groups))
+
+
+# ---------------------------------------------------------------------------------------------
+# running an organism
+
+
+def text_features(params: OrganismParams, organism: Organism, tokens) -> jax.Array:
+    """[B, T, C]: what the transformer reads as its text input."""
+    return encode(params.encoder, organism.encoder, tokens)
+
+
+def layout_for(refs) -> TokenLayout:
+    return T2I_LAYOUT if refs is None else EDIT_LAYOUT
+
+
+def velocity(params: OrganismParams, organism: Organism, x, refs, tokens, t, interventions=None, capture=None,
+             attn_impl: str | None = None):
+    """The predicted velocity [B, 64, 48] of the noisy tokens x at time t [B] (training's forward).
+
+    refs: reference tokens [B, 64, 48] or None; interventions: built by `organism_interventions`
+    for this layout (on the host: the knockout needs the concrete content mask).
+    """
+    layout = layout_for(refs)
+    img = x if refs is None else jnp.concatenate([x, refs], axis=1)
+    out = fluxjax.forward(params.transformer, organism.transformer, img, text_features(params, organism, tokens), t,
+                          layout.img_ids(), layout.txt_ids(), interventions=interventions, capture=capture,
+                          attn_impl=attn_impl)
+    if capture is None:
+        return out[:, :layout.n_img]
+    return out[0][:, :layout.n_img], out[1]
+
+
+def generate(params: OrganismParams, organism: Organism, tokens, content_mask, *, refs=None, seed=None, noise=None,
+             interventions: Interventions | None = None, capture=None, txt=None, num_steps: int = SAMPLER_STEPS,
+             attn_impl: str | None = None):
+    """Sample image tokens [B, 64, 48] with `fluxjax.sample`, the organism's cuts applied.
+
+    tokens, content_mask: from `organisms.text.tokenize`. refs: reference tokens [B or 1, 64, 48].
+    seed: int or [B] ints (or `noise` [B, 64, 48]). txt: text features to use instead of encoding
+    `tokens` (e.g. the empty prompt's, for a lens run). Returns what `fluxjax.sample` returns.
+    """
+    layout = layout_for(refs)
+    if txt is None:
+        txt = text_features(params, organism, tokens)
+    iv = organism_interventions(organism, layout, content_mask, interventions)
+    options = dataclasses.replace(SAMPLER, num_steps=num_steps)
+    return fluxjax.sample(params.transformer, organism.transformer, options, txt, layout.txt_ids(), layout.img_ids(),
+                          noise=noise, seed=seed, refs=refs, interventions=iv, capture=capture,
+                          sigmas=sigmas(num_steps), attn_impl=attn_impl)
+
+
+def generate_images(params: OrganismParams, organism: Organism, instructions, references=None, *, seeds,
+                    interventions: Interventions | None = None, num_steps: int = SAMPLER_STEPS) -> np.ndarray:
+    """uint8 images [B, 32, 32, 3] for instructions and (optional) uint8 references [B, 32, 32, 3]."""
+    tokens, content = tokenize(list(instructions))
+    refs = None if references is None else jnp.asarray(codec.images_to_tokens(np.asarray(references)))
+    out = generate(params, organism, tokens, content, refs=refs, seed=np.asarray(seeds), interventions=interventions,
+                   num_steps=num_steps)
+    return codec.tokens_to_images(out, GRID)
