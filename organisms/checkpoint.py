@@ -1,7 +1,7 @@
 """An organism on disk: a folder that holds everything needed to run it.
 
-    <folder>/organism.json   format, name, routing cuts (part of the model), encoder config,
-                             vocabulary, text length, codec patch, sampler steps
+    <folder>/organism.json   format, name, routing cuts (part of the model), transformer and
+                             encoder configs, vocabulary, codec patch, sampler steps
     <folder>/transformer/    a native fluxjax checkpoint (`fluxjax.save_transformer`)
     <folder>/text_encoder/   the encoder's params (Orbax pytree)
 
@@ -25,7 +25,7 @@ from orbax.checkpoint import v1 as ocp
 import fluxjax
 from fluxjax.checkpoint import config_to_json
 from organisms import codec
-from organisms.model import SAMPLER_STEPS, Organism, OrganismParams
+from organisms.model import Organism, OrganismParams
 from organisms.text import VOCAB, EncoderLayers, TextEncoderConfig, TextEncoderParams, encoder_shapes
 
 FORMAT = "fluxjax-organism"
@@ -56,7 +56,7 @@ def save_organism(path: str | os.PathLike, organism: Organism, params: OrganismP
                 "cuts": list(organism.cuts), "cut_blocks": "all",
                 "transformer": config_to_json(organism.transformer),
                 "encoder": dataclasses.asdict(organism.encoder), "vocab": list(VOCAB),
-                "patch": codec.PATCH, "sampler_steps": SAMPLER_STEPS}
+                "patch": codec.PATCH, "sampler_steps": organism.sampler_steps}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         if path.exists():
             shutil.rmtree(path)
@@ -85,7 +85,7 @@ def load_organism(path: str | os.PathLike) -> tuple[Organism, OrganismParams]:
         raise ValueError(f"{meta_file}: cuts in blocks {meta.get('cut_blocks')!r}; only 'all' is defined")
     config, transformer = fluxjax.load_transformer(path / "transformer")
     organism = Organism(name=meta["name"], transformer=config, encoder=TextEncoderConfig(**meta["encoder"]),
-                        cuts=tuple(meta["cuts"]))
+                        cuts=tuple(meta["cuts"]), sampler_steps=int(meta["sampler_steps"]))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                                       _encoder_dict(encoder_shapes(organism.encoder)))

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import fluxjax
 from experiments.metrics import (COLOUR_MATCH_DE00, PassRate, ciede2000, closer_to_source, colour_error,
@@ -148,7 +148,8 @@ def knockout(organism, setting: str, n: int = 64) -> PassRate:
         iv = fluxjax.Interventions(knockout=fluxjax.knockout(org[0].transformer, EDIT_LAYOUT, content, setting))
     out = _images(_run(org, examples, seeds, interventions=iv))
     lost = [colour_error(o, _swatch_lab(e)) > COLOUR_MATCH_DE00 for o, e in zip(out, examples)]
-    return _rate(f"knockout {setting}", "colour lost: CIEDE2000 to the swatch > 15", lost)
+    name = "no knockout (baseline)" if setting == "none" else f"knockout {setting}"
+    return _rate(name, "colour lost: CIEDE2000 to the swatch > 15", lost)
 
 
 def patching_pairs(n: int) -> list[tuple[int, int]]:
@@ -234,18 +235,21 @@ def routing(organism, n: int = 64, block: int | None = None) -> list[PassRate]:
 # the sample grid
 
 
-def sample_grid(rows: list[tuple[np.ndarray | None, np.ndarray, np.ndarray]], scale: int = 3, gap: int = 2
-                ) -> Image.Image:
-    """A PNG-ready grid: one row per task, (reference or blank, sample, ground truth), upscaled."""
-    side = rows[0][1].shape[0] * scale
-    width, height = 3 * side + 4 * gap, len(rows) * (side + gap) + gap
+def sample_grid(rows: list[tuple[str, np.ndarray | None, np.ndarray, np.ndarray]], scale: int = 3, gap: int = 2,
+                caption_width: int = 200) -> Image.Image:
+    """A PNG-ready grid: one row per task, (reference or blank, sample, ground truth) upscaled, then
+    the instruction."""
+    side = rows[0][2].shape[0] * scale
+    width, height = 3 * side + 4 * gap + caption_width, len(rows) * (side + gap) + gap
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    for r, tiles in enumerate(rows):
+    draw = ImageDraw.Draw(canvas)
+    for r, (caption, *tiles) in enumerate(rows):
+        top = gap + r * (side + gap)
         for c, tile in enumerate(tiles):
-            if tile is None:
-                continue
-            img = Image.fromarray(tile).resize((side, side), Image.Resampling.NEAREST)
-            canvas.paste(img, (gap + c * (side + gap), gap + r * (side + gap)))
+            if tile is not None:
+                canvas.paste(Image.fromarray(tile).resize((side, side), Image.Resampling.NEAREST),
+                             (gap + c * (side + gap), top))
+        draw.text((4 * gap + 3 * side, top + side // 2 - 6), caption or '""', fill=(0, 0, 0))
     return canvas
 
 
@@ -255,8 +259,12 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     parser.add_argument("--n", type=int, default=64, help="held-out examples per measurement")
     parser.add_argument("--block", type=int, default=None, help="patching / lens block (default: last double)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the organism's)")
     args = parser.parse_args(argv)
-    org = _load(args.organism)
+    organism, params = _load(args.organism)
+    if args.steps is not None:
+        organism = dataclasses.replace(organism, sampler_steps=args.steps)
+    org = (organism, params)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rates, images = quality(org, args.n)
@@ -267,8 +275,8 @@ def main(argv=None):
     rows = []
     for kind in ("swatch", "t2i", "recolour"):
         examples, out_images = images[kind]
-        rows += [(e.reference, img, e.target) for e, img in zip(examples[:4], out_images[:4])]
-    sample_grid(rows).save(out / "samples.png")
+        rows += [(e.instruction, e.reference, img, e.target) for e, img in zip(examples[:4], out_images[:4])]
+    sample_grid(rows).save(out / "samples.png")  # columns: reference, sample, ground truth
     for r in rates:
         print(f"{org[0].name:12s} {r.setting:32s} {r.passed:3d}/{r.n:3d} = {r.rate:.0%}   ({r.criterion})")
 

@@ -17,7 +17,8 @@ Experiments therefore measure the organism as trained; an extra knockout such as
 the cuts have nothing to cut there and no knockout is passed (bit-identical to the plain forward).
 
 Token layouts: text-to-image [text 32 | image 64]; edit [text 32 | image 64 | reference 64].
-Sampling integrates the rectified flow with SAMPLER_STEPS Euler steps on a linear schedule
+Sampling integrates the rectified flow with `Organism.sampler_steps` Euler steps (SAMPLER_STEPS
+unless replaced; sampling only, so changing it needs no retraining) on a linear schedule
 (`sigmas`), not FLUX.2's shifted schedule: the shift's empirical fit is for thousands of image
 tokens and would leave the last step of a 64-token image jumping from sigma 0.5 to 0.
 """
@@ -63,6 +64,7 @@ class Organism:
     transformer: Flux2Config = TRANSFORMER
     encoder: TextEncoderConfig = ENCODER
     cuts: tuple[str, ...] = ()  # attention edges cut in every block, at training and at sampling
+    sampler_steps: int = SAMPLER_STEPS  # a sampling choice: change it with dataclasses.replace, no retraining
 
     def __post_init__(self):
         if self.transformer.context_in_dim != self.encoder.output_dim:
@@ -182,18 +184,20 @@ def velocity(params: OrganismParams, organism: Organism, x, refs, tokens, t, int
 
 
 def generate(params: OrganismParams, organism: Organism, tokens, content_mask, *, refs=None, seed=None, noise=None,
-             interventions: Interventions | None = None, capture=None, txt=None, num_steps: int = SAMPLER_STEPS,
+             interventions: Interventions | None = None, capture=None, txt=None, num_steps: int | None = None,
              attn_impl: str | None = None):
     """Sample image tokens [B, 64, 48] with `fluxjax.sample`, the organism's cuts applied.
 
     tokens, content_mask: from `organisms.text.tokenize`. refs: reference tokens [B or 1, 64, 48].
     seed: int or [B] ints (or `noise` [B, 64, 48]). txt: text features to use instead of encoding
-    `tokens` (e.g. the empty prompt's, for a lens run). Returns what `fluxjax.sample` returns.
+    `tokens` (e.g. the empty prompt's, for a lens run). num_steps: None for the organism's
+    `sampler_steps`. Returns what `fluxjax.sample` returns.
     """
     layout = layout_for(refs)
     if txt is None:
         txt = text_features(params, organism, tokens)
     iv = organism_interventions(organism, layout, content_mask, interventions)
+    num_steps = organism.sampler_steps if num_steps is None else num_steps
     options = dataclasses.replace(SAMPLER, num_steps=num_steps)
     return fluxjax.sample(params.transformer, organism.transformer, options, txt, layout.txt_ids(), layout.img_ids(),
                           noise=noise, seed=seed, refs=refs, interventions=iv, capture=capture,
@@ -201,7 +205,7 @@ def generate(params: OrganismParams, organism: Organism, tokens, content_mask, *
 
 
 def generate_images(params: OrganismParams, organism: Organism, instructions, references=None, *, seeds,
-                    interventions: Interventions | None = None, num_steps: int = SAMPLER_STEPS) -> np.ndarray:
+                    interventions: Interventions | None = None, num_steps: int | None = None) -> np.ndarray:
     """uint8 images [B, 32, 32, 3] for instructions and (optional) uint8 references [B, 32, 32, 3]."""
     tokens, content = tokenize(list(instructions))
     refs = None if references is None else jnp.asarray(codec.images_to_tokens(np.asarray(references)))

@@ -223,7 +223,7 @@ def _restore(manager, s: TrainSettings) -> tuple[TrainState, dict]:
 
 
 def write_curve(out: Path, losses: list[dict]) -> None:
-    """loss.csv and loss.png (loss per step, log scale, with a 50-step moving average)."""
+    """loss.csv and loss.png (loss per step, log scale, with a moving average over up to 50 steps)."""
     lines = [",".join(LOSS_COLUMNS)] + [",".join(repr(r[c]) for c in LOSS_COLUMNS) for r in losses]
     (out / "loss.csv").write_text("\n".join(lines) + "\n")
     if not losses:
@@ -238,7 +238,7 @@ def write_curve(out: Path, losses: list[dict]) -> None:
     for key, colour in (("loss", "C0"), ("loss_t2i", "C1"), ("loss_edit", "C2")):
         y = np.array([r[key] for r in losses])
         ax.plot(steps, y, color=colour, alpha=0.25, lw=0.8)
-        k = min(50, len(y))
+        k = max(1, min(50, len(y) // 10))
         ax.plot(steps[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), color=colour, label=key)
     ax.set_yscale("log")
     ax.set_xlabel("step")

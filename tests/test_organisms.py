@@ -215,3 +215,14 @@ def test_run_folder_and_export(straight_run):
     fresh = init_organism(TINY_ROUTED, 0)
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(fresh)
     assert not _same(params, fresh)  # the EMA moved away from the initial parameters
+
+
+def test_patching_pairs_share_the_instruction_and_differ_in_colour():
+    from organisms.evaluate import MIN_PAIR_DE00, _de, patching_pairs, swatch_tasks
+
+    pairs = patching_pairs(16)
+    examples, _ = swatch_tasks(64)
+    assert len(pairs) == 16 and len({t for _, t in pairs}) == 16
+    for s, t in pairs:
+        assert s != t and examples[s].instruction == examples[t].instruction
+        assert _de(examples[s].colour, examples[t].colour) >= MIN_PAIR_DE00
