@@ -125,32 +125,37 @@ def apply_rope(x, cos, sin):
 ATTENTION_QUERY_BLOCK = 256  # queries per block: a [B, 256, L] float32 logits tile stays in cache
 
 
-def _dense_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(K)) v with float32 logits, normalised after the value contraction.
+def _unnormalised_softmax(logits, mask):
+    """exp(logits - row max) and the row sums, float32, masked entries at zero.
 
-    As torch's fused CPU kernel (SDPA's flash path) does: p = exp(logits - max) goes through the
-    p v contraction unnormalised, and the [Q, K] result is divided by sum(p) once, instead of the
-    [Q, L] probabilities. Equal to softmax-then-contract up to float rounding; one pass over the
-    logits fewer.
+    Attention divides by the sums after the value contraction, as torch's fused CPU kernel (SDPA's
+    flash path) does: the [Q, K] result is divided once instead of the [Q, L] probabilities.
+    Equal to softmax-then-contract up to float rounding, with one pass over the logits fewer.
     """
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhk,blhk->bhql", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
-        logits = jnp.where(mask[:, None, :, :], logits, -jnp.inf)
+        logits = jnp.where(mask, logits, -jnp.inf)
     p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    denom = jnp.sum(p, axis=-1)  # [B, H, Q]
+    return p, jnp.sum(p, axis=-1)
+
+
+def _dense_attention(q, k, v, mask):
+    """All heads and queries at once: the [B, H, Lq, Lk] float32 logits exist in full."""
+    logits = jnp.einsum("bqhk,blhk->bhql", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    p, denom = _unnormalised_softmax(logits, None if mask is None else mask[:, None])  # [B, H, Q, L], [B, H, Q]
     o = jnp.einsum("bhql,blhk->bqhk", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (o / jnp.swapaxes(denom, 1, 2)[..., None]).astype(v.dtype)
 
 
 def _blocked_attention(q, k, v, mask, block: int = ATTENTION_QUERY_BLOCK):
-    """`_dense_attention` one (head, block of queries) at a time, under `lax.map`.
+    """The same computation one head at a time and, within a head, one block of queries at a time
+    (nested `lax.map`), so the [B, H, Lq, Lk] logits never exist at once.
 
-    Every query row goes through the dense computation (same float32 logits, same softmax), so the
-    result differs from the dense form only by float rounding (dot kernels of different shapes sum
-    in different orders), and the [B, H, Lq, Lk] logits never exist at once. On CPU this makes
-    attention run at matmul speed: the dense form streams the whole logits tensor through memory
-    several times and runs both contractions as slow batched dots. The batch axis stays a batch
+    Every query row sees the same float32 logits, softmax and normalisation as in
+    `_dense_attention`; results differ only by float rounding (dot kernels of different shapes sum
+    in different orders). On CPU this makes attention run at matmul speed: the dense form streams
+    the whole logits tensor through memory several times and runs both contractions as slow batched
+    dots. K is transposed once, outside the loops, so every dot in the loop is a plain
+    [Q, K] x [K, L] and [Q, L] x [L, K] product on contiguous slices. The batch axis stays a batch
     axis of the dots, so a batch sharded over a device mesh stays sharded.
     """
     q, k, v = (jnp.asarray(a) for a in (q, k, v))
@@ -159,20 +164,28 @@ def _blocked_attention(q, k, v, mask, block: int = ATTENTION_QUERY_BLOCK):
     block = -(-Lq // n)
     pad = n * block - Lq
     q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    qb = q.reshape(B, n, block, H, K).transpose(3, 1, 0, 2, 4).reshape(H * n, B, block, 1, K)  # [(H n), B, Q, 1, K]
-    kh, vh = (a.transpose(2, 0, 1, 3)[..., None, :] for a in (k, v))  # [H, B, L, 1, K]
-    heads, blocks = np.repeat(np.arange(H), n), np.tile(np.arange(n), H)
+    qb = q.reshape(B, n, block, H, K).transpose(3, 1, 0, 2, 4)  # [H, n, B, Q, K]
+    kt = k.transpose(2, 0, 3, 1)  # [H, B, K, L]
+    vh = v.transpose(2, 0, 1, 3)  # [H, B, L, K]
     if mask is not None:
         mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)), constant_values=True)  # padded queries see all keys
         mask = mask.reshape(B, n, block, -1).swapaxes(0, 1)  # [n, B, Q, L]
+    scale = K ** -0.5
 
-    def one(xs):
-        qq, h, i = xs
-        return _dense_attention(qq, kh[h], vh[h], None if mask is None else mask[i])
+    def head(xs):
+        q_h, kt_h, v_h = xs  # [n, B, Q, K], [B, K, L], [B, L, K]
 
-    o = jax.lax.map(one, (qb, heads, blocks))  # [(H n), B, Q, 1, K]
-    o = o.reshape(H, n, B, block, K).transpose(2, 1, 3, 0, 4).reshape(B, n * block, H, K)
-    return o[:, :Lq]
+        def query_block(ys):
+            q_i, mask_i = ys  # [B, Q, K], [B, Q, L] or None
+            logits = jnp.einsum("bqk,bkl->bql", q_i, kt_h, preferred_element_type=jnp.float32) * scale
+            p, denom = _unnormalised_softmax(logits, mask_i)
+            o = jnp.einsum("bql,blk->bqk", p.astype(v_h.dtype), v_h, preferred_element_type=jnp.float32)
+            return (o / denom[..., None]).astype(v_h.dtype)
+
+        return jax.lax.map(query_block, (q_h, mask))  # [n, B, Q, K]
+
+    o = jax.lax.map(head, (qb, kt, vh))  # [H, n, B, Q, K]
+    return o.transpose(2, 1, 3, 0, 4).reshape(B, n * block, H, K)[:, :Lq]
 
 
 def attention(q, k, v, mask=None, implementation: str | None = None):
