@@ -22,8 +22,8 @@ Measured:
   memory    peak resident set size above the level before one steady-state call, sampled every
             0.5 ms on a thread, with glibc set to return every freed block >= 64 KiB to the system
             (mallopt), so it follows live buffers: the call's working memory beyond the weights and
-            inputs. For fluxjax also XLA's own buffer assignment (`memory_analysis()`: temporaries
-            + outputs).
+            inputs. Measured after all timing (the setting adds page faults to every call). For
+            fluxjax also XLA's own buffer assignment (`memory_analysis()`: temporaries + outputs).
 Writes <out>.json and <out>.md and prints the table.
 """
 
@@ -131,7 +131,7 @@ def torch_compiled_call(model, args, budget_s: int):
     return compiled, {"status": status, "first_call_s": first}
 
 
-def run_case(case: Case, reps: int, compile_budget_s: int, ref) -> dict:
+def run_case(case: Case, reps: int, compile_budget_s: int, ref) -> tuple[dict, dict]:
     import torch
 
     config, layout = case.config, case.layout
@@ -187,14 +187,18 @@ def run_case(case: Case, reps: int, compile_budget_s: int, ref) -> dict:
     record["ratio_vs_eager_median"] = {k: statistics.median(v) / base for k, v in times.items()}
     print("  steady (median s): " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in times.items()), flush=True)
 
+    return record, fns
+
+
+def peak_memory(fns) -> dict[str, int]:
+    """Peak RSS increase of one call of each side (run after all timing: see `main`)."""
     memory = {}
     for name, fn in fns.items():
+        fn()  # a warm call in the new allocator setting first
         with common.PeakRSS() as peak:
             fn()
         memory[name] = peak.bytes
-    record["peak_rss_increase_bytes"] = memory
-    del model, compiled
-    return record
+    return memory
 
 
 def klein_compile(dtype=jnp.bfloat16) -> dict:
@@ -268,7 +272,7 @@ def report(record: dict) -> str:
              for p in ("plain", "interventions")]))
     lines.append("")
     lines.append("Memory: peak resident set size above the level before one steady-state call (0.5 ms sampling, "
-                 "glibc returning freed blocks >= 64 KiB to the system).")
+                 "glibc returning freed blocks >= 64 KiB to the system; measured after the timing).")
     return "\n".join(lines)
 
 
@@ -287,17 +291,23 @@ def main(argv=None):
     import diffusers  # noqa: F401  (recorded in the environment)
     import torch
 
-    common.release_freed_memory()
     ref = common.reference_helpers()
     t0 = time.perf_counter()
     record = {"quick": args.quick, "reps": reps, "environment": common.environment(), "cases": {}}
+    calls = {}
     for case in cases(args.quick):
         budget = 0 if args.quick or (case.name == "deep" and not args.torch_compile_deep) else args.torch_compile_budget
-        record["cases"][case.name] = run_case(case, reps, budget, ref)
+        record["cases"][case.name], calls[case.name] = run_case(case, reps, budget, ref)
         if budget == 0:
             record["cases"][case.name]["diffusers_torch_compile"]["status"] = (
                 "skipped (--quick)" if args.quick else "skipped (32 unrolled blocks; --torch-compile-deep)")
     record["klein_compile"] = None if args.quick else klein_compile()
+    # Memory last: the allocator setting it needs (every freed block back to the system) would
+    # add page faults to the timed calls.
+    record["memory_method"] = "peak RSS increase" if common.release_freed_memory() else "peak RSS increase (malloc default)"
+    for name, fns in calls.items():
+        record["cases"][name]["peak_rss_increase_bytes"] = peak_memory(fns)
+    del calls
     record["total_s"] = time.perf_counter() - t0
     record["max_rss_bytes"] = common.max_rss_bytes()
     del torch
