@@ -144,45 +144,49 @@ def worker(out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
+def runs(tmp_path_factory):
+    """(facts, sharded outputs, single-device outputs). The single-device runs happen here while the
+    8-device worker runs: XLA compiles mostly on one core, so the two overlap."""
     out_dir = str(tmp_path_factory.mktemp("sharded"))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), out_dir], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), out_dir], env=env, cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert jax.device_count() == 1, "this process must keep one device; the sharded runs live in a subprocess"
+        params, x = case()
+        single = {"forward": outputs(run_forward(params, x["img"], x["txt"], x["t"], x["guidance"], x["iv"],
+                                                 capture=CAPTURE)),
+                  "sampler": outputs(run_sampler(params, x))}
+        _, stderr = proc.communicate(timeout=WORKER_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     if proc.returncode:
-        pytest.fail(f"the 8-device worker failed:\n{proc.stderr[-4000:]}")
+        pytest.fail(f"the 8-device worker failed:\n{stderr[-4000:]}")
     with open(os.path.join(out_dir, "facts.json")) as f:
         facts = json.load(f)
-
-    def load(kind, mesh):
-        with np.load(os.path.join(out_dir, f"{kind}_{mesh[0]}x{mesh[1]}.npz")) as z:
-            return dict(z)
-
-    return facts, load
-
-
-@pytest.fixture(scope="module")
-def single_device():
-    assert jax.device_count() == 1, "this process must keep one device; the sharded runs live in a subprocess"
-    params, x = case()
-    fwd = outputs(run_forward(params, x["img"], x["txt"], x["t"], x["guidance"], x["iv"], capture=CAPTURE))
-    return {"forward": fwd, "sampler": outputs(run_sampler(params, x))}
+    sharded = {}
+    for kind in ("forward", "sampler"):
+        for data, fsdp in MESHES:
+            with np.load(os.path.join(out_dir, f"{kind}_{data}x{fsdp}.npz")) as z:
+                sharded[kind, (data, fsdp)] = dict(z)
+    return facts, sharded, single
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=[f"{d}x{f}" for d, f in MESHES])
 @pytest.mark.parametrize("kind", ["forward", "sampler"])
-def test_sharded_equals_single_device(sharded, single_device, kind, mesh):
-    _, load = sharded
-    got, want = load(kind, mesh), single_device[kind]
+def test_sharded_equals_single_device(runs, kind, mesh):
+    _, sharded, single = runs
+    got, want = sharded[kind, mesh], single[kind]
     for name in ("out", "text", "image"):  # the output, then the text and image captures
         assert got[name].shape == want[name].shape, name
         assert rel_err(got[name], want[name]) <= SHARDED_TOL, (name, rel_err(got[name], want[name]))
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=[f"{d}x{f}" for d, f in MESHES])
-def test_params_are_split_over_fsdp_and_replicated_over_data(sharded, mesh):
-    facts, _ = sharded
+def test_params_are_split_over_fsdp_and_replicated_over_data(runs, mesh):
+    facts = runs[0]
     data, fsdp = mesh
     got = facts[f"{data}x{fsdp}"]
     assert facts["device_count"] == 8 and got["out_devices"] == 8
@@ -199,8 +203,8 @@ def test_params_are_split_over_fsdp_and_replicated_over_data(sharded, mesh):
     assert got["params"]["bytes_per_device"] == (total - small) // fsdp + small
 
 
-def test_checkpoint_loads_into_shards(sharded):
-    facts, _ = sharded
+def test_checkpoint_loads_into_shards(runs):
+    facts = runs[0]
     loaded = facts["loaded"]
     assert loaded["equal"] and loaded["specs_match"]
     qkv = loaded["params"]["qkv"]
@@ -233,8 +237,8 @@ def test_dev_plan_gives_each_of_8_devices_an_eighth():
     assert per_device <= (total - replicated) / 8 + replicated
 
 
-def test_dev_plan_as_xla_reads_it_and_as_documented(sharded):
-    facts, _ = sharded
+def test_dev_plan_as_xla_reads_it_and_as_documented(runs):
+    facts = runs[0]
     total, replicated, per_device = dev_plan_bytes(8)
     assert facts["dev_bf16_bytes_per_device"] == per_device
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "sharding.md")).read()
