@@ -18,10 +18,11 @@ by at least MIN_CONTRAST CIEDE2000.
 
 Seeds. Every example comes from its own numpy Generator, seeded with a SeedSequence entropy list
 whose first entry names the split: training examples are `(TRAIN, run seed, step, index, kind)`,
-held-out examples `(HELD_OUT, kind, index)` (kind: its index in KINDS). The two splits draw from different seed sequences, so
-no held-out example is a training example. The training noise (eps and t of the flow-matching
-loss) is the stream `(TRAIN_NOISE, run seed, step)`. So a training batch is a pure function of
-(run seed, step): the step number is the whole state of the data stream.
+held-out examples `(HELD_OUT, kind, index)` (kind: its index in KINDS). The two splits draw from
+different seed sequences, so no held-out example is a training example. The training noise (eps
+and t of the flow-matching loss) is the stream `(TRAIN_NOISE, run seed, step)`. So a training
+batch is a pure function of (run seed, step): the step number is the whole state of the data
+stream.
 """
 
 from __future__ import annotations

@@ -4,12 +4,13 @@
     python -m organisms.train --organism text-routed --out runs/text-routed --minutes 60 --seed 0
 
 Objective: rectified flow on the noisy-image tokens only. For a clean target x0 (codec tokens),
-noise eps ~ N(0, 1) and t ~ logit-normal (t = sigmoid(u), u ~ N(0, 1); SD3's choice, which puts
-most training time in the middle of the path, where a uniform t would spend much on the easy ends), x_t = (1 - t) x0 + t eps and the loss is the mean
-squared error between the predicted velocity and eps - x0. The reference tokens are context, as in
-FLUX.2: they enter clean and no loss is taken on them. Every step holds `round(batch * t2i_share)`
-text-to-image examples (one forward, no reference) and the rest edits (one forward with the
-reference; swatch with probability p_swatch, else recolour); the loss is the per-sample mean.
+noise eps ~ N(0, 1) and t ~ logit-normal (t = sigmoid(u), u ~ N(0, 1): SD3's choice, which puts
+most training time in the middle of the path, where a uniform t would spend much on the easy
+ends), x_t = (1 - t) x0 + t eps, and the loss is the mean squared error between the predicted
+velocity and eps - x0. The reference tokens are context, as in FLUX.2: they enter clean and no
+loss is taken on them. Every step holds `round(batch * t2i_share)` text-to-image examples (one
+forward, no reference) and the rest edits (one forward with the reference; swatch with
+probability p_swatch, else recolour); the loss is the per-sample mean.
 
 Optimiser: AdamW (b1 0.9, b2 0.99, weight decay on every parameter) after global-norm clipping;
 linear warmup to peak_lr, then cosine decay to end_lr_ratio * peak_lr at `steps`. An exponential
@@ -213,7 +214,8 @@ def _restore(manager, s: TrainSettings) -> tuple[TrainState, dict]:
     step = manager.latest_step()
     if step is None:
         return init_state(s), {"losses": [], "train_seconds": 0.0}
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, jax.eval_shape(functools.partial(init_state, s=s)))
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                      jax.eval_shape(functools.partial(init_state, s=s)))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                              meta=ocp.args.JsonRestore()))
     meta = restored.meta
