@@ -1,0 +1,203 @@
+"""I2I -> I2I patching: move one edit's text stream into another edit and see what follows it.
+
+The study's experiment 5. Two edits share the instruction but have different references (source,
+target). The source edit runs with the text stream captured at block k at every step; the target
+edit runs with its text stream at block k replaced, at every step s, by the source's step-s
+activations: at all text positions, only text[padding], or only text[content] (--positions).
+
+Pairs come from a pair file (--pairs: two task ids a line, source then target, tab-separated, as
+the study's), or, for the colour bucket, are generated: same object and seed, the next colour of
+the subset (red -> orange, ..., brown -> red), written to tasks/pairs.tsv in the run folder.
+
+A block sweep (--sweep or --blocks) captures every block in one source run and runs every
+(positions, block) cell as vmapped compiled calls. A pass: the output's dominant colour is closer
+(CIEDE2000) to the source reference's colour than to the target reference's (the property
+transferred). Compared against the target's baseline edit.
+
+    python -m experiments.patching --sweep --colours red,blue --objects ball --seeds 0
+    python -m experiments.patching --model FLUX.2-klein-9B --tasks colour/tasks.jsonl --pairs colour/pairs.tsv --block 17
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from experiments import common, metrics, report, tasks as tasklib
+from experiments.common import POSITIONS, Context
+
+NAME = "patching"
+TITLE = "I2I -> I2I patching"
+CRITERION = "transferred: the output's dominant colour is closer (CIEDE2000) to the source's reference colour than " \
+            "to the target's"
+MEANS = ("d_source", "d_target", "transferred", "mad", "ssim")
+MAX_GRIDS = 24
+PAIRS_FILE = "tasks/pairs.tsv"
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("patching")
+    common.add_block_arguments(g, "default: the last double block, the study's style cell")
+    g.add_argument("--positions", nargs="+", choices=list(POSITIONS), default=list(POSITIONS),
+                   help="which text positions are patched (default: all padding content)")
+    g.add_argument("--pairs", type=Path, default=None,
+                   help="pair file: source<TAB>target task ids a line (default: colour-bucket pairs, same object "
+                        "and seed, the next colour)")
+
+
+def settings(args, config) -> dict:
+    pairs = None
+    if args.pairs is not None:
+        path = Path(args.pairs).resolve()
+        if not path.is_file():
+            raise ValueError(f"--pairs {args.pairs}: no such file")
+        pairs = {"file": str(path), "sha256": common._sha256(path)}
+    out = {"blocks": common.blocks_from_args(args, config.num_blocks, config.depth - 1),
+           "positions": list(dict.fromkeys(args.positions)), "pairs": pairs}
+    validate(out, config)
+    return out
+
+
+def validate(s: Mapping, config) -> None:
+    if not s["blocks"] or any(not 0 <= b < config.num_blocks for b in s["blocks"]):
+        raise ValueError(f"patching blocks {s['blocks']}: this model has blocks 0..{config.num_blocks - 1}")
+    if set(s["positions"]) - set(POSITIONS) or not s["positions"]:
+        raise ValueError(f"patching positions {s['positions']}: choose among {list(POSITIONS)}")
+
+
+def colour_pairs(found: Sequence[tasklib.Task]) -> list[tuple[tasklib.Task, tasklib.Task]]:
+    """Colour-bucket pairs: within each (object, seed), each colour's task -> the next colour's (cyclic)."""
+    groups: dict[tuple[str, int], list[tasklib.Task]] = {}
+    for t in found:
+        parsed = tasklib.parse_colour_task_id(t.task_id)
+        if parsed is not None:
+            groups.setdefault((parsed[1], parsed[2]), []).append(t)
+    pairs = []
+    for group in groups.values():
+        if len(group) >= 2:
+            pairs += [(group[i], group[(i + 1) % len(group)]) for i in range(len(group))]
+    if not pairs:
+        raise ValueError("no colour-bucket pairs among these tasks (a pair needs two colours of one object and seed); "
+                         "give --pairs")
+    return pairs
+
+
+def pair_file_text(pairs: Sequence[tuple[tasklib.Task, tasklib.Task]]) -> str:
+    return "".join(f"{s.task_id}\t{t.task_id}\n" for s, t in pairs)
+
+
+def resolve_pairs(ctx: Context, found: Sequence[tasklib.Task], s: Mapping):
+    if s["pairs"] is not None:
+        if common._sha256(Path(s["pairs"]["file"])) != s["pairs"]["sha256"]:
+            raise ValueError(f"{s['pairs']['file']} changed since this run folder was made; start a new run (--out)")
+        return tasklib.read_pairs(s["pairs"]["file"], found)
+    pairs = colour_pairs(found)
+    ctx.run.write_derived(PAIRS_FILE, pair_file_text(pairs))
+    return pairs
+
+
+def pair_key(source, target) -> str:
+    return f"{source.task_id}__{target.task_id}"
+
+
+def _pair(ctx: Context, source, target, s: Mapping, cell) -> dict:
+    from fluxjax.interventions import Capture, Interventions, substitution
+
+    if (source.width, source.height) != (target.width, target.height):
+        raise ValueError(f"pair {source.task_id} -> {target.task_id}: sizes differ; patched edits share the size")
+    base = ctx.baselines(target)
+    source_base = ctx.baselines(source)
+    src_lab, tgt_lab = ctx.reference_lab(source), ctx.reference_lab(target)
+    blocks = tuple(s["blocks"])
+    src = ctx.edit(source.instruction, source.reference, source.seed, source.height, source.width)
+    _, captures = ctx.sample(src, capture=Capture(text=blocks))  # text [S, n_blocks, 1, T, D]
+    tgt = ctx.edit(target.instruction, target.reference, target.seed, target.height, target.width)
+    cells, labels = [], []
+    for pos in s["positions"]:
+        mask = tgt.layout.text_mask(POSITIONS[pos], tgt.content_mask)
+        for j, k in enumerate(blocks):
+            cells.append(Interventions(substitutions=(substitution(k, captures.text[:, j], mask),)))
+            labels.append((pos, k))
+    images = ctx.sweep(tgt, cells)
+
+    def row(image, setting, positions, block):
+        closer, d_s, d_t = metrics.closer_to_source(image, src_lab, tgt_lab)
+        return {"pair": pair_key(source, target), "source": source.task_id, "target": target.task_id,
+                "setting": setting, "positions": positions, "block": block, "d_source": d_s, "d_target": d_t,
+                "transferred": bool(closer), **common.change(image, base["edit"])}
+
+    rows = [row(base["edit"], "target edit (unpatched)", None, None),
+            row(source_base["edit"], "source edit", None, None)]
+    for (pos, k), image in zip(labels, images):
+        cell.write_image(f"{pos}-b{k}.png", image)
+        rows.append(row(image, f"{pos} b{k}", pos, k))
+    return {"rows": rows}
+
+
+def run(ctx: Context, found: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
+    validate(s, ctx.model.config)
+    pairs = resolve_pairs(ctx, found, s)
+    jobs = [(f"{prefix}/{pair_key(a, b)}", functools.partial(_pair, ctx, a, b, s)) for a, b in pairs]
+    records = ctx.cells(TITLE, jobs)
+    rows = [r for rec in records for r in rec["rows"]]
+    rates, means = common.write_tables(ctx.run, prefix, rows, pass_key="transferred", criterion=CRITERION,
+                                       threshold=None, columns=MEANS)
+    cfg = ctx.model.config
+    items: list = [report.Text(
+        f"{len(pairs)} pairs. The target's text stream at block k replaced at every step by the source's, at the "
+        f"{', '.join(s['positions'])} positions. d_source / d_target: CIEDE2000 from the output's dominant colour to "
+        "the source's / target's reference colour. mad / ssim: against the target's baseline edit."),
+        common.rate_table("Transfer rates", rates), common.means_table("Means per setting", means, MEANS)]
+    blocks = list(s["blocks"])
+    if len(blocks) > 1:
+        swept = [r for r in rows if r["block"] is not None]
+        rate = common.series_by_block(swept, blocks, "positions", "block", "transferred")
+        items.append(common.plot(ctx.run, f"{prefix}-transfer-rate", blocks, rate, ylabel="share transferred",
+                                 ylim=(-0.05, 1.05), num_double_blocks=cfg.depth, title=TITLE,
+                                 caption="Share of pairs whose output takes the source's colour, by patched block"))
+        for r in swept:
+            r["margin"] = r["d_target"] - r["d_source"]
+        margin = common.series_by_block(swept, blocks, "positions", "block", "margin")
+        items.append(common.plot(ctx.run, f"{prefix}-margin", blocks, margin,
+                                 ylabel="d_target - d_source (CIEDE2000)", threshold=0.0, num_double_blocks=cfg.depth,
+                                 title=TITLE, caption="How much closer the output is to the source colour than to the "
+                                                      "target colour (> 0: transferred), by patched block"))
+    grid_items = []
+    for i, (a, b) in enumerate(pairs):
+        path = _grid(ctx, a, b, s, rows, prefix)
+        if i < MAX_GRIDS:
+            grid_items.append(report.Figure(path=path, caption=pair_key(a, b)))
+    return [report.Section(TITLE, items), report.Section(f"{TITLE}: per-pair grids", grid_items)]
+
+
+def _grid(ctx: Context, source, target, s: Mapping, rows: Sequence[Mapping], prefix: str):
+    src, tgt = ctx.baselines(source), ctx.baselines(target)
+    key = pair_key(source, target)
+    cell = ctx.run.cell(f"{prefix}/{key}")
+    mine = {r["setting"]: r for r in rows if r["pair"] == key}
+
+    def caption(r):
+        return f"d_src {r['d_source']:.1f} d_tgt {r['d_target']:.1f}"
+
+    grid_rows = [[common.panel("source reference", src["reference"]),
+                  common.panel("target reference", tgt["reference"]),
+                  common.panel("source edit", src["edit"], caption(mine["source edit"])),
+                  common.panel("target edit", tgt["edit"], caption(mine["target edit (unpatched)"])),
+                  common.panel("target t2i baseline", tgt["t2i"])]]
+    labels = [""]
+    for pos in s["positions"]:
+        grid_rows.append([common.panel(f"block {k}", cell.load_image(f"{pos}-b{k}.png"), caption(mine[f"{pos} b{k}"]))
+                          for k in s["blocks"]])
+        labels.append(f"patched: {pos}")
+    return common.write_grid(ctx.run, f"grids/{prefix}/{key}.png", f"{TITLE}: {source.task_id} -> {target.task_id} "
+                             f"({target.instruction!r})", grid_rows, labels)
+
+
+def main(argv=None) -> int:
+    return common.run_command(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""The main job: the study's five experiments on a subset of the colour bucket, one run folder, one report.
+
+    python -m experiments.run_all
+        the embedded model (a deterministic random tiny FLUX.2 [klein], built on first use), the
+        colour bucket's red, green, blue and yellow balls (seed 0) at 64 x 64, every block swept;
+        a few minutes on 2 CPU cores. Report: runs/main/report.html
+    python -m experiments.run_all --model /models/FLUX.2-klein-9B --out runs/klein9b
+        a real FLUX.2 [klein] 9B folder (diffusers layout) on a GPU or TPU machine: 1024 x 1024
+        references and outputs, 4 steps, bf16 as stored; add --blocks 7,17 for the study's cells
+        only, --chunk 2 (or 1) if the sweeps run out of memory, and --colours/--objects/--seeds
+        for more of the bucket.
+
+The experiments, in the study's order (see each module's --help):
+    1. T2I Lens (experiments.lens), all text positions, source block swept
+    2. padding-only and content-only T2I Lens (the same sweep)
+    3. attention knockout (experiments.knockout): the eight single edges and ref->text+ref->image at
+       all blocks, the double blocks only and the single blocks only, and the main four edges cut
+       from block k on, k swept
+    4. dropping the reference after block k (experiments.drop), k swept, the removal form checked
+       against the mask form at the middle k
+    5. I2I -> I2I patching (experiments.patching) between colours of one object, block swept
+
+Every experiment writes its cells under outputs/<experiment>/ of the one run folder; the task
+baselines (edit, text-to-image) are shared. Rerunning the same command resumes: nothing complete
+is recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Mapping, Sequence
+
+from experiments import common, drop, knockout, lens, patching, report
+
+NAME = "run_all"
+TITLE = "The five experiments"
+COLOUR_SUBSET = ("red,green,blue,yellow", "ball", "0")
+STUDY_COLOUR_BLOCK, STUDY_BLOCKS = 17, 32  # the study's colour cell: global block 17 of klein-9B's 32
+
+# The study's colour-bucket numbers (protocol table), next to which the report puts this run's.
+STUDY = {
+    "lens": "100 %", "lens_padding": "-", "lens_content": "-",
+    "ref->text": "86 % lost", "ref->text[padding]": "70 % lost", "ref->text[content]": "5 % lost",
+    "ref->image": "87 % kept", "patch_all": "92 %", "patch_padding": "85 %", "patch_content": "0.4 %",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("experiments")
+    g.add_argument("--blocks", default="all",
+                   help="blocks of the lens and patching sweeps, and the k of the knockout and drop sweeps (with 0 "
+                        "and n added): 'all', 'a:b' or 'a,b,c' (default all)")
+    g.add_argument("--headline-block", type=int, default=None,
+                   help="the block of the summary table's lens and patching rows (default: the study's colour "
+                        "cell, block 17 of 32, at the same relative depth)")
+    g.add_argument("--source-steps", type=int, default=1, help="steps of the T2I Lens's source edit (default 1)")
+
+
+def plan(config, blocks_spec: str, source_steps: int, headline: int | None) -> dict:
+    """Every experiment's settings (the run config's `settings`)."""
+    n, depth = config.num_blocks, config.depth
+    blocks = common.parse_blocks(blocks_spec, n)
+    ks = sorted(set(blocks) | {0, n})
+    if headline is None:
+        headline = min(n - 1, round(STUDY_COLOUR_BLOCK * n / STUDY_BLOCKS))
+    if not 0 <= headline < n:
+        raise ValueError(f"--headline-block {headline}: this model has blocks 0..{n - 1}")
+    headline = min(blocks, key=lambda b: (abs(b - headline), b))
+    positions = list(common.POSITIONS)
+    out = {
+        "headline_block": headline,
+        "lens": {"blocks": blocks, "positions": positions, "source_steps": source_steps},
+        "knockout": {"settings": [*knockout.MAIN_SETTINGS, *knockout.OTHER_SETTINGS, "ref->text+ref->image"],
+                     "layers": ["all", f":{depth}", f"{depth}:"], "sweep": list(knockout.MAIN_SETTINGS),
+                     "sweep_from": ks},
+        "drop": {"blocks": ks, "check_removal": [ks[len(ks) // 2]]},
+        "patching": {"blocks": blocks, "positions": positions, "pairs": None},
+    }
+    if source_steps < 1:
+        raise ValueError("--source-steps must be at least 1")
+    lens.validate(out["lens"], config)
+    knockout.validate(out["knockout"], config)
+    drop.validate(out["drop"], config)
+    patching.validate(out["patching"], config)
+    return out
+
+
+def _rates(run, prefix: str) -> dict[str, Mapping]:
+    path = run.path / f"{prefix}-pass-rates.csv"
+    with open(path, newline="", encoding="utf-8") as f:
+        return {r["setting"]: r for r in csv.DictReader(f)}
+
+
+def summary_table(run, s: Mapping) -> report.Table:
+    """This run's pass rates next to the study's colour-bucket numbers."""
+    b = s["headline_block"]
+    lens_rates, ko, patch = _rates(run, "lens"), _rates(run, "knockout"), _rates(run, "patching")
+
+    def rate(table, setting, mode=""):
+        r = table.get(setting)
+        if r is None:
+            return None
+        value = 1 - float(r["rate"]) if mode == "lost" else float(r["rate"])
+        return f"{value:.0%} {mode} (n = {r['n']})".replace("  ", " ")
+
+    rows = [
+        {"experiment": f"T2I Lens, block {b}: reference colour present", "this run": rate(lens_rates, f"all b{b}"),
+         "study": STUDY["lens"]},
+        {"experiment": f"T2I Lens padding-only, block {b}", "this run": rate(lens_rates, f"padding b{b}"),
+         "study": STUDY["lens_padding"]},
+        {"experiment": f"T2I Lens content-only, block {b}", "this run": rate(lens_rates, f"content b{b}"),
+         "study": STUDY["lens_content"]},
+        *({"experiment": f"Knockout {e} (all blocks)", "this run": rate(ko, f"{e} @ all", "kept" if e == "ref->image" else "lost"),
+           "study": STUDY[e]} for e in knockout.MAIN_SETTINGS),
+        *({"experiment": f"I2I->I2I patching {p}, block {b}: transferred", "this run": rate(patch, f"{p} b{b}"),
+           "study": STUDY[f"patch_{p}"]} for p in common.POSITIONS),
+    ]
+    return report.Table(title="This run against the study (colour bucket)", columns=["experiment", "this run", "study"],
+                        rows=rows, note=f"Colour threshold: CIEDE2000 {common.THRESHOLD:g}. The study scored with a VLM "
+                                        "judge on klein-9B; a random model shows no binding, so its numbers only "
+                                        "exercise the pipeline.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.run_all", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    common.add_arguments(parser, out_default="runs/main", colour_defaults=COLOUR_SUBSET)
+    args = parser.parse_args(argv)
+    try:
+        spec = common.task_spec(args)
+        model, model_record = common.load_model(args)
+        settings = plan(model.config, args.blocks, args.source_steps, args.headline_block)
+    except (ValueError, KeyError) as e:
+        parser.error(str(e))
+    config = {**common.base_config(args, model, model_record), "experiment": NAME, "settings": settings}
+    timer = common.Timer()
+    with common.open_run_folder(args.out, config) as run:
+        ctx = common.open_context(args, model, run)
+        try:
+            found = common.load_tasks(spec, run)
+        except (ValueError, KeyError) as e:
+            parser.error(str(e))
+        sections = lens.run(ctx, found, settings["lens"], "lens")
+        sections += knockout.run(ctx, found, settings["knockout"], "knockout")
+        sections += drop.run(ctx, found, settings["drop"], "drop")
+        sections += patching.run(ctx, found, settings["patching"], "patching")
+        intro = report.Section("Setup", [
+            report.Text(f"{common.describe_model(ctx)}\n\n{len(found)} tasks: "
+                        f"{', '.join(t.task_id for t in found)}. This invocation took {timer.seconds():.0f} s"
+                        f"{' (resumed)' if run.resumed else ''}."),
+            summary_table(run, settings)])
+        path = report.write_run_report(run, f"{TITLE}: {model_record['name']}", [intro, *sections])
+        run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": timer.seconds(),
+                           "resumed": run.resumed})
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

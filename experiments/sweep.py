@@ -1,0 +1,127 @@
+"""Sampler calls of the experiments: an edit prepared once, then run plainly, with captures, or as
+a vmapped sweep over intervention values.
+
+    edit = sweep.prepare(model, text, reference="red.png", seed=task.seed, height=64, width=64)
+    pixels, captures = sweep.run(model, edit, options, capture=Capture(text=(3,)))
+    pixels = sweep.sweep(model, edit, options, [Interventions(knockout=k) for k in tables])  # [V, H, W, 3]
+
+An `Edit` holds everything a sampler call needs except the interventions: the prompt embeddings,
+the encoded reference, the token layout and the initial noise of one sample. `sweep` stacks a
+list of interventions of one structure (only their array values differ: substitution sites and
+values, masks, knockout tables) and runs them as `jax.vmap` over one compiled sampler program,
+`chunk` cells per call (the last chunk padded by repeating its last cell, so every call has the
+same shape and reuses the same program), then decodes the whole chunk with the VAE in one batch.
+
+Axes as in `fluxjax.numerics`; V is the sweep axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fluxjax import images as imagelib
+from fluxjax import pipeline
+from fluxjax import sampler as samplerlib
+from fluxjax.interventions import Capture, Captures, Interventions, stack
+from fluxjax.layout import TokenLayout
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Edit:
+    """One sample's inputs, shared by every cell of a sweep (batch 1)."""
+
+    txt: jax.Array  # [1, T, C] prompt embeddings, model dtype
+    txt_ids: np.ndarray  # int32 [T, 4]
+    content_mask: np.ndarray  # bool [1, T]: the prompt's own tokens
+    refs: jax.Array | None  # [1, N_ref, P] reference tokens, or None (text-to-image)
+    layout: TokenLayout
+    noise: jax.Array  # [1, N_img, P]
+    height: int  # output pixels (multiples of 16)
+    width: int
+    uncond: jax.Array | None = None  # [1, T, C] empty-prompt embeddings, for guidance "cfg" only
+
+
+def prepare(model: pipeline.Flux2Model, text, *, reference=None, seed: int, height: int, width: int,
+            uncond=None) -> Edit:
+    """An edit of `text` (a one-prompt `TextConditioning`) with an optional reference image (path
+    or PIL) and the noise of `seed` (`fluxjax.sampler.initial_noise`, as `pipeline.generate`)."""
+    dtype = model.params.img_in.dtype
+    embeds = jnp.asarray(np.asarray(text.embeds, np.float32), dtype)
+    if embeds.shape[0] != 1:
+        raise ValueError(f"an Edit holds one prompt; got {embeds.shape[0]}")
+    refs, grids = None, ()
+    if reference is not None:
+        refs, grids, _ = pipeline.reference_tokens(model, [reference])
+    grid = imagelib.image_grid(height, width)
+    layout = TokenLayout(n_txt=embeds.shape[1], img_grid=grid, ref_grids=tuple(grids))
+    noise = samplerlib.initial_noise(seed, 1, layout.n_img, model.config.in_channels, dtype)
+    if model.options.guidance == "cfg" and uncond is None:
+        raise ValueError("this model samples with classifier-free guidance: pass `uncond`, the empty prompt's "
+                         "TextConditioning")
+    return Edit(txt=embeds, txt_ids=np.asarray(text.txt_ids), content_mask=np.asarray(text.content_mask, bool),
+                refs=refs, layout=layout, noise=noise, height=grid[0] * imagelib.MULTIPLE_OF,
+                width=grid[1] * imagelib.MULTIPLE_OF,
+                uncond=None if uncond is None else jnp.asarray(np.asarray(uncond.embeds, np.float32), dtype))
+
+
+def with_text(edit: Edit, text) -> Edit:
+    """The same edit (reference, noise, size) with another one-prompt `TextConditioning`."""
+    embeds = jnp.asarray(np.asarray(text.embeds, np.float32), edit.txt.dtype)
+    if embeds.shape != edit.txt.shape:
+        raise ValueError(f"prompt embeddings {embeds.shape} do not fit this edit's {edit.txt.shape}")
+    return dataclasses.replace(edit, txt=embeds, content_mask=np.asarray(text.content_mask, bool))
+
+
+def _decode(model: pipeline.Flux2Model, edit: Edit, latents) -> np.ndarray:
+    """Packed latents [B, N_img, P] -> uint8 pixels [B, H, W, 3] (diffusers' postprocess)."""
+    return np.asarray(pipeline._decode_pixels(model.vae_params, model.vae_config, latents, edit.height, edit.width))
+
+
+def run(model: pipeline.Flux2Model, edit: Edit, options: samplerlib.SamplerOptions,
+        interventions: Interventions | None = None, capture: Capture | None = None,
+        attn_impl: str | None = None) -> tuple[np.ndarray, Captures | None]:
+    """One sampler call: (pixels uint8 [1, H, W, 3], captures with a leading [num_steps] axis or None)."""
+    out = samplerlib.sample(model.params, model.config, options, edit.txt, edit.txt_ids, edit.layout.img_ids(),
+                            noise=edit.noise, refs=edit.refs, uncond_txt=edit.uncond, interventions=interventions,
+                            capture=capture, attn_impl=attn_impl)
+    latents, captures = out if capture is not None else (out, None)
+    return _decode(model, edit, latents), captures
+
+
+@functools.partial(jax.jit, static_argnames=("config", "options", "attn_impl"))
+def _sample_many(params, txt, txt_ids, img_ids, noise, refs, uncond, interventions, *, config, options, attn_impl):
+    """The sampler vmapped over the leading V axis of every intervention array: [V, 1, N_img, P]."""
+    def one(iv):
+        return samplerlib.sample(params, config, options, txt, txt_ids, img_ids, noise=noise, refs=refs,
+                                 uncond_txt=uncond, interventions=iv, attn_impl=attn_impl)
+
+    return jax.vmap(one)(interventions)
+
+
+def sweep(model: pipeline.Flux2Model, edit: Edit, options: samplerlib.SamplerOptions,
+          cells: Sequence[Interventions], *, chunk: int | None = None, attn_impl: str | None = None) -> np.ndarray:
+    """Every cell's image, as vmapped calls of one compiled sampler: uint8 [V, H, W, 3].
+
+    cells: interventions of one pytree structure (a sweep varies values only). chunk: cells per
+    call (None: all at once); bounds memory on large models.
+    """
+    cells = list(cells)
+    if not cells:
+        raise ValueError("a sweep needs at least one cell")
+    size = len(cells) if chunk is None else max(1, min(int(chunk), len(cells)))
+    out = []
+    for start in range(0, len(cells), size):
+        part = cells[start:start + size]
+        padded = part + [part[-1]] * (size - len(part))  # same shape every call: one program
+        latents = _sample_many(model.params, edit.txt, jnp.asarray(edit.txt_ids), jnp.asarray(edit.layout.img_ids()),
+                               edit.noise, edit.refs, edit.uncond, stack(padded), config=model.config,
+                               options=options, attn_impl=attn_impl)
+        pixels = _decode(model, edit, latents[:, 0])
+        out.append(pixels[:len(part)])
+    return np.concatenate(out)
