@@ -45,7 +45,9 @@ EMBEDDED = "embedded"
 EMBEDDED_SEED = 0
 EMBEDDED_SIZE = 64  # the colour bucket's size for the embedded model: 4 x 4 latent tokens
 REAL_SIZE = 1024  # the study's size
-DEFAULT_CHUNK = 8  # sweep cells per compiled call
+# Sweep cells per vmapped compiled call: all of a tiny model's sweep at once; two for a model folder,
+# as a 1024 x 1024 klein-9B cell with a knockout mask holds about 10 GB of attention logits ('xla').
+EMBEDDED_CHUNK, FOLDER_CHUNK = 8, 2
 
 # Substitution positions: the names of the command line and the token groups they cover.
 POSITIONS = {"all": "text", "padding": "text[padding]", "content": "text[content]"}
@@ -118,9 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str,
                    help="transformer dtype (default: the checkpoint's)")
     g.add_argument("--steps", type=int, default=None,
                    help="denoising steps of every edit (default: the model's; 4 for [klein] distilled)")
-    g.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
-                   help=f"sweep cells per vmapped compiled call (default {DEFAULT_CHUNK}; lower it if a "
-                        "large model runs out of memory)")
+    g.add_argument("--chunk", type=int, default=None,
+                   help=f"sweep cells per vmapped compiled call (default {EMBEDDED_CHUNK} for the embedded model, "
+                        f"{FOLDER_CHUNK} for a model folder; 0: a whole sweep at once; lower it if memory runs out)")
     g.add_argument("--attn-impl", choices=("xla", "blocked", "cudnn"), default=None,
                    help="attention implementation (default: 'blocked' on CPU, 'xla' elsewhere; 'blocked' "
                         "bounds memory at 1024x1024 on a GPU)")
@@ -148,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str,
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -160,7 +162,7 @@ def task_spec(args: argparse.Namespace) -> dict:
         if not path.is_file():
             raise ValueError(f"--tasks {args.tasks}: no such file")
         root = None if args.root is None else str(Path(args.root).resolve())
-        return {"file": str(path), "sha256": _sha256(path), "root": root, "ids": ids, "limit": args.limit}
+        return {"file": str(path), "sha256": file_sha256(path), "root": root, "ids": ids, "limit": args.limit}
     size = args.size if args.size is not None else (EMBEDDED_SIZE if args.model == EMBEDDED else REAL_SIZE)
     return {"colour_bucket": {**tasklib.colour_subset_from_args(args), "size": size}, "ids": ids,
             "limit": args.limit}
@@ -169,7 +171,7 @@ def task_spec(args: argparse.Namespace) -> dict:
 def load_tasks(spec: Mapping[str, Any], run: runs.RunFolder) -> list[tasklib.Task]:
     """The tasks of `spec` (see `task_spec`); a generated bucket is written to `<run>/tasks/`."""
     if "file" in spec:
-        if _sha256(Path(spec["file"])) != spec["sha256"]:
+        if file_sha256(Path(spec["file"])) != spec["sha256"]:
             raise ValueError(f"{spec['file']} changed since this run folder was made; start a new run (--out)")
         found = tasklib.read_tasks(spec["file"], root=spec["root"])
     else:
@@ -236,7 +238,7 @@ class Context:
     model: Any  # fluxjax.pipeline.Flux2Model
     run: runs.RunFolder
     options: Any  # fluxjax.sampler.SamplerOptions of every edit
-    chunk: int | None = DEFAULT_CHUNK
+    chunk: int | None = EMBEDDED_CHUNK
     attn_impl: str | None = None
     show_progress: bool = True
     _texts: dict = dataclasses.field(default_factory=dict)
@@ -358,8 +360,16 @@ def load_reference(task: tasklib.Task) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def chunk_size(args: argparse.Namespace) -> int | None:
+    if args.chunk is None:
+        return EMBEDDED_CHUNK if args.model == EMBEDDED else FOLDER_CHUNK
+    if args.chunk < 0:
+        raise ValueError(f"--chunk {args.chunk}: give a positive number of cells, or 0 for a whole sweep at once")
+    return args.chunk or None
+
+
 def open_context(args: argparse.Namespace, model, run: runs.RunFolder) -> Context:
-    return Context(model=model, run=run, options=sampler_options(model, args.steps), chunk=args.chunk or None,
+    return Context(model=model, run=run, options=sampler_options(model, args.steps), chunk=chunk_size(args),
                    attn_impl=args.attn_impl, show_progress=not args.no_progress)
 
 
@@ -369,7 +379,7 @@ def base_config(args: argparse.Namespace, model, model_record: Mapping) -> dict:
     return {"model": dict(model_record), "tasks": task_spec(args),
             "sampler": {"num_steps": options.num_steps, "guidance": options.guidance,
                         "guidance_scale": options.guidance_scale},
-            "chunk": args.chunk or None, "attn_impl": args.attn_impl}
+            "chunk": chunk_size(args), "attn_impl": args.attn_impl}
 
 
 def open_run_folder(out: str, config: Mapping) -> runs.RunFolder:
@@ -456,7 +466,8 @@ def means_table(title: str, means: Sequence[Mapping], columns: Sequence[str], no
     return report.Table(title=title, columns=["setting", "n", *columns], rows=list(means), formats=formats, note=note)
 
 
-def plot(run: runs.RunFolder, name: str, blocks: Sequence[int], series: Mapping, caption: str, **kwargs) -> report.Figure:
+def plot(run: runs.RunFolder, name: str, blocks: Sequence[int], series: Mapping, caption: str,
+         **kwargs) -> report.Figure:
     """A sweep plot saved as `plots/<name>.png`, as a report figure."""
     path = run.write_derived(f"plots/{name}.png", report.sweep_plot(blocks, series, **kwargs))
     return report.Figure(path=path, caption=caption)
@@ -501,11 +512,10 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
     try:
         spec = task_spec(args)
         model, model_record = load_model(args)
-        settings = module.settings(args, model.config)
+        config = {**base_config(args, model, model_record), "experiment": module.NAME,
+                  "settings": module.settings(args, model.config)}
     except (ValueError, KeyError) as e:
         parser.error(str(e))
-    config = {**base_config(args, model, model_record), "experiment": module.NAME, "settings": settings}
-    config["tasks"] = spec
     timer = Timer()
     with open_run_folder(args.out, config) as run:
         ctx = open_context(args, model, run)
@@ -514,7 +524,7 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
         except (ValueError, KeyError) as e:
             parser.error(str(e))
         sections = [report.Section("Setup", [report.Text(describe_model(ctx) + f"\n\n{len(found)} tasks.")])]
-        sections += module.run(ctx, found, settings, module.NAME)
+        sections += module.run(ctx, found, config["settings"], module.NAME)
         path = report.write_run_report(run, f"{module.TITLE}: {model_record['name']}", sections)
         run.write_summary({"experiment": module.NAME, "tasks": len(found), "seconds": timer.seconds(),
                            "resumed": run.resumed})

@@ -159,8 +159,8 @@ def _grid(ctx: Context, task, s: Mapping, rows: Sequence[Mapping], prefix: str):
     grid_rows = [[common.panel("reference", base["reference"]),
                   common.panel("baseline edit", base["edit"], common.de_caption(mine["reference kept (edit)"])),
                   common.panel("t2i baseline", base["t2i"], common.de_caption(mine["t2i (no reference)"]))],
-                 [common.panel(f"k = {k}", cell.load_image(f"mask-k{k}.png"), common.de_caption(mine[f"drop after {k}"]))
-                  for k in s["blocks"]]]
+                 [common.panel(f"k = {k}", cell.load_image(f"mask-k{k}.png"),
+                               common.de_caption(mine[f"drop after {k}"])) for k in s["blocks"]]]
     labels = ["", "mask form"]
     if s["check_removal"]:
         grid_rows.append([common.panel(f"k = {k}", cell.load_image(f"removal-k{k}.png")) for k in s["check_removal"]])

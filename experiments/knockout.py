@@ -30,7 +30,8 @@ NAME = "knockout"
 TITLE = "Attention knockout"
 MAIN_SETTINGS = ("ref->text", "ref->image", "ref->text[padding]", "ref->text[content]")
 OTHER_SETTINGS = ("text->ref", "image->ref", "image->text", "text->image")
-CRITERION = f"colour kept: CIEDE2000(output's dominant colour, reference colour) <= {common.THRESHOLD:g} (lost: not kept)"
+CRITERION = (f"colour kept: CIEDE2000(output's dominant colour, reference colour) <= {common.THRESHOLD:g} "
+             "(lost: not kept)")
 MEANS = ("colour_de", "colour_match", "mad", "ssim")
 MAX_GRIDS = 24
 
@@ -93,7 +94,8 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
     n = ctx.num_blocks
 
     def cut(setting, blocks):
-        return Interventions(knockout=knockout(ctx.model.config, edit.layout, edit.content_mask, edges(setting), blocks))
+        table = knockout(ctx.model.config, edit.layout, edit.content_mask, edges(setting), blocks)
+        return Interventions(knockout=table)
 
     cells, meta = [], []
     for setting in s["settings"]:

@@ -114,7 +114,8 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
         clean = [r["colour_de"] for r in rows if r["setting"] == "t2i_clean"]
         de = common.series_by_block(swept, blocks, "positions", "block", "colour_de")
         de["t2i_clean (control)"] = [sum(clean) / len(clean)] * len(blocks)
-        items.append(common.plot(ctx.run, f"{prefix}-colour-distance", blocks, de, ylabel="CIEDE2000 to reference colour",
+        items.append(common.plot(ctx.run, f"{prefix}-colour-distance", blocks, de,
+                                 ylabel="CIEDE2000 to reference colour",
                                  caption="Mean colour distance of the lens output to the reference colour, by source "
                                          "block (lower: the colour appears)", threshold=common.THRESHOLD,
                                  num_double_blocks=ctx.model.config.depth, title=TITLE))

@@ -15,7 +15,8 @@ A block sweep (--sweep or --blocks) captures every block in one source run and r
 transferred). Compared against the target's baseline edit.
 
     python -m experiments.patching --sweep --colours red,blue --objects ball --seeds 0
-    python -m experiments.patching --model FLUX.2-klein-9B --tasks colour/tasks.jsonl --pairs colour/pairs.tsv --block 17
+    python -m experiments.patching --model FLUX.2-klein-9B --tasks colour/tasks.jsonl \
+        --pairs colour/pairs.tsv --block 17
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def settings(args, config) -> dict:
         path = Path(args.pairs).resolve()
         if not path.is_file():
             raise ValueError(f"--pairs {args.pairs}: no such file")
-        pairs = {"file": str(path), "sha256": common._sha256(path)}
+        pairs = {"file": str(path), "sha256": common.file_sha256(path)}
     out = {"blocks": common.blocks_from_args(args, config.num_blocks, config.depth - 1),
            "positions": list(dict.fromkeys(args.positions)), "pairs": pairs}
     validate(out, config)
@@ -90,7 +91,7 @@ def pair_file_text(pairs: Sequence[tuple[tasklib.Task, tasklib.Task]]) -> str:
 
 def resolve_pairs(ctx: Context, found: Sequence[tasklib.Task], s: Mapping):
     if s["pairs"] is not None:
-        if common._sha256(Path(s["pairs"]["file"])) != s["pairs"]["sha256"]:
+        if common.file_sha256(Path(s["pairs"]["file"])) != s["pairs"]["sha256"]:
             raise ValueError(f"{s['pairs']['file']} changed since this run folder was made; start a new run (--out)")
         return tasklib.read_pairs(s["pairs"]["file"], found)
     pairs = colour_pairs(found)

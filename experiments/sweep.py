@@ -70,14 +70,6 @@ def prepare(model: pipeline.Flux2Model, text, *, reference=None, seed: int, heig
                 uncond=None if uncond is None else jnp.asarray(np.asarray(uncond.embeds, np.float32), dtype))
 
 
-def with_text(edit: Edit, text) -> Edit:
-    """The same edit (reference, noise, size) with another one-prompt `TextConditioning`."""
-    embeds = jnp.asarray(np.asarray(text.embeds, np.float32), edit.txt.dtype)
-    if embeds.shape != edit.txt.shape:
-        raise ValueError(f"prompt embeddings {embeds.shape} do not fit this edit's {edit.txt.shape}")
-    return dataclasses.replace(edit, txt=embeds, content_mask=np.asarray(text.content_mask, bool))
-
-
 def _decode(model: pipeline.Flux2Model, edit: Edit, latents) -> np.ndarray:
     """Packed latents [B, N_img, P] -> uint8 pixels [B, H, W, 3] (diffusers' postprocess)."""
     return np.asarray(pipeline._decode_pixels(model.vae_params, model.vae_config, latents, edit.height, edit.width))
