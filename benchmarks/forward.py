@@ -16,8 +16,9 @@ torch.compile and the real-size compile.
 
 Measured:
   compile   fluxjax: trace + lower, XLA compile, first execution, each timed (AOT `lower().compile()`);
-            diffusers: first call (eager), first call with compilation (torch.compile, under a time
-            budget: a compile that fails or runs over is recorded as such).
+            diffusers: first call (eager), first call with compilation (torch.compile with its
+            on-disk caches in a fresh directory, i.e. cold, under a time budget: a compile that
+            fails or runs over is recorded as such).
   steady    the sides in turn, --reps rounds, order rotated each round; medians (and minima).
   memory    peak resident set size above the level before one steady-state call, sampled every
             0.5 ms on a thread, with glibc set to return every freed block >= 64 KiB to the system
@@ -31,9 +32,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import signal
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -270,6 +275,10 @@ def report(record: dict) -> str:
             [[p, f"{k[p]['trace_lower_s']:.1f}", f"{k[p]['xla_compile_s']:.1f}",
               f"{k[p]['trace_lower_s'] + k[p]['xla_compile_s']:.1f}", gib(k[p]["xla_temp_plus_output_bytes"])]
              for p in ("plain", "interventions")]))
+        lines.append("")
+        lines.append("The temporaries are a CPU artefact of bfloat16: XLA:CPU runs bfloat16 dots in float32 and "
+                     "hoists the conversion of the stacked block weights out of the layer loop, a float32 copy of "
+                     "the weights (2x their bfloat16 bytes). float32 programs hold no such copy (the cases above).")
     lines.append("")
     lines.append("Memory: peak resident set size above the level before one steady-state call (0.5 ms sampling, "
                  "glibc returning freed blocks >= 64 KiB to the system; measured after the timing).")
@@ -285,15 +294,23 @@ def main(argv=None):
     ap.add_argument("--torch-compile-deep", action="store_true",
                     help="also torch.compile the 32-block deep case (dynamo unrolls every block: slow)")
     ap.add_argument("--out", default=str(common.RESULTS_DIR / "forward"), help="output stem: writes .json and .md")
+    ap.add_argument("--rewrite-report", action="store_true", help="rewrite <out>.md from <out>.json and exit")
     args = ap.parse_args(argv)
     reps = args.reps or (3 if args.quick else 5)
+    if args.rewrite_report:
+        record = json.loads(Path(args.out).with_suffix(".json").read_text())
+        Path(args.out).with_suffix(".md").write_text(report(record) + "\n")
+        return
 
+    # torch.compile's first call is timed cold: inductor's on-disk caches start empty.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-cold-"))
     import diffusers  # noqa: F401  (recorded in the environment)
     import torch
 
     ref = common.reference_helpers()
     t0 = time.perf_counter()
-    record = {"quick": args.quick, "reps": reps, "environment": common.environment(), "cases": {}}
+    record = {"quick": args.quick, "reps": reps, "environment": common.environment(), "cases": {},
+              "torchinductor_cache_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"]}
     calls = {}
     for case in cases(args.quick):
         budget = 0 if args.quick or (case.name == "deep" and not args.torch_compile_deep) else args.torch_compile_budget
