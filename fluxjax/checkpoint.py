@@ -242,29 +242,36 @@ def _replace(tmp: str, path: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_config(path: str | os.PathLike) -> Flux2Config:
-    """The config stored in a native checkpoint directory."""
+def read_meta(path: str | os.PathLike, kind: str, how: str, config_file: str = CONFIG_FILE,
+              fmt: str = FORMAT, version_max: int = FORMAT_VERSION) -> dict:
+    """The validated JSON metadata of a native checkpoint directory (transformer or VAE); `kind`
+    names the config class and `how` says how to make such a checkpoint, for the messages."""
     path = os.fspath(path)
-    where = os.path.join(path, CONFIG_FILE)
+    where = os.path.join(path, config_file)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not os.path.isfile(where):
-        raise CheckpointError(f"{where}: missing; {path} is not a fluxjax checkpoint (convert a diffusers or BFL "
-                              f"checkpoint with `python -m conversion SRC DST`)")
+        raise CheckpointError(f"{where}: missing; {path} is not a fluxjax checkpoint ({how})")
     try:
         with open(where) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{where}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: key 'format' must be {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise CheckpointError(f"{where}: key 'format' must be {fmt!r}")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version > version_max:
         raise CheckpointError(f"{where}: key 'format_version' is {version!r}; this fluxjax reads up to "
-                              f"{FORMAT_VERSION} (upgrade fluxjax)")
+                              f"{version_max} (upgrade fluxjax)")
     if not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{where}: key 'config' must be an object of Flux2Config fields")
-    return config_from_json(meta["config"], where)
+        raise CheckpointError(f"{where}: key 'config' must be an object of {kind} fields")
+    return meta
+
+
+def read_config(path: str | os.PathLike) -> Flux2Config:
+    """The config stored in a native checkpoint directory."""
+    meta = read_meta(path, "Flux2Config", "convert a diffusers or BFL checkpoint with `python -m conversion SRC DST`")
+    return config_from_json(meta["config"], os.path.join(os.fspath(path), CONFIG_FILE))
 
 
 ShardingsArg = Flux2Params | Callable[[Flux2Config], Flux2Params] | None

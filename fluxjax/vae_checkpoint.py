@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fluxjax.checkpoint import CheckpointError
+from fluxjax.checkpoint import CheckpointError, read_meta
 from fluxjax.vae import VAEConfig, VAEParams, leaf_name, vae_param_shapes
 
 FORMAT = "fluxjax-vae"
@@ -128,25 +128,9 @@ def save_vae(path: str | os.PathLike, config: VAEConfig, params: VAEParams, *, o
 
 def read_vae_config(path: str | os.PathLike) -> VAEConfig:
     """The config stored in a native VAE checkpoint directory."""
-    path = os.fspath(path)
-    where = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(where):
-        raise CheckpointError(f"{where}: missing; {path} is not a fluxjax VAE checkpoint (convert a diffusers vae/ "
-                              f"folder or BFL ae.safetensors with `python -m conversion SRC DST`)")
-    try:
-        with open(where) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{where}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: key 'format' must be {FORMAT!r}")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{where}: key 'format_version' is {version!r}; this fluxjax reads up to "
-                              f"{FORMAT_VERSION} (upgrade fluxjax)")
-    if not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{where}: key 'config' must be an object of VAEConfig fields")
-    return vae_config_from_json(meta["config"], where)
+    meta = read_meta(path, "VAEConfig", "convert a diffusers vae/ folder or BFL ae.safetensors with "
+                     "`python -m conversion SRC DST`", CONFIG_FILE, FORMAT, FORMAT_VERSION)
+    return vae_config_from_json(meta["config"], os.path.join(os.fspath(path), CONFIG_FILE))
 
 
 def load_vae(path: str | os.PathLike, dtype=None) -> tuple[VAEConfig, VAEParams]:

@@ -15,6 +15,7 @@ import fluxjax
 from fluxjax import images, sampler
 from fluxjax.interventions import BLOCK0_INPUT, Capture, Interventions, substitution
 from fluxjax.schedule import compute_empirical_mu, flux2_sigmas
+from flux2ref.folder import tiny_vae
 from reference import TINY, diffusers_transformer, rel_err, state_dict_numpy
 
 torch = pytest.importorskip("torch")
@@ -30,21 +31,6 @@ HEIGHT, WIDTH = 64, 96  # a 4 x 6 token grid
 
 
 # --- tiny components --------------------------------------------------------------------------
-
-
-def tiny_vae(seed: int = 0):
-    """A random `AutoencoderKLFlux2` with FLUX.2's 8x downsampling and 4 latent channels."""
-    from diffusers import AutoencoderKLFlux2
-
-    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
-                             norm_num_groups=4).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-        vae.bn.running_mean.copy_(0.3 * torch.randn(vae.bn.running_mean.shape, generator=g))
-        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=g))
-    return vae
 
 
 def klein_pipeline(transformer, vae, is_distilled=True):
