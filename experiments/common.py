@@ -179,7 +179,13 @@ def load_tasks(spec: Mapping[str, Any], run: runs.RunFolder) -> list[tasklib.Tas
         path = tasklib.write_colour_bucket(run.path / "tasks", bucket["colours"], bucket["objects"], bucket["seeds"],
                                            size=bucket["size"])
         found = tasklib.read_tasks(path)
-    return tasklib.select(found, spec["ids"], spec["limit"])
+    found = tasklib.select(found, spec["ids"], spec["limit"])
+    generated = [t.task_id for t in found if t.reference is None]
+    if generated:
+        raise ValueError(f"tasks {', '.join(generated[:5])}{' ...' if len(generated) > 5 else ''} have no reference "
+                         "image (ref_seed + source_caption); these experiments need one: give real_ref_dir + "
+                         "real_ref_name or source_image_path")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,10 +356,6 @@ class Context:
 
 
 def load_reference(task: tasklib.Task) -> np.ndarray:
-    if task.reference is None:
-        raise ValueError(f"task {task.task_id}: its reference is to be generated from a caption (ref_seed); "
-                         "these experiments need a reference image: give real_ref_dir + real_ref_name or "
-                         "source_image_path")
     from PIL import Image
 
     with Image.open(task.reference) as im:

@@ -48,15 +48,19 @@ def add_arguments(parser) -> None:
                         "and seed, the next colour)")
 
 
+def pair_file(path: Path | None) -> dict | None:
+    """The run config's record of a pair file (None: generated colour-bucket pairs)."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ValueError(f"--pairs {path}: no such file")
+    return {"file": str(path), "sha256": common.file_sha256(path)}
+
+
 def settings(args, config) -> dict:
-    pairs = None
-    if args.pairs is not None:
-        path = Path(args.pairs).resolve()
-        if not path.is_file():
-            raise ValueError(f"--pairs {args.pairs}: no such file")
-        pairs = {"file": str(path), "sha256": common.file_sha256(path)}
     out = {"blocks": common.blocks_from_args(args, config.num_blocks, config.depth - 1),
-           "positions": list(dict.fromkeys(args.positions)), "pairs": pairs}
+           "positions": list(dict.fromkeys(args.positions)), "pairs": pair_file(args.pairs)}
     validate(out, config)
     return out
 

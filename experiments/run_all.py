@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from experiments import common, drop, knockout, lens, patching, report
 
@@ -55,9 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the block of the summary table's lens and patching rows (default: the study's colour "
                         "cell, block 17 of 32, at the same relative depth)")
     g.add_argument("--source-steps", type=int, default=1, help="steps of the T2I Lens's source edit (default 1)")
+    g.add_argument("--pairs", type=Path, default=None,
+                   help="pair file of the patching experiment (default: colour-bucket pairs, same object and seed, "
+                        "the next colour)")
 
 
-def plan(config, blocks_spec: str, source_steps: int, headline: int | None) -> dict:
+def plan(config, blocks_spec: str, source_steps: int, headline: int | None, pairs: Path | None = None) -> dict:
     """Every experiment's settings (the run config's `settings`)."""
     n, depth = config.num_blocks, config.depth
     blocks = common.parse_blocks(blocks_spec, n)
@@ -75,7 +79,7 @@ def plan(config, blocks_spec: str, source_steps: int, headline: int | None) -> d
                      "layers": ["all", f":{depth}", f"{depth}:"], "sweep": list(knockout.MAIN_SETTINGS),
                      "sweep_from": ks},
         "drop": {"blocks": ks, "check_removal": [ks[len(ks) // 2]]},
-        "patching": {"blocks": blocks, "positions": positions, "pairs": None},
+        "patching": {"blocks": blocks, "positions": positions, "pairs": patching.pair_file(pairs)},
     }
     if source_steps < 1:
         raise ValueError("--source-steps must be at least 1")
@@ -128,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = common.task_spec(args)
         model, model_record = common.load_model(args)
-        settings = plan(model.config, args.blocks, args.source_steps, args.headline_block)
+        settings = plan(model.config, args.blocks, args.source_steps, args.headline_block, args.pairs)
         config = {**common.base_config(args, model, model_record), "experiment": NAME, "settings": settings}
     except (ValueError, KeyError) as e:
         parser.error(str(e))
@@ -137,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx = common.open_context(args, model, run)
         try:
             found = common.load_tasks(spec, run)
+            patching.resolve_pairs(ctx, found, settings["patching"])  # a bad pair file fails before any work
         except (ValueError, KeyError) as e:
             parser.error(str(e))
         sections = lens.run(ctx, found, settings["lens"], "lens")
