@@ -6,6 +6,7 @@
 `import fluxjax` never imports torch or diffusers.
 """
 
+from fluxjax import sharding  # make_mesh, param_shardings, shard_params, shard_batch
 from fluxjax.checkpoint import CheckpointError, load_transformer, save_transformer
 from fluxjax.config import FLUX2_DEV, FLUX2_KLEIN_4B, FLUX2_KLEIN_9B, PRESETS, Flux2Config
 from fluxjax.interventions import (
@@ -46,4 +47,5 @@ __all__ = [
     "SamplerOptions", "sample",
     "FLUX2_VAE", "VAEConfig", "VAEParams", "decode_tokens", "encode_to_tokens", "init_vae_params", "vae_param_shapes",
     "load_vae", "save_vae",
+    "sharding",
 ]
