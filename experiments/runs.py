@@ -393,7 +393,7 @@ def open_run(root: str | os.PathLike, name: str, config: Mapping[str, Any], *,
     if on_conflict not in ("new", "refuse"):
         raise ValueError(f"on_conflict must be 'new' or 'refuse', got {on_conflict!r}")
     config = json.loads(canonical_json(config))
-    root = Path(root)
+    root = Path(root).resolve()  # absolute, so paths built from it never depend on the working directory
     for k in range(1, 10_000):
         folder = root / (name if k == 1 else f"{name}-{k}")
         if not folder.exists() and _create(folder, config):

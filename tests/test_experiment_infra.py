@@ -622,3 +622,17 @@ def test_the_package_imports_no_torch_jax_or_matplotlib():
             "print([m for m in ('torch', 'diffusers', 'jax', 'matplotlib') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_run_folder_from_a_relative_root_has_absolute_paths(tmp_path, monkeypatch):
+    """Figures referenced by the report are found whatever the working directory (`--out runs/x`)."""
+    monkeypatch.chdir(tmp_path)
+    run = runs.open_run("relative-root", "demo", {"a": 1})
+    try:
+        assert run.path.is_absolute() and run.path == tmp_path / "relative-root" / "demo"
+        figure = run.write_derived("plots/x.png", b"png")
+        assert Path(figure).is_file()
+        html = report.render_html(run.path, "t", [report.Section("s", [report.Figure(str(figure), "x")])])
+        assert "plots/x.png" in html
+    finally:
+        run.close()
