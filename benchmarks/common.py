@@ -180,9 +180,8 @@ def write_report(stem: str | Path, record: dict, markdown: str) -> tuple[Path, P
 
 
 def reference_helpers():
-    """tests/reference.py: the tiny-random-model helpers the parity tests use (diffusers kwargs of a
+    """flux2ref.models: the tiny-random-model helpers the parity tests use (diffusers kwargs of a
     config, well-conditioned random init), shared so benchmarks run the same reference."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    import reference
+    from flux2ref import models
 
-    return reference
+    return models

@@ -36,8 +36,7 @@ def build(seed: int = 0):
     import torch
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from reference import diffusers_kwargs, randomize_, state_dict_numpy
+    from flux2ref.models import diffusers_kwargs, randomize_, state_dict_numpy
 
     from conversion.transformer import params_from_state
 
