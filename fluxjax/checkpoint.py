@@ -85,18 +85,20 @@ def _params_from_flat(flat: dict, config: Flux2Config) -> Flux2Params:
     return jax.tree_util.tree_unflatten(treedef, [flat[leaf_name(p)] for p, _ in leaves])
 
 
-def config_to_json(config: Flux2Config) -> dict:
+def config_to_json(config) -> dict:
+    """A frozen config dataclass (Flux2Config, VAEConfig) as JSON fields; tuples become lists."""
     return {f.name: (list(v) if isinstance(v := getattr(config, f.name), tuple) else v)
             for f in dataclasses.fields(config)}
 
 
-def config_from_json(fields: dict, where: str) -> Flux2Config:
-    known = {f.name for f in dataclasses.fields(Flux2Config)}
+def config_from_json(fields: dict, where: str, cls=Flux2Config):
+    """The `cls` config of JSON fields (lists become tuples); CheckpointError naming `where` otherwise."""
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise CheckpointError(f"{where}: unknown config field {unknown[0]!r}; known fields: {sorted(known)}")
+        raise CheckpointError(f"{where}: unknown {cls.__name__} field {unknown[0]!r}; known fields: {sorted(known)}")
     try:
-        return Flux2Config(**fields)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
 

@@ -14,7 +14,6 @@ nothing half-written.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fluxjax.checkpoint import CheckpointError, read_meta
+from fluxjax.checkpoint import CheckpointError, config_from_json, config_to_json, read_meta
 from fluxjax.vae import VAEConfig, VAEParams, leaf_name, vae_param_shapes
 
 FORMAT = "fluxjax-vae"
@@ -68,20 +67,11 @@ def check_vae_params(params, config: VAEConfig, where: str = "params") -> None:
 
 
 def vae_config_to_json(config: VAEConfig) -> dict:
-    return {f.name: (list(v) if isinstance(v := getattr(config, f.name), tuple) else v)
-            for f in dataclasses.fields(config)}
+    return config_to_json(config)
 
 
 def vae_config_from_json(fields: dict, where: str) -> VAEConfig:
-    known = {f.name for f in dataclasses.fields(VAEConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise CheckpointError(f"{where}: unknown VAE config field {unknown[0]!r}; known fields: {sorted(known)}")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    try:
-        return VAEConfig(**fields)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: {e}") from None
+    return config_from_json(fields, where, VAEConfig)
 
 
 def is_vae_checkpoint(path: str | os.PathLike) -> bool:
