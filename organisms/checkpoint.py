@@ -68,7 +68,7 @@ def save_organism(path: str | os.PathLike, organism: Organism, params: OrganismP
 
 
 def load_organism(path: str | os.PathLike) -> tuple[Organism, OrganismParams]:
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax needs absolute paths
     meta_file = path / META_FILE
     if not meta_file.is_file():
         raise FileNotFoundError(f"{meta_file}: missing; {path} is not an organism folder "
