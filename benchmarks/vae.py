@@ -41,21 +41,10 @@ def _randomized_diffusers_state(seed: int = 0):
     import torch
     from diffusers import AutoencoderKLFlux2
 
+    from flux2ref.models import randomize_vae_
+
     torch.manual_seed(seed)
-    model = AutoencoderKLFlux2().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            z = torch.randn(p.shape, generator=g)
-            if name.endswith(".bias"):
-                p.copy_(0.1 * z)
-            elif p.ndim == 1:  # GroupNorm weight
-                p.copy_(1 + 0.1 * z)
-            else:
-                p.copy_(z / np.prod(p.shape[1:]) ** 0.5)
-        model.bn.running_mean.copy_(0.5 * torch.randn(model.bn.running_mean.shape, generator=g))
-        model.bn.running_var.copy_(0.5 + 1.5 * torch.rand(model.bn.running_var.shape, generator=g))
-    return model
+    return randomize_vae_(AutoencoderKLFlux2().eval(), seed)
 
 
 def _inputs(op: str, size: int):

@@ -100,3 +100,24 @@ def rel_err(a, b) -> float:
     """Relative L2 error of `a` against the reference `b`, in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def randomize_vae_(model, seed: int = 0):
+    """Overwrite every tensor of a diffusers `AutoencoderKLFlux2`: biases N(0, 0.1^2), norm weights
+    1 + N(0, 0.1^2), conv/linear weights N(0, 1/fan_in), bn running mean N(0, 0.5^2) and variance
+    in [0.5, 2)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            z = torch.randn(p.shape, generator=g)
+            if name.endswith(".bias"):
+                p.copy_(0.1 * z)
+            elif p.ndim == 1:  # GroupNorm weight
+                p.copy_(1 + 0.1 * z)
+            else:  # conv [out, in, kh, kw] or linear [out, in]
+                p.copy_(z / np.prod(p.shape[1:]) ** 0.5)
+        model.bn.running_mean.copy_(0.5 * torch.randn(model.bn.running_mean.shape, generator=g))
+        model.bn.running_var.copy_(0.5 + 1.5 * torch.rand(model.bn.running_var.shape, generator=g))
+    return model

@@ -54,8 +54,9 @@ class CheckpointError(ValueError):
 
 
 def leaf_name(path) -> str:
-    """Dotted name of a params pytree path, e.g. 'double_blocks.img_attn.qkv'."""
-    return ".".join(str(getattr(k, "name", getattr(k, "key", k))) for k in path)
+    """Dotted name of a params pytree path, e.g. 'double_blocks.img_attn.qkv' or 'decoder.up.3.block.0'."""
+    return ".".join(str(k.idx) if hasattr(k, "idx") else str(getattr(k, "name", getattr(k, "key", k)))
+                    for k in path)
 
 
 def params_to_dict(params: Flux2Params) -> dict:
@@ -103,17 +104,22 @@ def config_from_json(fields: dict, where: str, cls=Flux2Config):
         raise CheckpointError(f"{where}: {e}") from None
 
 
-def check_params(params, config: Flux2Config, where: str = "params") -> None:
-    """Raise CheckpointError unless `params` has exactly the leaves and shapes of `config`."""
-    want = {leaf_name(p): s.shape for p, s in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
+def check_leaves(params, shapes, where: str = "params", what: str = "config") -> None:
+    """Raise CheckpointError unless `params` has exactly the leaves and shapes of the `shapes` tree."""
+    want = {leaf_name(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     have = {leaf_name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     for name in sorted(set(want) | set(have)):
         if name not in have:
-            raise CheckpointError(f"{where}: missing parameter {name!r} for this config")
+            raise CheckpointError(f"{where}: missing parameter {name!r} for this {what}")
         if name not in want:
-            raise CheckpointError(f"{where}: unexpected parameter {name!r}; this config has no such parameter")
+            raise CheckpointError(f"{where}: unexpected parameter {name!r}; this {what} has no such parameter")
         if have[name] != want[name]:
             raise CheckpointError(f"{where}: parameter {name!r} has shape {have[name]}, the config needs {want[name]}")
+
+
+def check_params(params, config: Flux2Config, where: str = "params") -> None:
+    """Raise CheckpointError unless `params` has exactly the leaves and shapes of `config`."""
+    check_leaves(params, param_shapes(config), where)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fluxjax.checkpoint import CheckpointError, config_from_json, config_to_json, read_meta
+from fluxjax.checkpoint import CheckpointError, check_leaves, config_from_json, config_to_json, read_meta
 from fluxjax.vae import VAEConfig, VAEParams, leaf_name, vae_param_shapes
 
 FORMAT = "fluxjax-vae"
@@ -55,15 +55,7 @@ def _params_from_flat(flat: dict, config: VAEConfig) -> VAEParams:
 
 def check_vae_params(params, config: VAEConfig, where: str = "params") -> None:
     """Raise CheckpointError unless `params` has exactly the leaves and shapes of `config`."""
-    want = {k: tuple(s.shape) for k, s in _leaves(vae_param_shapes(config)).items()}
-    have = {k: tuple(np.shape(x)) for k, x in _leaves(params).items()}
-    for name in sorted(set(want) | set(have)):
-        if name not in have:
-            raise CheckpointError(f"{where}: missing parameter {name!r} for this VAE config")
-        if name not in want:
-            raise CheckpointError(f"{where}: unexpected parameter {name!r}; this VAE config has no such parameter")
-        if have[name] != want[name]:
-            raise CheckpointError(f"{where}: parameter {name!r} has shape {have[name]}, the config needs {want[name]}")
+    check_leaves(params, vae_param_shapes(config), where, "VAE config")
 
 
 def vae_config_to_json(config: VAEConfig) -> dict:

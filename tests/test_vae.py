@@ -47,20 +47,7 @@ def diffusers_kwargs(config: vae.VAEConfig) -> dict:
                 patch_size=config.patch_size)
 
 
-def randomize_vae_(model, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            z = torch.randn(p.shape, generator=g)
-            if name.endswith(".bias"):
-                p.copy_(0.1 * z)
-            elif p.ndim == 1:  # GroupNorm weight
-                p.copy_(1 + 0.1 * z)
-            else:  # conv [out, in, kh, kw] or linear [out, in]
-                p.copy_(z / np.prod(p.shape[1:]) ** 0.5)
-        model.bn.running_mean.copy_(0.5 * torch.randn(model.bn.running_mean.shape, generator=g))
-        model.bn.running_var.copy_(0.5 + 1.5 * torch.rand(model.bn.running_var.shape, generator=g))
-    return model
+from flux2ref.models import randomize_vae_  # noqa: E402  (shared with benchmarks/vae.py)
 
 
 def diffusers_vae(config: vae.VAEConfig, seed: int = 0):
