@@ -10,19 +10,21 @@ import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKED = ("torch", "diffusers", "transformers")
+# Prepended to each child script: a meta-path finder that refuses every BLOCKED package.
+BLOCKER = f"""import sys
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BLOCKED!r}:
+            raise ImportError(f"{{name}} must not be imported here")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+"""
 
 
 def test_library_imports_without_torch_or_diffusers():
-    script = textwrap.dedent(f"""
-        import sys
-
-        class Refuse:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in {BLOCKED!r}:
-                    raise ImportError(f"{{name}} must not be imported here")
-                return None
-
-        sys.meta_path.insert(0, Refuse())
+    script = BLOCKER + textwrap.dedent(f"""
         import importlib, pkgutil
         import fluxjax, conversion, flux2ref
         for package in (fluxjax, conversion, flux2ref):
@@ -40,16 +42,7 @@ def test_library_imports_without_torch_or_diffusers():
 
 def test_the_blocker_blocks():
     """Guards the test above: the same finder does stop a torch import."""
-    script = textwrap.dedent(f"""
-        import sys
-
-        class Refuse:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in {BLOCKED!r}:
-                    raise ImportError(f"{{name}} must not be imported here")
-                return None
-
-        sys.meta_path.insert(0, Refuse())
+    script = BLOCKER + textwrap.dedent(f"""
         import flux2ref.models
         try:
             flux2ref.models.diffusers_transformer()
