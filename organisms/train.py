@@ -63,7 +63,7 @@ from organisms.text import tokenize
 class TrainSettings:
     organism: Organism
     seed: int = 0
-    steps: int = 3000  # length of the schedule
+    steps: int = 2000  # length of the schedule
     batch_size: int = 32
     t2i_share: float = 0.25
     p_swatch: float = 2 / 3
