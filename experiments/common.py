@@ -3,12 +3,16 @@ baseline edits of each task, the metrics rows and the report plumbing.
 
 Every command (`python -m experiments.lens`, `.knockout`, `.drop`, `.patching`, `.run_all`) takes
 
-    --model PATH     a FLUX.2 model folder in the diffusers layout (e.g. FLUX.2-klein-9B/); default:
-                     the embedded model, a deterministic random tiny FLUX.2 [klein] built on first
-                     use into <cache>/models/ and reused (it exercises every code path, not quality)
+    --model NAME|PATH  what to run: `direct` or `text-routed`, the committed model organisms
+                     (small FLUX.2 editors whose routing is known: organisms.experiment_model;
+                     default text-routed, run_all runs both); an organism folder; `random-tiny`, a
+                     deterministic random tiny FLUX.2 [klein] built on first use into
+                     <cache>/models/ (every code path of a real folder, no behaviour); or a FLUX.2
+                     model folder in the diffusers layout (e.g. FLUX.2-klein-9B/)
     --tasks FILE     a tasks.jsonl in the study's format (see experiments.tasks); without it, the
                      colour bucket (or the subset --colours/--objects/--seeds) is generated into the
-                     run folder at --size pixels (default 64 for the embedded model, else 1024)
+                     run folder at --size pixels (32 for organisms, whose objects are their shapes;
+                     64 for random-tiny; else 1024)
     --out runs/NAME  the run folder (experiments.runs): resumable, never overwritten
 
 A task's baseline edits live in the cell `baselines/<task_id>` and are shared by every experiment
@@ -41,13 +45,16 @@ import numpy as np
 
 from experiments import grids, metrics, report, runs, tasks as tasklib
 
-EMBEDDED = "embedded"
-EMBEDDED_SEED = 0
-EMBEDDED_SIZE = 64  # the colour bucket's size for the embedded model: 4 x 4 latent tokens
+ORGANISMS = ("direct", "text-routed")  # the committed model organisms (organisms.experiment_model)
+DEFAULT_MODEL = "text-routed"
+RANDOM_TINY = "random-tiny"
+RANDOM_TINY_SEED = 0
+RANDOM_TINY_SIZE = 64  # the colour bucket's size for the random tiny model: 4 x 4 latent tokens
+ORGANISM_SIZE = 32  # the organisms' images: 8 x 8 tokens of 4 x 4 pixels
 REAL_SIZE = 1024  # the study's size
 # Sweep cells per vmapped compiled call: all of a tiny model's sweep at once; two for a model folder,
 # as a 1024 x 1024 klein-9B cell with a knockout mask holds about 10 GB of attention logits ('xla').
-EMBEDDED_CHUNK, FOLDER_CHUNK = 8, 2
+TINY_CHUNK, FOLDER_CHUNK = 8, 2
 
 # Substitution positions: the names of the command line and the token groups they cover.
 POSITIONS = {"all": "text", "padding": "text[padding]", "content": "text[content]"}
@@ -68,6 +75,26 @@ def slug(text: str) -> str:
     if not out or not out[0].isalnum():
         out = "x" + out
     return out
+
+
+def model_kind(model: str) -> str:
+    """'organism', 'random-tiny' or 'folder' (a FLUX.2 model folder) for a --model value."""
+    if model in ORGANISMS:
+        return "organism"
+    if model == RANDOM_TINY:
+        return RANDOM_TINY
+    from organisms.experiment_model import is_organism_folder
+
+    return "organism" if is_organism_folder(os.path.expanduser(model)) else "folder"
+
+
+def model_name(model: str) -> str:
+    """A short name of a --model value: an organism's own name, else the folder's name."""
+    if model_kind(model) == "organism" and model not in ORGANISMS:
+        import json
+
+        return json.loads((Path(os.path.expanduser(model)) / "organism.json").read_text())["name"]
+    return Path(model).name
 
 
 def parse_blocks(spec: str, num_blocks: int) -> list[int]:
@@ -103,26 +130,29 @@ def blocks_from_args(args: argparse.Namespace, num_blocks: int, default: int) ->
     return parse_blocks(str(default if args.block is None else args.block), num_blocks)
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, out_default: str,
-                  colour_defaults: tuple[str, str, str] | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_default: str = DEFAULT_MODEL,
+                  colour_defaults: Mapping[str, tuple[str, str, str]] | None = None) -> None:
     """The model, task and run-folder options every experiment command takes.
 
-    colour_defaults: the default (colours, objects, seeds) of the generated colour bucket, each
-    comma-separated (None: the whole bucket)."""
+    colour_defaults: per model kind ('organism', 'random-tiny', 'folder'), the default (colours,
+    objects, seeds) of the generated colour bucket, each comma-separated (missing: the whole
+    bucket; an organism's objects are its shapes)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=EMBEDDED,
-                   help="FLUX.2 model folder in the diffusers layout (default: the embedded random tiny "
-                        "FLUX.2 [klein], built on first use into the cache)")
+    g.add_argument("--model", default=model_default,
+                   help=f"'direct' or 'text-routed' (the committed model organisms), an organism folder, "
+                        f"'{RANDOM_TINY}' (a random tiny FLUX.2 [klein], built on first use into the cache), or a "
+                        f"FLUX.2 model folder in the diffusers layout (default {model_default})")
     g.add_argument("--cache", default=None,
-                   help="conversion, text-encoding and embedded-model cache (default: $FLUXJAX_CACHE or "
+                   help="conversion, text-encoding and random-tiny model cache (default: $FLUXJAX_CACHE or "
                         "~/.cache/fluxjax)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="transformer dtype (default: the checkpoint's)")
     g.add_argument("--steps", type=int, default=None,
                    help="denoising steps of every edit (default: the model's; 4 for [klein] distilled)")
     g.add_argument("--chunk", type=int, default=None,
-                   help=f"sweep cells per vmapped compiled call (default {EMBEDDED_CHUNK} for the embedded model, "
-                        f"{FOLDER_CHUNK} for a model folder; 0: a whole sweep at once; lower it if memory runs out)")
+                   help=f"sweep cells per vmapped compiled call (default {TINY_CHUNK} for organisms and "
+                        f"{RANDOM_TINY}, {FOLDER_CHUNK} for a model folder; 0: a whole sweep at once; lower it if "
+                        f"memory runs out)")
     g.add_argument("--attn-impl", choices=("xla", "blocked", "cudnn"), default=None,
                    help="attention implementation (default: 'blocked' on CPU, 'xla' elsewhere; 'blocked' "
                         "bounds memory at 1024x1024 on a GPU)")
@@ -133,21 +163,50 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str,
                    help="folder relative reference paths in --tasks start from (default: the file's)")
     t.add_argument("--ids", default=None, help="comma-separated task ids to run (default: all)")
     t.add_argument("--limit", type=int, default=None, help="run at most this many tasks")
-    colours, objects, seeds = colour_defaults or (",".join(tasklib.COLOURS), ",".join(tasklib.OBJECTS),
-                                                  ",".join(map(str, tasklib.SEEDS)))
-    t.add_argument("--colours", default=colours, help=f"colour bucket: comma-separated colours of "
-                   f"{','.join(tasklib.COLOURS)} (default {colours})")
-    t.add_argument("--objects", default=objects, help=f"colour bucket: comma-separated objects of "
-                   f"{','.join(tasklib.OBJECTS)} (default {objects})")
-    t.add_argument("--seeds", default=seeds, help=f"colour bucket: comma-separated seeds among 0..4 (default {seeds})")
+    parser.set_defaults(colour_defaults=dict(colour_defaults or {}))
+    t.add_argument("--colours", default=None, help=f"colour bucket: comma-separated colours of "
+                   f"{','.join(tasklib.COLOURS)} (default: {_default_help(colour_defaults, 0)})")
+    t.add_argument("--objects", default=None, help=f"colour bucket: comma-separated objects of "
+                   f"{','.join(tasklib.OBJECTS)}, or for organisms their shapes (default: "
+                   f"{_default_help(colour_defaults, 1)})")
+    t.add_argument("--seeds", default=None, help=f"colour bucket: comma-separated seeds among 0..4 (default: "
+                   f"{_default_help(colour_defaults, 2)})")
     t.add_argument("--size", type=int, default=None,
-                   help=f"the generated colour bucket's reference and output size (default {EMBEDDED_SIZE} "
-                        f"for the embedded model, {REAL_SIZE} for a model folder)")
+                   help=f"the generated colour bucket's reference and output size (default {ORGANISM_SIZE} for "
+                        f"organisms, {RANDOM_TINY_SIZE} for {RANDOM_TINY}, {REAL_SIZE} for a model folder)")
     r = parser.add_argument_group("run")
     r.add_argument("--out", default=out_default, help=f"run folder (default {out_default}); an existing one "
                    "with the same configuration is resumed, one with another configuration is never reused "
                    "(the run goes to NAME-2, ...)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _default_help(defaults: Mapping[str, tuple] | None, i: int) -> str:
+    parts = [f"{v[i]} for {k}" for k, v in (defaults or {}).items()]
+    return "; ".join(parts + ["all otherwise"]) if parts else "all"
+
+
+def colour_subset(args: argparse.Namespace, kind: str) -> dict:
+    """The colour bucket subset of --colours/--objects/--seeds, defaults by model kind."""
+    from experiments.tasks import COLOURS, OBJECTS, SEEDS
+
+    objects = OBJECTS
+    if kind == "organism":
+        from organisms.experiment_model import colour_bucket_vocabulary
+
+        objects = colour_bucket_vocabulary()[0]
+    every = (",".join(COLOURS), ",".join(objects), ",".join(map(str, SEEDS)))
+    defaults = getattr(args, "colour_defaults", {}).get(kind, every)
+    given = argparse.Namespace(**{name: value if value is not None else default for name, value, default in
+                                  zip(("colours", "objects", "seeds"), (args.colours, args.objects, args.seeds),
+                                      defaults)})
+    subset = tasklib.colour_subset_from_args(given)
+    tasklib.colour_bucket(**subset, known_objects=objects, size=1)  # refuses unknown names now
+    return {**subset, "known_objects": list(objects)}
+
+
+def default_size(kind: str) -> int:
+    return {"organism": ORGANISM_SIZE, RANDOM_TINY: RANDOM_TINY_SIZE}.get(kind, REAL_SIZE)
 
 
 def file_sha256(path: Path) -> str:
@@ -163,9 +222,9 @@ def task_spec(args: argparse.Namespace) -> dict:
             raise ValueError(f"--tasks {args.tasks}: no such file")
         root = None if args.root is None else str(Path(args.root).resolve())
         return {"file": str(path), "sha256": file_sha256(path), "root": root, "ids": ids, "limit": args.limit}
-    size = args.size if args.size is not None else (EMBEDDED_SIZE if args.model == EMBEDDED else REAL_SIZE)
-    return {"colour_bucket": {**tasklib.colour_subset_from_args(args), "size": size}, "ids": ids,
-            "limit": args.limit}
+    kind = model_kind(args.model)
+    size = args.size if args.size is not None else default_size(kind)
+    return {"colour_bucket": {**colour_subset(args, kind), "size": size}, "ids": ids, "limit": args.limit}
 
 
 def load_tasks(spec: Mapping[str, Any], run: runs.RunFolder) -> list[tasklib.Task]:
@@ -177,7 +236,7 @@ def load_tasks(spec: Mapping[str, Any], run: runs.RunFolder) -> list[tasklib.Tas
     else:
         bucket = spec["colour_bucket"]
         path = tasklib.write_colour_bucket(run.path / "tasks", bucket["colours"], bucket["objects"], bucket["seeds"],
-                                           size=bucket["size"])
+                                           size=bucket["size"], known_objects=bucket["known_objects"])
         found = tasklib.read_tasks(path)
     found = tasklib.select(found, spec["ids"], spec["limit"])
     generated = [t.task_id for t in found if t.reference is None]
@@ -192,16 +251,16 @@ def load_tasks(spec: Mapping[str, Any], run: runs.RunFolder) -> list[tasklib.Tas
 # model
 
 
-def embedded_model_folder(cache: str | None) -> str:
-    """The embedded default model: a deterministic random tiny FLUX.2 [klein], built once per cache."""
+def random_tiny_folder(cache: str | None) -> str:
+    """The random tiny model: a deterministic random tiny FLUX.2 [klein], built once per cache."""
     from fluxjax.pipeline import cache_root
 
-    folder = Path(cache if cache is not None else cache_root()) / "models" / f"tiny-klein-seed{EMBEDDED_SEED}"
+    folder = Path(cache if cache is not None else cache_root()) / "models" / f"tiny-klein-seed{RANDOM_TINY_SEED}"
     if not (folder / "model_index.json").is_file():
         from flux2ref.folder import build_model_folder
 
         try:
-            build_model_folder(folder, seed=EMBEDDED_SEED)
+            build_model_folder(folder, seed=RANDOM_TINY_SEED)
         except (FileExistsError, OSError):
             if not (folder / "model_index.json").is_file():  # another process did not just build it
                 raise
@@ -214,16 +273,27 @@ def load_model(args: argparse.Namespace):
 
     from fluxjax import pipeline
 
-    if args.model == EMBEDDED:
-        folder, name = embedded_model_folder(args.cache), f"embedded tiny FLUX.2 [klein] (random, seed {EMBEDDED_SEED})"
+    kind = model_kind(args.model)
+    if kind == "organism":
+        from organisms.experiment_model import OrganismModel, committed
+
+        if args.dtype not in (None, "float32"):
+            raise ValueError(f"--dtype {args.dtype}: the organisms run in float32")
+        path = committed(args.model) if args.model in ORGANISMS else Path(os.path.expanduser(args.model)).resolve()
+        model = OrganismModel.load(path)
+        record = {"name": model.describe(), "kind": kind, "path": str(path), "dtype": "float32",
+                  "num_blocks": model.config.num_blocks, "double_blocks": model.config.depth}
+        return model, record
+    if kind == RANDOM_TINY:
+        folder, name = random_tiny_folder(args.cache), f"random tiny FLUX.2 [klein] (seed {RANDOM_TINY_SEED})"
     else:
         folder, name = os.path.abspath(os.path.expanduser(args.model)), None
         if not os.path.isdir(folder):
             raise ValueError(f"--model {args.model}: no such folder (a FLUX.2 model folder in the diffusers layout)")
     dtype = None if args.dtype is None else jnp.dtype(args.dtype)
     model = pipeline.load_model(folder, dtype=dtype, cache=args.cache, progress=not args.no_progress)
-    record = {"name": name or folder, "dtype": str(model.params.img_in.dtype), "num_blocks": model.config.num_blocks,
-              "double_blocks": model.config.depth}
+    record = {"name": name or folder, "kind": kind, "dtype": str(model.params.img_in.dtype),
+              "num_blocks": model.config.num_blocks, "double_blocks": model.config.depth}
     return model, record
 
 
@@ -244,7 +314,7 @@ class Context:
     model: Any  # fluxjax.pipeline.Flux2Model
     run: runs.RunFolder
     options: Any  # fluxjax.sampler.SamplerOptions of every edit
-    chunk: int | None = EMBEDDED_CHUNK
+    chunk: int | None = TINY_CHUNK
     attn_impl: str | None = None
     show_progress: bool = True
     _texts: dict = dataclasses.field(default_factory=dict)
@@ -258,9 +328,9 @@ class Context:
     def text(self, prompt: str):
         """A one-prompt TextConditioning (encoded once; the encoder caches on disk too)."""
         if prompt not in self._texts:
-            from fluxjax.pipeline import encode_prompts
+            from experiments.sweep import backend
 
-            self._texts[prompt] = encode_prompts(self.model, [prompt])
+            self._texts[prompt] = backend(self.model).encode_prompts([prompt])
         return self._texts[prompt]
 
     def edit(self, prompt: str, reference, seed: int, height: int, width: int):
@@ -364,7 +434,7 @@ def load_reference(task: tasklib.Task) -> np.ndarray:
 
 def chunk_size(args: argparse.Namespace) -> int | None:
     if args.chunk is None:
-        return EMBEDDED_CHUNK if args.model == EMBEDDED else FOLDER_CHUNK
+        return FOLDER_CHUNK if model_kind(args.model) == "folder" else TINY_CHUNK
     if args.chunk < 0:
         raise ValueError(f"--chunk {args.chunk}: give a positive number of cells, or 0 for a whole sweep at once")
     return args.chunk or None

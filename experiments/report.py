@@ -102,9 +102,17 @@ class Figure:
 
 
 @dataclasses.dataclass(frozen=True)
+class FigureRow:
+    """Figures side by side (e.g. one per model), with an optional caption under the row."""
+
+    figures: Sequence[Figure]
+    caption: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Section:
     title: str
-    items: Sequence[Text | Table | Figure]
+    items: Sequence[Text | Table | Figure | FigureRow]
 
 
 def table_from_csv(path: str | os.PathLike, title: str, **kwargs: Any) -> Table:
@@ -123,6 +131,7 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
 .note { color: #555; font-size: 0.9em; }
+.row { display: flex; gap: 1em; align-items: flex-start; } .row figure { flex: 1; min-width: 0; }
 """
 
 
@@ -157,6 +166,11 @@ def render_html(folder: str | os.PathLike, title: str, sections: Sequence[Sectio
     def esc(text: str) -> str:  # element content; attributes go through html.escape with quotes
         return html.escape(text, quote=False)
 
+    def figure(item: Figure) -> str:
+        url = _relative_url(folder, Path(item.path))
+        return (f'<figure><a href="{url}"><img src="{url}" alt="{html.escape(item.caption)}" loading="lazy"></a>'
+                + (f"<figcaption>{esc(item.caption)}</figcaption>" if item.caption else "") + "</figure>")
+
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>"]
     if code:
@@ -177,11 +191,14 @@ def render_html(folder: str | os.PathLike, title: str, sections: Sequence[Sectio
                 if item.note:
                     out.append(f'<p class="note">{esc(item.note)}</p>')
             elif isinstance(item, Figure):
-                url = _relative_url(folder, Path(item.path))
-                out.append(f'<figure><a href="{url}"><img src="{url}" alt="{html.escape(item.caption)}" loading="lazy"></a>'
-                           + (f"<figcaption>{esc(item.caption)}</figcaption>" if item.caption else "") + "</figure>")
+                out.append(figure(item))
+            elif isinstance(item, FigureRow):
+                out.append('<div class="row">' + "".join(figure(f) for f in item.figures) + "</div>")
+                if item.caption:
+                    out.append(f'<p class="note">{esc(item.caption)}</p>')
             else:
-                raise TypeError(f"a report section holds Text, Table or Figure items, got {type(item).__name__}")
+                raise TypeError(f"a report section holds Text, Table, Figure or FigureRow items, got "
+                                f"{type(item).__name__}")
     if config is not None:
         out.append("<h2>Configuration</h2><pre>" + esc(json.dumps(config, indent=2, sort_keys=True)) + "</pre>")
     out.append("</body></html>")

@@ -1,9 +1,14 @@
-"""The main job: the study's five experiments on a subset of the colour bucket, one run folder, one report.
+"""The main job: the study's five experiments on a subset of the colour bucket, one report.
 
     python -m experiments.run_all
-        the embedded model (a deterministic random tiny FLUX.2 [klein], built on first use), the
-        colour bucket's red, green, blue and yellow balls (seed 0) at 64 x 64, every block swept;
-        a few minutes on 2 CPU cores. Report: runs/main/report.html
+        both committed model organisms (`direct` and `text-routed`: small FLUX.2 editors whose
+        routing is known by construction, see docs/organisms.md), the colour bucket's 8 colours x 2
+        shapes (seed 0) at 32 x 32, every block swept; a few minutes on 2 CPU cores. One run folder
+        per organism (runs/main/direct, runs/main/text-routed) and runs/main/report.html, which
+        puts the two side by side.
+    python -m experiments.run_all --model random-tiny --out runs/random
+        a deterministic random tiny FLUX.2 [klein] (every code path of a real folder, no behaviour):
+        red, green, blue and yellow balls (seed 0) at 64 x 64.
     python -m experiments.run_all --model /models/FLUX.2-klein-9B --out runs/klein9b
         a real FLUX.2 [klein] 9B folder (diffusers layout) on a GPU or TPU machine: 1024 x 1024
         references and outputs, 4 steps, bf16 as stored; add --blocks 7,17 for the study's cells
@@ -20,15 +25,17 @@ The experiments, in the study's order (see each module's --help):
        against the mask form at the middle k
     5. I2I -> I2I patching (experiments.patching) between colours of one object, block swept
 
-Every experiment writes its cells under outputs/<experiment>/ of the one run folder; the task
-baselines (edit, text-to-image) are shared. Rerunning the same command resumes: nothing complete
-is recomputed.
+With one model, --out is its run folder; with several (--model a,b), each gets the run folder
+--out/<name> and --out/report.html compares them. Every experiment writes its cells under
+outputs/<experiment>/ of a model's run folder; the task baselines (edit, text-to-image) are shared.
+Rerunning the same command resumes: nothing complete is recomputed.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,7 +43,12 @@ from experiments import common, drop, knockout, lens, patching, report
 
 NAME = "run_all"
 TITLE = "The five experiments"
-COLOUR_SUBSET = ("red,green,blue,yellow", "ball", "0")
+DEFAULT_MODELS = "direct,text-routed"
+COLOUR_SUBSETS = {  # per model kind: (colours, objects, seeds) of the default colour-bucket subset
+    "organism": (",".join(common.tasklib.COLOURS), "circle,triangle", "0"),
+    common.RANDOM_TINY: ("red,green,blue,yellow", "ball", "0"),
+    "folder": ("red,green,blue,yellow", "ball", "0"),
+}
 STUDY_COLOUR_BLOCK, STUDY_BLOCKS = 17, 32  # the study's colour cell: global block 17 of klein-9B's 32
 
 # The study's colour-bucket numbers (protocol table), next to which the report puts this run's.
@@ -90,16 +102,16 @@ def plan(config, blocks_spec: str, source_steps: int, headline: int | None, pair
     return out
 
 
-def _rates(run, prefix: str) -> dict[str, Mapping]:
-    path = run.path / f"{prefix}-pass-rates.csv"
+def _rates(run_path: Path, prefix: str) -> dict[str, Mapping]:
+    path = run_path / f"{prefix}-pass-rates.csv"
     with open(path, newline="", encoding="utf-8") as f:
         return {r["setting"]: r for r in csv.DictReader(f)}
 
 
-def summary_table(run, s: Mapping, random_model: bool) -> report.Table:
-    """This run's pass rates next to the study's colour-bucket numbers."""
+def summary_rows(run_path: Path, s: Mapping) -> list[dict]:
+    """This run's headline pass rates ({experiment, this run, study}) in the study's order."""
     b = s["headline_block"]
-    tables = {prefix: _rates(run, prefix) for prefix in ("lens", "knockout", "patching")}
+    tables = {prefix: _rates(run_path, prefix) for prefix in ("lens", "knockout", "patching")}
     # (what, experiment, setting in its pass-rate table, reading of the rate, the study's number)
     lines = [(f"T2I Lens, block {b}: reference colour present", "lens", f"all b{b}", "", STUDY["lens"]),
              (f"T2I Lens padding-only, block {b}", "lens", f"padding b{b}", "", STUDY["lens_padding"]),
@@ -116,28 +128,49 @@ def summary_table(run, s: Mapping, random_model: bool) -> report.Table:
             value = 1 - float(r["rate"]) if reading == "lost" else float(r["rate"])
             here = f"{value:.0%}{' ' + reading if reading else ''} (n = {r['n']})"
         rows.append({"experiment": what, "this run": here, "study": study})
-    return report.Table(title="This run against the study (colour bucket)",
-                        columns=["experiment", "this run", "study"], rows=rows,
-                        note=f"Colour threshold: CIEDE2000 {common.THRESHOLD:g}. The study scored with a VLM judge "
-                             "on klein-9B." + (" This random model shows no binding: its numbers only exercise the "
-                                               "pipeline." if random_model else ""))
+    return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.run_all", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    common.add_arguments(parser, out_default="runs/main", colour_defaults=COLOUR_SUBSET)
-    args = parser.parse_args(argv)
+def summary_note(kind: str) -> str:
+    note = f"Colour threshold: CIEDE2000 {common.THRESHOLD:g}. The study scored with a VLM judge on klein-9B."
+    if kind == common.RANDOM_TINY:
+        note += " This random model shows no binding: its numbers only exercise the pipeline."
+    if kind == "organism":
+        note += (" A model organism's routing is known by construction (docs/organisms.md): `direct` was trained "
+                 "plainly, `text-routed` with the reference cut from the image and from the text content positions "
+                 "in every block, so it can reach the image only through the text padding positions.")
+    return note
+
+
+def summary_table(run_path: Path, s: Mapping, kind: str) -> report.Table:
+    """This run's pass rates next to the study's colour-bucket numbers."""
+    return report.Table(title="This run against the study (colour bucket)", columns=["experiment", "this run", "study"],
+                        rows=summary_rows(run_path, s), note=summary_note(kind))
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One model's run of the five experiments."""
+
+    name: str  # the model's short name (a --model value, or a folder's name)
+    kind: str
+    run_path: Path
+    report: Path
+    settings: Mapping
+
+
+def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str) -> Outcome:
+    """The five experiments on `args.model`, into the run folder `out`."""
     try:
         spec = common.task_spec(args)
         model, model_record = common.load_model(args)
         settings = plan(model.config, args.blocks, args.source_steps, args.headline_block, args.pairs)
         config = {**common.base_config(args, model, model_record), "experiment": NAME, "settings": settings}
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, FileNotFoundError) as e:
         parser.error(str(e))
     timer = common.Timer()
-    with common.open_run_folder(args.out, config) as run:
+    kind = model_record["kind"]
+    with common.open_run_folder(out, config) as run:
         ctx = common.open_context(args, model, run)
         try:
             found = common.load_tasks(spec, run)
@@ -152,12 +185,63 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.Text(f"{common.describe_model(ctx)}\n\n{len(found)} tasks: "
                         f"{', '.join(t.task_id for t in found)}. This invocation took {timer.seconds():.0f} s"
                         f"{' (resumed)' if run.resumed else ''}."),
-            summary_table(run, settings, random_model=args.model == common.EMBEDDED)])
+            summary_table(run.path, settings, kind)])
         path = report.write_run_report(run, f"{TITLE}: {model_record['name']}", [intro, *sections])
         run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": timer.seconds(),
                            "resumed": run.resumed})
     print(f"report: {path}")
+    return Outcome(name=common.model_name(args.model), kind=kind, run_path=run.path, report=path, settings=settings)
+
+
+def comparison_report(folder: Path, outcomes: Sequence[Outcome]) -> Path:
+    """`folder/report.html`: the models' headline pass rates side by side, then their sweep plots."""
+    rows = {}
+    for o in outcomes:
+        for r in summary_rows(o.run_path, o.settings):
+            rows.setdefault(r["experiment"], {"experiment": r["experiment"], "study": r["study"]})[o.name] = r["this run"]
+    names = [o.name for o in outcomes]
+    table = report.Table(title="Pass rates side by side", columns=["experiment", *names, "study"],
+                         rows=list(rows.values()), note=summary_note(outcomes[0].kind if len(
+                             {o.kind for o in outcomes}) == 1 else "mixed"))
+    links = report.Text("Each model's full report (grids, tables, every setting): " + "; ".join(
+        f"{o.name}: {o.report.relative_to(folder.resolve()).as_posix()}" for o in outcomes) + ".")
+    sections = [report.Section("Headline numbers", [table, links])]
+    plots = {}
+    for o in outcomes:
+        for png in sorted((o.run_path / "plots").glob("*.png")):
+            plots.setdefault(png.stem, []).append(report.Figure(path=png, caption=o.name))
+    rows_of_plots = [report.FigureRow(figures, caption=stem) for stem, figures in plots.items()]
+    if rows_of_plots:
+        sections.append(report.Section("Block sweeps side by side", rows_of_plots))
+    return report.write_report(folder, f"{TITLE}: {', '.join(names)}", sections)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.run_all", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    common.add_arguments(parser, out_default="runs/main", model_default=DEFAULT_MODELS,
+                         colour_defaults=COLOUR_SUBSETS)
+    args = parser.parse_args(argv)
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    if not models:
+        parser.error("--model: name at least one model")
+    if len(models) == 1:
+        run_model(parser, _with_model(args, models[0]), args.out)
+        return 0
+    names = [common.model_name(m) for m in models]
+    if len(set(names)) != len(names):
+        parser.error(f"--model {args.model}: the models need different names (their run folders are --out/<name>)")
+    folder = Path(args.out).resolve()
+    outcomes = [run_model(parser, _with_model(args, m), str(folder / common.slug(name)))
+                for m, name in zip(models, names)]
+    path = comparison_report(folder, outcomes)
+    print(f"report: {path}")
     return 0
+
+
+def _with_model(args: argparse.Namespace, model: str) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "model": model})
 
 
 if __name__ == "__main__":

@@ -12,6 +12,12 @@ values, masks, knockout tables) and runs them as `jax.vmap` over one compiled sa
 `chunk` cells per call (the last chunk padded by repeating its last cell, so every call has the
 same shape and reuses the same program), then decodes the whole chunk with the VAE in one batch.
 
+The model is a FLUX.2 `fluxjax.pipeline.Flux2Model` or any object with the same experiment
+interface (`organisms.experiment_model.OrganismModel`): `config`, `params`, `options`,
+`encode_prompts`, `reference_tokens`, `image_grid`, `decode`, `sigmas` and `with_cuts` (the
+interventions every call must carry, e.g. an organism's routing cuts). `backend(model)` gives that
+interface for a `Flux2Model`.
+
 Axes as in `fluxjax.numerics`; V is the sweep axis.
 """
 
@@ -32,6 +38,43 @@ from fluxjax.interventions import Capture, Captures, Interventions, stack
 from fluxjax.layout import TokenLayout
 
 
+class PipelineBackend:
+    """The experiment interface of a FLUX.2 model folder: its VAE, text encoder and schedule."""
+
+    def __init__(self, model: pipeline.Flux2Model):
+        self.model = model
+        self.config, self.params, self.options = model.config, model.params, model.options
+
+    def encode_prompts(self, prompts):
+        return pipeline.encode_prompts(self.model, prompts)
+
+    def reference_tokens(self, references):
+        return pipeline.reference_tokens(self.model, references)
+
+    def image_grid(self, height: int, width: int) -> tuple[int, int]:
+        return imagelib.image_grid(height, width)
+
+    def decode(self, latents, height: int, width: int) -> np.ndarray:
+        """Packed latents [B, N_img, P] -> uint8 pixels [B, H, W, 3] (diffusers' postprocess)."""
+        return np.asarray(pipeline._decode_pixels(self.model.vae_params, self.model.vae_config, latents, height,
+                                                  width))
+
+    def sigmas(self, num_steps: int):
+        return None  # the FLUX.2 schedule of the image's token count
+
+    def with_cuts(self, layout, content_mask, interventions):
+        return interventions
+
+    @property
+    def multiple_of(self) -> int:
+        return imagelib.MULTIPLE_OF
+
+
+def backend(model):
+    """The experiment interface of `model` (a `Flux2Model`, or a model that has it already)."""
+    return PipelineBackend(model) if isinstance(model, pipeline.Flux2Model) else model
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Edit:
     """One sample's inputs, shared by every cell of a sweep (batch 1)."""
@@ -47,63 +90,61 @@ class Edit:
     uncond: jax.Array | None = None  # [1, T, C] empty-prompt embeddings, for guidance "cfg" only
 
 
-def prepare(model: pipeline.Flux2Model, text, *, reference=None, seed: int, height: int, width: int,
-            uncond=None) -> Edit:
+def prepare(model, text, *, reference=None, seed: int, height: int, width: int, uncond=None) -> Edit:
     """An edit of `text` (a one-prompt `TextConditioning`) with an optional reference image (path
     or PIL) and the noise of `seed` (`fluxjax.sampler.initial_noise`, as `pipeline.generate`)."""
+    model = backend(model)
     dtype = model.params.img_in.dtype
     embeds = jnp.asarray(np.asarray(text.embeds, np.float32), dtype)
     if embeds.shape[0] != 1:
         raise ValueError(f"an Edit holds one prompt; got {embeds.shape[0]}")
     refs, grids = None, ()
     if reference is not None:
-        refs, grids, _ = pipeline.reference_tokens(model, [reference])
-    grid = imagelib.image_grid(height, width)
+        refs, grids, _ = model.reference_tokens([reference])
+    grid = model.image_grid(height, width)
     layout = TokenLayout(n_txt=embeds.shape[1], img_grid=grid, ref_grids=tuple(grids))
     noise = samplerlib.initial_noise(seed, 1, layout.n_img, model.config.in_channels, dtype)
     if model.options.guidance == "cfg" and uncond is None:
         raise ValueError("this model samples with classifier-free guidance: pass `uncond`, the empty prompt's "
                          "TextConditioning")
     return Edit(txt=embeds, txt_ids=np.asarray(text.txt_ids), content_mask=np.asarray(text.content_mask, bool),
-                refs=refs, layout=layout, noise=noise, height=grid[0] * imagelib.MULTIPLE_OF,
-                width=grid[1] * imagelib.MULTIPLE_OF,
+                refs=refs, layout=layout, noise=noise, height=grid[0] * model.multiple_of,
+                width=grid[1] * model.multiple_of,
                 uncond=None if uncond is None else jnp.asarray(np.asarray(uncond.embeds, np.float32), dtype))
 
 
-def _decode(model: pipeline.Flux2Model, edit: Edit, latents) -> np.ndarray:
-    """Packed latents [B, N_img, P] -> uint8 pixels [B, H, W, 3] (diffusers' postprocess)."""
-    return np.asarray(pipeline._decode_pixels(model.vae_params, model.vae_config, latents, edit.height, edit.width))
-
-
-def run(model: pipeline.Flux2Model, edit: Edit, options: samplerlib.SamplerOptions,
-        interventions: Interventions | None = None, capture: Capture | None = None,
-        attn_impl: str | None = None) -> tuple[np.ndarray, Captures | None]:
+def run(model, edit: Edit, options: samplerlib.SamplerOptions, interventions: Interventions | None = None,
+        capture: Capture | None = None, attn_impl: str | None = None) -> tuple[np.ndarray, Captures | None]:
     """One sampler call: (pixels uint8 [1, H, W, 3], captures with a leading [num_steps] axis or None)."""
+    model = backend(model)
+    interventions = model.with_cuts(edit.layout, edit.content_mask, interventions)
     out = samplerlib.sample(model.params, model.config, options, edit.txt, edit.txt_ids, edit.layout.img_ids(),
                             noise=edit.noise, refs=edit.refs, uncond_txt=edit.uncond, interventions=interventions,
-                            capture=capture, attn_impl=attn_impl)
+                            capture=capture, sigmas=model.sigmas(options.num_steps), attn_impl=attn_impl)
     latents, captures = out if capture is not None else (out, None)
-    return _decode(model, edit, latents), captures
+    return model.decode(latents, edit.height, edit.width), captures
 
 
 @functools.partial(jax.jit, static_argnames=("config", "options", "attn_impl"))
-def _sample_many(params, txt, txt_ids, img_ids, noise, refs, uncond, interventions, *, config, options, attn_impl):
+def _sample_many(params, txt, txt_ids, img_ids, noise, refs, uncond, interventions, sigmas, *, config, options,
+                 attn_impl):
     """The sampler vmapped over the leading V axis of every intervention array: [V, 1, N_img, P]."""
     def one(iv):
         return samplerlib.sample(params, config, options, txt, txt_ids, img_ids, noise=noise, refs=refs,
-                                 uncond_txt=uncond, interventions=iv, attn_impl=attn_impl)
+                                 uncond_txt=uncond, interventions=iv, sigmas=sigmas, attn_impl=attn_impl)
 
     return jax.vmap(one)(interventions)
 
 
-def sweep(model: pipeline.Flux2Model, edit: Edit, options: samplerlib.SamplerOptions,
-          cells: Sequence[Interventions], *, chunk: int | None = None, attn_impl: str | None = None) -> np.ndarray:
+def sweep(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence[Interventions], *,
+          chunk: int | None = None, attn_impl: str | None = None) -> np.ndarray:
     """Every cell's image, as vmapped calls of one compiled sampler: uint8 [V, H, W, 3].
 
     cells: interventions of one pytree structure (a sweep varies values only). chunk: cells per
     call (None: all at once); bounds memory on large models.
     """
-    cells = list(cells)
+    model = backend(model)
+    cells = [model.with_cuts(edit.layout, edit.content_mask, iv) for iv in cells]
     if not cells:
         raise ValueError("a sweep needs at least one cell")
     size = len(cells) if chunk is None else max(1, min(int(chunk), len(cells)))
@@ -112,8 +153,8 @@ def sweep(model: pipeline.Flux2Model, edit: Edit, options: samplerlib.SamplerOpt
         part = cells[start:start + size]
         padded = part + [part[-1]] * (size - len(part))  # same shape every call: one program
         latents = _sample_many(model.params, edit.txt, jnp.asarray(edit.txt_ids), jnp.asarray(edit.layout.img_ids()),
-                               edit.noise, edit.refs, edit.uncond, stack(padded), config=model.config,
-                               options=options, attn_impl=attn_impl)
-        pixels = _decode(model, edit, latents[:, 0])
+                               edit.noise, edit.refs, edit.uncond, stack(padded), model.sigmas(options.num_steps),
+                               config=model.config, options=options, attn_impl=attn_impl)
+        pixels = model.decode(latents[:, 0], edit.height, edit.width)
         out.append(pixels[:len(part)])
     return np.concatenate(out)

@@ -322,13 +322,15 @@ def _check_subset(kind: str, values: Sequence, known: Sequence) -> tuple:
 
 def colour_bucket(colours: Sequence[str] | None = None, objects: Sequence[str] | None = None,
                   seeds: Sequence[int] | None = None, *, size: int = DEFAULT_SIZE,
-                  reference_dir: str = "references") -> list[Task]:
+                  reference_dir: str = "references", known_objects: Sequence[str] = OBJECTS) -> list[Task]:
     """The colour bucket's tasks (or the subset asked for), colour-major as in the study's file.
 
     References are named `solid_{colour}` in `reference_dir`, relative to the task file's folder.
+    known_objects: the objects a model can be asked for (the study's; a model organism's shapes).
     """
     colours = _check_subset("colours", list(COLOURS) if colours is None else list(colours), list(COLOURS))
-    objects = _check_subset("objects", list(OBJECTS) if objects is None else list(objects), list(OBJECTS))
+    known_objects = list(known_objects)
+    objects = _check_subset("objects", known_objects if objects is None else list(objects), known_objects)
     seeds = _check_subset("seeds", list(SEEDS) if seeds is None else list(seeds), list(SEEDS))
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
@@ -353,13 +355,13 @@ def flat_image(rgb: Sequence[int], size: int | tuple[int, int]) -> np.ndarray:
 
 def write_colour_bucket(folder: str | os.PathLike, colours: Sequence[str] | None = None,
                         objects: Sequence[str] | None = None, seeds: Sequence[int] | None = None, *,
-                        size: int = DEFAULT_SIZE) -> Path:
+                        size: int = DEFAULT_SIZE, known_objects: Sequence[str] = OBJECTS) -> Path:
     """Write the colour bucket (or a subset): `references/solid_{colour}.png` and `tasks.jsonl`.
 
     Returns the path of the task file. Rewriting the same bucket gives identical files.
     """
     folder = Path(folder)
-    tasks = colour_bucket(colours, objects, seeds, size=size)
+    tasks = colour_bucket(colours, objects, seeds, size=size, known_objects=known_objects)
     for colour in dict.fromkeys(t.metadata["colour"] for t in tasks):
         atomic_save_image(folder / "references" / f"solid_{colour}.png", flat_image(COLOURS[colour], size))
     return write_tasks(folder / "tasks.jsonl", tasks)

@@ -304,3 +304,40 @@ def test_names_blocks_and_colour_pairs():
     assert len(pairs) == 6 and all(a.split("_")[2] == b.split("_")[2] and a != b for a, b in pairs)
     with pytest.raises(ValueError, match="no colour-bucket pairs"):
         patching.colour_pairs(found[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# model organisms through the experiment commands
+
+
+def test_run_all_on_both_organisms_puts_them_side_by_side(tmp_path):
+    """The default model of the main job: both committed organisms, one run folder each, one
+    comparison report; inside the experiments an organism's own cuts come with every call."""
+    out = tmp_path / "main"
+    assert run_all.main(["--model", "direct,text-routed", "--colours", "red,blue", "--objects", "circle",
+                         "--blocks", "1,3", "--no-progress", "--out", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "Pass rates side by side" in html and "direct/report.html" in html and "text-routed/report.html" in html
+    for name in ("direct", "text-routed"):
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["model"]["kind"] == "organism"
+        assert config["tasks"]["colour_bucket"]["size"] == 32
+        check_report(out / name, "knockout", ("solid_red_circle_s0", "solid_blue_circle_s0"))
+    for task in ("solid_red_circle_s0", "solid_blue_circle_s0"):
+        # text-routed was trained with ref->image cut: cutting it again changes nothing
+        edit = image(out / "text-routed" / "outputs" / "baselines" / task / "edit.png")
+        cut = image(out / "text-routed" / "outputs" / "knockout" / task / "ref-to-image--all.png")
+        assert np.abs(edit - cut).max() <= PIXEL_TOL
+        # while in the direct organism the same cut changes the image
+        edit = image(out / "direct" / "outputs" / "baselines" / task / "edit.png")
+        cut = image(out / "direct" / "outputs" / "knockout" / task / "ref-to-image--all.png")
+        assert np.abs(edit - cut).mean() > 5
+
+
+def test_organism_models_refuse_what_they_cannot_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lens.main(["--model", "direct", "--objects", "ball", "--no-progress", "--out", str(tmp_path / "a")])
+    assert "unknown objects ball" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lens.main(["--model", "direct", "--dtype", "bfloat16", "--no-progress", "--out", str(tmp_path / "b")])
+    assert "organisms run in float32" in capsys.readouterr().err
