@@ -126,3 +126,24 @@ def test_retraining_and_resuming_reproduce_the_first_100_steps(name, tmp_path):
         process.wait()
     resumed = _retrain(name, out, 100, checkpoint_every=25)
     np.testing.assert_allclose(resumed, committed_curve, rtol=RTOL)
+
+
+def test_docs_example_runs_and_draws_what_it_says(monkeypatch):
+    """The Python example of docs/organisms.md runs as written from the repository root; its
+    sample is a ring in the swatch's blue."""
+    import pathlib
+    import re
+
+    from experiments.metrics import COLOUR_MATCH_DE00, colour_error, reference_colour
+    from organisms.shapes import classify
+
+    root = pathlib.Path(__file__).parents[1]
+    blocks = re.findall(r"```python\n(.*?)```", (root / "docs" / "organisms.md").read_text(), re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(root)
+    namespace: dict = {}
+    exec(compile(blocks[0], "docs/organisms.md, example", "exec"), namespace)
+    images, swatch = namespace["images"], namespace["swatch"]
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+    assert colour_error(images[0], reference_colour(swatch[0])) <= COLOUR_MATCH_DE00
+    assert classify(images[0]) == "ring"
