@@ -141,7 +141,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
     g.add_argument("--model", default=model_default,
                    help=f"'direct' or 'text-routed' (the committed model organisms), an organism folder, "
                         f"'{RANDOM_TINY}' (a random tiny FLUX.2 [klein], built on first use into the cache), or a "
-                        f"FLUX.2 model folder in the diffusers layout (default {model_default})")
+                        f"FLUX.2 model folder in the diffusers layout"
+                        f"{'; several, comma-separated, run one after another' if ',' in model_default else ''} "
+                        f"(default {model_default})")
     g.add_argument("--cache", default=None,
                    help="conversion, text-encoding and random-tiny model cache (default: $FLUXJAX_CACHE or "
                         "~/.cache/fluxjax)")
@@ -183,7 +185,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
 
 def _default_help(defaults: Mapping[str, tuple] | None, i: int) -> str:
     parts = [f"{v[i]} for {k}" for k, v in (defaults or {}).items()]
-    return "; ".join(parts + ["all otherwise"]) if parts else "all"
+    if len(parts) < 3:  # not every kind ('organism', 'random-tiny', 'folder') has a default
+        parts.append("all otherwise" if parts else "all")
+    return "; ".join(parts)
 
 
 def colour_subset(args: argparse.Namespace, kind: str) -> dict:

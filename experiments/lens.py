@@ -16,7 +16,7 @@ A sweep (--sweep or --blocks) captures every block in one source run and runs ev
 (positions, block) cell as vmapped compiled calls; it ends in plots of colour distance and pass
 rate against the block.
 
-    python -m experiments.lens --sweep --colours red,blue --objects ball --seeds 0
+    python -m experiments.lens --sweep --colours red,blue --objects circle --seeds 0
     python -m experiments.lens --model FLUX.2-klein-9B --tasks colour/tasks.jsonl --block 17
 """
 

@@ -14,7 +14,7 @@ A block sweep (--sweep or --blocks) captures every block in one source run and r
 (CIEDE2000) to the source reference's colour than to the target reference's (the property
 transferred). Compared against the target's baseline edit.
 
-    python -m experiments.patching --sweep --colours red,blue --objects ball --seeds 0
+    python -m experiments.patching --sweep --colours red,blue --objects circle --seeds 0
     python -m experiments.patching --model FLUX.2-klein-9B --tasks colour/tasks.jsonl \
         --pairs colour/pairs.tsv --block 17
 """
