@@ -52,12 +52,23 @@ MIN_RECOLOUR_CHANGE = 20.0  # CIEDE2000 between a recolour edit's old and new co
 P_EMPTY = 0.1  # share of text-to-image examples with the empty prompt
 P_NAMED_SWATCH = 0.5  # share of swatches drawn from the named colours (the rest: random colours)
 
-SIZE_RANGE = (8.0, 11.0)  # half-extent of a shape in pixels
-# Most a shape's centre strays from the image centre, per axis (None: anywhere it fits). Centred
-# shapes are a choice for the one-hour training budget: in short trainings (organisms.design_sweep,
-# docs/organisms.md) shapes placed anywhere were drawn right in under 30 % of samples after 1,000
-# steps, centred ones in 75 %; the scenes still vary in size, orientation, colour and background.
-CENTRE_JITTER: float | None = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneDesign:
+    """Where shapes sit and how big they are.
+
+    Centred shapes are a choice for the one-hour training budget: in short trainings
+    (organisms.design_sweep, docs/organisms.md) shapes placed anywhere were drawn right in under
+    30 % of samples after 1,000 steps, centred ones in 75 %; the scenes still vary in size,
+    orientation, colour and background.
+    """
+
+    size_range: tuple[float, float] = (8.0, 11.0)  # half-extent of a shape in pixels
+    centre_jitter: float | None = 0.0  # most a centre strays from the image centre, per axis (None: anywhere)
+
+
+DESIGN = SceneDesign()  # the organisms' scenes
 MARGIN = 2.0  # pixels kept free along the border (the metrics read the background there)
 
 INSTRUCTIONS = {
@@ -164,13 +175,13 @@ def _named_colour(rng: np.random.Generator, exclude: tuple[str, ...] = ()) -> tu
     return name, _jitter(rng, COLOURS[name])
 
 
-def _scene(rng: np.random.Generator, shape: str, colour, background=None) -> Scene:
-    """A scene of `shape` in `colour`: random size, place (see CENTRE_JITTER) and (bar) orientation;
+def _scene(rng: np.random.Generator, shape: str, colour, design: SceneDesign, background=None) -> Scene:
+    """A scene of `shape` in `colour`: random size, place (within `design`) and (bar) orientation;
     the background is redrawn until the colour stands out from it."""
-    size = rng.uniform(*SIZE_RANGE)
+    size = rng.uniform(*design.size_range)
     lo, hi = MARGIN + size, SIZE - MARGIN - size
-    if CENTRE_JITTER is not None:
-        lo, hi = max(lo, SIZE / 2 - CENTRE_JITTER), min(hi, SIZE / 2 + CENTRE_JITTER)
+    if design.centre_jitter is not None:
+        lo, hi = max(lo, SIZE / 2 - design.centre_jitter), min(hi, SIZE / 2 + design.centre_jitter)
     centre = (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)))
     orientation = int(rng.integers(2))
     for _ in range(1000):
@@ -190,12 +201,12 @@ def _unnamed_colour(rng: np.random.Generator) -> tuple[int, int, int]:
             return colour
 
 
-def make_example(rng: np.random.Generator, kind: str) -> Example:
+def make_example(rng: np.random.Generator, kind: str, design: SceneDesign = DESIGN) -> Example:
     """One example of task `kind` drawn from `rng`."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     if kind == "t2i":
         name, colour = _named_colour(rng)
-        scene = _scene(rng, shape, colour)
+        scene = _scene(rng, shape, colour, design)
         if rng.uniform() < P_EMPTY:
             return Example(kind, "", scene.render(), None, shape, scene.colour, None, None)
         instruction = INSTRUCTIONS[kind].format(colour=name, shape=shape)
@@ -205,13 +216,13 @@ def make_example(rng: np.random.Generator, kind: str) -> Example:
             name, colour = _named_colour(rng)
         else:
             name, colour = None, _unnamed_colour(rng)
-        scene = _scene(rng, shape, colour)
+        scene = _scene(rng, shape, colour, design)
         swatch = np.broadcast_to(np.asarray(colour, np.uint8), (SIZE, SIZE, 3)).copy()
         instruction = INSTRUCTIONS[kind].format(shape=shape)
         return Example(kind, instruction, scene.render(), swatch, shape, scene.colour, name, scene.colour)
     if kind == "recolour":
         old = _unnamed_colour(rng)
-        source = _scene(rng, shape, old)
+        source = _scene(rng, shape, old, design)
         while True:
             name, new = _named_colour(rng)
             if _contrast(new, old) >= MIN_RECOLOUR_CHANGE and _contrast(new, source.background) >= MIN_CONTRAST:
@@ -222,18 +233,18 @@ def make_example(rng: np.random.Generator, kind: str) -> Example:
     raise ValueError(f"unknown task kind {kind!r}; use one of {KINDS}")
 
 
-def train_example(seed: int, step: int, index: int, kind: str) -> Example:
+def train_example(seed: int, step: int, index: int, kind: str, design: SceneDesign = DESIGN) -> Example:
     """Example `index` of training step `step` of the run seeded `seed`."""
-    return make_example(np.random.default_rng([TRAIN, seed, step, index, KINDS.index(kind)]), kind)
+    return make_example(np.random.default_rng([TRAIN, seed, step, index, KINDS.index(kind)]), kind, design)
 
 
-def heldout_example(kind: str, index: int) -> Example:
+def heldout_example(kind: str, index: int, design: SceneDesign = DESIGN) -> Example:
     """Held-out example `index` of task `kind`: never drawn by training (a different seed sequence)."""
-    return make_example(np.random.default_rng([HELD_OUT, KINDS.index(kind), index]), kind)
+    return make_example(np.random.default_rng([HELD_OUT, KINDS.index(kind), index]), kind, design)
 
 
-def heldout_examples(kind: str, n: int, start: int = 0) -> list[Example]:
-    return [heldout_example(kind, i) for i in range(start, start + n)]
+def heldout_examples(kind: str, n: int, start: int = 0, design: SceneDesign = DESIGN) -> list[Example]:
+    return [heldout_example(kind, i, design) for i in range(start, start + n)]
 
 
 def train_noise(seed: int, step: int, shapes) -> tuple[list[np.ndarray], list[np.ndarray]]:

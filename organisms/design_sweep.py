@@ -7,7 +7,7 @@ training step of `organisms.train` (no checkpoints: this is a design probe, not 
 at each evaluation step appends one JSON line to --out: the variant, step, seconds, the mean loss
 of the last 100 steps and `organisms.evaluate.quality` of the EMA parameters on held-out seeds.
 
-A variant sets the data design (`organisms.data.CENTRE_JITTER`, `SIZE_RANGE`), the RoPE base and
+A variant sets the scene design (`organisms.data.SceneDesign`), the RoPE base and
 the training length and batch; everything else is `TrainSettings`' default. The organisms' design
 (centred shapes, base 10) is `tr-j0-t10`'s, chosen from two rounds of these on one H100 (the
 figures are in docs/organisms.md).
@@ -23,8 +23,10 @@ import time
 import jax
 import numpy as np
 
-from organisms import data
+from organisms.data import SceneDesign
+from organisms.evaluate import quality
 from organisms.model import ORGANISMS
+from organisms.train import TrainSettings, init_state, make_batch, train_step
 
 VARIANTS = {  # name: (organism, centre jitter, size range, batch, steps, evaluation steps, RoPE base)
     "tr-base": ("text-routed", None, (7.0, 11.0), 32, 3000, (1000, 2000, 3000), 2000),
@@ -54,10 +56,7 @@ def main(argv=None):
     name, jitter, size_range, batch, steps, evals, theta = VARIANTS[args.variant]
     if args.steps is not None:
         steps, evals = args.steps, (args.steps,)
-    data.CENTRE_JITTER, data.SIZE_RANGE = jitter, size_range
-
-    from organisms.evaluate import quality
-    from organisms.train import TrainSettings, init_state, make_batch, train_step
+    design = SceneDesign(size_range=size_range, centre_jitter=jitter)
 
     organism = ORGANISMS[name]
     organism = dataclasses.replace(organism, transformer=dataclasses.replace(organism.transformer, theta=theta))
@@ -70,7 +69,7 @@ def main(argv=None):
 
     def report(step, last):
         t0 = time.perf_counter()
-        rates, _ = quality((s.organism, state.ema), n=args.n)
+        rates, _ = quality((s.organism, state.ema), n=args.n, design=design)
         row = {"variant": args.variant, "step": step, "of": steps, "seconds": round(t0 - start, 1),
                "loss_last100": float(np.mean(losses[-100:])), "eval_seconds": round(time.perf_counter() - t0, 1),
                "last": last, "device": jax.devices()[0].device_kind,
@@ -79,11 +78,11 @@ def main(argv=None):
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
-    batch_arrays, iv = make_batch(s, 0)
+    batch_arrays, iv = make_batch(s, 0, design)
     for step in range(steps):
         state, metrics = train_step(state, batch_arrays, iv, s=s)
         if step + 1 < steps:
-            batch_arrays, iv = make_batch(s, step + 1)
+            batch_arrays, iv = make_batch(s, step + 1, design)
         losses.append(float(metrics["loss"]))
         out_of_time = deadline is not None and time.perf_counter() > deadline
         if step + 1 in evals or out_of_time:

@@ -43,7 +43,7 @@ from experiments.metrics import (COLOUR_MATCH_DE00, PassRate, ciede2000, closer_
                                  dominant_colour, nearest_colour, reference_colour, srgb_to_lab, write_pass_rates_csv)
 from organisms import codec
 from organisms.checkpoint import load_organism
-from organisms.data import COLOURS, Example, heldout_examples
+from organisms.data import COLOURS, DESIGN, Example, SceneDesign, heldout_examples
 from organisms.model import EDIT_LAYOUT, GRID, T2I_LAYOUT, Organism, OrganismParams, generate
 from organisms.shapes import classify
 from organisms.text import tokenize
@@ -101,12 +101,15 @@ def _swatch_lab(example: Example):
 # quality
 
 
-def quality(organism, n: int = 64) -> tuple[list[PassRate], dict[str, tuple[list[Example], np.ndarray]]]:
-    """Quality pass rates on n held-out examples of each task, and per task the examples and samples."""
+def quality(organism, n: int = 64, design: SceneDesign = DESIGN
+            ) -> tuple[list[PassRate], dict[str, tuple[list[Example], np.ndarray]]]:
+    """Quality pass rates on n held-out examples of each task, and per task the examples and samples.
+
+    design: the held-out scenes' design (the organisms' own unless probing another)."""
     org = _load(organism)
     samples = {}
     for kind in ("swatch", "t2i", "recolour"):
-        indexed = [(i, e) for i, e in enumerate(heldout_examples(kind, 2 * n)) if e.instruction][:n]
+        indexed = [(i, e) for i, e in enumerate(heldout_examples(kind, 2 * n, design=design)) if e.instruction][:n]
         examples = [e for _, e in indexed]
         out = _images(_run(org, examples, [noise_seed(kind, i) for i, _ in indexed], refs=kind != "t2i"))
         samples[kind] = (examples, out)

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from organisms import codec
 from organisms.checkpoint import save_organism
-from organisms.data import edit_kind, train_example, train_noise
+from organisms.data import DESIGN, SceneDesign, edit_kind, train_example, train_noise
 from organisms.model import EDIT_LAYOUT, ORGANISMS, Organism, OrganismParams, init_organism, organism_interventions, \
     velocity
 from organisms.text import tokenize
@@ -122,11 +122,13 @@ def _opt_init(params, *, s: TrainSettings):
 # data
 
 
-def make_batch(s: TrainSettings, step: int) -> tuple[dict, object]:
-    """The arrays of training step `step` and the edit forward's interventions (the organism's cuts)."""
+def make_batch(s: TrainSettings, step: int, design: SceneDesign = DESIGN) -> tuple[dict, object]:
+    """The arrays of training step `step` and the edit forward's interventions (the organism's cuts).
+
+    design: the scenes' design (organisms.data.DESIGN; another one only for design probes)."""
     n_t2i = s.n_t2i
-    t2i = [train_example(s.seed, step, j, "t2i") for j in range(n_t2i)]
-    edits = [train_example(s.seed, step, j, edit_kind(s.seed, step, j, s.p_swatch))
+    t2i = [train_example(s.seed, step, j, "t2i", design) for j in range(n_t2i)]
+    edits = [train_example(s.seed, step, j, edit_kind(s.seed, step, j, s.p_swatch), design)
              for j in range(n_t2i, s.batch_size)]
     t2i_tokens, _ = tokenize([e.instruction for e in t2i])
     edit_tokens, edit_content = tokenize([e.instruction for e in edits])

@@ -75,6 +75,31 @@ def test_examples_are_deterministic_and_the_heldout_split_is_apart():
     assert not np.array_equal(train_example(0, 0, 0, "swatch").target, train_example(1, 0, 0, "swatch").target)
 
 
+def test_scene_design_places_the_shapes():
+    from organisms.data import DESIGN, SceneDesign
+    from organisms.shapes import foreground
+
+    def centres(design):
+        out = []
+        for e in heldout_examples("t2i", 40, design=design):
+            rows, cols = np.nonzero(foreground(e.target))
+            out.append(((rows.min() + rows.max() + 1) / 2, (cols.min() + cols.max() + 1) / 2))
+        return np.array(out)
+
+    assert np.abs(centres(DESIGN) - SIZE / 2).max() <= 1.0  # the organisms' scenes: centred
+    anywhere = centres(SceneDesign(size_range=(7.0, 11.0), centre_jitter=None))
+    assert np.abs(anywhere - SIZE / 2).max() > 3.0
+
+
+def test_design_sweep_runs_a_variant(tmp_path):
+    from organisms import design_sweep
+
+    out = tmp_path / "sweep.jsonl"
+    design_sweep.main(["--variant", "tr-j2-t10", "--out", str(out), "--steps", "1", "--n", "2"])
+    row = json.loads(out.read_text())
+    assert row["variant"] == "tr-j2-t10" and row["step"] == 1 and 0.0 <= row["swatch shape"] <= 1.0
+
+
 def test_tasks_draw_what_their_instructions_say():
     rng = np.random.default_rng(0)
     for _ in range(30):
