@@ -4,7 +4,7 @@ baseline edits of each task, the metrics rows and the report plumbing.
 Every command (`python -m experiments.lens`, `.knockout`, `.drop`, `.patching`, `.run_all`) takes
 
     --model NAME|PATH  what to run: `direct` or `text-routed`, the committed model organisms
-                     (small FLUX.2 editors whose routing is known: organisms.experiment_model;
+                     (small FLUX.2 editors whose routing is known; see experiments.models;
                      default text-routed, run_all runs both); an organism folder; `random-tiny`, a
                      deterministic random tiny FLUX.2 [klein] built on first use into
                      <cache>/models/ (every code path of a real folder, no behaviour); or a FLUX.2
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,18 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import grids, metrics, report, runs, tasks as tasklib
-
-ORGANISMS = ("direct", "text-routed")  # the committed model organisms (organisms.experiment_model)
-DEFAULT_MODEL = "text-routed"
-RANDOM_TINY = "random-tiny"
-RANDOM_TINY_SEED = 0
-RANDOM_TINY_SIZE = 64  # the colour bucket's size for the random tiny model: 4 x 4 latent tokens
-ORGANISM_SIZE = 32  # the organisms' images: 8 x 8 tokens of 4 x 4 pixels
-REAL_SIZE = 1024  # the study's size
-# Sweep cells per vmapped compiled call: all of a tiny model's sweep at once; two for a model folder,
-# as a 1024 x 1024 klein-9B cell with a knockout mask holds about 10 GB of attention logits ('xla').
-TINY_CHUNK, FOLDER_CHUNK = 8, 2
+from experiments import grids, metrics, models, report, runs, tasks as tasklib
 
 # Substitution positions: the names of the command line and the token groups they cover.
 POSITIONS = {"all": "text", "padding": "text[padding]", "content": "text[content]"}
@@ -75,26 +63,6 @@ def slug(text: str) -> str:
     if not out or not out[0].isalnum():
         out = "x" + out
     return out
-
-
-def model_kind(model: str) -> str:
-    """'organism', 'random-tiny' or 'folder' (a FLUX.2 model folder) for a --model value."""
-    if model in ORGANISMS:
-        return "organism"
-    if model == RANDOM_TINY:
-        return RANDOM_TINY
-    from organisms.experiment_model import is_organism_folder
-
-    return "organism" if is_organism_folder(os.path.expanduser(model)) else "folder"
-
-
-def model_name(model: str) -> str:
-    """A short name of a --model value: an organism's own name, else the folder's name."""
-    if model_kind(model) == "organism" and model not in ORGANISMS:
-        import json
-
-        return json.loads((Path(os.path.expanduser(model)) / "organism.json").read_text())["name"]
-    return Path(model).name
 
 
 def parse_blocks(spec: str, num_blocks: int) -> list[int]:
@@ -130,7 +98,7 @@ def blocks_from_args(args: argparse.Namespace, num_blocks: int, default: int) ->
     return parse_blocks(str(default if args.block is None else args.block), num_blocks)
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_default: str = DEFAULT_MODEL,
+def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_default: str = models.DEFAULT_MODEL,
                   colour_defaults: Mapping[str, tuple[str, str, str]] | None = None) -> None:
     """The model, task and run-folder options every experiment command takes.
 
@@ -140,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=model_default,
                    help=f"'direct' or 'text-routed' (the committed model organisms), an organism folder, "
-                        f"'{RANDOM_TINY}' (a random tiny FLUX.2 [klein], built on first use into the cache), or a "
+                        f"'{models.RANDOM_TINY}' (a random tiny FLUX.2 [klein], built on first use into the cache), or a "
                         f"FLUX.2 model folder in the diffusers layout"
                         f"{'; several, comma-separated, run one after another' if ',' in model_default else ''} "
                         f"(default {model_default})")
@@ -152,8 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
     g.add_argument("--steps", type=int, default=None,
                    help="denoising steps of every edit (default: the model's; 4 for [klein] distilled)")
     g.add_argument("--chunk", type=int, default=None,
-                   help=f"sweep cells per vmapped compiled call (default {TINY_CHUNK} for organisms and "
-                        f"{RANDOM_TINY}, {FOLDER_CHUNK} for a model folder; 0: a whole sweep at once; lower it if "
+                   help=f"sweep cells per vmapped compiled call (default {models.TINY_CHUNK} for organisms and "
+                        f"{models.RANDOM_TINY}, {models.FOLDER_CHUNK} for a model folder; 0: a whole sweep at once; lower it if "
                         f"memory runs out)")
     g.add_argument("--attn-impl", choices=("xla", "blocked", "cudnn"), default=None,
                    help="attention implementation (default: 'blocked' on CPU, 'xla' elsewhere; 'blocked' "
@@ -174,8 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
     t.add_argument("--seeds", default=None, help=f"colour bucket: comma-separated seeds among 0..4 (default: "
                    f"{_default_help(colour_defaults, 2)})")
     t.add_argument("--size", type=int, default=None,
-                   help=f"the generated colour bucket's reference and output size (default {ORGANISM_SIZE} for "
-                        f"organisms, {RANDOM_TINY_SIZE} for {RANDOM_TINY}, {REAL_SIZE} for a model folder)")
+                   help=f"the generated colour bucket's reference and output size (default "
+                        f"{models.default_size('organism')} for organisms, {models.RANDOM_TINY_SIZE} for "
+                        f"{models.RANDOM_TINY}, {models.REAL_SIZE} for a model folder)")
     r = parser.add_argument_group("run")
     r.add_argument("--out", default=out_default, help=f"run folder (default {out_default}); an existing one "
                    "with the same configuration is resumed, one with another configuration is never reused "
@@ -190,27 +159,17 @@ def _default_help(defaults: Mapping[str, tuple] | None, i: int) -> str:
     return "; ".join(parts)
 
 
-def colour_subset(args: argparse.Namespace, kind: str) -> dict:
+def colour_subset(args: argparse.Namespace, model_kind: str) -> dict:
     """The colour bucket subset of --colours/--objects/--seeds, defaults by model kind."""
-    from experiments.tasks import COLOURS, OBJECTS, SEEDS
-
-    objects = OBJECTS
-    if kind == "organism":
-        from organisms.experiment_model import colour_bucket_vocabulary
-
-        objects = colour_bucket_vocabulary()[0]
-    every = (",".join(COLOURS), ",".join(objects), ",".join(map(str, SEEDS)))
-    defaults = getattr(args, "colour_defaults", {}).get(kind, every)
+    known = models.objects(model_kind)
+    every = (",".join(tasklib.COLOURS), ",".join(known), ",".join(map(str, tasklib.SEEDS)))
+    defaults = args.colour_defaults.get(model_kind, every)
     given = argparse.Namespace(**{name: value if value is not None else default for name, value, default in
                                   zip(("colours", "objects", "seeds"), (args.colours, args.objects, args.seeds),
                                       defaults)})
     subset = tasklib.colour_subset_from_args(given)
-    tasklib.colour_bucket(**subset, known_objects=objects, size=1)  # refuses unknown names now
-    return {**subset, "known_objects": list(objects)}
-
-
-def default_size(kind: str) -> int:
-    return {"organism": ORGANISM_SIZE, RANDOM_TINY: RANDOM_TINY_SIZE}.get(kind, REAL_SIZE)
+    tasklib.colour_bucket(**subset, known_objects=known, size=1)  # refuses unknown names before the model loads
+    return {**subset, "known_objects": list(known)}
 
 
 def file_sha256(path: Path) -> str:
@@ -226,8 +185,8 @@ def task_spec(args: argparse.Namespace) -> dict:
             raise ValueError(f"--tasks {args.tasks}: no such file")
         root = None if args.root is None else str(Path(args.root).resolve())
         return {"file": str(path), "sha256": file_sha256(path), "root": root, "ids": ids, "limit": args.limit}
-    kind = model_kind(args.model)
-    size = args.size if args.size is not None else default_size(kind)
+    kind = models.kind(args.model)
+    size = args.size if args.size is not None else models.default_size(kind)
     return {"colour_bucket": {**colour_subset(args, kind), "size": size}, "ids": ids, "limit": args.limit}
 
 
@@ -251,56 +210,6 @@ def load_tasks(spec: Mapping[str, Any], run: runs.RunFolder) -> list[tasklib.Tas
     return found
 
 
-# ---------------------------------------------------------------------------------------------
-# model
-
-
-def random_tiny_folder(cache: str | None) -> str:
-    """The random tiny model: a deterministic random tiny FLUX.2 [klein], built once per cache."""
-    from fluxjax.pipeline import cache_root
-
-    folder = Path(cache if cache is not None else cache_root()) / "models" / f"tiny-klein-seed{RANDOM_TINY_SEED}"
-    if not (folder / "model_index.json").is_file():
-        from flux2ref.folder import build_model_folder
-
-        try:
-            build_model_folder(folder, seed=RANDOM_TINY_SEED)
-        except (FileExistsError, OSError):
-            if not (folder / "model_index.json").is_file():  # another process did not just build it
-                raise
-    return str(folder)
-
-
-def load_model(args: argparse.Namespace):
-    """(model, the run config's model record) from --model, --cache, --dtype."""
-    import jax.numpy as jnp
-
-    from fluxjax import pipeline
-
-    kind = model_kind(args.model)
-    if kind == "organism":
-        from organisms.experiment_model import OrganismModel, committed
-
-        if args.dtype not in (None, "float32"):
-            raise ValueError(f"--dtype {args.dtype}: the organisms run in float32")
-        path = committed(args.model) if args.model in ORGANISMS else Path(os.path.expanduser(args.model)).resolve()
-        model = OrganismModel.load(path)
-        record = {"name": model.describe(), "kind": kind, "path": str(path), "dtype": "float32",
-                  "num_blocks": model.config.num_blocks, "double_blocks": model.config.depth}
-        return model, record
-    if kind == RANDOM_TINY:
-        folder, name = random_tiny_folder(args.cache), f"random tiny FLUX.2 [klein] (seed {RANDOM_TINY_SEED})"
-    else:
-        folder, name = os.path.abspath(os.path.expanduser(args.model)), None
-        if not os.path.isdir(folder):
-            raise ValueError(f"--model {args.model}: no such folder (a FLUX.2 model folder in the diffusers layout)")
-    dtype = None if args.dtype is None else jnp.dtype(args.dtype)
-    model = pipeline.load_model(folder, dtype=dtype, cache=args.cache, progress=not args.no_progress)
-    record = {"name": name or folder, "kind": kind, "dtype": str(model.params.img_in.dtype),
-              "num_blocks": model.config.num_blocks, "double_blocks": model.config.depth}
-    return model, record
-
-
 def sampler_options(model, steps: int | None):
     if steps is None:
         return model.options
@@ -318,7 +227,7 @@ class Context:
     model: Any  # fluxjax.pipeline.Flux2Model
     run: runs.RunFolder
     options: Any  # fluxjax.sampler.SamplerOptions of every edit
-    chunk: int | None = TINY_CHUNK
+    chunk: int | None = models.TINY_CHUNK
     attn_impl: str | None = None
     show_progress: bool = True
     _texts: dict = dataclasses.field(default_factory=dict)
@@ -438,7 +347,7 @@ def load_reference(task: tasklib.Task) -> np.ndarray:
 
 def chunk_size(args: argparse.Namespace) -> int | None:
     if args.chunk is None:
-        return FOLDER_CHUNK if model_kind(args.model) == "folder" else TINY_CHUNK
+        return models.default_chunk(models.kind(args.model))
     if args.chunk < 0:
         raise ValueError(f"--chunk {args.chunk}: give a positive number of cells, or 0 for a whole sweep at once")
     return args.chunk or None
@@ -530,6 +439,24 @@ def write_tables(run: runs.RunFolder, prefix: str, rows: Sequence[Mapping], *, p
     return rates, setting_means(rows, columns)
 
 
+MAX_GRIDS = 24  # per-task grids shown in a report (all are written to grids/<prefix>/)
+
+
+def grids_section(title: str, prefix: str, grid_files: Sequence[tuple[Path, str]]) -> report.Section:
+    """A report section of per-task grids, (path, caption) each: the first MAX_GRIDS shown."""
+    note = [] if len(grid_files) <= MAX_GRIDS else [
+        report.Text(f"The first {MAX_GRIDS} of {len(grid_files)} grids; all are in grids/{prefix}/.")]
+    return report.Section(title, note + [report.Figure(path=p, caption=c) for p, c in grid_files[:MAX_GRIDS]])
+
+
+def block_rows(cell: runs.Cell, positions: Sequence[str], blocks: Sequence[int], rows: Mapping[str, Mapping],
+               caption: Callable[[Mapping], str]) -> list[list[grids.Panel]]:
+    """Grid rows of a (positions x blocks) sweep: a row per position set, a panel per block, from the
+    cell's `{pos}-b{k}.png` and the metrics row of setting `{pos} b{k}`."""
+    return [[panel(f"block {k}", cell.load_image(f"{pos}-b{k}.png"), caption(rows[f"{pos} b{k}"])) for k in blocks]
+            for pos in positions]
+
+
 def rate_table(title: str, rates: Sequence, note: str = "") -> report.Table:
     rows = [{"setting": p.setting, "n": p.n, "passed": p.passed, "rate": p.rate} for p in rates]
     criterion = rates[0].criterion if rates else ""
@@ -587,7 +514,7 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         spec = task_spec(args)
-        model, model_record = load_model(args)
+        model, model_record = models.load(args)
         config = {**base_config(args, model, model_record), "experiment": module.NAME,
                   "settings": module.settings(args, model.config)}
     except (ValueError, KeyError) as e:

@@ -34,7 +34,6 @@ NAME = "drop"
 TITLE = "Dropping the reference after block k"
 CRITERION = f"colour kept: CIEDE2000(output's dominant colour, reference colour) <= {common.THRESHOLD:g}"
 MEANS = ("colour_de", "colour_match", "mad", "ssim", "mad_t2i")
-MAX_GRIDS = 24
 
 
 def add_arguments(parser) -> None:
@@ -144,12 +143,8 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
                                  xlabel=f"binding block k (k = {cfg.num_blocks}: never dropped)",
                                  num_double_blocks=cfg.depth, title=TITLE,
                                  caption="Change against the edit and against text-to-image by binding block"))
-    grid_items = []
-    for i, task in enumerate(tasks):
-        path = _grid(ctx, task, s, rows, prefix)
-        if i < MAX_GRIDS:
-            grid_items.append(report.Figure(path=path, caption=task.task_id))
-    return [report.Section(TITLE, items), report.Section(f"{TITLE}: per-task grids", grid_items)]
+    grid_files = [(_grid(ctx, task, s, rows, prefix), task.task_id) for task in tasks]
+    return [report.Section(TITLE, items), common.grids_section(f"{TITLE}: per-task grids", prefix, grid_files)]
 
 
 def _grid(ctx: Context, task, s: Mapping, rows: Sequence[Mapping], prefix: str):

@@ -33,7 +33,6 @@ OTHER_SETTINGS = ("text->ref", "image->ref", "image->text", "text->image")
 CRITERION = (f"colour kept: CIEDE2000(output's dominant colour, reference colour) <= {common.THRESHOLD:g} "
              "(lost: not kept)")
 MEANS = ("colour_de", "colour_match", "mad", "ssim")
-MAX_GRIDS = 24
 
 
 def add_arguments(parser) -> None:
@@ -150,14 +149,8 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
                                  xlabel=f"knockout from block k on (k = {cfg.num_blocks}: none)",
                                  num_double_blocks=cfg.depth, title=f"{TITLE}: block sweep",
                                  caption="Change against the baseline edit (0 at k = n: nothing cut)"))
-    grid_items = []
-    for i, task in enumerate(tasks):
-        path = _grid(ctx, task, s, rows, prefix)
-        if i < MAX_GRIDS:
-            grid_items.append(report.Figure(path=path, caption=task.task_id))
-    note = [] if len(tasks) <= MAX_GRIDS else [report.Text(f"The first {MAX_GRIDS} of {len(tasks)} grids; all are "
-                                                           f"in grids/{prefix}/.")]
-    return [report.Section(TITLE, items), report.Section(f"{TITLE}: per-task grids", note + grid_items)]
+    grid_files = [(_grid(ctx, task, s, rows, prefix), task.task_id) for task in tasks]
+    return [report.Section(TITLE, items), common.grids_section(f"{TITLE}: per-task grids", prefix, grid_files)]
 
 
 def _grid(ctx: Context, task, s: Mapping, rows: Sequence[Mapping], prefix: str):

@@ -34,7 +34,6 @@ NAME = "lens"
 TITLE = "T2I Lens"
 CRITERION = f"reference colour present: CIEDE2000(output's dominant colour, reference colour) <= {common.THRESHOLD:g}"
 MEANS = ("colour_de", "colour_match", "mad", "ssim")
-MAX_GRIDS = 24  # grids shown in the report (all are written to grids/)
 
 
 def add_arguments(parser) -> None:
@@ -123,15 +122,9 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
         items.append(common.plot(ctx.run, f"{prefix}-pass-rate", blocks, rate, ylabel="share with the reference colour",
                                  caption="Pass rate by source block", ylim=(-0.05, 1.05),
                                  num_double_blocks=ctx.model.config.depth, title=TITLE))
-    grid_items = []
-    for i, task in enumerate(tasks):
-        path = _grid(ctx, task, s, rows, prefix)
-        if i < MAX_GRIDS:
-            grid_items.append(report.Figure(path=path, caption=task.task_id))
-    note = [] if len(tasks) <= MAX_GRIDS else [report.Text(f"The first {MAX_GRIDS} of {len(tasks)} grids; all are "
-                                                           f"in grids/{prefix}/.")]
+    grid_files = [(_grid(ctx, task, s, rows, prefix), task.task_id) for task in tasks]
     return [report.Section(f"{TITLE}: all, padding-only and content-only positions", items),
-            report.Section(f"{TITLE}: per-task grids", note + grid_items)]
+            common.grids_section(f"{TITLE}: per-task grids", prefix, grid_files)]
 
 
 def _grid(ctx: Context, task, s: Mapping, rows: Sequence[Mapping], prefix: str):
@@ -142,11 +135,8 @@ def _grid(ctx: Context, task, s: Mapping, rows: Sequence[Mapping], prefix: str):
            common.panel("baseline edit", base["edit"], common.de_caption(mine["baseline edit"])),
            common.panel("t2i_clean (seed + 1)", base["t2i-next-seed"], common.de_caption(mine["t2i_clean"])),
            common.panel(f"source edit ({s['source_steps']} step)", cell.load_image("source.png"))]
-    grid_rows, labels = [top], [""]
-    for pos in s["positions"]:
-        grid_rows.append([common.panel(f"block {k}", cell.load_image(f"{pos}-b{k}.png"),
-                                       common.de_caption(mine[f"{pos} b{k}"])) for k in s["blocks"]])
-        labels.append(f"lens: {pos}")
+    grid_rows = [top, *common.block_rows(cell, s["positions"], s["blocks"], mine, common.de_caption)]
+    labels = ["", *(f"lens: {pos}" for pos in s["positions"])]
     return common.write_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png", f"{TITLE}: {task.task_id} "
                              f"({task.instruction!r})", grid_rows, labels)
 

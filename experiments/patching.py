@@ -34,7 +34,6 @@ TITLE = "I2I -> I2I patching"
 CRITERION = "transferred: the output's dominant colour is closer (CIEDE2000) to the source's reference colour than " \
             "to the target's"
 MEANS = ("d_source", "d_target", "transferred", "mad", "ssim")
-MAX_GRIDS = 24
 PAIRS_FILE = "tasks/pairs.tsv"
 
 
@@ -169,12 +168,8 @@ def run(ctx: Context, found: Sequence, s: Mapping, prefix: str = NAME) -> list[r
                                  ylabel="d_target - d_source (CIEDE2000)", threshold=0.0, num_double_blocks=cfg.depth,
                                  title=TITLE, caption="How much closer the output is to the source colour than to the "
                                                       "target colour (> 0: transferred), by patched block"))
-    grid_items = []
-    for i, (a, b) in enumerate(pairs):
-        path = _grid(ctx, a, b, s, rows, prefix)
-        if i < MAX_GRIDS:
-            grid_items.append(report.Figure(path=path, caption=pair_key(a, b)))
-    return [report.Section(TITLE, items), report.Section(f"{TITLE}: per-pair grids", grid_items)]
+    grid_files = [(_grid(ctx, a, b, s, rows, prefix), pair_key(a, b)) for a, b in pairs]
+    return [report.Section(TITLE, items), common.grids_section(f"{TITLE}: per-pair grids", prefix, grid_files)]
 
 
 def _grid(ctx: Context, source, target, s: Mapping, rows: Sequence[Mapping], prefix: str):
@@ -191,11 +186,8 @@ def _grid(ctx: Context, source, target, s: Mapping, rows: Sequence[Mapping], pre
                   common.panel("source edit", src["edit"], caption(mine["source edit"])),
                   common.panel("target edit", tgt["edit"], caption(mine["target edit (unpatched)"])),
                   common.panel("target t2i baseline", tgt["t2i"])]]
-    labels = [""]
-    for pos in s["positions"]:
-        grid_rows.append([common.panel(f"block {k}", cell.load_image(f"{pos}-b{k}.png"), caption(mine[f"{pos} b{k}"]))
-                          for k in s["blocks"]])
-        labels.append(f"patched: {pos}")
+    grid_rows += common.block_rows(cell, s["positions"], s["blocks"], mine, caption)
+    labels = ["", *(f"patched: {pos}" for pos in s["positions"])]
     return common.write_grid(ctx.run, f"grids/{prefix}/{key}.png", f"{TITLE}: {source.task_id} -> {target.task_id} "
                              f"({target.instruction!r})", grid_rows, labels)
 

@@ -39,14 +39,14 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experiments import common, drop, knockout, lens, patching, report
+from experiments import common, drop, knockout, lens, models, patching, report
 
 NAME = "run_all"
 TITLE = "The five experiments"
 DEFAULT_MODELS = "direct,text-routed"
 COLOUR_SUBSETS = {  # per model kind: (colours, objects, seeds) of the default colour-bucket subset
     "organism": (",".join(common.tasklib.COLOURS), "circle,triangle", "0"),
-    common.RANDOM_TINY: ("red,green,blue,yellow", "ball", "0"),
+    models.RANDOM_TINY: ("red,green,blue,yellow", "ball", "0"),
     "folder": ("red,green,blue,yellow", "ball", "0"),
 }
 STUDY_COLOUR_BLOCK, STUDY_BLOCKS = 17, 32  # the study's colour cell: global block 17 of klein-9B's 32
@@ -133,7 +133,7 @@ def summary_rows(run_path: Path, s: Mapping) -> list[dict]:
 
 def summary_note(kind: str) -> str:
     note = f"Colour threshold: CIEDE2000 {common.THRESHOLD:g}. The study scored with a VLM judge on klein-9B."
-    if kind == common.RANDOM_TINY:
+    if kind == models.RANDOM_TINY:
         note += " This random model shows no binding: its numbers only exercise the pipeline."
     if kind == "organism":
         note += (" A model organism's routing is known by construction (docs/organisms.md): `direct` was trained "
@@ -163,7 +163,7 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
     """The five experiments on `args.model`, into the run folder `out`."""
     try:
         spec = common.task_spec(args)
-        model, model_record = common.load_model(args)
+        model, model_record = models.load(args)
         settings = plan(model.config, args.blocks, args.source_steps, args.headline_block, args.pairs)
         config = {**common.base_config(args, model, model_record), "experiment": NAME, "settings": settings}
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -190,7 +190,7 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
         run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": timer.seconds(),
                            "resumed": run.resumed})
     print(f"report: {path}")
-    return Outcome(name=common.model_name(args.model), kind=kind, run_path=run.path, report=path, settings=settings)
+    return Outcome(name=models.name(args.model), kind=kind, run_path=run.path, report=path, settings=settings)
 
 
 def comparison_report(folder: Path, outcomes: Sequence[Outcome]) -> Path:
@@ -200,9 +200,9 @@ def comparison_report(folder: Path, outcomes: Sequence[Outcome]) -> Path:
         for r in summary_rows(o.run_path, o.settings):
             rows.setdefault(r["experiment"], {"experiment": r["experiment"], "study": r["study"]})[o.name] = r["this run"]
     names = [o.name for o in outcomes]
+    kinds = {o.kind for o in outcomes}
     table = report.Table(title="Pass rates side by side", columns=["experiment", *names, "study"],
-                         rows=list(rows.values()), note=summary_note(outcomes[0].kind if len(
-                             {o.kind for o in outcomes}) == 1 else "mixed"))
+                         rows=list(rows.values()), note=summary_note(kinds.pop() if len(kinds) == 1 else "mixed"))
     links = report.Text("Each model's full report (grids, tables, every setting): " + "; ".join(
         f"{o.name}: {o.report.relative_to(folder.resolve()).as_posix()}" for o in outcomes) + ".")
     sections = [report.Section("Headline numbers", [table, links])]
@@ -223,18 +223,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     common.add_arguments(parser, out_default="runs/main", model_default=DEFAULT_MODELS,
                          colour_defaults=COLOUR_SUBSETS)
     args = parser.parse_args(argv)
-    models = [m.strip() for m in args.model.split(",") if m.strip()]
-    if not models:
+    specs = [m.strip() for m in args.model.split(",") if m.strip()]
+    if not specs:
         parser.error("--model: name at least one model")
-    if len(models) == 1:
-        run_model(parser, _with_model(args, models[0]), args.out)
+    if len(specs) == 1:
+        run_model(parser, _with_model(args, specs[0]), args.out)
         return 0
-    names = [common.model_name(m) for m in models]
+    names = [models.name(m) for m in specs]
     if len(set(names)) != len(names):
         parser.error(f"--model {args.model}: the models need different names (their run folders are --out/<name>)")
     folder = Path(args.out).resolve()
     outcomes = [run_model(parser, _with_model(args, m), str(folder / common.slug(name)))
-                for m, name in zip(models, names)]
+                for m, name in zip(specs, names)]
     path = comparison_report(folder, outcomes)
     print(f"report: {path}")
     return 0

@@ -11,7 +11,7 @@ runs the organism as it was trained:
     sigmas    sampling uses the organism's linear schedule (`organisms.model.sigmas`).
 
 Images are 32 x 32 (4-pixel tokens, 8 x 8 grid); the tasks are the colour bucket's study colours
-with the organism's shapes as objects (`colour_bucket_vocabulary`).
+with the organisms' shapes as objects (`experiments.models`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from PIL import Image
 from fluxjax.text import TextConditioning, text_ids
 from organisms import codec
 from organisms.checkpoint import load_organism
-from organisms.data import SHAPES, SIZE
-from organisms.model import SAMPLER, Organism, OrganismParams, organism_interventions, sigmas, text_features
+from organisms.data import SIZE
+from organisms.model import ORGANISMS, SAMPLER, Organism, OrganismParams, organism_interventions, sigmas, \
+    text_features
 from organisms.text import tokenize
 
 COMMITTED = Path(__file__).parent / "checkpoints"  # the committed organisms, one folder each
-NAMES = ("direct", "text-routed")
+NAMES = tuple(ORGANISMS)
 
 
 def committed(name: str) -> Path:
@@ -107,7 +108,3 @@ class OrganismModel:
         cuts = ", ".join(self.organism.cuts) or "none"
         return f"model organism '{self.organism.name}' (routing cuts in every block: {cuts})"
 
-
-def colour_bucket_vocabulary() -> tuple[tuple[str, ...], int]:
-    """The organisms' colour bucket: (objects = the organisms' shapes, image size)."""
-    return SHAPES, SIZE
