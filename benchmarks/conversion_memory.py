@@ -22,8 +22,8 @@ import tempfile
 import ml_dtypes
 import numpy as np
 
-from conversion.safetensors_io import write_safetensors
-from conversion.transformer_keys import expected_source_shapes
+from fluxjax.conversion.safetensors_io import write_safetensors
+from fluxjax.conversion.transformer_keys import expected_source_shapes
 from fluxjax.config import FLUX2_KLEIN_4B
 from fluxjax.params import count_params, param_shapes
 
@@ -77,7 +77,7 @@ def measure(gb: float = 2.0, dtype: str = "bf16", out_dtype: str | None = None) 
         size = write_random_bfl(src, config, DTYPES[dtype])
         extra = [] if out_dtype is None else ["--dtype", out_dtype]
         peak, seconds = max_rss(["-m", "conversion", src, dst, "--quiet", *extra])
-        baseline, _ = max_rss(["-c", "import conversion.convert, conversion.__main__"])
+        baseline, _ = max_rss(["-c", "import fluxjax.conversion.convert, conversion.__main__"])
     return dict(config=config, file_bytes=size, peak_rss=peak, baseline_rss=baseline, ratio=peak / size,
                 seconds=seconds)
 

@@ -142,7 +142,7 @@ def run_case(case: Case, reps: int, compile_budget_s: int, ref) -> tuple[dict, d
     config, layout = case.config, case.layout
     print(f"[{case.name}] D={config.hidden_size}, {config.num_heads} heads, {config.depth}+{config.depth_single_blocks} "
           f"blocks; tokens {layout.n_txt} text + {layout.n_img} image + {layout.n_ref} reference", flush=True)
-    from conversion.transformer import params_from_state
+    from fluxjax.conversion.transformer import params_from_state
 
     model = ref.diffusers_transformer(config, seed=0)
     params = jax.tree_util.tree_map(jnp.asarray, params_from_state(ref.state_dict_numpy(model), config, "diffusers"))

@@ -281,7 +281,7 @@ def main(argv=None):
         say(f"diffusers weights on {device}: {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     if args.tiny and model is not None:  # share the weights: both loops must then agree
-        from conversion.transformer import params_from_state
+        from fluxjax.conversion.transformer import params_from_state
 
         state = {k: v.float().cpu().numpy() for k, v in model.state_dict().items()}
         params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params_from_state(state, config, "diffusers"))

@@ -38,7 +38,7 @@ def build(seed: int = 0):
 
     from flux2ref.models import diffusers_kwargs, randomize_, state_dict_numpy
 
-    from conversion.transformer import params_from_state
+    from fluxjax.conversion.transformer import params_from_state
 
     transformer = randomize_(Flux2Transformer2DModel(**diffusers_kwargs(CONFIG)).eval(), seed)
     vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=32,

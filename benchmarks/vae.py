@@ -72,8 +72,8 @@ class _Side:
         else:
             import jax
 
-            from conversion.safetensors_io import SafetensorsFile
-            from conversion.vae import vae_params_from_state
+            from fluxjax.conversion.safetensors_io import SafetensorsFile
+            from fluxjax.conversion.vae import vae_params_from_state
             from fluxjax import vae
 
             self.jax, self.vae = jax, vae

@@ -1,1 +1,2 @@
-"""Checkpoint conversion: diffusers folders and Black Forest Labs single files -> native fluxjax."""
+"""`python -m conversion SRC DST`, run from a checkout: the checkpoint converter of the library,
+`python -m fluxjax.conversion` (see `fluxjax.conversion`)."""

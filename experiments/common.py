@@ -5,14 +5,12 @@ Every command (`python -m experiments.lens`, `.knockout`, `.drop`, `.patching`, 
 
     --model NAME|PATH  what to run: `direct` or `text-routed`, the committed model organisms
                      (small FLUX.2 editors whose routing is known; see experiments.models;
-                     default text-routed, run_all runs both); an organism folder; `random-tiny`, a
-                     deterministic random tiny FLUX.2 [klein] built on first use into
-                     <cache>/models/ (every code path of a real folder, no behaviour); or a FLUX.2
+                     default text-routed, run_all runs both); an organism folder; or a FLUX.2
                      model folder in the diffusers layout (e.g. FLUX.2-klein-9B/)
     --tasks FILE     a tasks.jsonl in the study's format (see experiments.tasks); without it, the
                      colour bucket (or the subset --colours/--objects/--seeds) is generated into the
                      run folder at --size pixels (32 for organisms, whose objects are their shapes;
-                     64 for random-tiny; else 1024)
+                     else 1024)
     --out runs/NAME  the run folder (experiments.runs): resumable, never overwritten
 
 A task's baseline edits live in the cell `baselines/<task_id>` and are shared by every experiment
@@ -42,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments import grids, metrics, models, report, runs, tasks as tasklib
+from experiments import grids, models, report, runs, tasks as tasklib
+from fluxjax import metrics
 
 # Substitution positions: the names of the command line and the token groups they cover.
 POSITIONS = {"all": "text", "padding": "text[padding]", "content": "text[content]"}
@@ -102,26 +101,25 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
                   colour_defaults: Mapping[str, tuple[str, str, str]] | None = None) -> None:
     """The model, task and run-folder options every experiment command takes.
 
-    colour_defaults: per model kind ('organism', 'random-tiny', 'folder'), the default (colours,
+    colour_defaults: per model kind ('organism', 'folder'), the default (colours,
     objects, seeds) of the generated colour bucket, each comma-separated (missing: the whole
     bucket; an organism's objects are its shapes)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=model_default,
                    help=f"'direct' or 'text-routed' (the committed model organisms), an organism folder, "
-                        f"'{models.RANDOM_TINY}' (a random tiny FLUX.2 [klein], built on first use into the cache), or a "
-                        f"FLUX.2 model folder in the diffusers layout"
+                        f"or a FLUX.2 model folder in the diffusers layout"
                         f"{'; several, comma-separated, run one after another' if ',' in model_default else ''} "
                         f"(default {model_default})")
     g.add_argument("--cache", default=None,
-                   help="conversion, text-encoding and random-tiny model cache (default: $FLUXJAX_CACHE or "
+                   help="conversion and text-encoding cache (default: $FLUXJAX_CACHE or "
                         "~/.cache/fluxjax)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="transformer dtype (default: the checkpoint's)")
     g.add_argument("--steps", type=int, default=None,
                    help="denoising steps of every edit (default: the model's; 4 for [klein] distilled)")
     g.add_argument("--chunk", type=int, default=None,
-                   help=f"sweep cells per vmapped compiled call (default {models.TINY_CHUNK} for organisms and "
-                        f"{models.RANDOM_TINY}, {models.FOLDER_CHUNK} for a model folder; 0: a whole sweep at once; lower it if "
+                   help=f"sweep cells per vmapped compiled call (default {models.TINY_CHUNK} for organisms, "
+                        f"{models.FOLDER_CHUNK} for a model folder; 0: a whole sweep at once; lower it if "
                         f"memory runs out)")
     g.add_argument("--attn-impl", choices=("xla", "blocked", "cudnn"), default=None,
                    help="attention implementation (default: 'blocked' on CPU, 'xla' elsewhere; 'blocked' "
@@ -143,8 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
                    f"{_default_help(colour_defaults, 2)})")
     t.add_argument("--size", type=int, default=None,
                    help=f"the generated colour bucket's reference and output size (default "
-                        f"{models.default_size('organism')} for organisms, {models.RANDOM_TINY_SIZE} for "
-                        f"{models.RANDOM_TINY}, {models.REAL_SIZE} for a model folder)")
+                        f"{models.default_size('organism')} for organisms, {models.REAL_SIZE} for a model folder)")
     r = parser.add_argument_group("run")
     r.add_argument("--out", default=out_default, help=f"run folder (default {out_default}); an existing one "
                    "with the same configuration is resumed, one with another configuration is never reused "
@@ -154,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
 
 def _default_help(defaults: Mapping[str, tuple] | None, i: int) -> str:
     parts = [f"{v[i]} for {k}" for k, v in (defaults or {}).items()]
-    if len(parts) < 3:  # not every kind ('organism', 'random-tiny', 'folder') has a default
+    if len(parts) < 2:  # not every kind ('organism', 'folder') has a default
         parts.append("all otherwise" if parts else "all")
     return "; ".join(parts)
 

@@ -27,7 +27,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from experiments import common, metrics, report
+from experiments import common, report
+from fluxjax import metrics
 from experiments.common import Context
 
 NAME = "drop"

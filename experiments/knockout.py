@@ -23,7 +23,8 @@ import functools
 import sys
 from collections.abc import Mapping, Sequence
 
-from experiments import common, metrics, report
+from experiments import common, report
+from fluxjax import metrics
 from experiments.common import Context
 
 NAME = "knockout"

@@ -26,7 +26,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experiments import common, metrics, report, tasks as tasklib
+from experiments import common, report, tasks as tasklib
+from fluxjax import metrics
 from experiments.common import POSITIONS, Context
 
 NAME = "patching"

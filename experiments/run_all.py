@@ -6,9 +6,6 @@
         shapes (seed 0) at 32 x 32, every block swept; a few minutes on 2 CPU cores. One run folder
         per organism (runs/main/direct, runs/main/text-routed) and runs/main/report.html, which
         puts the two side by side.
-    python -m experiments.run_all --model random-tiny --out runs/random
-        a deterministic random tiny FLUX.2 [klein] (every code path of a real folder, no behaviour):
-        red, green, blue and yellow balls (seed 0) at 64 x 64.
     python -m experiments.run_all --model /models/FLUX.2-klein-9B --out runs/klein9b
         a real FLUX.2 [klein] 9B folder (diffusers layout) on a GPU or TPU machine: 1024 x 1024
         references and outputs, 4 steps, bf16 as stored; add --blocks 7,17 for the study's cells
@@ -46,7 +43,6 @@ TITLE = "The five experiments"
 DEFAULT_MODELS = "direct,text-routed"
 COLOUR_SUBSETS = {  # per model kind: (colours, objects, seeds) of the default colour-bucket subset
     "organism": (",".join(common.tasklib.COLOURS), "circle,triangle", "0"),
-    models.RANDOM_TINY: ("red,green,blue,yellow", "ball", "0"),
     "folder": ("red,green,blue,yellow", "ball", "0"),
 }
 STUDY_COLOUR_BLOCK, STUDY_BLOCKS = 17, 32  # the study's colour cell: global block 17 of klein-9B's 32
@@ -133,8 +129,6 @@ def summary_rows(run_path: Path, s: Mapping) -> list[dict]:
 
 def summary_note(kind: str) -> str:
     note = f"Colour threshold: CIEDE2000 {common.THRESHOLD:g}. The study scored with a VLM judge on klein-9B."
-    if kind == models.RANDOM_TINY:
-        note += " This random model shows no binding: its numbers only exercise the pipeline."
     if kind == "organism":
         note += (" A model organism's routing is known by construction (docs/organisms.md): `direct` was trained "
                  "plainly, `text-routed` with the reference cut from the image and from the text content positions "

@@ -34,7 +34,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -44,6 +43,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fluxjax.files import TMP_MARK, atomic_write_bytes, atomic_write_text, temporary_sibling
+
 CONFIG_FILE = "config.json"
 CODE_VERSION_FILE = "code_version.json"
 INVOCATIONS_DIR = "invocations"
@@ -51,7 +52,6 @@ OUTPUTS_DIR = "outputs"
 LOCK_FILE = "run.lock"
 DONE_FILE = "DONE.json"
 
-_TMP_MARK = ".tmp-"
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 
@@ -61,27 +61,6 @@ class RunError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # atomic files
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` so that `path` is either absent/old or complete, never partial."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -111,7 +90,7 @@ def array_to_image(array: np.ndarray) -> Image.Image:
 
 
 def _remove_stale_temporaries(folder: Path):
-    for p in folder.rglob(f".*{_TMP_MARK}*"):
+    for p in folder.rglob(f".*{TMP_MARK}*"):
         if p.is_file():
             p.unlink(missing_ok=True)
 
@@ -250,7 +229,7 @@ class Cell:
             raise RunError(f"cell {self.key} is already complete")
         self.path.mkdir(parents=True, exist_ok=True)
         files = {p.name: p.stat().st_size for p in sorted(self.path.iterdir())
-                 if p.is_file() and p.name != DONE_FILE and _TMP_MARK not in p.name}
+                 if p.is_file() and p.name != DONE_FILE and TMP_MARK not in p.name}
         atomic_write_json(self.path / DONE_FILE, {"files": files, "record": dict(record or {})})
 
 
@@ -362,7 +341,7 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 def _create(folder: Path, config: dict) -> bool:
     """Create `folder` holding `config`; False if something else appeared there first."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temporary_sibling(folder)
     tmp.mkdir()
     try:
         atomic_write_json(tmp / CONFIG_FILE, config)

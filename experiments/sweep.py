@@ -56,7 +56,7 @@ class PipelineBackend:
 
     def decode(self, latents, height: int, width: int) -> np.ndarray:
         """Packed latents [B, N_img, P] -> uint8 pixels [B, H, W, 3] (diffusers' postprocess)."""
-        return np.asarray(pipeline._decode_pixels(self.model.vae_params, self.model.vae_config, latents, height,
+        return np.asarray(pipeline.decode_pixels(self.model.vae_params, self.model.vae_config, latents, height,
                                                   width))
 
     def sigmas(self, num_steps: int):

@@ -43,22 +43,14 @@ from typing import Any
 
 import numpy as np
 
-from experiments.runs import atomic_save_image, atomic_write_text
+from experiments.runs import atomic_save_image
+from fluxjax.files import atomic_write_text
+from fluxjax.metrics import STUDY_COLOURS as COLOURS  # the colour bucket's references
 
 EDIT_TYPES = ("customize", "add", "remove")
 DEFAULT_SIZE = 1024
 REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
-COLOURS: Mapping[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "orange": (230, 120, 40),
-    "yellow": (240, 210, 60),
-    "green": (50, 170, 80),
-    "blue": (40, 90, 220),
-    "purple": (140, 60, 180),
-    "pink": (230, 120, 170),
-    "brown": (120, 75, 45),
-}
 OBJECTS = ("ball", "car", "chair", "couch", "hat", "mug", "pillow", "vase")
 SEEDS = (0, 1, 2, 3, 4)
 COLOUR_INSTRUCTION = "draw a {object} in this color"

@@ -28,7 +28,7 @@ def main() -> int:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from conversion.convert import convert_transformer
+    from fluxjax.conversion.convert import convert_transformer
 
     diffusers_logging.set_verbosity_error()  # its advice on casting with `to()` does not apply to a random model
 

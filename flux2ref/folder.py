@@ -133,6 +133,3 @@ def build_model_folder(path: str | os.PathLike, seed: int = 0, *, overwrite: boo
         raise
     return path
 
-
-def default_noise(seed: int, n_tokens: int, channels: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((1, n_tokens, channels)).astype(np.float32)

@@ -1,51 +1,47 @@
 """fluxjax: a pure-functional JAX/Flax FLUX.2 transformer built to be taken apart.
 
     config, params = fluxjax.load_transformer("klein9b-native/")
-    out = fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids)
+    out, captures = fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids)
 
-`import fluxjax` never imports torch or diffusers.
+`import fluxjax` never imports torch or diffusers, and imports jax only when a name below is first
+used: the submodules that need no jax (`fluxjax.metrics`, `fluxjax.files`, `fluxjax.layout`) stay
+light for tools that only read run folders.
 """
 
-from fluxjax import sharding  # make_mesh, param_shardings, shard_params, shard_batch
-from fluxjax.checkpoint import CheckpointError, load_transformer, save_transformer
-from fluxjax.config import FLUX2_DEV, FLUX2_KLEIN_4B, FLUX2_KLEIN_9B, PRESETS, Flux2Config
-from fluxjax.interventions import (
-    BLOCK0_INPUT,
-    Capture,
-    Captures,
-    DropReference,
-    Interventions,
-    Knockout,
-    Substitution,
-    allow_all,
-    cut_reference,
-    drop_reference,
-    knockout,
-    substitution,
-)
-from fluxjax.layout import TokenLayout
-from fluxjax.model import forward
-from fluxjax.params import Flux2Params, count_params, init_params, param_shapes
-from fluxjax.sampler import SamplerOptions, sample
-from fluxjax.vae import (
-    FLUX2_VAE,
-    VAEConfig,
-    VAEParams,
-    decode_tokens,
-    encode_to_tokens,
-    init_vae_params,
-    vae_param_shapes,
-)
-from fluxjax.vae_checkpoint import load_vae, save_vae
+import importlib
 
-__all__ = [
-    "FLUX2_DEV", "FLUX2_KLEIN_4B", "FLUX2_KLEIN_9B", "PRESETS", "Flux2Config",
-    "BLOCK0_INPUT", "Capture", "Captures", "DropReference", "Interventions", "Knockout", "Substitution",
-    "allow_all", "cut_reference", "drop_reference", "knockout", "substitution",
-    "TokenLayout", "forward", "Flux2Params", "count_params", "init_params", "param_shapes",
-    "CheckpointError", "load_transformer", "save_transformer",
-    "SamplerOptions", "sample",
-    "FLUX2_VAE", "VAEConfig", "VAEParams", "decode_tokens", "encode_to_tokens", "init_vae_params", "vae_param_shapes",
-    "load_vae", "save_vae",
-    "sharding",
-]
+# name -> the submodule that defines it (read on first use, PEP 562)
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "load_transformer": "checkpoint", "save_transformer": "checkpoint",
+    "FLUX2_DEV": "config", "FLUX2_KLEIN_4B": "config", "FLUX2_KLEIN_9B": "config", "PRESETS": "config",
+    "Flux2Config": "config",
+    "BLOCK0_INPUT": "interventions", "Capture": "interventions", "Captures": "interventions",
+    "DropReference": "interventions", "Interventions": "interventions", "Knockout": "interventions",
+    "Substitution": "interventions", "allow_all": "interventions", "cut_reference": "interventions",
+    "drop_reference": "interventions", "knockout": "interventions", "substitution": "interventions",
+    "TokenLayout": "layout",
+    "forward": "model",
+    "Flux2Weights": "params", "count_params": "params", "init_params": "params", "param_shapes": "params",
+    "SamplerOptions": "sampler", "sample": "sampler",
+    "FLUX2_VAE": "vae", "VAEConfig": "vae", "VAEParams": "vae", "decode_tokens": "vae", "encode_to_tokens": "vae",
+    "init_vae_params": "vae", "vae_param_shapes": "vae",
+    "load_vae": "vae_checkpoint", "save_vae": "vae_checkpoint",
+}
+_SUBMODULES = ("sharding",)
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"fluxjax.{_EXPORTS[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"fluxjax.{name}")
+    else:
+        raise AttributeError(f"module 'fluxjax' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *__all__})

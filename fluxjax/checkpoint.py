@@ -5,10 +5,10 @@ A checkpoint is a directory:
     fluxjax_transformer.json   {"format": "fluxjax-transformer", "format_version": 1,
                                 "config": {Flux2Config fields}, "dtype": "bfloat16"}
     params/                    Orbax (v1 API) PyTree checkpoint of the params as a nested dict
-                               keyed like Flux2Params: {"double_blocks": {"img_attn": {"qkv": ...}}}
+                               keyed like Flux2Weights: {"double_blocks": {"img_attn": {"qkv": ...}}}
 
 The params are stored as plain nested dicts, so any Orbax user can read them without fluxjax
-(`orbax.checkpoint.v1.load(path + "/params")`); `load_transformer` rebuilds the Flux2Params pytree
+(`orbax.checkpoint.v1.load(path + "/params")`); `load_transformer` rebuilds the Flux2Weights pytree
 from the config. Matrices are (in, out) and block parameters stacked on a leading layer axis,
 exactly as in memory; storage chunks hold whole layers where they fit in CHUNK_BYTES.
 
@@ -39,7 +39,7 @@ import numpy as np
 from orbax.checkpoint import v1 as ocp
 
 from fluxjax.config import Flux2Config
-from fluxjax.params import Flux2Params, param_shapes
+from fluxjax.params import Flux2Weights, param_shapes
 
 FORMAT = "fluxjax-transformer"
 FORMAT_VERSION = 1
@@ -59,8 +59,8 @@ def leaf_name(path) -> str:
                     for k in path)
 
 
-def params_to_dict(params: Flux2Params) -> dict:
-    """Flux2Params (or a pytree of the same structure) -> nested dict keyed by field names."""
+def params_to_dict(params: Flux2Weights) -> dict:
+    """Flux2Weights (or a pytree of the same structure) -> nested dict keyed by field names."""
     out: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         *parents, last = leaf_name(path).split(".")
@@ -81,7 +81,7 @@ def _flat_dict(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _params_from_flat(flat: dict, config: Flux2Config) -> Flux2Params:
+def _params_from_flat(flat: dict, config: Flux2Config) -> Flux2Weights:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config))
     return jax.tree_util.tree_unflatten(treedef, [flat[leaf_name(p)] for p, _ in leaves])
 
@@ -126,11 +126,11 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
-def named_leaves(params: Flux2Params) -> Iterable[tuple[str, object]]:
+def named_leaves(params: Flux2Weights) -> Iterable[tuple[str, object]]:
     return ((leaf_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0])
 
 
-def save_transformer(path: str | os.PathLike, config: Flux2Config, params: Flux2Params, *,
+def save_transformer(path: str | os.PathLike, config: Flux2Config, params: Flux2Weights, *,
                      overwrite: bool = False) -> None:
     """Write `params` (numpy or jax arrays) and `config` as a native checkpoint directory at `path`.
 
@@ -282,15 +282,15 @@ def read_config(path: str | os.PathLike) -> Flux2Config:
     return config_from_json(meta["config"], os.path.join(os.fspath(path), CONFIG_FILE))
 
 
-ShardingsArg = Flux2Params | Callable[[Flux2Config], Flux2Params] | None
+ShardingsArg = Flux2Weights | Callable[[Flux2Config], Flux2Weights] | None
 
 
 def load_transformer(path: str | os.PathLike, dtype=None, shardings: ShardingsArg = None
-                     ) -> tuple[Flux2Config, Flux2Params]:
+                     ) -> tuple[Flux2Config, Flux2Weights]:
     """Read a native checkpoint -> (config, params of jax arrays).
 
     dtype: cast every parameter on load (None keeps the stored dtype).
-    shardings: a Flux2Params-structured pytree of `jax.sharding.Sharding` (or a function
+    shardings: a Flux2Weights-structured pytree of `jax.sharding.Sharding` (or a function
         config -> that pytree); each device then reads only its own shards from disk. None puts
         every parameter on the default device.
     """
@@ -339,5 +339,5 @@ def _check_shardings(shardings, shapes) -> None:
     want = jax.tree_util.tree_structure(shapes)
     have = jax.tree_util.tree_structure(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     if want != have:
-        raise ValueError(f"shardings must be a Flux2Params pytree of jax.sharding.Sharding matching the params; "
+        raise ValueError(f"shardings must be a Flux2Weights pytree of jax.sharding.Sharding matching the params; "
                          f"got structure {have}")

@@ -14,7 +14,8 @@ import dataclasses
 class Flux2Config:
     """Shape of a FLUX.2 transformer (spec section 1).
 
-    Field names follow Black Forest Labs' `Flux2Params`. Derived sizes are properties.
+    Field names follow Black Forest Labs' config dataclass `Flux2Params` (fluxjax's weights are
+    `Flux2Weights`, so that name means one thing only). Derived sizes are properties.
     """
 
     in_channels: int = 128  # 32 VAE latent channels x 2x2 patch

@@ -33,9 +33,6 @@ from fluxjax.layout import TokenLayout
 
 BLOCK0_INPUT = -1
 
-EDGE_SETTINGS = ("ref->text", "ref->image", "ref->text[padding]", "ref->text[content]",
-                 "text->ref", "image->ref", "image->text", "text->image")
-
 
 @struct.dataclass
 class Substitution:

@@ -15,7 +15,7 @@ from fluxjax.blocks import double_block, single_block
 from fluxjax.config import Flux2Config
 from fluxjax.interventions import BLOCK0_INPUT, Capture, Captures, Interventions, validate
 from fluxjax.numerics import linear, modulate, rope_tables, timestep_embedding
-from fluxjax.params import Flux2Params, MLPEmbedder
+from fluxjax.params import Flux2Weights, MLPEmbedder
 
 
 def _embed_scalar(p: MLPEmbedder, s, dtype, channels: int):
@@ -63,7 +63,7 @@ def _slot_table(sites: tuple[int, ...], num_blocks: int) -> np.ndarray:
     return slots
 
 
-def forward(params: Flux2Params, config: Flux2Config, img, txt, timestep, img_ids, txt_ids, guidance=None, *,
+def forward(params: Flux2Weights, config: Flux2Config, img, txt, timestep, img_ids, txt_ids, guidance=None, *,
             interventions: Interventions | None = None, capture: Capture | None = None,
             attn_impl: str | None = None):
     """FLUX.2 transformer forward with the semantics of diffusers' `Flux2Transformer2DModel.forward`.

@@ -77,7 +77,7 @@ class LastLayer:
 
 
 @struct.dataclass
-class Flux2Params:
+class Flux2Weights:
     img_in: jax.Array  # [in_channels, D]
     txt_in: jax.Array  # [C, D]
     time_in: MLPEmbedder
@@ -90,7 +90,7 @@ class Flux2Params:
     final_layer: LastLayer
 
 
-def param_shapes(config: Flux2Config, dtype=jnp.float32) -> Flux2Params:
+def param_shapes(config: Flux2Config, dtype=jnp.float32) -> Flux2Weights:
     """Every parameter's shape as a jax.ShapeDtypeStruct, in the params pytree structure."""
     D, M, K, C = config.hidden_size, config.mlp_hidden, config.head_dim, config.context_in_dim
     nd, ns = config.depth, config.depth_single_blocks
@@ -107,7 +107,7 @@ def param_shapes(config: Flux2Config, dtype=jnp.float32) -> Flux2Params:
     def embedder():
         return MLPEmbedder(in_layer=s(config.timestep_channels, D), out_layer=s(D, D))
 
-    return Flux2Params(
+    return Flux2Weights(
         img_in=s(config.in_channels, D),
         txt_in=s(C, D),
         time_in=embedder(),
@@ -127,7 +127,7 @@ def _is_norm_weight(path) -> bool:
     return any(getattr(k, "name", None) in ("query_norm", "key_norm") for k in path)
 
 
-def init_params(config: Flux2Config, key: jax.Array, dtype=jnp.float32) -> Flux2Params:
+def init_params(config: Flux2Config, key: jax.Array, dtype=jnp.float32) -> Flux2Weights:
     """Random, well-conditioned parameters: matrices N(0, 1/fan_in), norm weights 1 + N(0, 0.1^2).
 
     Unlike zero-initialised gates, every path carries signal, so parity tests see every weight.

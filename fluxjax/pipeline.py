@@ -36,10 +36,12 @@ from fluxjax import images as imagelib
 from fluxjax import sampler as samplerlib
 from fluxjax import vae as vaelib
 from fluxjax.checkpoint import is_checkpoint, load_transformer
+from fluxjax.conversion.convert import convert_transformer
+from fluxjax.conversion.vae import convert_vae
 from fluxjax.config import Flux2Config
 from fluxjax.interventions import Capture, Captures, Interventions
 from fluxjax.layout import TokenLayout
-from fluxjax.params import Flux2Params
+from fluxjax.params import Flux2Weights
 from fluxjax.vae_checkpoint import is_vae_checkpoint, load_vae
 
 DEFAULT_SIZE = 1024  # diffusers: default_sample_size 128 x vae_scale_factor 8
@@ -57,7 +59,7 @@ class Flux2Model:
     """Everything `generate` needs. Built by `load_model`, or by hand from the parts."""
 
     config: Flux2Config
-    params: Flux2Params
+    params: Flux2Weights
     vae_config: vaelib.VAEConfig
     vae_params: vaelib.VAEParams
     options: samplerlib.SamplerOptions
@@ -114,25 +116,23 @@ def native_component(folder: str, component: str, *, cache: str | None = None, p
     if not present:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if component == "transformer":
-            from conversion.convert import convert_transformer
-
             convert_transformer(src, dst, progress=progress)
         else:
-            from conversion.vae import convert_vae
-
             convert_vae(src, dst)
     return dst
 
 
 def load_model(folder: str | os.PathLike, *, dtype=None, cache: str | None = None, text_encoder: bool = True,
-               options: samplerlib.SamplerOptions | None = None, progress: bool = True) -> Flux2Model:
+               options: samplerlib.SamplerOptions | None = None, progress: bool = True,
+               text_encoder_out_layers: tuple[int, ...] | None = None) -> Flux2Model:
     """Load a FLUX.2 model folder (diffusers layout), converting transformer and VAE on first use.
 
     dtype: the transformer's dtype (None keeps the checkpoint's); the VAE stays in float32, as
     the pipelines run it for references (`force_upcast`). options: sampler options; None picks
     the model's defaults ([klein] distilled: 4 steps; [klein] base: CFG 4.0, 50 steps; [dev]:
     embedded guidance 4.0, 50 steps). text_encoder: False skips loading the (large) encoder;
-    then `generate` needs precomputed `text=`.
+    then `generate` needs precomputed `text=`. text_encoder_out_layers: the encoder's hidden states
+    stacked into the text features (diffusers' pipeline argument of that name; None: its default).
     """
     folder = os.fspath(folder)
     index = _read_json(os.path.join(folder, "model_index.json"))
@@ -153,7 +153,7 @@ def load_model(folder: str | os.PathLike, *, dtype=None, cache: str | None = Non
         from fluxjax.text import load_text_encoder
 
         encoder = load_text_encoder(os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"),
-                                    PIPELINES[cls])
+                                    PIPELINES[cls], text_encoder_out_layers=text_encoder_out_layers)
     root = cache if cache is not None else cache_root()
     return Flux2Model(config=config, params=params, vae_config=vae_config, vae_params=vae_params, options=options,
                       text_encoder=encoder, text_cache=os.path.join(root, "text"),
@@ -172,7 +172,7 @@ def _encode_latent(vae_params, vae_config, pixels):
 
 
 @functools.partial(jax.jit, static_argnums=(1, 3, 4))
-def _decode_pixels(vae_params, vae_config, tokens, height, width):
+def decode_pixels(vae_params, vae_config, tokens, height, width):
     """Normalised tokens -> uint8 [B, H, W, 3] as diffusers' postprocess: round(255 clamp(x/2 + 1/2))."""
     x = vaelib.decode_tokens(vae_params, vae_config, tokens, height, width).astype(jnp.float32)
     return jnp.round(jnp.clip(x / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
@@ -237,7 +237,7 @@ def generate(model: Flux2Model, prompts=None, references=None, *, text=None, see
                             noise=noise, seed=None if noise is not None else seed, refs=refs, uncond_txt=uncond,
                             interventions=interventions, capture=capture, attn_impl=attn_impl)
     latents, captures = out if capture is not None else (out, None)
-    pixels = np.asarray(_decode_pixels(model.vae_params, model.vae_config, latents, height, width))
+    pixels = np.asarray(decode_pixels(model.vae_params, model.vae_config, latents, height, width))
     return Generation(images=[PIL.Image.fromarray(p) for p in pixels], latents=np.asarray(latents),
                       layout=layout, content_mask=np.asarray(text.content_mask), captures=captures)
 

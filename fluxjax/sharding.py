@@ -38,11 +38,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fluxjax.config import Flux2Config
-from fluxjax.params import Flux2Params, param_shapes
+from fluxjax.params import Flux2Weights, param_shapes
 
 DATA = "data"
 FSDP = "fsdp"
-_STACKED = ("double_blocks", "single_blocks")  # Flux2Params fields whose leaves carry a layer axis
+_STACKED = ("double_blocks", "single_blocks")  # Flux2Weights fields whose leaves carry a layer axis
 
 
 def make_mesh(data: int = 1, fsdp: int | None = None, devices=None) -> Mesh:
@@ -71,18 +71,18 @@ def _leaf_spec(path, shape: tuple[int, ...], fsdp: int) -> P:
 
 
 def partition_specs(tree, fsdp: int):
-    """PartitionSpecs for a Flux2Params-structured pytree of arrays or ShapeDtypeStructs."""
+    """PartitionSpecs for a Flux2Weights-structured pytree of arrays or ShapeDtypeStructs."""
     if fsdp < 1:
         raise ValueError(f"fsdp must be >= 1, got {fsdp}")
     return jax.tree_util.tree_map_with_path(lambda path, x: _leaf_spec(path, tuple(x.shape), fsdp), tree)
 
 
-def param_partition_specs(config: Flux2Config, fsdp: int) -> Flux2Params:
+def param_partition_specs(config: Flux2Config, fsdp: int) -> Flux2Weights:
     """The PartitionSpec of every parameter of `config` for an fsdp axis of size `fsdp`."""
     return partition_specs(param_shapes(config), fsdp)
 
 
-def param_shardings(mesh: Mesh, config: Flux2Config) -> Flux2Params:
+def param_shardings(mesh: Mesh, config: Flux2Config) -> Flux2Weights:
     """NamedShardings of every parameter of `config` on `mesh` (replicated over `data`).
 
     This is the `shardings` argument of `fluxjax.load_transformer` and the `out_shardings` of a
@@ -92,7 +92,7 @@ def param_shardings(mesh: Mesh, config: Flux2Config) -> Flux2Params:
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def shard_params(params: Flux2Params, mesh: Mesh) -> Flux2Params:
+def shard_params(params: Flux2Weights, mesh: Mesh) -> Flux2Weights:
     """Place `params` on `mesh` according to the plan (module docstring)."""
     specs = partition_specs(params, mesh.shape[FSDP])
     shardings = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))

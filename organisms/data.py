@@ -32,8 +32,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from experiments.metrics import ciede2000, srgb_to_lab
-from experiments.tasks import COLOURS as STUDY_COLOURS
+from fluxjax.metrics import STUDY_COLOURS, ciede2000, srgb_to_lab
 
 SIZE = 32  # image side in pixels
 SUPERSAMPLE = 4  # anti-aliasing: coverage of each pixel from 4 x 4 sub-pixel samples

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import fluxjax
-from experiments.metrics import (COLOUR_MATCH_DE00, PassRate, ciede2000, closer_to_source, colour_error,
+from fluxjax.metrics import (COLOUR_MATCH_DE00, PassRate, ciede2000, closer_to_source, colour_error,
                                  dominant_colour, nearest_colour, reference_colour, srgb_to_lab, write_pass_rates_csv)
 from organisms import codec
 from organisms.checkpoint import load_organism

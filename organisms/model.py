@@ -35,7 +35,7 @@ from flax import struct
 import fluxjax
 from fluxjax import Flux2Config, Interventions, Knockout, SamplerOptions, TokenLayout
 from fluxjax.interventions import check_knockout
-from fluxjax.params import Flux2Params
+from fluxjax.params import Flux2Weights
 from organisms import codec
 from organisms.data import SIZE
 from organisms.text import TEXT_LENGTH, TextEncoderConfig, TextEncoderParams, encode, encoder_shapes, tokenize
@@ -85,7 +85,7 @@ ORGANISMS = {o.name: o for o in (DIRECT, TEXT_ROUTED)}
 
 @struct.dataclass
 class OrganismParams:
-    transformer: Flux2Params
+    transformer: Flux2Weights
     encoder: TextEncoderParams
 
 

@@ -19,7 +19,7 @@ from collections import deque
 
 import numpy as np
 
-from experiments.metrics import ciede2000, srgb_to_lab
+from fluxjax.metrics import ciede2000, srgb_to_lab
 from organisms.data import SHAPES, coverage
 
 TEMPLATE = 16

@@ -23,11 +23,11 @@ from reference import TINY, diffusers_kwargs, random_state
 from safetensors.numpy import save_file
 
 import fluxjax
-from conversion.__main__ import main as cli_main
-from conversion.convert import convert_transformer, infer_config, preset_name
-from conversion.safetensors_io import SafetensorsFile, ShardedSafetensors, write_safetensors
-from conversion.transformer import params_from_state
-from conversion.transformer_keys import BFL_PREFIX, expected_source_shapes
+from fluxjax.conversion.__main__ import main as cli_main
+from fluxjax.conversion.convert import convert_transformer, infer_config, preset_name
+from fluxjax.conversion.safetensors_io import SafetensorsFile, ShardedSafetensors, write_safetensors
+from fluxjax.conversion.transformer import params_from_state
+from fluxjax.conversion.transformer_keys import BFL_PREFIX, expected_source_shapes
 from fluxjax.checkpoint import CONFIG_FILE, CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import grids, judge, metrics, report, runs, tasks
+from experiments import grids, judge, report, runs, tasks
+from fluxjax import files, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,18 +286,17 @@ def test_a_writer_killed_midway_leaves_no_torn_file(tmp_path):
     target = tmp_path / "exp" / "outputs" / "c" / "big.bin"
     script = textwrap.dedent(f"""
         import os, signal
-        from experiments import runs
-        runs.atomic_write_bytes({str(target)!r}, b"old")
-        real_replace = os.replace
+        from fluxjax import files
+        files.atomic_write_bytes({str(target)!r}, b"old")
         def killed(*a):  # the new content is on disk in the temporary file; die before the rename
             os.kill(os.getpid(), signal.SIGKILL)
-        runs.os.replace = killed
-        runs.atomic_write_bytes({str(target)!r}, b"new" * 1000)
+        files.os.replace = killed
+        files.atomic_write_bytes({str(target)!r}, b"new" * 1000)
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     assert target.read_bytes() == b"old"
-    assert any(runs._TMP_MARK in p.name for p in target.parent.iterdir())
+    assert any(files.TMP_MARK in p.name for p in target.parent.iterdir())
     runs.open_run(tmp_path, "exp", {}).close()  # resuming clears what the killed writer left
     assert [p.name for p in target.parent.iterdir()] == ["big.bin"]
 
@@ -617,7 +617,7 @@ def test_task_grid_and_report_in_a_run_folder(tmp_path):
 
 
 def test_the_package_imports_no_torch_jax_or_matplotlib():
-    code = ("import sys, experiments.tasks, experiments.runs, experiments.metrics, experiments.judge, "
+    code = ("import sys, experiments.tasks, experiments.runs, experiments.judge, "
             "experiments.grids, experiments.report; "
             "print([m for m in ('torch', 'diffusers', 'jax', 'matplotlib') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

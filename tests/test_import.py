@@ -1,5 +1,5 @@
-"""Importing any module of `fluxjax`, `conversion` or `flux2ref` imports neither torch, diffusers nor
-transformers (`flux2ref` and `fluxjax.text` import them inside the functions that need them)."""
+"""Importing any module of `fluxjax` (its `conversion` subpackage included), the `conversion` front or
+`flux2ref` imports neither torch, diffusers nor transformers (`flux2ref` and `fluxjax.text` import them inside the functions that need them)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def test_library_imports_without_torch_or_diffusers():
         import importlib, pkgutil
         import fluxjax, conversion, flux2ref
         for package in (fluxjax, conversion, flux2ref):
-            for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+            for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
                 importlib.import_module(info.name)
-        import conversion.__main__
+        import fluxjax.conversion.__main__, conversion.__main__
         pulled = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r})
         assert not pulled, pulled
         print("clean")

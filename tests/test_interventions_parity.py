@@ -22,7 +22,7 @@ from fluxjax.interventions import BLOCK0_INPUT
 
 torch = pytest.importorskip("torch")
 transformer_flux2 = pytest.importorskip("diffusers.models.transformers.transformer_flux2")
-from conversion.transformer import params_from_state  # noqa: E402
+from fluxjax.conversion.transformer import params_from_state  # noqa: E402
 
 # The bars of the plain forward's parity (fp32 relative L2): at timestep 0 without guidance the
 # only differences are float32 rounding orders; in general the fp32 timestep sinusoid (arguments

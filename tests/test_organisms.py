@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fluxjax
-from experiments.metrics import COLOUR_MATCH_DE00, colour_error, reference_colour
+from fluxjax.metrics import COLOUR_MATCH_DE00, colour_error, reference_colour
 from organisms import codec
 from organisms.checkpoint import load_organism
 from organisms.data import KINDS, SHAPES, SIZE, heldout_example, heldout_examples, make_example, train_example

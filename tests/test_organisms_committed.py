@@ -134,7 +134,7 @@ def test_docs_example_runs_and_draws_what_it_says(monkeypatch):
     import pathlib
     import re
 
-    from experiments.metrics import COLOUR_MATCH_DE00, colour_error, reference_colour
+    from fluxjax.metrics import COLOUR_MATCH_DE00, colour_error, reference_colour
     from organisms.shapes import classify
 
     root = pathlib.Path(__file__).parents[1]

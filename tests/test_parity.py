@@ -20,9 +20,9 @@ from reference import (BF16_RATIO, TINY, TOL_GENERAL, TOL_T0, diffusers_kwargs, 
                        random_state, rel_err, run_diffusers)
 
 import fluxjax
-from conversion.convert import convert_transformer
-from conversion.safetensors_io import SafetensorsFile
-from conversion.transformer_keys import BFL_PREFIX, expected_source_shapes
+from fluxjax.conversion.convert import convert_transformer
+from fluxjax.conversion.safetensors_io import SafetensorsFile
+from fluxjax.conversion.transformer_keys import BFL_PREFIX, expected_source_shapes
 
 torch = pytest.importorskip("torch")
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 import fluxjax
-from conversion.convert import infer_config, preset_name
-from conversion.transformer_keys import expected_source_shapes
+from fluxjax.conversion.convert import infer_config, preset_name
+from fluxjax.conversion.transformer_keys import expected_source_shapes
 
 # Transformer parameter counts of the released checkpoints (diffusers and BFL, meta-device count).
 RELEASED_COUNTS = {"dev": 32_223_281_152, "klein-4b": 3_875_544_576, "klein-9b": 9_078_581_248}

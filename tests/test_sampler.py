@@ -84,7 +84,7 @@ def models():
 
 
 def _params(module, config):
-    from conversion.transformer import params_from_state
+    from fluxjax.conversion.transformer import params_from_state
 
     return jax.tree_util.tree_map(jnp.asarray, params_from_state(state_dict_numpy(module), config, "diffusers"))
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fluxjax.checkpoint import CheckpointError
-from conversion.vae import detect_vae_format, vae_params_from_state
-from conversion.vae_keys import expected_source_shapes, leaf_shapes, rows_for
+from fluxjax.conversion.vae import detect_vae_format, vae_params_from_state
+from fluxjax.conversion.vae_keys import expected_source_shapes, leaf_shapes, rows_for
 from fluxjax import vae
 from fluxjax.vae import leaf_name
 
@@ -357,7 +357,7 @@ def _assert_same_params(a, b):
 def test_convert_diffusers_folder_and_bfl_file_to_native_and_load(tiny, tmp_path):
     from safetensors.numpy import save_file
 
-    from conversion.vae import convert_vae, is_vae_source
+    from fluxjax.conversion.vae import convert_vae, is_vae_source
     from fluxjax.vae_checkpoint import load_vae
 
     model, params = tiny
@@ -386,7 +386,7 @@ def test_convert_diffusers_folder_and_bfl_file_to_native_and_load(tiny, tmp_path
 
 
 def test_cli_converts_a_vae_folder(tiny, tmp_path, capsys):
-    from conversion.__main__ import main
+    from fluxjax.conversion.__main__ import main
     from fluxjax.vae_checkpoint import load_vae
 
     model, params = tiny

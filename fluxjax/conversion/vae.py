@@ -20,8 +20,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from conversion.safetensors_io import SafetensorsFile
-from conversion.vae_keys import OPTIONAL_KEYS, expected_source_shapes, rows_for, to_leaf
+from fluxjax.conversion.safetensors_io import SafetensorsFile
+from fluxjax.conversion.vae_keys import OPTIONAL_KEYS, expected_source_shapes, rows_for, to_leaf
 from fluxjax.checkpoint import CheckpointError
 from fluxjax.vae import FLUX2_VAE, VAEConfig, VAEParams, leaf_name, vae_param_shapes
 

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conversion.transformer_keys import assemble, expected_source_shapes, leaf_name, num_layers, rows_for, source_keys
+from fluxjax.conversion.transformer_keys import assemble, expected_source_shapes, leaf_name, num_layers, rows_for, source_keys
 from fluxjax.checkpoint import CheckpointError
 from fluxjax.config import Flux2Config
-from fluxjax.params import Flux2Params, param_shapes
+from fluxjax.params import Flux2Weights, param_shapes
 
 __all__ = ["CheckpointError", "check_state", "leaves_from_state", "params_from_state"]
 
@@ -82,7 +82,7 @@ def leaves_from_state(state: Mapping, config: Flux2Config, fmt: str, dtype=None,
 
 
 def params_from_state(state: Mapping, config: Flux2Config, fmt: str, dtype=None, where: str = "checkpoint",
-                      shapes: Mapping[str, tuple[int, ...]] | None = None, progress=None) -> Flux2Params:
-    """All of `leaves_from_state` as a Flux2Params of numpy arrays (small models, tests)."""
+                      shapes: Mapping[str, tuple[int, ...]] | None = None, progress=None) -> Flux2Weights:
+    """All of `leaves_from_state` as a Flux2Weights of numpy arrays (small models, tests)."""
     leaves = [leaf for _, leaf in leaves_from_state(state, config, fmt, dtype, where, shapes, progress)]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(param_shapes(config)), leaves)

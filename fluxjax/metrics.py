@@ -31,7 +31,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from experiments.runs import atomic_write_text
+from fluxjax.files import atomic_write_text
+
+# The study's colour bucket (8 flat references, paper protocol): these RGB values, by name.
+STUDY_COLOURS: Mapping[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "orange": (230, 120, 40),
+    "yellow": (240, 210, 60),
+    "green": (50, 170, 80),
+    "blue": (40, 90, 220),
+    "purple": (140, 60, 180),
+    "pink": (230, 120, 170),
+    "brown": (120, 75, 45),
+}
 
 # An edit "has" a colour when its dominant colour is within this CIEDE2000 of it. 15 stays under
 # the closest pair of the colour bucket's colours (blue/purple, 18.8; red/orange 21.6; checked in

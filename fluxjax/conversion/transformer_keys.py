@@ -1,6 +1,6 @@
 """Key tables: where every fluxjax transformer parameter comes from in the two checkpoint formats.
 
-One row per parameter leaf (dotted path in `fluxjax.params.Flux2Params`). A row gives the source
+One row per parameter leaf (dotted path in `fluxjax.params.Flux2Weights`). A row gives the source
 key templates (`{i}` is the block index, for stacked block parameters) and how the source tensors
 become the leaf:
 

@@ -26,9 +26,9 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from conversion.safetensors_io import INDEX_NAME, SafetensorsFile, ShardedSafetensors, refuse_pickle
-from conversion.transformer import check_state, leaves_from_state
-from conversion.transformer_keys import BFL_PREFIX, TABLES
+from fluxjax.conversion.safetensors_io import INDEX_NAME, SafetensorsFile, ShardedSafetensors, refuse_pickle
+from fluxjax.conversion.transformer import check_state, leaves_from_state
+from fluxjax.conversion.transformer_keys import BFL_PREFIX, TABLES
 from fluxjax.checkpoint import CheckpointError, check_destination, config_from_json, write_checkpoint
 from fluxjax.config import PRESETS, Flux2Config
 

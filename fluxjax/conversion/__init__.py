@@ -1,0 +1,1 @@
+"""Checkpoint conversion: diffusers folders and Black Forest Labs single files -> native fluxjax."""
