@@ -108,7 +108,7 @@ def pair_key(source, target) -> str:
 
 
 def _pair(ctx: Context, source, target, s: Mapping, cell) -> dict:
-    from fluxjax.interventions import Capture, Interventions, substitution
+    from fluxjax.interventions import Capture, Interventions, per_step, substitution
 
     if (source.width, source.height) != (target.width, target.height):
         raise ValueError(f"pair {source.task_id} -> {target.task_id}: sizes differ; patched edits share the size")
@@ -123,7 +123,7 @@ def _pair(ctx: Context, source, target, s: Mapping, cell) -> dict:
     for pos in s["positions"]:
         mask = tgt.layout.text_mask(POSITIONS[pos], tgt.content_mask)
         for j, k in enumerate(blocks):
-            cells.append(Interventions(substitutions=(substitution(k, captures.text[:, j], mask),)))
+            cells.append(Interventions(substitutions=(substitution(k, per_step(captures.text[:, j]), mask),)))
             labels.append((pos, k))
     images = ctx.sweep(tgt, cells)
 

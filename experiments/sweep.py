@@ -118,10 +118,10 @@ def run(model, edit: Edit, options: samplerlib.SamplerOptions, interventions: In
     """One sampler call: (pixels uint8 [1, H, W, 3], captures with a leading [num_steps] axis or None)."""
     model = backend(model)
     interventions = model.with_cuts(edit.layout, edit.content_mask, interventions)
-    out = samplerlib.sample(model.params, model.config, options, edit.txt, edit.txt_ids, edit.layout.img_ids(),
-                            noise=edit.noise, refs=edit.refs, uncond_txt=edit.uncond, interventions=interventions,
-                            capture=capture, sigmas=model.sigmas(options.num_steps), attn_impl=attn_impl)
-    latents, captures = out if capture is not None else (out, None)
+    latents, captures = samplerlib.sample(model.params, model.config, options, edit.txt, edit.txt_ids,
+                                          edit.layout.img_ids(), noise=edit.noise, refs=edit.refs,
+                                          uncond_txt=edit.uncond, interventions=interventions, capture=capture,
+                                          sigmas=model.sigmas(options.num_steps), attn_impl=attn_impl)
     return model.decode(latents, edit.height, edit.width), captures
 
 
@@ -131,7 +131,7 @@ def _sample_many(params, txt, txt_ids, img_ids, noise, refs, uncond, interventio
     """The sampler vmapped over the leading V axis of every intervention array: [V, 1, N_img, P]."""
     def one(iv):
         return samplerlib.sample(params, config, options, txt, txt_ids, img_ids, noise=noise, refs=refs,
-                                 uncond_txt=uncond, interventions=iv, sigmas=sigmas, attn_impl=attn_impl)
+                                 uncond_txt=uncond, interventions=iv, sigmas=sigmas, attn_impl=attn_impl)[0]
 
     return jax.vmap(one)(interventions)
 

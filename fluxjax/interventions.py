@@ -15,6 +15,11 @@ first (klein-9B: 0..7 double, 8..31 single):
 At a site, substitutions apply first, in order, and a capture at the same site sees the result:
 what is captured is what the next block reads.
 
+Per-step values. The sampler (`fluxjax.sample`) runs the forward once per denoising step. An
+intervention value that differs between steps is wrapped in `PerStep` (every array in it carries a
+leading [S] axis: step s sees slice s); anything not wrapped is shared by every step. The forward
+itself takes no `PerStep` value: the wrapping says explicitly which axis is the step axis.
+
 Axis names as in `fluxjax.numerics`; V is a sweep axis added by `vmap`.
 """
 
@@ -32,6 +37,26 @@ from fluxjax.config import Flux2Config
 from fluxjax.layout import TokenLayout
 
 BLOCK0_INPUT = -1
+
+
+@struct.dataclass
+class PerStep:
+    """A value (an array, or a pytree of arrays) with a leading [S] axis: one slice per sampler step.
+
+    E.g. a patching run's `substitution(k, per_step(captures.text[:, j]), mask)`: the source run's
+    step-s activations replace the target's at step s.
+    """
+
+    value: object
+
+
+def per_step(value) -> PerStep:
+    """Mark `value` (an array or pytree of arrays, each [S, ...]) as one slice per sampler step."""
+    return PerStep(jax.tree_util.tree_map(jnp.asarray, value))
+
+
+def is_per_step(node) -> bool:
+    return isinstance(node, PerStep)
 
 
 @struct.dataclass
@@ -141,6 +166,9 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
     reference tokens).
     """
     capture.validate(config)
+    if any(is_per_step(n) for n in jax.tree_util.tree_leaves(iv, is_leaf=is_per_step)):
+        raise ValueError("a PerStep intervention value has one slice per sampler step: give it to fluxjax.sample, "
+                         "or pass one step's slice to the forward")
     nb, width, length = config.num_blocks, config.hidden_size, n_txt + n_stream
     for i, sub in enumerate(iv.substitutions):
         if np.ndim(sub.site) != 0:
@@ -186,25 +214,40 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
 # builders
 
 
+def _unwrap(x):
+    """(True, the arrays) of a PerStep value, (False, x) of anything else."""
+    return (True, x.value) if is_per_step(x) else (False, x)
+
+
 def substitution(site, value, mask=None) -> Substitution:
     """A text-stream substitution at `site`; mask None replaces every position.
 
     value: [B, T, D] or [T, D] (shared by the batch); mask: bool [B, T] or [T], e.g.
-    `layout.text_mask('text[padding]', content_mask)` for padding-only patching. Arrays with more
-    leading axes (a sampler's step axis) pass through unchanged.
+    `layout.text_mask('text[padding]', content_mask)` for padding-only patching. For a sampler run,
+    value or mask may be `per_step(...)` of [S, ...] arrays (one slice per denoising step).
     """
+    value_steps, value = _unwrap(value)
     value = jnp.asarray(value)
-    if value.ndim < 2:
-        raise ValueError(f"substitution value must be [B, T, D] or [T, D], got shape {value.shape}")
-    value = value[None] if value.ndim == 2 else value
-    mask = jnp.ones((1, value.shape[-2]), bool) if mask is None else jnp.asarray(mask, bool)
-    mask = mask[None] if mask.ndim == 1 else mask
-    if not _broadcasts_to(mask.shape, value.shape[:-1]) and not _broadcasts_to(value.shape[:-1], mask.shape):
+    lead = int(value_steps)
+    if value.ndim - lead not in (2, 3):
+        hint = "; a leading step axis must be marked with per_step(value)" if value.ndim == 4 and not lead else ""
+        raise ValueError(f"substitution value must be [B, T, D] or [T, D]{' after its step axis' if lead else ''}, "
+                         f"got shape {value.shape}{hint}")
+    value = jnp.expand_dims(value, lead) if value.ndim - lead == 2 else value
+    mask_steps, mask = _unwrap(mask)
+    mask = jnp.ones((1, value.shape[-2]), bool) if mask is None else jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"substitution mask must be boolean, got {mask.dtype}")
+    mask = jnp.expand_dims(mask, int(mask_steps)) if mask.ndim - int(mask_steps) == 1 else mask
+    if not _broadcasts_to(mask.shape[int(mask_steps):], value.shape[lead:-1]) and \
+            not _broadcasts_to(value.shape[lead:-1], mask.shape[int(mask_steps):]):
         raise ValueError(f"substitution mask {mask.shape} does not fit value {value.shape} without its last axis")
+    site_steps, site = _unwrap(site)
     site = jnp.asarray(site, jnp.int32)
-    if site.ndim == 0 and _is_concrete(site) and int(site) < BLOCK0_INPUT:
+    if not site_steps and site.ndim == 0 and _is_concrete(site) and int(site) < BLOCK0_INPUT:
         raise ValueError(f"substitution site {int(site)}: use -1 (input of block 0) or a block index")
-    return Substitution(site=site, value=value, mask=mask)
+    return Substitution(site=PerStep(site) if site_steps else site, value=PerStep(value) if value_steps else value,
+                        mask=PerStep(mask) if mask_steps else mask)
 
 
 def stack(items: Sequence):
@@ -313,3 +356,111 @@ def check_knockout(allowed, groups, layout: TokenLayout | None = None):
             who = names[g] if names else f"group {g}"
             raise ValueError(f"knockout leaves the {who} queries of sample {row} with no key to attend to "
                              f"in block {b}; keep at least one key group for every query group")
+
+
+# ---------------------------------------------------------------------------------------------
+# applying interventions and recording captures inside the forward (fluxjax.model)
+
+
+def substitute(substitutions: Sequence[Substitution], h, site):
+    """The text stream h [B, T, D] at `site` (an int, or a traced block index) after every
+    substitution at that site, in order: new = where(mask, value, current)."""
+    for sub in substitutions:
+        hit = (sub.site == site) & sub.mask[..., None]
+        h = jnp.where(hit, sub.value.astype(h.dtype), h)
+    return h
+
+
+def knockout_mask(groups, allowed):
+    """bool [B, L, L] attention mask of one block: mask[b, q, k] = allowed[group(q), group(k)].
+
+    groups: int [B, L] token groups (truncated to the forward's current length); allowed: [G, G].
+    Built as a fused compare-and-reduce rather than an [L, L] gather (which XLA on CPU runs about
+    5 % slower than the attention it feeds).
+    """
+    may_read = allowed[groups]  # [B, Lq, G]: the key groups each query may attend to
+    key_group = groups[:, :, None] == jnp.arange(allowed.shape[-1])  # [B, Lk, G] one-hot
+    return jnp.any(may_read[:, :, None, :] & key_group[:, None, :, :], axis=-1)
+
+
+@struct.dataclass
+class LayerValues:
+    """What one block of a scan reads of the interventions and captures (scanned along the blocks)."""
+
+    index: jax.Array  # int32 []: the global block index (substitution sites compare to it)
+    text_slot: jax.Array  # int32 []: where its text output is captured, -1 if it is not
+    image_slot: jax.Array  # int32 []: the same for the image stream
+    allowed: jax.Array | None  # bool [G, G]: its knockout table, None without a knockout
+
+    def mask(self, knockout: Knockout | None, length: int):
+        """The block's attention mask for a joint sequence of `length` tokens, or None."""
+        if self.allowed is None:
+            return None
+        return knockout_mask(knockout.groups[:, :length], self.allowed)
+
+
+def _slot_table(sites: tuple[int, ...], num_blocks: int) -> np.ndarray:
+    slots = np.full(num_blocks, -1, np.int32)
+    for j, s in enumerate(sites):
+        if s >= 0:
+            slots[s] = j
+    return slots
+
+
+def layer_values(iv: Interventions, capture: Capture, config: Flux2Config, start: int, stop: int) -> LayerValues:
+    """The `LayerValues` of global blocks [start, stop), stacked on a leading layer axis."""
+    idx = np.arange(start, stop, dtype=np.int32)
+    allowed = None if iv.knockout is None else iv.knockout.allowed[start:stop]
+    return LayerValues(index=idx, text_slot=_slot_table(capture.text, config.num_blocks)[idx],
+                       image_slot=_slot_table(capture.image, config.num_blocks)[idx], allowed=allowed)
+
+
+def begin_captures(capture: Capture, text, image) -> Captures:
+    """Zeroed capture buffers for `capture`, holding the input of block 0 where it is asked for.
+
+    text [B, T, D], image [B, N, D]: the streams at the input of block 0.
+    """
+    def buffer(sites, h):
+        if not sites:
+            return None
+        buf = jnp.zeros((len(sites), *h.shape), h.dtype)
+        return buf.at[sites.index(BLOCK0_INPUT)].set(h) if BLOCK0_INPUT in sites else buf
+
+    kept = image if capture.image_tokens is None else image[:, :capture.image_tokens]
+    return Captures(text=buffer(capture.text, text), image=buffer(capture.image, kept))
+
+
+def record_block(captures: Captures, layer: LayerValues, text, image) -> Captures:
+    """`captures` with one block's outputs written to its slots. A block that is not captured
+    (slot -1) rewrites slot 0 with its own value, so the buffers hold exactly the requested sites."""
+    def store(buf, slot, h):
+        if buf is None:
+            return None
+        at = jnp.maximum(slot, 0)
+        h = jnp.where(slot >= 0, h[:, :buf.shape[2]], jax.lax.dynamic_index_in_dim(buf, at, 0, keepdims=False))
+        return jax.lax.dynamic_update_index_in_dim(buf, h, at, 0)
+
+    return Captures(text=store(captures.text, layer.text_slot, text),
+                    image=store(captures.image, layer.image_slot, image))
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A run of blocks [start, stop) of one kind, before which the references may leave."""
+
+    start: int
+    stop: int
+    double: bool
+    drop_refs: bool  # the reference tokens leave the sequence before this segment
+
+
+def block_segments(config: Flux2Config, drop: DropReference | None) -> list[Segment]:
+    """The forward's blocks as runs of one kind (double, then single), split where the references
+    leave the sequence (`DropReference`); dropping them after the last block is an empty last run."""
+    nd, nb = config.depth, config.num_blocks
+    at = nb + 1 if drop is None else drop.from_block
+    bounds = sorted({0, nd, nb, min(at, nb)})
+    segments = [Segment(a, b, a < nd, a == at) for a, b in zip(bounds, bounds[1:]) if a < b]
+    if at == nb:
+        segments.append(Segment(nb, nb, nd == nb, True))
+    return segments

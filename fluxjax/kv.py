@@ -28,10 +28,8 @@ from flax import struct
 
 from fluxjax.blocks import double_block, single_block
 from fluxjax.config import Flux2Config
-from fluxjax.model import _chunks, _embed_scalar, _ids, _scaled_in_model_dtype, _triples
-from fluxjax.numerics import linear, modulate, rope_tables
-from fluxjax.sampler import SamplerOptions, euler_step, initial_noise, model_timestep
-from fluxjax.schedule import flux2_sigmas
+from fluxjax.model import conditioning, embed, final_layer, modulations, positions, scale_timestep
+from fluxjax.sampler import SamplerOptions, euler_step, model_timestep, start
 
 
 @struct.dataclass
@@ -48,15 +46,6 @@ class KVCache:
         return self.double_k.shape[2]
 
 
-def _vec(params, config, s, guidance, dtype):
-    """vec from the timestep already x1000 in the model dtype (plus guidance, as in `forward`)."""
-    vec = _embed_scalar(params.time_in, s, dtype, config.timestep_channels)
-    if guidance is not None and params.guidance_in is not None:
-        g = _scaled_in_model_dtype(guidance, dtype)
-        vec = vec + _embed_scalar(params.guidance_in, g, dtype, config.timestep_channels)
-    return vec
-
-
 def _per_token(first, rest, n_first: int, n_rest: int):
     """[B, 1, D] chunks -> [B, n_first + n_rest, D]: `first` on the leading tokens, `rest` after."""
     b = first.shape[0]
@@ -64,13 +53,8 @@ def _per_token(first, rest, n_first: int, n_rest: int):
                             jnp.broadcast_to(rest, (b, n_rest, rest.shape[-1]))], axis=1)
 
 
-def _rope(config, txt_ids, img_ids):
-    return rope_tables(jnp.concatenate([_ids(txt_ids), _ids(img_ids)], axis=1), config.axes_dim, config.theta)
-
-
-def _final(params, act, z):
-    shift, scale = _chunks(linear(act, params.final_layer.adaLN_modulation), 2)  # BFL order
-    return linear(modulate(z, shift, scale), params.final_layer.linear)
+def _guidance(guidance, dtype):
+    return None if guidance is None else scale_timestep(guidance, dtype)
 
 
 def forward_kv_extract(params, config: Flux2Config, img, refs, txt, timestep, img_ids, ref_ids, txt_ids,
@@ -82,26 +66,19 @@ def forward_kv_extract(params, config: Flux2Config, img, refs, txt, timestep, im
     """
     dtype = params.img_in.dtype
     n_txt, n_ref, n_img = txt.shape[1], refs.shape[1], img.shape[1]
-    s = _scaled_in_model_dtype(timestep, dtype)
-    vec = _vec(params, config, s, guidance, dtype)
+    s, g = scale_timestep(timestep, dtype), _guidance(guidance, dtype)
+    vec = conditioning(params, config, s, g)
     # diffusers: torch.full_like(timestep * 1000, ref_fixed_timestep * 1000), in the model dtype
-    ref_vec = _vec(params, config, jnp.full_like(s, ref_timestep * 1000), guidance, dtype)
-    act, ref_act = jax.nn.silu(vec), jax.nn.silu(ref_vec)
-
-    mod_img = _triples(linear(act, params.double_stream_modulation_img.lin), 2)
-    ref_mod_img = _triples(linear(ref_act, params.double_stream_modulation_img.lin), 2)
+    ref_vec = conditioning(params, config, jnp.full_like(s, ref_timestep * 1000), g)
+    mods, ref_mods = modulations(params, vec), modulations(params, ref_vec)
     mod_img = tuple(tuple(_per_token(r, m, n_ref, n_img) for r, m in zip(rs, ms))
-                    for rs, ms in zip(ref_mod_img, mod_img))  # image stream [refs, img]
-    mod_txt = _triples(linear(act, params.double_stream_modulation_txt.lin), 2)
-    mod_single = _triples(linear(act, params.single_stream_modulation.lin), 1)[0]
-    ref_mod_single = _triples(linear(ref_act, params.single_stream_modulation.lin), 1)[0]
+                    for rs, ms in zip(ref_mods.img, mods.img))  # image stream [refs, img]
     mod_single = tuple(jnp.concatenate([jnp.broadcast_to(m, (m.shape[0], n_txt, m.shape[-1])),
                                         _per_token(r, m, n_ref, n_img)], axis=1)
-                       for m, r in zip(mod_single, ref_mod_single))  # joint [text, refs, img]
+                       for m, r in zip(mods.single, ref_mods.single))  # joint [text, refs, img]
 
-    x = linear(jnp.concatenate([refs.astype(dtype), img.astype(dtype)], axis=1), params.img_in)
-    c = linear(txt.astype(dtype), params.txt_in)
-    rope = _rope(config, txt_ids, jnp.concatenate([jnp.asarray(ref_ids), jnp.asarray(img_ids)], axis=0))
+    x, c = embed(params, jnp.concatenate([refs.astype(dtype), img.astype(dtype)], axis=1), txt)
+    rope = positions(config, txt_ids, jnp.concatenate([jnp.asarray(ref_ids), jnp.asarray(img_ids)], axis=0))
     group = np.concatenate([np.zeros(n_txt, bool), np.ones(n_ref, bool), np.zeros(n_img, bool)])
     allowed = ~(group[:, None] & ~group[None, :])  # reference queries see reference keys only
     mask = jnp.broadcast_to(jnp.asarray(allowed), (txt.shape[0], *allowed.shape))
@@ -109,7 +86,7 @@ def forward_kv_extract(params, config: Flux2Config, img, refs, txt, timestep, im
 
     def double(carry, p):
         x, c = carry
-        x, c, (k, v) = double_block(p, x, c, mod_img, mod_txt, rope, mask, attn_impl, return_kv=True)
+        x, c, (k, v) = double_block(p, x, c, mod_img, mods.txt, rope, mask, attn_impl, return_kv=True)
         return (x, c), (k[:, refs_at], v[:, refs_at])
 
     (x, c), (dk, dv) = jax.lax.scan(double, (x, c), params.double_blocks)
@@ -119,7 +96,7 @@ def forward_kv_extract(params, config: Flux2Config, img, refs, txt, timestep, im
         return z, (k[:, refs_at], v[:, refs_at])
 
     z, (sk, sv) = jax.lax.scan(single, jnp.concatenate([c, x], axis=1), params.single_blocks)
-    out = _final(params, act, z[:, n_txt + n_ref:])  # the final layer uses the current t
+    out = final_layer(params, vec, z[:, n_txt + n_ref:])  # the final layer uses the current t
     return out, KVCache(double_k=dk, double_v=dv, single_k=sk, single_v=sv)
 
 
@@ -129,28 +106,25 @@ def forward_kv_cached(params, config: Flux2Config, img, txt, timestep, img_ids, 
     spliced in after the text keys in every block. Returns [B, N_img, out_channels]."""
     dtype = params.img_in.dtype
     n_txt = txt.shape[1]
-    act = jax.nn.silu(_vec(params, config, _scaled_in_model_dtype(timestep, dtype), guidance, dtype))
-    mod_img = _triples(linear(act, params.double_stream_modulation_img.lin), 2)
-    mod_txt = _triples(linear(act, params.double_stream_modulation_txt.lin), 2)
-    mod_single = _triples(linear(act, params.single_stream_modulation.lin), 1)[0]
-    x = linear(img.astype(dtype), params.img_in)
-    c = linear(txt.astype(dtype), params.txt_in)
-    rope = _rope(config, txt_ids, img_ids)
+    vec = conditioning(params, config, scale_timestep(timestep, dtype), _guidance(guidance, dtype))
+    mods = modulations(params, vec)
+    x, c = embed(params, img, txt)
+    rope = positions(config, txt_ids, img_ids)
 
     def double(carry, xs):
         p, k, v = xs
-        x, c = double_block(p, *carry, mod_img, mod_txt, rope, None, attn_impl, extra_kv=(k, v))
+        x, c = double_block(p, *carry, mods.img, mods.txt, rope, None, attn_impl, extra_kv=(k, v))
         return (x, c), None
 
     (x, c), _ = jax.lax.scan(double, (x, c), (params.double_blocks, cache.double_k, cache.double_v))
 
     def single(z, xs):
         p, k, v = xs
-        return single_block(p, z, mod_single, rope, None, attn_impl, extra_kv=(k, v), extra_kv_at=n_txt), None
+        return single_block(p, z, mods.single, rope, None, attn_impl, extra_kv=(k, v), extra_kv_at=n_txt), None
 
     z, _ = jax.lax.scan(single, jnp.concatenate([c, x], axis=1),
                         (params.single_blocks, cache.single_k, cache.single_v))
-    return _final(params, act, z[:, n_txt:])
+    return final_layer(params, vec, z[:, n_txt:])
 
 
 def sample_kv(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids, img_ids, refs, *, noise=None,
@@ -166,23 +140,9 @@ def sample_kv(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids
         raise ValueError("the KV sampler runs the distilled [klein] KV model: use guidance 'none'")
     if refs is None:
         raise ValueError("sample_kv needs reference tokens; without references use fluxjax.sample")
-    dtype = params.img_in.dtype
-    batch, n_ref = txt.shape[0], refs.shape[1]
-    n_img = np.shape(img_ids)[-2] - n_ref
-    if (noise is None) == (seed is None):
-        raise ValueError("pass exactly one of `noise` (explicit initial latents) or `seed`")
-    if noise is None:
-        noise = initial_noise(seed, batch, n_img, config.in_channels, dtype)
-    if tuple(noise.shape) != (batch, n_img, config.in_channels):
-        raise ValueError(f"noise must be [B, N_img, in_channels] = {(batch, n_img, config.in_channels)}, "
-                         f"got {tuple(noise.shape)}")
-    if sigmas is None:
-        sigmas = flux2_sigmas(n_img, options.num_steps)
-    if np.shape(sigmas) != (options.num_steps + 1,):
-        raise ValueError(f"sigmas must have num_steps + 1 = {options.num_steps + 1} entries, got {np.shape(sigmas)}")
-    return _denoise_kv(params, jnp.asarray(noise).astype(dtype), jnp.asarray(txt), jnp.asarray(txt_ids),
-                       jnp.asarray(img_ids), jnp.asarray(refs), jnp.asarray(sigmas, jnp.float32),
-                       config=config, attn_impl=attn_impl)
+    noise, sigmas = start(params, config, options, txt, img_ids, refs, noise, seed, sigmas)
+    return _denoise_kv(params, noise, jnp.asarray(txt), jnp.asarray(txt_ids), jnp.asarray(img_ids),
+                       jnp.asarray(refs), sigmas, config=config, attn_impl=attn_impl)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attn_impl"))

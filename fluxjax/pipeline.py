@@ -233,10 +233,10 @@ def generate(model: Flux2Model, prompts=None, references=None, *, text=None, see
     if options.guidance == "cfg":
         negative_text = negative_text if negative_text is not None else encode_prompts(model, [""] * embeds.shape[0])
         uncond = jnp.asarray(np.asarray(negative_text.embeds, np.float32), dtype)
-    out = samplerlib.sample(model.params, model.config, options, embeds, text.txt_ids, layout.img_ids(),
-                            noise=noise, seed=None if noise is not None else seed, refs=refs, uncond_txt=uncond,
-                            interventions=interventions, capture=capture, attn_impl=attn_impl)
-    latents, captures = out if capture is not None else (out, None)
+    latents, captures = samplerlib.sample(model.params, model.config, options, embeds, text.txt_ids,
+                                          layout.img_ids(), noise=noise, seed=None if noise is not None else seed,
+                                          refs=refs, uncond_txt=uncond, interventions=interventions,
+                                          capture=capture, attn_impl=attn_impl)
     pixels = np.asarray(decode_pixels(model.vae_params, model.vae_config, latents, height, width))
     return Generation(images=[PIL.Image.fromarray(p) for p in pixels], latents=np.asarray(latents),
                       layout=layout, content_mask=np.asarray(text.content_mask), captures=captures)

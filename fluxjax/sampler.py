@@ -1,8 +1,8 @@
 """The FLUX.2 flow-matching Euler sampler, the whole denoising loop compiled as one program.
 
     options = fluxjax.sampler.KLEIN_DISTILLED               # 4 steps, no guidance
-    latents = fluxjax.sample(params, config, options, txt, layout.txt_ids(), layout.img_ids(),
-                             seed=1234, refs=ref_tokens)
+    latents, _ = fluxjax.sample(params, config, options, txt, layout.txt_ids(), layout.img_ids(),
+                                seed=1234, refs=ref_tokens)
 
 Rectified flow (spec section 9): x_t = (1 - t) x_0 + t eps, the model predicts v ~ eps - x_0, and
 each step moves x from sigma_i to sigma_{i+1} by x += (sigma_{i+1} - sigma_i) v, from t = 1 to 0.
@@ -15,11 +15,11 @@ space, the same space as `Flux2Pipeline(output_type="latent")`'s output (`fluxja
 them back into a latent grid). Reference tokens are context only: they are concatenated after
 the noisy tokens at every step, never updated, and only the first N_img predictions are used.
 
-Per-step interventions: any array of an `Interventions` value may carry a leading step axis [S]
-(a substitution value [S, B, T, D], its mask [S, B, T], a knockout table [S, blocks, G, G], ...);
-step s then sees slice s. Arrays without the step axis are shared by every step. Captures come
-back with a leading step axis, so a source run's `captures.text[:, j]` ([S, B, T, D]) is directly
-the per-step substitution value of a target run.
+Per-step interventions: a value wrapped in `fluxjax.interventions.per_step` carries a leading step
+axis [S] (a substitution value [S, B, T, D], a knockout [S, ...], ...); step s then sees slice s.
+Everything not wrapped is shared by every step. Captures come back with a leading step axis, so a
+source run's `per_step(captures.text[:, j])` ([S, B, T, D]) is directly the per-step substitution
+value of a target run.
 """
 
 from __future__ import annotations
@@ -32,14 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.config import Flux2Config
-from fluxjax.interventions import Capture, Captures, Interventions
+from fluxjax.interventions import Capture, Captures, Interventions, is_per_step
 from fluxjax.model import forward
 from fluxjax.schedule import NUM_TRAIN_TIMESTEPS, flux2_sigmas
 
 GUIDANCE_MODES = ("none", "embedded", "cfg")
-
-# Rank of every intervention array without a step axis; one more means "one slice per step".
-_STEPLESS_RANK = {"site": 0, "value": 3, "mask": 2, "allowed": 3, "groups": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,32 +131,40 @@ def cfg_combine(v_cond, v_uncond, scale):
     return (v_uncond.astype(jnp.float32) + _rounded(jnp.asarray(scale, jnp.float32) * diff, dtype)).astype(dtype)
 
 
-def split_step_axis(interventions: Interventions | None, num_steps: int):
-    """Which intervention arrays carry a leading [num_steps] axis (a tuple of bools, leaf order).
+def check_step_axes(interventions: Interventions | None, num_steps: int) -> None:
+    """Raise unless every `PerStep` value of `interventions` has a leading axis of `num_steps`."""
+    leaves = jax.tree_util.tree_flatten_with_path(interventions, is_leaf=is_per_step)[0]
+    for path, node in leaves:
+        if not is_per_step(node):
+            continue
+        for array in jax.tree_util.tree_leaves(node.value):
+            if np.ndim(array) == 0 or np.shape(array)[0] != num_steps:
+                axis = np.shape(array)[0] if np.ndim(array) else "none"
+                raise ValueError(f"per-step intervention value {jax.tree_util.keystr(path)} has a step axis of "
+                                 f"{axis}, but the sampler runs {num_steps} steps")
 
-    Raises for an array whose rank fits neither reading, or whose step axis has the wrong length.
-    """
-    if interventions is None:
-        return ()
-    flags = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(interventions)[0]:
-        name = getattr(path[-1], "name", None)
-        where = jax.tree_util.keystr(path)
-        if name not in _STEPLESS_RANK:
-            raise ValueError(f"the sampler does not know the rank of intervention array {where}; "
-                             f"add it to fluxjax.sampler._STEPLESS_RANK")
-        rank = np.ndim(leaf)
-        if rank == _STEPLESS_RANK[name]:
-            flags.append(False)
-        elif rank == _STEPLESS_RANK[name] + 1:
-            if np.shape(leaf)[0] != num_steps:
-                raise ValueError(f"intervention array {where} has a step axis of {np.shape(leaf)[0]}, "
-                                 f"but the sampler runs {num_steps} steps")
-            flags.append(True)
-        else:
-            raise ValueError(f"intervention array {where} has rank {rank}; expected {_STEPLESS_RANK[name]} "
-                             f"(shared by all steps) or {_STEPLESS_RANK[name] + 1} (leading step axis)")
-    return tuple(flags)
+
+def start(params, config: Flux2Config, options: SamplerOptions, txt, img_ids, refs, noise, seed, sigmas):
+    """The checked initial latents [B, N_img, in_channels] (model dtype) and float32 sigmas
+    [num_steps + 1] of a sampler run (arguments as `sample`)."""
+    batch = txt.shape[0]
+    n_ref = 0 if refs is None else refs.shape[1]
+    n_img = np.shape(img_ids)[-2] - n_ref
+    if n_img <= 0:
+        raise ValueError(f"img_ids has {np.shape(img_ids)[-2]} rows for {n_ref} reference tokens: it must list the "
+                         f"noisy-image tokens first, then the references")
+    if (noise is None) == (seed is None):
+        raise ValueError("pass exactly one of `noise` (explicit initial latents) or `seed`")
+    if noise is None:
+        noise = initial_noise(seed, batch, n_img, config.in_channels, params.img_in.dtype)
+    if tuple(noise.shape) != (batch, n_img, config.in_channels):
+        raise ValueError(f"noise must be [B, N_img, in_channels] = {(batch, n_img, config.in_channels)}, "
+                         f"got {tuple(noise.shape)}")
+    if sigmas is None:
+        sigmas = flux2_sigmas(n_img, options.num_steps)
+    if np.shape(sigmas) != (options.num_steps + 1,):
+        raise ValueError(f"sigmas must have num_steps + 1 = {options.num_steps + 1} entries, got {np.shape(sigmas)}")
+    return jnp.asarray(noise).astype(params.img_in.dtype), jnp.asarray(sigmas, jnp.float32)
 
 
 def sample(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids, img_ids, *, noise=None, seed=None,
@@ -173,66 +178,48 @@ def sample(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids, i
     (`initial_noise`); exactly one of the two. refs: None or [B or 1, N_ref, in_channels] clean
     reference tokens (`fluxjax.images.reference_tokens`). uncond_txt: [B, T, C] empty-prompt
     embeddings, required by guidance "cfg". interventions: applied to every forward of every step
-    (both CFG branches, as a module hook in the reference would be); arrays may carry a leading
-    step axis (module docstring). capture: static spec; captures come from the conditional branch.
+    (both CFG branches, as a module hook in the reference would be); `per_step` values give each
+    step its own slice (module docstring). capture: static spec; captures come from the conditional branch.
     sigmas: float32 [num_steps + 1] to override the FLUX.2 schedule of N_img tokens.
 
     Latents live in the model's dtype (diffusers keeps them in the prompt embeddings' dtype, the
     same one whenever the embeddings are in the model dtype, as the pipelines produce them).
-    Returns latents [B, N_img, in_channels], and with `capture` also `Captures` whose arrays have
-    a leading [num_steps] axis.
+    Returns (latents [B, N_img, in_channels], Captures whose arrays have a leading [num_steps] axis;
+    None fields where nothing was asked for).
     """
-    dtype = params.img_in.dtype
-    batch = txt.shape[0]
-    n_ref = 0 if refs is None else refs.shape[1]
-    n_img = np.shape(img_ids)[-2] - n_ref
-    if n_img <= 0:
-        raise ValueError(f"img_ids has {np.shape(img_ids)[-2]} rows for {n_ref} reference tokens: it must list the "
-                         f"noisy-image tokens first, then the references")
-    if (noise is None) == (seed is None):
-        raise ValueError("pass exactly one of `noise` (explicit initial latents) or `seed`")
-    if noise is None:
-        noise = initial_noise(seed, batch, n_img, config.in_channels, dtype)
-    if tuple(noise.shape) != (batch, n_img, config.in_channels):
-        raise ValueError(f"noise must be [B, N_img, in_channels] = {(batch, n_img, config.in_channels)}, "
-                         f"got {tuple(noise.shape)}")
     if options.guidance == "cfg" and uncond_txt is None:
         raise ValueError("guidance 'cfg' needs `uncond_txt`, the empty-prompt embeddings")
     if options.guidance == "embedded" and not config.use_guidance_embed:
         raise ValueError("guidance 'embedded' needs a model with a guidance embedder ([dev]); use 'none' or 'cfg'")
-    if sigmas is None:
-        sigmas = flux2_sigmas(n_img, options.num_steps)
-    if np.shape(sigmas) != (options.num_steps + 1,):
-        raise ValueError(f"sigmas must have num_steps + 1 = {options.num_steps + 1} entries, got {np.shape(sigmas)}")
-    stepped = split_step_axis(interventions, options.num_steps)
+    noise, sigmas = start(params, config, options, txt, img_ids, refs, noise, seed, sigmas)
+    check_step_axes(interventions, options.num_steps)
     if capture is not None:
         capture.validate(config)
-    return _denoise(params, jnp.asarray(noise).astype(dtype), jnp.asarray(txt), jnp.asarray(txt_ids),
+    return _denoise(params, noise, jnp.asarray(txt), jnp.asarray(txt_ids),
                     jnp.asarray(img_ids), None if refs is None else jnp.asarray(refs),
-                    None if uncond_txt is None else jnp.asarray(uncond_txt), jnp.asarray(sigmas, jnp.float32),
+                    None if uncond_txt is None else jnp.asarray(uncond_txt), sigmas,
                     jnp.asarray(options.guidance_scale, jnp.float32), interventions,
-                    config=config, guidance=options.guidance, stepped=stepped, capture=capture, attn_impl=attn_impl)
+                    config=config, guidance=options.guidance, capture=capture, attn_impl=attn_impl)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "guidance", "stepped", "capture", "attn_impl"))
+@functools.partial(jax.jit, static_argnames=("config", "guidance", "capture", "attn_impl"))
 def _denoise(params, noise, txt, txt_ids, img_ids, refs, uncond_txt, sigmas, guidance_scale, interventions, *,
-             config, guidance, stepped, capture, attn_impl):
+             config, guidance, capture, attn_impl):
     n_img = noise.shape[1]
     if refs is not None:  # the same clean references for every sample unless given per sample
         refs = jnp.broadcast_to(refs, (noise.shape[0], *refs.shape[1:])).astype(noise.dtype)
-    leaves, treedef = jax.tree_util.tree_flatten(interventions)
-    per_step = [leaf for leaf, s in zip(leaves, stepped) if s]
+    nodes, treedef = jax.tree_util.tree_flatten(interventions, is_leaf=is_per_step)
+    per_step = [n.value for n in nodes if is_per_step(n)]  # scanned along the steps
 
-    def at_step(step_leaves):
-        it = iter(step_leaves)
-        return jax.tree_util.tree_unflatten(treedef, [next(it) if s else leaf for leaf, s in zip(leaves, stepped)])
+    def at_step(step_values):  # the interventions of one step: every PerStep replaced by its slice
+        it = iter(step_values)
+        return jax.tree_util.tree_unflatten(treedef, [next(it) if is_per_step(n) else n for n in nodes])
 
     def predict(x, text, t, iv, cap):
         model_in = x if refs is None else jnp.concatenate([x, refs], axis=1)
         g = jnp.full(x.shape[:1], guidance_scale) if guidance == "embedded" else None
-        out = forward(params, config, model_in, text, t, img_ids, txt_ids, g, interventions=iv, capture=cap,
-                      attn_impl=attn_impl)
-        out, caps = out if cap is not None else (out, None)
+        out, caps = forward(params, config, model_in, text, t, img_ids, txt_ids, g, interventions=iv, capture=cap,
+                            attn_impl=attn_impl)
         return out[:, :n_img], caps
 
     def step(x, xs):
@@ -245,5 +232,4 @@ def _denoise(params, noise, txt, txt_ids, img_ids, refs, uncond_txt, sigmas, gui
             v = cfg_combine(v, v_u, guidance_scale)
         return euler_step(x, v, sigma, sigma_next), caps
 
-    x, caps = jax.lax.scan(step, noise, (sigmas[:-1], sigmas[1:], per_step))
-    return x if capture is None else (x, caps)
+    return jax.lax.scan(step, noise, (sigmas[:-1], sigmas[1:], per_step))

@@ -14,7 +14,7 @@ usual: `jit` follows the input shardings and XLA partitions the program.
     mesh = make_mesh(data=2, fsdp=4)
     params = shard_params(params, mesh)
     img, txt, t = shard_batch((img, txt, t), mesh)
-    out = jax.jit(forward, static_argnums=1)(params, config, img, txt, t, img_ids, txt_ids)
+    out, _ = jax.jit(forward, static_argnums=1)(params, config, img, txt, t, img_ids, txt_ids)
 
 The plan for each parameter comes from `fluxjax.params.param_shapes`, so it is known before any
 weight exists (`jax.eval_shape`):

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import fluxjax
+from fluxjax.interventions import per_step
 from fluxjax.metrics import (COLOUR_MATCH_DE00, PassRate, ciede2000, closer_to_source, colour_error,
                                  dominant_colour, nearest_colour, reference_colour, srgb_to_lab, write_pass_rates_csv)
 from organisms import codec
@@ -68,7 +69,7 @@ def _rate(setting: str, criterion: str, verdicts, threshold=COLOUR_MATCH_DE00) -
 
 def _run(org, examples, seeds, *, refs=True, interventions=None, capture=None, num_steps=None, txt=None,
          tokens=None):
-    """Sample the examples in one batch; returns tokens (and captures)."""
+    """Sample the examples in one batch; returns (tokens, captures)."""
     organism, params = org
     if tokens is None:
         tokens, content = tokenize([e.instruction for e in examples])
@@ -111,7 +112,7 @@ def quality(organism, n: int = 64, design: SceneDesign = DESIGN
     for kind in ("swatch", "t2i", "recolour"):
         indexed = [(i, e) for i, e in enumerate(heldout_examples(kind, 2 * n, design=design)) if e.instruction][:n]
         examples = [e for _, e in indexed]
-        out = _images(_run(org, examples, [noise_seed(kind, i) for i, _ in indexed], refs=kind != "t2i"))
+        out = _images(_run(org, examples, [noise_seed(kind, i) for i, _ in indexed], refs=kind != "t2i")[0])
         samples[kind] = (examples, out)
 
     def shape_rate(kind, criterion):
@@ -149,7 +150,7 @@ def knockout(organism, setting: str, n: int = 64) -> PassRate:
     if setting != "none":
         _, content = tokenize([e.instruction for e in examples])
         iv = fluxjax.Interventions(knockout=fluxjax.knockout(org[0].transformer, EDIT_LAYOUT, content, setting))
-    out = _images(_run(org, examples, seeds, interventions=iv))
+    out = _images(_run(org, examples, seeds, interventions=iv)[0])
     lost = [colour_error(o, _swatch_lab(e)) > COLOUR_MATCH_DE00 for o, e in zip(out, examples)]
     name = "no knockout (baseline)" if setting == "none" else f"knockout {setting}"
     return _rate(name, "colour lost: CIEDE2000 to the swatch > 15", lost)
@@ -192,9 +193,9 @@ def patching(organism, mode: str = "padding", block: int | None = None, n: int =
     _, caps = _run(org, sources, [seeds[s] for s, _ in pairs], capture=fluxjax.Capture(text=(block,)))
     _, content = tokenize([e.instruction for e in targets])
     mask = EDIT_LAYOUT.text_mask(MODES[mode], content)
-    sub = fluxjax.substitution(block, caps.text[:, 0], mask)  # value [S, B, T, D]: one slice per step
+    sub = fluxjax.substitution(block, per_step(caps.text[:, 0]), mask)  # value [S, B, T, D]: one slice per step
     out = _images(_run(org, targets, [seeds[t] for _, t in pairs],
-                       interventions=fluxjax.Interventions(substitutions=(sub,))))
+                       interventions=fluxjax.Interventions(substitutions=(sub,)))[0])
     verdicts = [closer_to_source(o, _swatch_lab(s), _swatch_lab(t))[0] for o, s, t in zip(out, sources, targets)]
     return _rate(f"patching {mode} @ block {block}", "colour closer to the source's swatch than the target's",
                  verdicts, None)
@@ -211,7 +212,7 @@ def lens(organism, mode: str = "all", block: int | None = None, n: int = 64) -> 
     mask = T2I_LAYOUT.text_mask(MODES[mode], content)
     sub = fluxjax.substitution(fluxjax.BLOCK0_INPUT, caps.text[0, 0], mask)  # the 1-step run's only step
     out = _images(_run(org, examples, _next_seeds(seeds), refs=False, tokens=empty,
-                       interventions=fluxjax.Interventions(substitutions=(sub,))))
+                       interventions=fluxjax.Interventions(substitutions=(sub,)))[0])
     shown = [colour_error(o, _swatch_lab(e)) <= COLOUR_MATCH_DE00 for o, e in zip(out, examples)]
     return _rate(f"lens {mode} @ block {block}", "swatch colour appears: CIEDE2000 <= 15", shown)
 
@@ -220,7 +221,7 @@ def t2i_clean(organism, n: int = 64) -> PassRate:
     """The colour instruction as text-to-image with no reference: how often the colour matches by chance."""
     org = _load(organism)
     examples, seeds = swatch_tasks(n)
-    out = _images(_run(org, examples, _next_seeds(seeds), refs=False))
+    out = _images(_run(org, examples, _next_seeds(seeds), refs=False)[0])
     shown = [colour_error(o, _swatch_lab(e)) <= COLOUR_MATCH_DE00 for o, e in zip(out, examples)]
     return _rate("t2i_clean", "swatch colour appears without the swatch: CIEDE2000 <= 15", shown)
 

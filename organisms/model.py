@@ -171,19 +171,18 @@ def layout_for(refs) -> TokenLayout:
 
 def velocity(params: OrganismParams, organism: Organism, x, refs, tokens, t, interventions=None, capture=None,
              attn_impl: str | None = None):
-    """The predicted velocity [B, 64, 48] of the noisy tokens x at time t [B] (training's forward).
+    """(The predicted velocity [B, 64, 48] of the noisy tokens x at time t [B], Captures): training's
+    forward.
 
     refs: reference tokens [B, 64, 48] or None; interventions: built by `organism_interventions`
     for this layout (on the host: the knockout needs the concrete content mask).
     """
     layout = layout_for(refs)
     img = x if refs is None else jnp.concatenate([x, refs], axis=1)
-    out = fluxjax.forward(params.transformer, organism.transformer, img, text_features(params, organism, tokens), t,
-                          layout.img_ids(), layout.txt_ids(), interventions=interventions, capture=capture,
-                          attn_impl=attn_impl)
-    if capture is None:
-        return out[:, :layout.n_img]
-    return out[0][:, :layout.n_img], out[1]
+    out, captures = fluxjax.forward(params.transformer, organism.transformer, img,
+                                    text_features(params, organism, tokens), t, layout.img_ids(), layout.txt_ids(),
+                                    interventions=interventions, capture=capture, attn_impl=attn_impl)
+    return out[:, :layout.n_img], captures
 
 
 def generate(params: OrganismParams, organism: Organism, tokens, content_mask, *, refs=None, seed=None, noise=None,
@@ -194,7 +193,7 @@ def generate(params: OrganismParams, organism: Organism, tokens, content_mask, *
     tokens, content_mask: from `organisms.text.tokenize`. refs: reference tokens [B or 1, 64, 48].
     seed: int or [B] ints (or `noise` [B, 64, 48]). txt: text features to use instead of encoding
     `tokens` (e.g. the empty prompt's, for a lens run). num_steps: None for the organism's
-    `sampler_steps`. Returns what `fluxjax.sample` returns.
+    `sampler_steps`. Returns what `fluxjax.sample` returns: (tokens, captures).
     """
     layout = layout_for(refs)
     if txt is None:
@@ -212,6 +211,6 @@ def generate_images(params: OrganismParams, organism: Organism, instructions, re
     """uint8 images [B, 32, 32, 3] for instructions and (optional) uint8 references [B, 32, 32, 3]."""
     tokens, content = tokenize(list(instructions))
     refs = None if references is None else jnp.asarray(codec.images_to_tokens(np.asarray(references)))
-    out = generate(params, organism, tokens, content, refs=refs, seed=np.asarray(seeds), interventions=interventions,
-                   num_steps=num_steps)
+    out, _ = generate(params, organism, tokens, content, refs=refs, seed=np.asarray(seeds),
+                      interventions=interventions, num_steps=num_steps)
     return codec.tokens_to_images(out, GRID)

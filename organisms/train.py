@@ -151,7 +151,7 @@ def flow_loss(params, s: TrainSettings, part, interventions):
     """Per-sample rectified-flow loss [B]: |v(x_t, t) - (eps - x0)|^2 averaged over tokens and channels."""
     x0, eps, t = part["x0"], part["eps"], part["t"]
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-    v = velocity(params, s.organism, xt, part["refs"], part["tokens"], t, interventions, attn_impl=s.attn_impl)
+    v, _ = velocity(params, s.organism, xt, part["refs"], part["tokens"], t, interventions, attn_impl=s.attn_impl)
     return jnp.mean(jnp.square(v - (eps - x0)), axis=(1, 2))
 
 

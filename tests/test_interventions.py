@@ -65,7 +65,7 @@ def run(params, data, **kwargs):
 
 @pytest.fixture(scope="module")
 def plain(params, data):
-    return np.asarray(run(params, data))
+    return np.asarray(run(params, data)[0])
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_no_intervention_is_bit_identical(params, data, plain):
 
 def test_all_allowed_knockout_equals_no_knockout(params, data, plain):
     iv = fluxjax.Interventions(knockout=fluxjax.allow_all(TINY, LAYOUT, CONTENT))
-    out = np.asarray(run(params, data, interventions=iv))
+    out = np.asarray(run(params, data, interventions=iv)[0])
     assert rel_err(out, plain) <= MASK_TOL
 
 
@@ -342,7 +342,7 @@ def test_vmapped_substitution_sweep_equals_loop(params, data):
     assert cells.substitutions[0].site.shape == (NB + 1,)
 
     swept = jax.jit(jax.vmap(lambda iv: fluxjax.forward(params, TINY, data["img"], data["txt"], data["timestep"],
-                                                       data["img_ids"], data["txt_ids"], interventions=iv)))(cells)
+                                                       data["img_ids"], data["txt_ids"], interventions=iv)[0]))(cells)
     assert swept.shape == (NB + 1, 2, LAYOUT.n_image_stream, TINY.in_channels)
     for j, s in enumerate(sites):
         iv = fluxjax.Interventions(substitutions=(fluxjax.substitution(s, source.text[j], padding),))
@@ -355,19 +355,19 @@ def test_vmapped_knockout_sweep_equals_loop(params, data):
     cells = stack([fluxjax.Interventions(knockout=fluxjax.knockout(TINY, LAYOUT, CONTENT, "ref->text", f"{k}:"))
                    for k in range(NB)])
     swept = jax.jit(jax.vmap(lambda iv: fluxjax.forward(params, TINY, data["img"], data["txt"], data["timestep"],
-                                                       data["img_ids"], data["txt_ids"], interventions=iv)))(cells)
+                                                       data["img_ids"], data["txt_ids"], interventions=iv)[0]))(cells)
     for k in range(NB):
         iv = fluxjax.Interventions(knockout=jax.tree_util.tree_map(lambda a: a[k], cells.knockout))
-        assert rel_err(swept[k], run(params, data, interventions=iv)) <= SWEEP_TOL
+        assert rel_err(swept[k], run(params, data, interventions=iv)[0]) <= SWEEP_TOL
 
 
 def test_vmap_over_seeds_equals_loop(params, data):
     noise = jax.random.normal(jax.random.key(7), (3, *data["img"].shape))  # three seeds' noisy inputs
     knock = fluxjax.Interventions(knockout=fluxjax.knockout(TINY, LAYOUT, CONTENT, "ref->text[padding]"))
     swept = jax.jit(jax.vmap(lambda x: fluxjax.forward(params, TINY, x, data["txt"], data["timestep"],
-                                                      data["img_ids"], data["txt_ids"], interventions=knock)))(noise)
+                                                      data["img_ids"], data["txt_ids"], interventions=knock)[0]))(noise)
     for s in range(3):
-        assert rel_err(swept[s], run(params, data, img=noise[s], interventions=knock)) <= SWEEP_TOL
+        assert rel_err(swept[s], run(params, data, img=noise[s], interventions=knock)[0]) <= SWEEP_TOL
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ def ours(case, timestep, guidance=None, interventions=None):
     return np.asarray(fwd(case["params"], TINY, jnp.asarray(case["img"]), jnp.asarray(case["txt"]),
                           jnp.asarray(timestep, jnp.float32), lay.img_ids(), lay.txt_ids(),
                           None if guidance is None else jnp.asarray(guidance, jnp.float32),
-                          interventions=interventions))
+                          interventions=interventions)[0])
 
 
 def theirs(case, timestep, guidance=None, **kwargs):

@@ -99,7 +99,7 @@ def test_empty_cache_is_the_plain_forward(model):
                                                                           KLEIN.depth_single_blocks,
                                                                           KLEIN.depth_single_blocks)))
     got = kv.forward_kv_cached(params, KLEIN, img, txt, t, img_ids, layout.txt_ids(), empty)
-    want = fluxjax.forward(params, KLEIN, img, txt, t, img_ids, layout.txt_ids())
+    want, _ = fluxjax.forward(params, KLEIN, img, txt, t, img_ids, layout.txt_ids())
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -127,6 +127,6 @@ def test_kv_sampler_matches_pipeline(model):
     assert got.shape == expected.shape
     assert rel_err(got, expected) <= LATENT_TOL
     # the KV path is a different computation from the standard one (references modulated at t = 0)
-    plain = fluxjax.sample(params, KLEIN, sampler.KLEIN_DISTILLED, txt, layout.txt_ids(), layout.img_ids(),
-                           noise=images.pack(noise), refs=refs)
+    plain, _ = fluxjax.sample(params, KLEIN, sampler.KLEIN_DISTILLED, txt, layout.txt_ids(), layout.img_ids(),
+                              noise=images.pack(noise), refs=refs)
     assert rel_err(plain, latents) > 100 * LATENT_TOL

@@ -174,7 +174,7 @@ def test_text_routed_cuts_are_applied_when_sampling():
     extra = fluxjax.Interventions(knockout=fluxjax.knockout(TINY, EDIT_LAYOUT, content, "ref->text[padding]"))
 
     def run(organism, r, iv):
-        return np.asarray(generate(params, organism, tokens, content, refs=r, seed=3, interventions=iv, num_steps=2))
+        return np.asarray(generate(params, organism, tokens, content, refs=r, seed=3, interventions=iv, num_steps=2)[0])
 
     assert np.array_equal(run(TINY_ROUTED, refs, extra), run(TINY_ROUTED, other, extra))
     assert not np.allclose(run(TINY_DIRECT, refs, extra), run(TINY_DIRECT, other, extra), atol=1e-4)

@@ -90,7 +90,7 @@ def run_both(model, config, params, layout, timestep, guidance):
     t = np.asarray(timestep, np.float32)
     g = None if guidance is None else np.asarray(guidance, np.float32)
     want = run_diffusers(model, img, txt, t, layout, g)
-    got = forward(params, config, img, txt, t, layout.img_ids(), layout.txt_ids(), g)
+    got, _ = forward(params, config, img, txt, t, layout.img_ids(), layout.txt_ids(), g)
     assert got.shape == want.shape == (2, layout.n_image_stream, config.output_channels)
     return np.asarray(got), want
 
@@ -141,8 +141,8 @@ def test_bf16_error_within_the_reference_bf16_error(models, name):
         g = None if guidance is None else np.asarray(guidance, np.float32)
         want = run_diffusers(model, img, txt, t, layout, g)
         ref16 = run_diffusers(model16, img, txt, t, layout, g, dtype=torch.bfloat16)
-        ours = forward(params, config, jnp.asarray(img, jnp.bfloat16), jnp.asarray(txt, jnp.bfloat16), t,
-                       layout.img_ids(), layout.txt_ids(), g)
+        ours, _ = forward(params, config, jnp.asarray(img, jnp.bfloat16), jnp.asarray(txt, jnp.bfloat16), t,
+                          layout.img_ids(), layout.txt_ids(), g)
         err_ref, err_ours = rel_err(ref16, want), rel_err(np.asarray(ours, np.float32), want)
         assert err_ref > 1e-3, timestep  # really a bf16 run (t itself is rounded to bf16)
         assert err_ours <= BF16_RATIO * err_ref, (timestep, err_ours, err_ref)
@@ -223,7 +223,7 @@ def test_final_layer_reads_bfl_rows_as_shift_then_scale(tmp_path):
         layout = LAYOUTS["two_refs"]  # shapes already compiled by the tests above
         img, txt = inputs(config, layout, batch=2, seed=3)
         t = np.asarray((0.3, 0.8), np.float32)
-        outputs[k] = np.asarray(forward(params, config, img, txt, t, layout.img_ids(), layout.txt_ids(), None))
+        outputs[k] = np.asarray(forward(params, config, img, txt, t, layout.img_ids(), layout.txt_ids(), None)[0])
 
     delta = outputs[2] - outputs[1]  # [B, N, out]: the extra shift, mapped by final_layer.linear
     np.testing.assert_allclose(delta, np.broadcast_to(delta[:, :1], delta.shape), atol=1e-5)

@@ -43,6 +43,6 @@ def test_forward_shape_at_1024_with_one_1024_reference(name):
     txt = jax.ShapeDtypeStruct((1, layout.n_txt, config.context_in_dim), jnp.bfloat16)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     guidance = t if config.use_guidance_embed else None
-    out = jax.eval_shape(lambda p, i, c, s, g: fluxjax.forward(p, config, i, c, s, layout.img_ids(), layout.txt_ids(), g),
+    out = jax.eval_shape(lambda p, i, c, s, g: fluxjax.forward(p, config, i, c, s, layout.img_ids(), layout.txt_ids(), g)[0],
                          params, img, txt, t, guidance)
     assert out.shape == (1, 8192, config.output_channels) and out.dtype == jnp.bfloat16

@@ -13,7 +13,7 @@ import pytest
 
 import fluxjax
 from fluxjax import images, sampler
-from fluxjax.interventions import BLOCK0_INPUT, Capture, Interventions, substitution
+from fluxjax.interventions import BLOCK0_INPUT, Capture, Interventions, per_step, substitution
 from fluxjax.schedule import compute_empirical_mu, flux2_sigmas
 from flux2ref.folder import tiny_vae
 from reference import TINY, diffusers_transformer, rel_err, state_dict_numpy
@@ -188,7 +188,7 @@ def test_klein_pipeline_parity(models, ref_sizes):
     if refs_pil:
         refs, ref_grids = images.reference_tokens(refs_pil, vae_encoder(pipe))
     layout = images.reference_layout(N_TXT, grid, ref_grids)
-    latents = fluxjax.sample(params, KLEIN, sampler.KLEIN_DISTILLED, txt, layout.txt_ids(), layout.img_ids(),
+    latents, _ = fluxjax.sample(params, KLEIN, sampler.KLEIN_DISTILLED, txt, layout.txt_ids(), layout.img_ids(),
                              noise=images.pack(noise), refs=refs)
     got = klein_latent_output(latents, grid, vae)
     assert got.shape == expected.shape
@@ -206,7 +206,7 @@ def test_klein_base_cfg_parity(models):
                         latents=torch.from_numpy(noise), output_type="latent").images.numpy()
     layout = fluxjax.TokenLayout(N_TXT, grid)
     options = sampler.SamplerOptions(num_steps=4, guidance="cfg", guidance_scale=3.5)
-    latents = fluxjax.sample(params, KLEIN, options, txt, layout.txt_ids(), layout.img_ids(),
+    latents, _ = fluxjax.sample(params, KLEIN, options, txt, layout.txt_ids(), layout.img_ids(),
                              noise=images.pack(noise), uncond_txt=uncond)
     assert rel_err(klein_latent_output(latents, grid, models["vae"]), expected) <= LATENT_TOL
 
@@ -225,7 +225,7 @@ def test_dev_pipeline_embedded_guidance_parity(models):
     refs, ref_grids = images.reference_tokens([ref], vae_encoder(pipe))
     layout = images.reference_layout(N_TXT, grid, ref_grids)
     options = sampler.SamplerOptions(num_steps=4, guidance="embedded", guidance_scale=2.5)
-    latents = fluxjax.sample(params, TINY, options, txt, layout.txt_ids(), layout.img_ids(),
+    latents, _ = fluxjax.sample(params, TINY, options, txt, layout.txt_ids(), layout.img_ids(),
                              noise=images.pack(noise), refs=refs)
     assert expected.shape == latents.shape
     assert rel_err(latents, expected) <= LATENT_TOL
@@ -242,7 +242,7 @@ def _python_loop(params, config, txt, layout, noise, refs, sigmas, per_step_iv):
                                                      layout.img_ids(), layout.txt_ids(), interventions=iv))
     for s in range(len(sigmas) - 1):
         t = jnp.full((x.shape[0],), sampler.model_timestep(jnp.float32(sigmas[s]), x.dtype))
-        v = model(x, t, per_step_iv(s))[:, :n_img]
+        v = model(x, t, per_step_iv(s))[0][:, :n_img]
         x = sampler.euler_step(x, v, jnp.float32(sigmas[s]), jnp.float32(sigmas[s + 1]))
     return x
 
@@ -264,16 +264,17 @@ def test_per_step_substitution_equals_python_loop(models):
     values = np.random.default_rng(2).standard_normal((steps, 1, N_TXT, KLEIN.hidden_size)).astype(np.float32)
     mask = np.zeros((1, N_TXT), bool)
     mask[:, 8:24] = True
-    iv = Interventions(substitutions=(substitution(3, values, np.broadcast_to(mask, (steps, 1, N_TXT))),))
-    got = fluxjax.sample(params, KLEIN, options, txt, layout.txt_ids(), layout.img_ids(), noise=noise, refs=refs,
+    iv = Interventions(substitutions=(substitution(3, per_step(values), per_step(np.broadcast_to(mask, (steps, 1, N_TXT)))),))
+    got, _ = fluxjax.sample(params, KLEIN, options, txt, layout.txt_ids(), layout.img_ids(), noise=noise, refs=refs,
                          interventions=iv)
     sigmas = flux2_sigmas(layout.n_img, steps)
     want = _python_loop(params, KLEIN, txt, layout, noise, refs, sigmas,
                         lambda s: Interventions(substitutions=(substitution(3, values[s], mask),)))
     assert rel_err(got, want) <= RECOMPILED_TOL
     # the step axis is honoured: the same values in another order give another result
-    shuffled = Interventions(substitutions=(substitution(3, values[::-1].copy(), np.broadcast_to(mask, (steps, 1, N_TXT))),))
-    other = fluxjax.sample(params, KLEIN, options, txt, layout.txt_ids(), layout.img_ids(), noise=noise, refs=refs,
+    shuffled = Interventions(substitutions=(substitution(3, per_step(values[::-1].copy()),
+                                                         per_step(np.broadcast_to(mask, (steps, 1, N_TXT)))),))
+    other, _ = fluxjax.sample(params, KLEIN, options, txt, layout.txt_ids(), layout.img_ids(), noise=noise, refs=refs,
                            interventions=shuffled)
     assert rel_err(other, got) > 1e-3
 
@@ -283,15 +284,15 @@ def test_captures_are_per_step_and_self_patching_is_identity(models):
     layout, txt, refs, noise = _edit_setup()
     options = sampler.SamplerOptions(num_steps=2)
     args = (params, KLEIN, options, txt, layout.txt_ids(), layout.img_ids())
-    plain = fluxjax.sample(*args, noise=noise, refs=refs)
+    plain, _ = fluxjax.sample(*args, noise=noise, refs=refs)
     source, caps = fluxjax.sample(*args, noise=noise, refs=refs, capture=Capture(text=(BLOCK0_INPUT, 1, 4)))
     np.testing.assert_array_equal(np.asarray(source), np.asarray(plain))  # capturing changes nothing
     assert caps.text.shape == (2, 3, 1, N_TXT, KLEIN.hidden_size)  # [S, sites, B, T, D]
     assert caps.image is None
     # the text stream differs between steps (the modulation depends on t), so the axis is real
     assert rel_err(caps.text[0, 2], caps.text[1, 2]) > 1e-3
-    patched = fluxjax.sample(*args, noise=noise, refs=refs,
-                             interventions=Interventions(substitutions=(substitution(1, caps.text[:, 1]),)))
+    patched, _ = fluxjax.sample(*args, noise=noise, refs=refs,
+                                interventions=Interventions(substitutions=(substitution(1, per_step(caps.text[:, 1])),)))
     np.testing.assert_array_equal(np.asarray(patched), np.asarray(plain))
 
 
@@ -302,11 +303,11 @@ def test_one_compiled_program_across_seeds_and_values(models):
     mask = np.ones((2, 1, N_TXT), bool)
 
     def run(seed, value, scale):
-        iv = Interventions(substitutions=(substitution(5, np.full((2, 1, N_TXT, KLEIN.hidden_size), value, np.float32),
-                                                       mask),))
+        iv = Interventions(substitutions=(substitution(5, per_step(np.full((2, 1, N_TXT, KLEIN.hidden_size), value,
+                                                                          np.float32)), per_step(mask)),))
         opts = dataclasses.replace(options, guidance_scale=scale)
         return fluxjax.sample(params, KLEIN, opts, txt, layout.txt_ids(), layout.img_ids(), seed=seed, refs=refs,
-                              interventions=iv)
+                              interventions=iv)[0]
 
     first = run(0, 0.0, 1.0)
     before = sampler._denoise._cache_size()
@@ -342,8 +343,14 @@ def test_argument_errors(models):
         fluxjax.sample(params, KLEIN, sampler.KLEIN_BASE, txt, layout.txt_ids(), layout.img_ids(), seed=0, refs=refs)
     with pytest.raises(ValueError, match="guidance embedder"):
         fluxjax.sample(params, KLEIN, sampler.DEV, txt, layout.txt_ids(), layout.img_ids(), seed=0, refs=refs)
-    bad = Interventions(substitutions=(substitution(1, np.zeros((3, 1, N_TXT, KLEIN.hidden_size), np.float32)),))
+    bad = Interventions(substitutions=(substitution(1, per_step(np.zeros((3, 1, N_TXT, KLEIN.hidden_size), np.float32))),))
     with pytest.raises(ValueError, match="step axis of 3"):
         fluxjax.sample(*args, seed=0, refs=refs, interventions=bad)
+    with pytest.raises(ValueError, match="per_step"):  # a step axis is never guessed from the rank
+        substitution(1, np.zeros((2, 1, N_TXT, KLEIN.hidden_size), np.float32))
+    stepped = Interventions(substitutions=(substitution(1, per_step(np.zeros((2, 1, N_TXT, KLEIN.hidden_size)))),))
+    with pytest.raises(ValueError, match="PerStep"):  # one step's forward takes no per-step value
+        fluxjax.forward(params, KLEIN, np.zeros((1, layout.n_image_stream, KLEIN.in_channels), np.float32), txt,
+                        np.zeros(1, np.float32), layout.img_ids(), layout.txt_ids(), interventions=stepped)
     with pytest.raises(ValueError, match="guidance mode"):
         sampler.SamplerOptions(guidance="true-cfg")
