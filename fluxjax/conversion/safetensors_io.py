@@ -61,6 +61,24 @@ def _refuse_pickle_content(path: str, head: bytes) -> None:
                               f"(it could run arbitrary code); {_PICKLE_HINT}")
 
 
+def check_keys(shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], what: str,
+               where: str = "checkpoint", optional: Iterable[str] = ()) -> None:
+    """Raise CheckpointError unless `shapes` (key -> shape) holds exactly the keys of `expected`
+    (key -> shape), with those shapes; keys in `optional` may also be present. `what` names the
+    model in the message, e.g. "bfl FLUX.2 transformer"."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected) - set(optional))
+    if missing:
+        raise CheckpointError(f"{where}: missing key {missing[0]!r} ({len(missing)} missing in all) for a {what} "
+                              f"of this config")
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all); "
+                              f"it is not part of a {what} of this config")
+    for k, want in expected.items():
+        if tuple(shapes[k]) != want:
+            raise CheckpointError(f"{where}: key {k!r} has shape {tuple(shapes[k])}, expected {want} for this config")
+
+
 class SafetensorsFile(Mapping):
     """Lazy mapping key -> numpy array over one safetensors file; each access reads that tensor."""
 

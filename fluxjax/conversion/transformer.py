@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fluxjax.conversion.safetensors_io import check_keys
 from fluxjax.conversion.transformer_keys import assemble, expected_source_shapes, leaf_name, num_layers, rows_for, source_keys
 from fluxjax.checkpoint import CheckpointError
 from fluxjax.config import Flux2Config
@@ -26,18 +27,7 @@ __all__ = ["CheckpointError", "check_state", "leaves_from_state", "params_from_s
 
 def check_state(shapes: Mapping[str, tuple[int, ...]], config: Flux2Config, fmt: str, where: str = "checkpoint"):
     """Raise CheckpointError unless `shapes` (key -> shape) is exactly the key set of `config` in `fmt`."""
-    expected = expected_source_shapes(config, fmt)
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    if missing:
-        raise CheckpointError(f"{where}: missing key {missing[0]!r} ({len(missing)} missing in all) for a {fmt} "
-                              f"checkpoint of this config")
-    if unexpected:
-        raise CheckpointError(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all); "
-                              f"it is not part of a {fmt} FLUX.2 transformer of this config")
-    for k, want in expected.items():
-        if tuple(shapes[k]) != want:
-            raise CheckpointError(f"{where}: key {k!r} has shape {tuple(shapes[k])}, expected {want} for this config")
+    check_keys(shapes, expected_source_shapes(config, fmt), f"{fmt} FLUX.2 transformer", where)
 
 
 def _source_dtypes(state: Mapping, where: str) -> dict[str, np.dtype]:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from fluxjax.conversion.safetensors_io import SafetensorsFile
+from fluxjax.conversion.safetensors_io import SafetensorsFile, check_keys
 from fluxjax.conversion.vae_keys import OPTIONAL_KEYS, expected_source_shapes, rows_for, to_leaf
 from fluxjax.checkpoint import CheckpointError
 from fluxjax.vae import FLUX2_VAE, VAEConfig, VAEParams, leaf_name, vae_param_shapes
@@ -39,18 +39,7 @@ def detect_vae_format(keys) -> str:
 
 def check_vae_state(shapes: Mapping[str, tuple[int, ...]], config: VAEConfig, fmt: str, where: str = "checkpoint"):
     """Raise CheckpointError unless `shapes` (key -> shape) is exactly the key set of `config` in `fmt`."""
-    expected = expected_source_shapes(config, fmt)
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected) - set(OPTIONAL_KEYS))
-    if missing:
-        raise CheckpointError(f"{where}: missing key {missing[0]!r} ({len(missing)} missing in all) for a {fmt} "
-                              f"FLUX.2 autoencoder of this config")
-    if unexpected:
-        raise CheckpointError(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all); "
-                              f"it is not part of a {fmt} FLUX.2 autoencoder of this config")
-    for k, want in expected.items():
-        if tuple(shapes[k]) != want:
-            raise CheckpointError(f"{where}: key {k!r} has shape {tuple(shapes[k])}, expected {want} for this config")
+    check_keys(shapes, expected_source_shapes(config, fmt), f"{fmt} FLUX.2 autoencoder", where, OPTIONAL_KEYS)
 
 
 def vae_params_from_state(state: Mapping, config: VAEConfig, fmt: str, dtype=None, where: str = "checkpoint",
