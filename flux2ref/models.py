@@ -3,17 +3,21 @@
 Used by the tests and by `python -m flux2ref.demo`. torch and diffusers are imported inside the
 functions that need them, so importing this module does not pull them in.
 
-Every tensor is randomised and well conditioned (matrices N(0, 1/fan_in), norm weights near 1):
-diffusers' default init leaves some at zero, which would hide bugs.
+Every tensor is randomised and well conditioned by fluxjax's own init rule (`fluxjax.init`; matrices
+N(0, 1/fan_in), norm weights near 1) read in torch's layout: diffusers' default init leaves some at
+zero, which would hide bugs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax
 import numpy as np
 
 from fluxjax.config import FLUX2_DEV, Flux2Config
+from fluxjax.init import NORM_SCALE, Draw, init_tree, leaf_draw, matrix
 from fluxjax.layout import TokenLayout
 
 # Parity bars: relative L2 error of the output against diffusers fp32 (tests and demo share them).
@@ -41,15 +45,31 @@ def diffusers_kwargs(config: Flux2Config) -> dict:
                 guidance_embeds=config.use_guidance_embed)
 
 
+def torch_rule(name: str, shape: tuple[int, ...]) -> Draw:
+    """fluxjax's init rule (`fluxjax.init.leaf_draw`) read in torch's layout: weights are [out, in, ...]
+    (fan_in = prod(shape[1:])), other vectors are norm scales; biases and bn statistics by name."""
+    field = name.rsplit(".", 1)[-1]
+    if field in ("bias", "running_mean", "running_var"):
+        return leaf_draw(field, shape)
+    return NORM_SCALE if len(shape) == 1 else matrix(math.prod(shape[1:]))
+
+
+def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """float32 arrays for key -> torch-layout shape, drawn by `torch_rule` from one numpy draw."""
+    shapes = {k: jax.ShapeDtypeStruct(tuple(v), np.float32) for k, v in shapes.items()}
+    return init_tree(shapes, np.random.default_rng(seed), rule=torch_rule)
+
+
 def randomize_(module, seed: int = 0):
-    """Overwrite every parameter of a torch module: vectors 1 + N(0, 0.1^2), matrices N(0, 1/fan_in)."""
+    """Overwrite every parameter and batch-norm statistic of a torch module with `random_state`."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
+    tensors = {**dict(module.named_parameters()),
+               **{k: b for k, b in module.named_buffers() if k.endswith(("running_mean", "running_var"))}}
+    state = random_state({k: tuple(t.shape) for k, t in tensors.items()}, seed)
     with torch.no_grad():
-        for _, p in module.named_parameters():
-            z = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            p.copy_(1 + 0.1 * z if p.ndim == 1 else z / p.shape[1] ** 0.5)
+        for k, t in tensors.items():
+            t.copy_(torch.from_numpy(state[k]))
     return module
 
 
@@ -58,16 +78,6 @@ def diffusers_transformer(config: Flux2Config = TINY, seed: int = 0):
     from diffusers import Flux2Transformer2DModel
 
     return randomize_(Flux2Transformer2DModel(**diffusers_kwargs(config)).eval(), seed)
-
-
-def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
-    """float32 tensors for key -> torch-layout shape, conditioned like `randomize_`."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, shape in shapes.items():
-        z = rng.standard_normal(shape, dtype=np.float32)
-        out[key] = 1 + np.float32(0.1) * z if len(shape) == 1 else z / np.float32(np.sqrt(shape[1]))
-    return out
 
 
 def state_dict_numpy(module) -> dict[str, np.ndarray]:
@@ -100,24 +110,3 @@ def rel_err(a, b) -> float:
     """Relative L2 error of `a` against the reference `b`, in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def randomize_vae_(model, seed: int = 0):
-    """Overwrite every tensor of a diffusers `AutoencoderKLFlux2`: biases N(0, 0.1^2), norm weights
-    1 + N(0, 0.1^2), conv/linear weights N(0, 1/fan_in), bn running mean N(0, 0.5^2) and variance
-    in [0.5, 2)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            z = torch.randn(p.shape, generator=g)
-            if name.endswith(".bias"):
-                p.copy_(0.1 * z)
-            elif p.ndim == 1:  # GroupNorm weight
-                p.copy_(1 + 0.1 * z)
-            else:  # conv [out, in, kh, kw] or linear [out, in]
-                p.copy_(z / np.prod(p.shape[1:]) ** 0.5)
-        model.bn.running_mean.copy_(0.5 * torch.randn(model.bn.running_mean.shape, generator=g))
-        model.bn.running_var.copy_(0.5 + 1.5 * torch.rand(model.bn.running_var.shape, generator=g))
-    return model

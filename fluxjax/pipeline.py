@@ -35,14 +35,15 @@ import PIL.Image
 from fluxjax import images as imagelib
 from fluxjax import sampler as samplerlib
 from fluxjax import vae as vaelib
-from fluxjax.checkpoint import is_checkpoint, load_transformer
+from fluxjax import checkpoint, vae_checkpoint
+from fluxjax.checkpoint import load_transformer
 from fluxjax.conversion.convert import convert_transformer
 from fluxjax.conversion.vae import convert_vae
 from fluxjax.config import Flux2Config
 from fluxjax.interventions import Capture, Captures, Interventions
 from fluxjax.layout import TokenLayout
 from fluxjax.params import Flux2Weights
-from fluxjax.vae_checkpoint import is_vae_checkpoint, load_vae
+from fluxjax.vae_checkpoint import load_vae
 
 DEFAULT_SIZE = 1024  # diffusers: default_sample_size 128 x vae_scale_factor 8
 
@@ -106,20 +107,31 @@ def _read_json(path: str) -> dict:
 
 def native_component(folder: str, component: str, *, cache: str | None = None, progress: bool = True) -> str:
     """Path of the native checkpoint of `folder/component` ("transformer" or "vae"), converting
-    it on first use. Conversion writes to a temporary directory renamed into place, so an
-    interrupted conversion leaves no half-written cache entry."""
+    it on first use, and again when the cached one was written in an older format version.
+    Conversion writes to a temporary directory renamed into place, so an interrupted conversion
+    leaves no half-written cache entry."""
     src = os.path.join(folder, component)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src} is missing: the model folder has no {component}/ subfolder")
     dst = os.path.join(cache if cache is not None else cache_root(), "native", f"{component}-{_fingerprint(src)}")
-    present = is_checkpoint(dst) if component == "transformer" else is_vae_checkpoint(dst)
-    if not present:
+    config_file, version = ((checkpoint.CONFIG_FILE, checkpoint.FORMAT_VERSION) if component == "transformer"
+                            else (vae_checkpoint.CONFIG_FILE, vae_checkpoint.FORMAT_VERSION))
+    if _stored_version(os.path.join(dst, config_file)) != version:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if component == "transformer":
-            convert_transformer(src, dst, progress=progress)
+            convert_transformer(src, dst, progress=progress, overwrite=True)
         else:
-            convert_vae(src, dst)
+            convert_vae(src, dst, overwrite=True)
     return dst
+
+
+def _stored_version(config_file: str) -> int | None:
+    """The format version a cached native checkpoint was written in (None: absent or unreadable)."""
+    try:
+        meta = checkpoint.read_json(config_file)
+    except checkpoint.CheckpointError:
+        return None
+    return meta.get("format_version") if isinstance(meta, dict) else None
 
 
 def load_model(folder: str | os.PathLike, *, dtype=None, cache: str | None = None, text_encoder: bool = True,

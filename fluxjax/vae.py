@@ -32,10 +32,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from jaxtyping import Array, Float
 
+from fluxjax.init import init_tree
 from fluxjax.numerics import attention
 
 GN_EPS = 1e-6  # every GroupNorm of the autoencoder (diffusers `resnet_eps=1e-6`, BFL `eps=1e-6`)
@@ -257,46 +257,13 @@ def vae_param_shapes(config: VAEConfig, dtype=jnp.float32) -> VAEParams:
     return VAEParams(encoder=encoder, decoder=decoder, bn=BatchNormStats(running_mean=s(p), running_var=s(p)))
 
 
-def leaf_name(path) -> str:
-    """Dotted name of a VAEParams pytree path, e.g. 'decoder.up.3.block.0.nin_shortcut.kernel'."""
-    return ".".join(str(k.idx) if hasattr(k, "idx") else str(getattr(k, "name", getattr(k, "key", k)))
-                    for k in path)
-
-
 def init_vae_params(config: VAEConfig, key: jax.Array, dtype=jnp.float32) -> VAEParams:
-    """Random, well-conditioned parameters, every tensor non-trivial so parity tests see it.
-
-    Kernels N(0, 1/fan_in); GroupNorm weights 1 + N(0, 0.1^2); biases N(0, 0.1^2); bn running mean
-    N(0, 0.5^2) and running variance in [0.5, 2). Every leaf is cut from one normal draw. Called
-    eagerly, the cutting happens on the host (XLA would compile one kernel per leaf, 250 of them);
-    under `jit` or `jax.eval_shape` the same arithmetic is traced, and nothing is allocated.
+    """Random, well-conditioned parameters (`fluxjax.init`), every tensor non-trivial so parity tests
+    see it: kernels N(0, 1/fan_in); GroupNorm weights 1 + N(0, 0.1^2); biases N(0, 0.1^2); bn running
+    mean N(0, 0.5^2) and running variance 0.5 + |N(0, 1)|. Every leaf is cut from one normal draw,
+    compiled as one program; under `jax.eval_shape` nothing is allocated.
     """
-    shapes = vae_param_shapes(config, dtype)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    k_normal, k_var = jax.random.split(key)
-    sizes = [math.prod(sds.shape) for _, sds in leaves]
-    flat = jax.random.normal(k_normal, (sum(sizes),), jnp.float32)
-    var = 0.5 + 1.5 * jax.random.uniform(k_var, (config.token_channels,), jnp.float32)
-    xp = jnp if isinstance(flat, jax.core.Tracer) else np
-    flat, var = (flat, var) if xp is jnp else (np.asarray(flat), np.asarray(var))
-    out, offset = [], 0
-    for (path, sds), size in zip(leaves, sizes):
-        field = path[-1].name
-        z = flat[offset:offset + size].reshape(sds.shape)
-        offset += size
-        if field == "kernel":
-            value = z / np.float32(math.sqrt(math.prod(sds.shape[:-1])))
-        elif field == "weight":
-            value = 1.0 + 0.1 * z
-        elif field == "running_mean":
-            value = 0.5 * z
-        elif field == "running_var":
-            value = var
-        else:
-            assert field == "bias", path
-            value = 0.1 * z
-        out.append(jnp.asarray(value.astype(dtype)))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return init_tree(vae_param_shapes(config, dtype), key)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ native cache, the Qwen3 text encoder and tokenizer through transformers.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -99,6 +100,27 @@ def test_conversion_cache_is_reused(folder, loaded):
     stamp = {e: os.stat(os.path.join(cache, "native", e)).st_mtime_ns for e in entries}
     pipeline.load_model(folder, cache=cache, text_encoder=False, progress=False)
     assert {e: os.stat(os.path.join(cache, "native", e)).st_mtime_ns for e in entries} == stamp
+
+
+def test_cache_in_an_older_format_is_converted_again(folder, loaded):
+    """A VAE cached by older fluxjax (format 1, Orbax's legacy layout) is never misread: loading it
+    refuses, and the pipeline converts it again."""
+    from fluxjax.checkpoint import CheckpointError
+    from fluxjax.vae_checkpoint import CONFIG_FILE, FORMAT_VERSION, load_vae
+
+    _, _, cache = loaded
+    vae_dir = pipeline.native_component(folder, "vae", cache=cache)
+    meta_file = os.path.join(vae_dir, CONFIG_FILE)
+    with open(meta_file) as f:
+        meta = json.load(f)
+    with open(meta_file, "w") as f:
+        json.dump({**meta, "format_version": 1}, f)
+    with pytest.raises(CheckpointError, match="no longer reads"):
+        load_vae(vae_dir)
+    assert pipeline.native_component(folder, "vae", cache=cache) == vae_dir
+    with open(meta_file) as f:
+        assert json.load(f)["format_version"] == FORMAT_VERSION
+    load_vae(vae_dir)
 
 
 def test_bad_folder_errors(tmp_path):
