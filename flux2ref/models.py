@@ -19,6 +19,7 @@ import numpy as np
 from fluxjax.config import FLUX2_DEV, Flux2Config
 from fluxjax.init import NORM_SCALE, Draw, init_tree, leaf_draw, matrix
 from fluxjax.layout import TokenLayout
+from fluxjax.vae import pack
 
 # Parity bars: relative L2 error of the output against diffusers fp32 (tests and demo share them).
 # t = 0 without guidance: the sinusoid arguments are exactly 0, so only float32 summation order
@@ -29,6 +30,8 @@ TOL_T0 = 1e-6
 TOL_GENERAL = 5e-5
 # bf16: fluxjax-bf16 may be at most this much farther from diffusers-fp32 than diffusers-bf16 is.
 BF16_RATIO = 1.5
+# Sampled latents, fp32 after 4 steps: the transformer's fp32 floor (~1e-6, sinusoid/RoPE) grows over steps.
+LATENT_TOL = 1e-4
 
 # A structurally real FLUX.2 (4 RoPE axes, SwiGLU, 3 modulations) shrunk with dataclasses.replace.
 TINY = dataclasses.replace(FLUX2_DEV, in_channels=16, context_in_dim=24, hidden_size=64, num_heads=2,
@@ -104,6 +107,26 @@ def run_diffusers(model, img, txt, timestep, layout, guidance=None, dtype=None, 
         out = model(t(img), t(txt), t(timestep), torch.as_tensor(layout.img_ids()), torch.as_tensor(layout.txt_ids()),
                     None if guidance is None else t(guidance), **kwargs)
     return out.sample.float().numpy()
+
+
+def pipeline_tokens(latents) -> np.ndarray:
+    """diffusers' `latents=` argument [B, P, Hl, Wl] (patchified, channels-first) -> the packed tokens
+    [B, Hl * Wl, P] the pipelines make of it (`_pack_latents`), fluxjax's `noise=`."""
+    return np.asarray(pack(np.moveaxis(np.asarray(latents), 1, -1)))
+
+
+def pipeline_encoder(pipe):
+    """A diffusers pipeline's own reference encoder (`_encode_vae_image`: posterior mean, patchify,
+    bn-normalise) in the channels-last layout `fluxjax.images.reference_tokens` calls it with:
+    pixels [1, H, W, 3] -> latent [1, H/16, W/16, P]."""
+    import torch
+
+    def encode(pixels):
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(pixels, -1, 1)))
+        with torch.no_grad():
+            return np.moveaxis(pipe._encode_vae_image(x, generator=None).numpy(), 1, -1)
+
+    return encode
 
 
 def rel_err(a, b) -> float:

@@ -72,7 +72,7 @@ class Flux2Model:
 @dataclasses.dataclass(frozen=True)
 class Generation:
     images: list  # PIL images, one per sample
-    latents: np.ndarray  # [B, N_img, in_channels] packed, normalised latent tokens
+    latents: np.ndarray  # [B, N_img, in_channels] packed, normalised tokens (`fluxjax.vae.diffusers_latents`)
     layout: TokenLayout
     content_mask: np.ndarray  # bool [B, T]
     captures: Captures | None = None  # arrays with a leading [num_steps] axis
@@ -175,12 +175,7 @@ def load_model(folder: str | os.PathLike, *, dtype=None, cache: str | None = Non
 # --- VAE, jitted once per shape ------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _encode_latent(vae_params, vae_config, pixels):
-    """[1, 3, H, W] in [-1, 1] (the preprocessing's layout) -> normalised latent [1, P, Hl, Wl]."""
-    z = vaelib.encode(vae_params, vae_config, jnp.transpose(pixels, (0, 2, 3, 1)))
-    z = vaelib.normalize(vae_params, vae_config, vaelib.patchify(z, vae_config.patch_size))
-    return jnp.transpose(z, (0, 3, 1, 2))
+_encode_to_grid = jax.jit(vaelib.encode_to_grid, static_argnums=1)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 3, 4))
@@ -195,8 +190,8 @@ def reference_tokens(model: Flux2Model, references):
     sizes = []
 
     def encode(pixels):
-        sizes.append(pixels.shape[2:])
-        return np.asarray(_encode_latent(model.vae_params, model.vae_config, jnp.asarray(pixels)))
+        sizes.append(pixels.shape[1:3])
+        return np.asarray(_encode_to_grid(model.vae_params, model.vae_config, jnp.asarray(pixels)))
 
     tokens, grids = imagelib.reference_tokens(references, encode)
     return jnp.asarray(tokens, model.params.img_in.dtype), grids, sizes
@@ -260,8 +255,8 @@ def plan_layout(model: Flux2Model, references=None, height: int | None = None, w
     grids, sizes = [], []
     for image in references or []:
         pixels = imagelib.preprocess_reference(image)
-        sizes.append(pixels.shape[1:])
-        grids.append((pixels.shape[1] // imagelib.MULTIPLE_OF, pixels.shape[2] // imagelib.MULTIPLE_OF))
+        sizes.append(pixels.shape[:2])
+        grids.append((pixels.shape[0] // imagelib.MULTIPLE_OF, pixels.shape[1] // imagelib.MULTIPLE_OF))
     if height is None or width is None:
         h0, w0 = sizes[0] if sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
         height, width = height or int(h0), width or int(w0)

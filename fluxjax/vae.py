@@ -12,6 +12,10 @@ Layout: every image and latent is **channels-last (NHWC)**, the layout XLA convo
     images  [B, H, W, 3] in [-1, 1]  --encode-->  latents [B, h, w, c] (posterior mean)
     latents --patchify--> [B, Hl, Wl, P] --normalize--> --pack--> tokens [B, Hl * Wl, P]
 
+This module is the one definition of these latent layouts (the transformer's tokens are the
+packed ones); `diffusers_latents` gives the channels-first array diffusers' [klein] pipelines
+return as their `output_type="latent"`.
+
 Conv kernels are stored HWIO `[kh, kw, in, out]` (torch stores `[out, in, kh, kw]`); the mid-block
 attention's q, k, v and output projections are matrices stored `(in, out)`, as everywhere in
 fluxjax. Field names follow BFL's checkpoint keys (`encoder.down.1.block.0.nin_shortcut`,
@@ -444,16 +448,23 @@ def token_grid(config: VAEConfig, height: int, width: int) -> tuple[int, int]:
     return height // th, width // tw
 
 
-def encode_to_tokens(params: VAEParams, config: VAEConfig, images: Float[Array, "B H W Cin"], *,
-                     attn_impl: str | None = None) -> Float[Array, "B N P"]:
-    """Images [B, H, W, 3] in [-1, 1] -> normalised packed tokens [B, (H/16) * (W/16), 128].
+def encode_to_grid(params: VAEParams, config: VAEConfig, images: Float[Array, "B H W Cin"], *,
+                   attn_impl: str | None = None) -> Float[Array, "B Hl Wl P"]:
+    """Images [B, H, W, 3] in [-1, 1] -> normalised, patchified latents [B, H/16, W/16, 128].
 
-    What diffusers' Flux2 pipelines do to a reference image (`_encode_vae_image`, `_pack_latents`)
-    and BFL's `AutoEncoder.encode` followed by packing: posterior mean, patchify, normalise, pack.
+    What diffusers' Flux2 pipelines do to a reference image (`_encode_vae_image`, channels-last)
+    and BFL's `AutoEncoder.encode`: posterior mean, patchify, normalise.
     """
     token_grid(config, images.shape[1], images.shape[2])
     z = patchify(encode(params, config, images, attn_impl=attn_impl), config.patch_size)
-    return pack(normalize(params, config, z))
+    return normalize(params, config, z)
+
+
+def encode_to_tokens(params: VAEParams, config: VAEConfig, images: Float[Array, "B H W Cin"], *,
+                     attn_impl: str | None = None) -> Float[Array, "B N P"]:
+    """Images [B, H, W, 3] in [-1, 1] -> normalised packed tokens [B, (H/16) * (W/16), 128]
+    (`encode_to_grid`, then `pack`, as diffusers' `_pack_latents`)."""
+    return pack(encode_to_grid(params, config, images, attn_impl=attn_impl))
 
 
 def decode_tokens(params: VAEParams, config: VAEConfig, tokens: Float[Array, "B N P"], height: int, width: int,
@@ -463,5 +474,21 @@ def decode_tokens(params: VAEParams, config: VAEConfig, tokens: Float[Array, "B 
     The decode branch of diffusers' Flux2 pipelines (and BFL's `AutoEncoder.decode`): unpack,
     denormalise, unpatchify, decode. Clamping to [-1, 1] and mapping to uint8 is the caller's.
     """
-    x = denormalize(params, config, unpack(tokens, token_grid(config, height, width)))
-    return decode(params, config, unpatchify(x, config.patch_size), attn_impl=attn_impl)
+    return decode(params, config, latent_grid(params, config, tokens, token_grid(config, height, width)),
+                  attn_impl=attn_impl)
+
+
+def latent_grid(params: VAEParams, config: VAEConfig, tokens: Float[Array, "B N P"],
+                grid: tuple[int, int]) -> Float[Array, "B h w c"]:
+    """Normalised packed tokens on the token grid (Hl, Wl) -> VAE latents [B, 2 Hl, 2 Wl, c]: unpack,
+    denormalise, unpatchify (what `decode` reads)."""
+    return unpatchify(denormalize(params, config, unpack(tokens, grid)), config.patch_size)
+
+
+def diffusers_latents(params: VAEParams, config: VAEConfig, tokens: Float[Array, "B N P"],
+                      grid: tuple[int, int]) -> Float[Array, "B c h w"]:
+    """The sampler's latents (normalised packed tokens on the token grid (Hl, Wl)) as the array
+    `Flux2KleinPipeline` and `Flux2KleinKVPipeline` return with `output_type="latent"`: denormalised,
+    unpatchified VAE latents, channels-first [B, c, 2 Hl, 2 Wl] as torch lays them out, in the
+    tokens' dtype. (`Flux2Pipeline` returns the tokens themselves: no conversion.)"""
+    return jnp.moveaxis(latent_grid(params, config, tokens, grid), -1, 1)

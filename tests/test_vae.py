@@ -186,8 +186,12 @@ def test_pack_is_row_major_and_unpack_inverts():
     x = np.random.default_rng(0).standard_normal((2, 3, 5, 8)).astype(np.float32)
     t = np.asarray(vae.pack(x))
     np.testing.assert_array_equal(t[:, 1 * 5 + 4], x[:, 1, 4])
-    np.testing.assert_array_equal(t, pipeline()._pack_latents(nchw(x)).numpy())
+    P = pipeline()
+    np.testing.assert_array_equal(t, P._pack_latents(nchw(x)).numpy())
     np.testing.assert_array_equal(vae.unpack(t, (3, 5)), x)
+    ids = P._prepare_latent_ids(nchw(x))
+    np.testing.assert_array_equal(nchw(vae.unpack(t, (3, 5))).numpy(),
+                                  P._unpack_latents_with_ids(torch.from_numpy(t), ids).numpy())
     with pytest.raises(ValueError, match="token grid"):
         vae.unpack(t, (5, 5))
 
