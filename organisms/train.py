@@ -237,6 +237,9 @@ def _restore(out: Path, s: TrainSettings) -> tuple[TrainState, dict]:
     if step is None:
         return init_state(s), {"losses": [], "train_seconds": 0.0}
     folder = out / CHECKPOINTS_DIR / str(step)
+    if not (folder / META_FILE).is_file():  # folders appear only when complete: this is another layout
+        raise ValueError(f"{folder} has no {META_FILE}: the run folder was made by an older organisms.train; "
+                         f"use a new --out folder")
     state = read_tree(folder / STATE_DIR, jax.eval_shape(functools.partial(init_state, s=s)),
                       what="training state of these settings")
     meta = json.loads((folder / META_FILE).read_text())
