@@ -67,14 +67,13 @@ def main(argv=None):
     noise = rng.standard_normal((1, CONFIG.in_channels, *grid)).astype(np.float32)
     ref = PIL.Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
 
-    def encode(pixels):
-        with torch.no_grad():
-            return pipe._encode_vae_image(torch.from_numpy(np.ascontiguousarray(pixels)), generator=None).numpy()
+    from flux2ref.models import pipeline_encoder, pipeline_tokens
 
+    encode = pipeline_encoder(pipe)
     refs, ref_grids = images.reference_tokens([ref], encode)
     layout = images.reference_layout(N_TXT, grid, ref_grids)
     args_jax = (params, CONFIG, sampler.KLEIN_DISTILLED, txt, layout.txt_ids(), layout.img_ids())
-    kwargs_jax = dict(noise=images.pack(noise), refs=refs)
+    kwargs_jax = dict(noise=pipeline_tokens(noise), refs=refs)
 
     def run_jax():
         return jax.block_until_ready(fluxjax.sample(*args_jax, **kwargs_jax))

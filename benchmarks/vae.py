@@ -41,10 +41,10 @@ def _randomized_diffusers_state(seed: int = 0):
     import torch
     from diffusers import AutoencoderKLFlux2
 
-    from flux2ref.models import randomize_vae_
+    from flux2ref.models import randomize_
 
     torch.manual_seed(seed)
-    return randomize_vae_(AutoencoderKLFlux2().eval(), seed)
+    return randomize_(AutoencoderKLFlux2().eval(), seed)
 
 
 def _inputs(op: str, size: int):

@@ -30,7 +30,6 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fluxjax.files import TMP_MARK, atomic_write_bytes, atomic_write_text, temporary_sibling
+from fluxjax.files import TMP_MARK, atomic_directory, atomic_write_bytes, atomic_write_text
 
 CONFIG_FILE = "config.json"
 CODE_VERSION_FILE = "code_version.json"
@@ -340,22 +339,16 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def _create(folder: Path, config: dict) -> bool:
     """Create `folder` holding `config`; False if something else appeared there first."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(folder)
-    tmp.mkdir()
     try:
-        atomic_write_json(tmp / CONFIG_FILE, config)
-        atomic_write_json(tmp / CODE_VERSION_FILE, code_version())
-        (tmp / OUTPUTS_DIR).mkdir()
-        os.rename(tmp, folder)  # fails if `folder` appeared meanwhile and is not empty
+        with atomic_directory(folder) as tmp:  # the rename fails if `folder` appeared meanwhile, not empty
+            atomic_write_json(tmp / CONFIG_FILE, config)
+            atomic_write_json(tmp / CODE_VERSION_FILE, code_version())
+            (tmp / OUTPUTS_DIR).mkdir()
         return True
     except OSError:
         if folder.exists():
             return False
         raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def open_run(root: str | os.PathLike, name: str, config: Mapping[str, Any], *,

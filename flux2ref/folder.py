@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 
-import numpy as np
 
+from flux2ref.models import diffusers_kwargs, randomize_
 from fluxjax.config import FLUX2_KLEIN_4B, Flux2Config
+from fluxjax.files import atomic_directory
 
 QWEN3_HIDDEN = 16
 LATENT_CHANNELS = 4
@@ -44,32 +43,28 @@ QWEN3_TEMPLATE = (
 )
 
 
-def qwen3_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE trained in memory on a fixed corpus, with Qwen3's specials and template."""
+def byte_level_bpe(specials, corpus=CORPUS, vocab_size: int = 400):
+    """A byte-level BPE `tokenizers.Tokenizer` trained in memory on `corpus`, with `specials`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN3_SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(CORPUS * 4, trainer)
+    bpe.train_from_iterator(list(corpus) * 4, trainer)
+    return bpe
+
+
+def qwen3_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE trained in memory on a fixed corpus, with Qwen3's specials and template."""
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = byte_level_bpe(QWEN3_SPECIALS, CORPUS, vocab_size)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                                   padding_side="right")
     tok.chat_template = QWEN3_TEMPLATE
     return tok
-
-
-def _randomize(module, seed: int, scale: float = 1.0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            z = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * z if p.ndim == 1 else scale * z / p[0].numel() ** 0.5)
-    return module.eval()
 
 
 def qwen3_model(vocab_size: int, seed: int = 0, num_layers: int = 28, hidden: int = QWEN3_HIDDEN):
@@ -78,7 +73,7 @@ def qwen3_model(vocab_size: int, seed: int = 0, num_layers: int = 28, hidden: in
     config = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                          max_position_embeddings=1024, tie_word_embeddings=True)
-    return _randomize(Qwen3ForCausalLM(config), seed)
+    return randomize_(Qwen3ForCausalLM(config), seed).eval()
 
 
 def tiny_vae(seed: int = 0):
@@ -102,8 +97,6 @@ def tiny_klein_pipeline(seed: int = 0, config: Flux2Config = TINY_KLEIN):
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 
-    from flux2ref.models import diffusers_kwargs, randomize_
-
     torch.manual_seed(seed)
     tokenizer = qwen3_tokenizer()
     pipe = Flux2KleinPipeline(
@@ -118,18 +111,8 @@ def tiny_klein_pipeline(seed: int = 0, config: Flux2Config = TINY_KLEIN):
 def build_model_folder(path: str | os.PathLike, seed: int = 0, *, overwrite: bool = False) -> str:
     """Write a random tiny [klein] model folder at `path` (atomically) and return its path."""
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path):
-        if not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        shutil.rmtree(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tiny-model-")
-    try:
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    with atomic_directory(path, replace=overwrite) as tmp:
         tiny_klein_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-

@@ -3,18 +3,23 @@
 Used by the tests and by `python -m flux2ref.demo`. torch and diffusers are imported inside the
 functions that need them, so importing this module does not pull them in.
 
-Every tensor is randomised and well conditioned (matrices N(0, 1/fan_in), norm weights near 1):
-diffusers' default init leaves some at zero, which would hide bugs.
+Every tensor is randomised and well conditioned by fluxjax's own init rule (`fluxjax.init`; matrices
+N(0, 1/fan_in), norm weights near 1) read in torch's layout: diffusers' default init leaves some at
+zero, which would hide bugs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax
 import numpy as np
 
 from fluxjax.config import FLUX2_DEV, Flux2Config
+from fluxjax.init import NORM_SCALE, Draw, init_tree, leaf_draw, matrix
 from fluxjax.layout import TokenLayout
+from fluxjax.vae import pack
 
 # Parity bars: relative L2 error of the output against diffusers fp32 (tests and demo share them).
 # t = 0 without guidance: the sinusoid arguments are exactly 0, so only float32 summation order
@@ -25,6 +30,8 @@ TOL_T0 = 1e-6
 TOL_GENERAL = 5e-5
 # bf16: fluxjax-bf16 may be at most this much farther from diffusers-fp32 than diffusers-bf16 is.
 BF16_RATIO = 1.5
+# Sampled latents, fp32 after 4 steps: the transformer's fp32 floor (~1e-6, sinusoid/RoPE) grows over steps.
+LATENT_TOL = 1e-4
 
 # A structurally real FLUX.2 (4 RoPE axes, SwiGLU, 3 modulations) shrunk with dataclasses.replace.
 TINY = dataclasses.replace(FLUX2_DEV, in_channels=16, context_in_dim=24, hidden_size=64, num_heads=2,
@@ -41,15 +48,31 @@ def diffusers_kwargs(config: Flux2Config) -> dict:
                 guidance_embeds=config.use_guidance_embed)
 
 
+def torch_rule(name: str, shape: tuple[int, ...]) -> Draw:
+    """fluxjax's init rule (`fluxjax.init.leaf_draw`) read in torch's layout: weights are [out, in, ...]
+    (fan_in = prod(shape[1:])), other vectors are norm scales; biases and bn statistics by name."""
+    field = name.rsplit(".", 1)[-1]
+    if field in ("bias", "running_mean", "running_var"):
+        return leaf_draw(field, shape)
+    return NORM_SCALE if len(shape) == 1 else matrix(math.prod(shape[1:]))
+
+
+def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """float32 arrays for key -> torch-layout shape, drawn by `torch_rule` from one numpy draw."""
+    shapes = {k: jax.ShapeDtypeStruct(tuple(v), np.float32) for k, v in shapes.items()}
+    return init_tree(shapes, np.random.default_rng(seed), rule=torch_rule)
+
+
 def randomize_(module, seed: int = 0):
-    """Overwrite every parameter of a torch module: vectors 1 + N(0, 0.1^2), matrices N(0, 1/fan_in)."""
+    """Overwrite every parameter and batch-norm statistic of a torch module with `random_state`."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
+    tensors = {**dict(module.named_parameters()),
+               **{k: b for k, b in module.named_buffers() if k.endswith(("running_mean", "running_var"))}}
+    state = random_state({k: tuple(t.shape) for k, t in tensors.items()}, seed)
     with torch.no_grad():
-        for _, p in module.named_parameters():
-            z = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            p.copy_(1 + 0.1 * z if p.ndim == 1 else z / p.shape[1] ** 0.5)
+        for k, t in tensors.items():
+            t.copy_(torch.from_numpy(state[k]))
     return module
 
 
@@ -58,16 +81,6 @@ def diffusers_transformer(config: Flux2Config = TINY, seed: int = 0):
     from diffusers import Flux2Transformer2DModel
 
     return randomize_(Flux2Transformer2DModel(**diffusers_kwargs(config)).eval(), seed)
-
-
-def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
-    """float32 tensors for key -> torch-layout shape, conditioned like `randomize_`."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, shape in shapes.items():
-        z = rng.standard_normal(shape, dtype=np.float32)
-        out[key] = 1 + np.float32(0.1) * z if len(shape) == 1 else z / np.float32(np.sqrt(shape[1]))
-    return out
 
 
 def state_dict_numpy(module) -> dict[str, np.ndarray]:
@@ -96,28 +109,27 @@ def run_diffusers(model, img, txt, timestep, layout, guidance=None, dtype=None, 
     return out.sample.float().numpy()
 
 
+def pipeline_tokens(latents) -> np.ndarray:
+    """diffusers' `latents=` argument [B, P, Hl, Wl] (patchified, channels-first) -> the packed tokens
+    [B, Hl * Wl, P] the pipelines make of it (`_pack_latents`), fluxjax's `noise=`."""
+    return np.asarray(pack(np.moveaxis(np.asarray(latents), 1, -1)))
+
+
+def pipeline_encoder(pipe):
+    """A diffusers pipeline's own reference encoder (`_encode_vae_image`: posterior mean, patchify,
+    bn-normalise) in the channels-last layout `fluxjax.images.reference_tokens` calls it with:
+    pixels [1, H, W, 3] -> latent [1, H/16, W/16, P]."""
+    import torch
+
+    def encode(pixels):
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(pixels, -1, 1)))
+        with torch.no_grad():
+            return np.moveaxis(pipe._encode_vae_image(x, generator=None).numpy(), 1, -1)
+
+    return encode
+
+
 def rel_err(a, b) -> float:
     """Relative L2 error of `a` against the reference `b`, in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def randomize_vae_(model, seed: int = 0):
-    """Overwrite every tensor of a diffusers `AutoencoderKLFlux2`: biases N(0, 0.1^2), norm weights
-    1 + N(0, 0.1^2), conv/linear weights N(0, 1/fan_in), bn running mean N(0, 0.5^2) and variance
-    in [0.5, 2)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            z = torch.randn(p.shape, generator=g)
-            if name.endswith(".bias"):
-                p.copy_(0.1 * z)
-            elif p.ndim == 1:  # GroupNorm weight
-                p.copy_(1 + 0.1 * z)
-            else:  # conv [out, in, kh, kw] or linear [out, in]
-                p.copy_(z / np.prod(p.shape[1:]) ** 0.5)
-        model.bn.running_mean.copy_(0.5 * torch.randn(model.bn.running_mean.shape, generator=g))
-        model.bn.running_var.copy_(0.5 + 1.5 * torch.rand(model.bn.running_var.shape, generator=g))
-    return model

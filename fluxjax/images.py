@@ -1,4 +1,4 @@
-"""Reference images to tokens, and the latent layouts between the VAE and the transformer.
+"""Reference images to tokens, preprocessed as the diffusers FLUX.2 pipelines do.
 
 Preprocessing follows the diffusers FLUX.2 pipelines (`Flux2Pipeline`, `Flux2KleinPipeline`;
 spec section 8.3), in their order:
@@ -10,14 +10,10 @@ spec section 8.3), in their order:
 
 (BFL's own code caps a single reference at 2024^2 px instead; this module follows diffusers.)
 
-Latent layouts, for a VAE with 8x downsampling and c latent channels (c = 32 in FLUX.2):
-
-    latent grid     [B, c, H/8, W/8]         what the VAE encodes to and decodes from
-    patchified      [B, 4c, H/16, W/16]      2x2 patches, channel = ch * 4 + row * 2 + col
-    packed tokens   [B, H/16 * W/16, 4c]     row-major over the patch grid (index = h w_count + w)
-
-The VAE is a function argument: `encode(pixels)` maps [1, 3, H, W] float32 in [-1, 1] to the
-bn-normalised, patchified latent [1, 4c, H/16, W/16] (diffusers' `_encode_vae_image`).
+Pixels are channels-last, [H, W, 3], like every image and latent in fluxjax (`fluxjax.vae`
+defines the latent layouts: grid, patchified, packed tokens). The VAE is a function argument:
+`encode(pixels)` maps [1, H, W, 3] float32 in [-1, 1] to the bn-normalised, patchified latent
+[1, H/16, W/16, P] (`fluxjax.vae.encode_to_grid`: diffusers' `_encode_vae_image`, channels-last).
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ import numpy as np
 import PIL.Image
 
 from fluxjax.layout import TokenLayout
+from fluxjax.vae import pack
 
 MIN_SIDE = 64
 MAX_ASPECT_RATIO = 8
@@ -86,44 +83,11 @@ def center_crop(image: PIL.Image.Image, multiple_of: int = MULTIPLE_OF) -> PIL.I
 
 
 def preprocess_reference(image, max_area: int = MAX_AREA, multiple_of: int = MULTIPLE_OF) -> np.ndarray:
-    """A reference image (path or PIL) -> float32 pixels [3, H, W] in [-1, 1], H and W multiples of 16."""
+    """A reference image (path or PIL) -> float32 pixels [H, W, 3] in [-1, 1], H and W multiples of 16."""
     image = load_image(image)
     check_reference(image)
     image = center_crop(cap_area(image, max_area), multiple_of).convert("RGB")
-    pixels = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
-    return (2.0 * pixels - 1.0).transpose(2, 0, 1)
-
-
-# latent layouts ---------------------------------------------------------------------------------
-
-
-def patchify(latents):
-    """[B, c, 2h, 2w] -> [B, 4c, h, w]; channel = ch * 4 + row * 2 + col (diffusers `_patchify_latents`)."""
-    b, c, hh, ww = latents.shape
-    x = latents.reshape(b, c, hh // 2, 2, ww // 2, 2).transpose(0, 1, 3, 5, 2, 4)
-    return x.reshape(b, c * 4, hh // 2, ww // 2)
-
-
-def unpatchify(latents):
-    """[B, 4c, h, w] -> [B, c, 2h, 2w], the inverse of `patchify`."""
-    b, c4, h, w = latents.shape
-    x = latents.reshape(b, c4 // 4, 2, 2, h, w).transpose(0, 1, 4, 2, 5, 3)
-    return x.reshape(b, c4 // 4, h * 2, w * 2)
-
-
-def pack(latents):
-    """[B, C, h, w] -> [B, h * w, C], row-major tokens."""
-    b, c, h, w = latents.shape
-    return latents.reshape(b, c, h * w).transpose(0, 2, 1)
-
-
-def unpack(tokens, grid: tuple[int, int]):
-    """[B, h * w, C] -> [B, C, h, w] for the token grid (h, w); the inverse of `pack`."""
-    b, n, c = tokens.shape
-    h, w = grid
-    if n != h * w:
-        raise ValueError(f"{n} tokens do not fill a {h}x{w} grid")
-    return tokens.transpose(0, 2, 1).reshape(b, c, h, w)
+    return 2.0 * (np.asarray(image, dtype=np.float32) / 255.0) - 1.0
 
 
 # references -------------------------------------------------------------------------------------
@@ -131,7 +95,7 @@ def unpack(tokens, grid: tuple[int, int]):
 
 def reference_tokens(images: Sequence, encode: Callable, max_area: int = MAX_AREA,
                      multiple_of: int = MULTIPLE_OF) -> tuple[np.ndarray, tuple[tuple[int, int], ...]]:
-    """Reference images -> (tokens [1, N_ref, 4c], token grids), in the order given.
+    """Reference images -> (tokens [1, N_ref, P], token grids), in the order given.
 
     Each image is preprocessed and encoded on its own (`encode`: module docstring), packed, and
     the references are concatenated along the sequence. Any number of references. Pass the grids
@@ -144,10 +108,10 @@ def reference_tokens(images: Sequence, encode: Callable, max_area: int = MAX_ARE
     for image in images:
         pixels = preprocess_reference(image, max_area, multiple_of)
         latent = np.asarray(encode(pixels[None]))
-        want = (pixels.shape[1] // multiple_of, pixels.shape[2] // multiple_of)
-        if latent.ndim != 4 or latent.shape[0] != 1 or latent.shape[2:] != want:
-            raise ValueError(f"encode() must return a patchified latent [1, C, {want[0]}, {want[1]}] for "
-                             f"{pixels.shape[1]}x{pixels.shape[2]} pixels, got shape {latent.shape}")
+        want = (pixels.shape[0] // multiple_of, pixels.shape[1] // multiple_of)
+        if latent.ndim != 4 or latent.shape[0] != 1 or latent.shape[1:3] != want:
+            raise ValueError(f"encode() must return a patchified latent [1, {want[0]}, {want[1]}, P] for "
+                             f"{pixels.shape[0]}x{pixels.shape[1]} pixels, got shape {latent.shape}")
         tokens.append(pack(latent))
         grids.append(want)
     if not tokens:

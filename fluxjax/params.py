@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from fluxjax.config import Flux2Config
+from fluxjax.init import init_tree
 
 
 @struct.dataclass
@@ -123,28 +124,14 @@ def param_shapes(config: Flux2Config, dtype=jnp.float32) -> Flux2Weights:
     )
 
 
-def _is_norm_weight(path) -> bool:
-    return any(getattr(k, "name", None) in ("query_norm", "key_norm") for k in path)
+def init_params(config: Flux2Config, key: jax.Array, dtype=jnp.float32, *, training: bool = False) -> Flux2Weights:
+    """Random, well-conditioned parameters (`fluxjax.init`): matrices N(0, 1/fan_in), QK-norm weights
+    1 + N(0, 0.1^2), every leaf cut from one normal draw, compiled as one program.
 
-
-def init_params(config: Flux2Config, key: jax.Array, dtype=jnp.float32) -> Flux2Weights:
-    """Random, well-conditioned parameters: matrices N(0, 1/fan_in), norm weights 1 + N(0, 0.1^2).
-
-    Unlike zero-initialised gates, every path carries signal, so parity tests see every weight.
-    Works under `jax.eval_shape` (nothing is allocated then).
+    Every path carries signal, so parity tests see every weight. training: QK-norm weights 1 and the
+    modulations and final layer 0 (adaLN-zero). Works under `jax.eval_shape` (nothing is allocated).
     """
-    shapes = param_shapes(config, dtype)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for (path, sds), k in zip(leaves, keys):
-        z = jax.random.normal(k, sds.shape, jnp.float32)
-        if _is_norm_weight(path):
-            value = 1.0 + 0.1 * z
-        else:
-            value = z / jnp.sqrt(jnp.float32(sds.shape[-2]))  # fan_in: rows, the `in` axis
-        out.append(value.astype(dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return init_tree(param_shapes(config, dtype), key, training=training)
 
 
 def count_params(params) -> int:

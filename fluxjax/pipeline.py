@@ -35,14 +35,15 @@ import PIL.Image
 from fluxjax import images as imagelib
 from fluxjax import sampler as samplerlib
 from fluxjax import vae as vaelib
-from fluxjax.checkpoint import is_checkpoint, load_transformer
+from fluxjax import checkpoint, vae_checkpoint
+from fluxjax.checkpoint import load_transformer
 from fluxjax.conversion.convert import convert_transformer
 from fluxjax.conversion.vae import convert_vae
 from fluxjax.config import Flux2Config
 from fluxjax.interventions import Capture, Captures, Interventions
 from fluxjax.layout import TokenLayout
 from fluxjax.params import Flux2Weights
-from fluxjax.vae_checkpoint import is_vae_checkpoint, load_vae
+from fluxjax.vae_checkpoint import load_vae
 
 DEFAULT_SIZE = 1024  # diffusers: default_sample_size 128 x vae_scale_factor 8
 
@@ -71,7 +72,7 @@ class Flux2Model:
 @dataclasses.dataclass(frozen=True)
 class Generation:
     images: list  # PIL images, one per sample
-    latents: np.ndarray  # [B, N_img, in_channels] packed, normalised latent tokens
+    latents: np.ndarray  # [B, N_img, in_channels] packed, normalised tokens (`fluxjax.vae.diffusers_latents`)
     layout: TokenLayout
     content_mask: np.ndarray  # bool [B, T]
     captures: Captures | None = None  # arrays with a leading [num_steps] axis
@@ -106,20 +107,31 @@ def _read_json(path: str) -> dict:
 
 def native_component(folder: str, component: str, *, cache: str | None = None, progress: bool = True) -> str:
     """Path of the native checkpoint of `folder/component` ("transformer" or "vae"), converting
-    it on first use. Conversion writes to a temporary directory renamed into place, so an
-    interrupted conversion leaves no half-written cache entry."""
+    it on first use, and again when the cached one was written in an older format version.
+    Conversion writes to a temporary directory renamed into place, so an interrupted conversion
+    leaves no half-written cache entry."""
     src = os.path.join(folder, component)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src} is missing: the model folder has no {component}/ subfolder")
     dst = os.path.join(cache if cache is not None else cache_root(), "native", f"{component}-{_fingerprint(src)}")
-    present = is_checkpoint(dst) if component == "transformer" else is_vae_checkpoint(dst)
-    if not present:
+    config_file, version = ((checkpoint.CONFIG_FILE, checkpoint.FORMAT_VERSION) if component == "transformer"
+                            else (vae_checkpoint.CONFIG_FILE, vae_checkpoint.FORMAT_VERSION))
+    if _stored_version(os.path.join(dst, config_file)) != version:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if component == "transformer":
-            convert_transformer(src, dst, progress=progress)
+            convert_transformer(src, dst, progress=progress, overwrite=True)
         else:
-            convert_vae(src, dst)
+            convert_vae(src, dst, overwrite=True)
     return dst
+
+
+def _stored_version(config_file: str) -> int | None:
+    """The format version a cached native checkpoint was written in (None: absent or unreadable)."""
+    try:
+        meta = checkpoint.read_json(config_file)
+    except checkpoint.CheckpointError:
+        return None
+    return meta.get("format_version") if isinstance(meta, dict) else None
 
 
 def load_model(folder: str | os.PathLike, *, dtype=None, cache: str | None = None, text_encoder: bool = True,
@@ -163,12 +175,7 @@ def load_model(folder: str | os.PathLike, *, dtype=None, cache: str | None = Non
 # --- VAE, jitted once per shape ------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _encode_latent(vae_params, vae_config, pixels):
-    """[1, 3, H, W] in [-1, 1] (the preprocessing's layout) -> normalised latent [1, P, Hl, Wl]."""
-    z = vaelib.encode(vae_params, vae_config, jnp.transpose(pixels, (0, 2, 3, 1)))
-    z = vaelib.normalize(vae_params, vae_config, vaelib.patchify(z, vae_config.patch_size))
-    return jnp.transpose(z, (0, 3, 1, 2))
+_encode_to_grid = jax.jit(vaelib.encode_to_grid, static_argnums=1)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 3, 4))
@@ -183,8 +190,8 @@ def reference_tokens(model: Flux2Model, references):
     sizes = []
 
     def encode(pixels):
-        sizes.append(pixels.shape[2:])
-        return np.asarray(_encode_latent(model.vae_params, model.vae_config, jnp.asarray(pixels)))
+        sizes.append(pixels.shape[1:3])
+        return np.asarray(_encode_to_grid(model.vae_params, model.vae_config, jnp.asarray(pixels)))
 
     tokens, grids = imagelib.reference_tokens(references, encode)
     return jnp.asarray(tokens, model.params.img_in.dtype), grids, sizes
@@ -248,8 +255,8 @@ def plan_layout(model: Flux2Model, references=None, height: int | None = None, w
     grids, sizes = [], []
     for image in references or []:
         pixels = imagelib.preprocess_reference(image)
-        sizes.append(pixels.shape[1:])
-        grids.append((pixels.shape[1] // imagelib.MULTIPLE_OF, pixels.shape[2] // imagelib.MULTIPLE_OF))
+        sizes.append(pixels.shape[:2])
+        grids.append((pixels.shape[0] // imagelib.MULTIPLE_OF, pixels.shape[1] // imagelib.MULTIPLE_OF))
     if height is None or width is None:
         h0, w0 = sizes[0] if sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
         height, width = height or int(h0), width or int(w0)

@@ -11,9 +11,11 @@ structure, capture spec), reused across seeds, noise, prompts, guidance scales a
 values.
 
 Latents are packed tokens [B, N_img, in_channels] in the bn-normalised, 2x2-patchified latent
-space, the same space as `Flux2Pipeline(output_type="latent")`'s output (`fluxjax.images` turns
-them back into a latent grid). Reference tokens are context only: they are concatenated after
-the noisy tokens at every step, never updated, and only the first N_img predictions are used.
+space: exactly what `Flux2Pipeline(output_type="latent")` returns. `Flux2KleinPipeline` and
+`Flux2KleinKVPipeline` return instead the de-normalised, unpatchified VAE latents [B, c, H/8, W/8],
+channels-first; `fluxjax.vae.diffusers_latents(vae_params, vae_config, latents, grid)` gives that
+array. Reference tokens are context only: they are concatenated after the noisy tokens at every
+step, never updated, and only the first N_img predictions are used.
 
 Per-step interventions: a value wrapped in `fluxjax.interventions.per_step` carries a leading step
 axis [S] (a substitution value [S, B, T, D], a knockout [S, ...], ...); step s then sees slice s.

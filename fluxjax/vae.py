@@ -12,6 +12,10 @@ Layout: every image and latent is **channels-last (NHWC)**, the layout XLA convo
     images  [B, H, W, 3] in [-1, 1]  --encode-->  latents [B, h, w, c] (posterior mean)
     latents --patchify--> [B, Hl, Wl, P] --normalize--> --pack--> tokens [B, Hl * Wl, P]
 
+This module is the one definition of these latent layouts (the transformer's tokens are the
+packed ones); `diffusers_latents` gives the channels-first array diffusers' [klein] pipelines
+return as their `output_type="latent"`.
+
 Conv kernels are stored HWIO `[kh, kw, in, out]` (torch stores `[out, in, kh, kw]`); the mid-block
 attention's q, k, v and output projections are matrices stored `(in, out)`, as everywhere in
 fluxjax. Field names follow BFL's checkpoint keys (`encoder.down.1.block.0.nin_shortcut`,
@@ -32,10 +36,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from jaxtyping import Array, Float
 
+from fluxjax.init import init_tree
 from fluxjax.numerics import attention
 
 GN_EPS = 1e-6  # every GroupNorm of the autoencoder (diffusers `resnet_eps=1e-6`, BFL `eps=1e-6`)
@@ -257,46 +261,13 @@ def vae_param_shapes(config: VAEConfig, dtype=jnp.float32) -> VAEParams:
     return VAEParams(encoder=encoder, decoder=decoder, bn=BatchNormStats(running_mean=s(p), running_var=s(p)))
 
 
-def leaf_name(path) -> str:
-    """Dotted name of a VAEParams pytree path, e.g. 'decoder.up.3.block.0.nin_shortcut.kernel'."""
-    return ".".join(str(k.idx) if hasattr(k, "idx") else str(getattr(k, "name", getattr(k, "key", k)))
-                    for k in path)
-
-
 def init_vae_params(config: VAEConfig, key: jax.Array, dtype=jnp.float32) -> VAEParams:
-    """Random, well-conditioned parameters, every tensor non-trivial so parity tests see it.
-
-    Kernels N(0, 1/fan_in); GroupNorm weights 1 + N(0, 0.1^2); biases N(0, 0.1^2); bn running mean
-    N(0, 0.5^2) and running variance in [0.5, 2). Every leaf is cut from one normal draw. Called
-    eagerly, the cutting happens on the host (XLA would compile one kernel per leaf, 250 of them);
-    under `jit` or `jax.eval_shape` the same arithmetic is traced, and nothing is allocated.
+    """Random, well-conditioned parameters (`fluxjax.init`), every tensor non-trivial so parity tests
+    see it: kernels N(0, 1/fan_in); GroupNorm weights 1 + N(0, 0.1^2); biases N(0, 0.1^2); bn running
+    mean N(0, 0.5^2) and running variance 0.5 + |N(0, 1)|. Every leaf is cut from one normal draw,
+    compiled as one program; under `jax.eval_shape` nothing is allocated.
     """
-    shapes = vae_param_shapes(config, dtype)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    k_normal, k_var = jax.random.split(key)
-    sizes = [math.prod(sds.shape) for _, sds in leaves]
-    flat = jax.random.normal(k_normal, (sum(sizes),), jnp.float32)
-    var = 0.5 + 1.5 * jax.random.uniform(k_var, (config.token_channels,), jnp.float32)
-    xp = jnp if isinstance(flat, jax.core.Tracer) else np
-    flat, var = (flat, var) if xp is jnp else (np.asarray(flat), np.asarray(var))
-    out, offset = [], 0
-    for (path, sds), size in zip(leaves, sizes):
-        field = path[-1].name
-        z = flat[offset:offset + size].reshape(sds.shape)
-        offset += size
-        if field == "kernel":
-            value = z / np.float32(math.sqrt(math.prod(sds.shape[:-1])))
-        elif field == "weight":
-            value = 1.0 + 0.1 * z
-        elif field == "running_mean":
-            value = 0.5 * z
-        elif field == "running_var":
-            value = var
-        else:
-            assert field == "bias", path
-            value = 0.1 * z
-        out.append(jnp.asarray(value.astype(dtype)))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return init_tree(vae_param_shapes(config, dtype), key)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,16 +448,23 @@ def token_grid(config: VAEConfig, height: int, width: int) -> tuple[int, int]:
     return height // th, width // tw
 
 
-def encode_to_tokens(params: VAEParams, config: VAEConfig, images: Float[Array, "B H W Cin"], *,
-                     attn_impl: str | None = None) -> Float[Array, "B N P"]:
-    """Images [B, H, W, 3] in [-1, 1] -> normalised packed tokens [B, (H/16) * (W/16), 128].
+def encode_to_grid(params: VAEParams, config: VAEConfig, images: Float[Array, "B H W Cin"], *,
+                   attn_impl: str | None = None) -> Float[Array, "B Hl Wl P"]:
+    """Images [B, H, W, 3] in [-1, 1] -> normalised, patchified latents [B, H/16, W/16, 128].
 
-    What diffusers' Flux2 pipelines do to a reference image (`_encode_vae_image`, `_pack_latents`)
-    and BFL's `AutoEncoder.encode` followed by packing: posterior mean, patchify, normalise, pack.
+    What diffusers' Flux2 pipelines do to a reference image (`_encode_vae_image`, channels-last)
+    and BFL's `AutoEncoder.encode`: posterior mean, patchify, normalise.
     """
     token_grid(config, images.shape[1], images.shape[2])
     z = patchify(encode(params, config, images, attn_impl=attn_impl), config.patch_size)
-    return pack(normalize(params, config, z))
+    return normalize(params, config, z)
+
+
+def encode_to_tokens(params: VAEParams, config: VAEConfig, images: Float[Array, "B H W Cin"], *,
+                     attn_impl: str | None = None) -> Float[Array, "B N P"]:
+    """Images [B, H, W, 3] in [-1, 1] -> normalised packed tokens [B, (H/16) * (W/16), 128]
+    (`encode_to_grid`, then `pack`, as diffusers' `_pack_latents`)."""
+    return pack(encode_to_grid(params, config, images, attn_impl=attn_impl))
 
 
 def decode_tokens(params: VAEParams, config: VAEConfig, tokens: Float[Array, "B N P"], height: int, width: int,
@@ -496,5 +474,21 @@ def decode_tokens(params: VAEParams, config: VAEConfig, tokens: Float[Array, "B 
     The decode branch of diffusers' Flux2 pipelines (and BFL's `AutoEncoder.decode`): unpack,
     denormalise, unpatchify, decode. Clamping to [-1, 1] and mapping to uint8 is the caller's.
     """
-    x = denormalize(params, config, unpack(tokens, token_grid(config, height, width)))
-    return decode(params, config, unpatchify(x, config.patch_size), attn_impl=attn_impl)
+    return decode(params, config, latent_grid(params, config, tokens, token_grid(config, height, width)),
+                  attn_impl=attn_impl)
+
+
+def latent_grid(params: VAEParams, config: VAEConfig, tokens: Float[Array, "B N P"],
+                grid: tuple[int, int]) -> Float[Array, "B h w c"]:
+    """Normalised packed tokens on the token grid (Hl, Wl) -> VAE latents [B, 2 Hl, 2 Wl, c]: unpack,
+    denormalise, unpatchify (what `decode` reads)."""
+    return unpatchify(denormalize(params, config, unpack(tokens, grid)), config.patch_size)
+
+
+def diffusers_latents(params: VAEParams, config: VAEConfig, tokens: Float[Array, "B N P"],
+                      grid: tuple[int, int]) -> Float[Array, "B c h w"]:
+    """The sampler's latents (normalised packed tokens on the token grid (Hl, Wl)) as the array
+    `Flux2KleinPipeline` and `Flux2KleinKVPipeline` return with `output_type="latent"`: denormalised,
+    unpatchified VAE latents, channels-first [B, c, 2 Hl, 2 Wl] as torch lays them out, in the
+    tokens' dtype. (`Flux2Pipeline` returns the tokens themselves: no conversion.)"""
+    return jnp.moveaxis(latent_grid(params, config, tokens, grid), -1, 1)

@@ -3,7 +3,7 @@
     <folder>/organism.json   format, name, routing cuts (part of the model), transformer and
                              encoder configs, vocabulary, codec patch, sampler steps
     <folder>/transformer/    a native fluxjax checkpoint (`fluxjax.save_transformer`)
-    <folder>/text_encoder/   the encoder's params (Orbax pytree)
+    <folder>/text_encoder/   the encoder's params (Orbax pytree, `fluxjax.checkpoint.write_tree`)
 
 `load_organism` refuses a folder whose vocabulary or codec differ from this code's, so a checkpoint
 is never run with a tokenizer it was not trained with.
@@ -14,56 +14,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
-from orbax.checkpoint import v1 as ocp
 
 import fluxjax
-from fluxjax.checkpoint import config_to_json
+from fluxjax.checkpoint import check_destination, config_to_json, expected_leaves, read_tree, write_tree
+from fluxjax.files import atomic_directory
+from fluxjax.trees import named_leaves
 from organisms import codec
 from organisms.model import Organism, OrganismParams
-from organisms.text import VOCAB, EncoderLayers, TextEncoderConfig, TextEncoderParams, encoder_shapes
+from organisms.text import VOCAB, TextEncoderConfig, encoder_shapes
 
 FORMAT = "fluxjax-organism"
 FORMAT_VERSION = 1
 META_FILE = "organism.json"
 
 
-def _encoder_dict(params: TextEncoderParams) -> dict:
-    return {"embed": params.embed, "position": params.position, "layers": dataclasses.asdict(params.layers)}
-
-
 def save_organism(path: str | os.PathLike, organism: Organism, params: OrganismParams, *,
                   overwrite: bool = False) -> Path:
     """Write the organism folder (float32) atomically: a temporary sibling renamed into place."""
     path = Path(path).absolute()
-    if path.exists():
-        if not overwrite:
-            raise FileExistsError(f"{path} exists; choose a new folder or pass overwrite=True")
-        if not (path / META_FILE).is_file():
-            raise FileExistsError(f"{path} exists and is not an organism folder; refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        host = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
+    check_destination(path, overwrite, META_FILE, "organism folder")
+    host = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
+    with atomic_directory(path, replace=overwrite) as tmp:
         fluxjax.save_transformer(tmp / "transformer", organism.transformer, host.transformer)
-        ocp.save(tmp / "text_encoder", _encoder_dict(host.encoder))
+        write_tree(tmp / "text_encoder", named_leaves(host.encoder), expected_leaves(encoder_shapes(organism.encoder)))
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": organism.name,
                 "cuts": list(organism.cuts), "cut_blocks": "all",
                 "transformer": config_to_json(organism.transformer),
                 "encoder": dataclasses.asdict(organism.encoder), "vocab": list(VOCAB),
                 "patch": codec.PATCH, "sampler_steps": organism.sampler_steps}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -86,9 +69,5 @@ def load_organism(path: str | os.PathLike) -> tuple[Organism, OrganismParams]:
     config, transformer = fluxjax.load_transformer(path / "transformer")
     organism = Organism(name=meta["name"], transformer=config, encoder=TextEncoderConfig(**meta["encoder"]),
                         cuts=tuple(meta["cuts"]), sampler_steps=int(meta["sampler_steps"]))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                                      _encoder_dict(encoder_shapes(organism.encoder)))
-    tree = ocp.load(path / "text_encoder", abstract)
-    encoder = TextEncoderParams(embed=tree["embed"], position=tree["position"], layers=EncoderLayers(**tree["layers"]))
+    encoder = read_tree(path / "text_encoder", encoder_shapes(organism.encoder), what="encoder in organism.json")
     return organism, OrganismParams(transformer=transformer, encoder=encoder)

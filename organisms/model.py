@@ -34,6 +34,7 @@ from flax import struct
 
 import fluxjax
 from fluxjax import Flux2Config, Interventions, Knockout, SamplerOptions, TokenLayout
+from fluxjax.init import init_tree
 from fluxjax.interventions import check_knockout
 from fluxjax.params import Flux2Weights
 from organisms import codec
@@ -90,32 +91,21 @@ class OrganismParams:
 
 
 INIT_STREAM = 3  # first SeedSequence entry of the initial parameters (organisms.data uses 0..2)
-_ZERO_AT_INIT = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation",
-                 "final_layer")
 
 
 def init_organism(organism: Organism, seed: int, *, adaln_zero: bool = True) -> OrganismParams:
-    """Initial parameters, drawn on the host with numpy (nothing to compile; the same numbers on any
-    JAX version): matrices N(0, 1/fan_in), embeddings N(0, 1), QK-norm weights 1.
+    """Initial parameters by fluxjax's one rule (`fluxjax.init`), drawn on the host with numpy
+    (nothing to compile; the same numbers on any JAX version): matrices N(0, 1/fan_in), embeddings
+    N(0, 1), one flat draw from `default_rng([INIT_STREAM, seed])` for the transformer then the encoder.
 
-    adaln_zero: the DiT convention for training: every modulation and the final layer start at
-    zero, so each block starts as the identity and the first prediction is 0. False draws them
-    like every other matrix (a random model in which every path carries signal, for tests).
+    adaln_zero: the training init: QK-norm weights 1, every modulation and the final layer 0, so
+    each block starts as the identity and the first prediction is 0. False draws them like in
+    `fluxjax.init_params` (a random model in which every path carries signal, for tests).
     """
-    rng = np.random.default_rng([INIT_STREAM, seed])
-
-    def draw(path, sds):
-        names = [getattr(k, "name", None) for k in path]
-        if names[-1] in ("query_norm", "key_norm"):
-            return jnp.ones(sds.shape, sds.dtype)
-        if adaln_zero and names[0] in _ZERO_AT_INIT:
-            return jnp.zeros(sds.shape, sds.dtype)
-        scale = 1.0 if names[0] in ("embed", "position") else 1.0 / np.sqrt(sds.shape[-2])
-        return jnp.asarray((scale * rng.standard_normal(sds.shape)).astype(np.float32))
-
-    return OrganismParams(
-        transformer=jax.tree_util.tree_map_with_path(draw, fluxjax.param_shapes(organism.transformer)),
-        encoder=jax.tree_util.tree_map_with_path(draw, encoder_shapes(organism.encoder)))
+    shapes = OrganismParams(transformer=fluxjax.param_shapes(organism.transformer),
+                            encoder=encoder_shapes(organism.encoder))
+    host = init_tree(shapes, np.random.default_rng([INIT_STREAM, seed]), training=adaln_zero)
+    return jax.tree_util.tree_map(jnp.asarray, host)
 
 
 # ---------------------------------------------------------------------------------------------

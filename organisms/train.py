@@ -19,16 +19,18 @@ exported.
 
 Determinism: the initial parameters come from the seed; the data of step s, its noise and its
 timesteps are a pure function of (seed, s), drawn on the host with numpy (see organisms.data). The
-run folder keeps Orbax checkpoints (params, EMA, optimiser state, step; the JSON side holds the
+run folder keeps checkpoints (params, EMA, optimiser state, step; the JSON side holds the
 loss history and the data stream's state) every `checkpoint_every` steps; rerunning the command
-on the same folder resumes from the last one and recomputes the same steps. A folder made with
+on the same folder resumes from the last one and recomputes the same steps. A checkpoint is a
+folder `checkpoints/<step>/` (the state through `fluxjax.checkpoint`'s one tree path, the JSON
+side in meta.json), renamed into place when complete. A folder made with
 other settings is refused. `--minutes` caps the total training time over all resumes; the
 schedule depends on `--steps` only, so a capped run is the prefix of the uncapped one.
 
 The run folder, when the run ends:
 
     train_settings.json   the settings (fixed when the folder is made)
-    checkpoints/          Orbax checkpoints, the last two kept
+    checkpoints/<step>/   state/ (Orbax pytree) and meta.json, the last two kept
     loss.csv, loss.png    the loss curve
     summary.json          steps done, steps/s, final losses, whether the time cap stopped it
     organism/             the exported organism (EMA parameters; organisms.checkpoint)
@@ -40,6 +42,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -47,10 +50,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import struct
 from tqdm.auto import tqdm
 
+from fluxjax.checkpoint import expected_leaves, read_tree, write_tree
+from fluxjax.files import atomic_directory
+from fluxjax.trees import named_leaves
 from organisms import codec
 from organisms.checkpoint import save_organism
 from organisms.data import DESIGN, SceneDesign, edit_kind, train_example, train_noise
@@ -189,9 +194,20 @@ class RunResult:
     organism_dir: Path | None
 
 
-def _manager(out: Path) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(out.absolute() / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, enable_async_checkpointing=False, create=True))
+CHECKPOINTS_DIR = "checkpoints"
+KEEP_CHECKPOINTS = 2
+STATE_DIR = "state"
+META_FILE = "meta.json"
+
+
+def _latest_step(out: Path) -> int | None:
+    """The step of the newest checkpoint in the run folder (folders appear only when complete)."""
+    return max(_checkpoint_steps(out), default=None)
+
+
+def _checkpoint_steps(out: Path) -> list[int]:
+    folder = out / CHECKPOINTS_DIR
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
 def _settings_file(out: Path, s: TrainSettings) -> None:
@@ -206,24 +222,30 @@ def _settings_file(out: Path, s: TrainSettings) -> None:
         path.write_text(json.dumps(s.to_json(), indent=1))
 
 
-def _save(manager, state: TrainState, meta: dict) -> None:
-    manager.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                          meta=ocp.args.JsonSave(meta)))
-    manager.wait_until_finished()
+def _save(out: Path, state: TrainState, meta: dict) -> None:
+    """checkpoints/<step>/: the state through fluxjax's one tree path, the JSON side next to it;
+    only the newest KEEP_CHECKPOINTS are kept."""
+    with atomic_directory(out / CHECKPOINTS_DIR / str(int(state.step)), replace=True) as tmp:
+        write_tree(tmp / STATE_DIR, named_leaves(state), expected_leaves(state), one_dtype=False)
+        (tmp / META_FILE).write_text(json.dumps(meta))
+    for step in _checkpoint_steps(out)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(out / CHECKPOINTS_DIR / str(step))
 
 
-def _restore(manager, s: TrainSettings) -> tuple[TrainState, dict]:
-    step = manager.latest_step()
+def _restore(out: Path, s: TrainSettings) -> tuple[TrainState, dict]:
+    step = _latest_step(out)
     if step is None:
         return init_state(s), {"losses": [], "train_seconds": 0.0}
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                      jax.eval_shape(functools.partial(init_state, s=s)))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                             meta=ocp.args.JsonRestore()))
-    meta = restored.meta
+    folder = out / CHECKPOINTS_DIR / str(step)
+    if not (folder / META_FILE).is_file():  # folders appear only when complete: this is another layout
+        raise ValueError(f"{folder} has no {META_FILE}: the run folder was made by an older organisms.train; "
+                         f"use a new --out folder")
+    state = read_tree(folder / STATE_DIR, jax.eval_shape(functools.partial(init_state, s=s)),
+                      what="training state of these settings")
+    meta = json.loads((folder / META_FILE).read_text())
     if meta["data"] != {"seed": s.seed, "next_step": step} or len(meta["losses"]) != step:
-        raise ValueError(f"checkpoint {step} in {manager.directory} is inconsistent with its loss history")
-    return restored.state, meta
+        raise ValueError(f"checkpoint {folder} is inconsistent with its loss history")
+    return state, meta
 
 
 def write_curve(out: Path, losses: list[dict]) -> None:
@@ -264,15 +286,14 @@ def train(out, s: TrainSettings, *, minutes: float | None = None, stop_at: int |
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _settings_file(out, s)
-    manager = _manager(out)
-    state, meta = _restore(manager, s)
+    state, meta = _restore(out, s)
     losses, train_seconds = list(meta["losses"]), float(meta["train_seconds"])
     start = int(state.step)
     last = s.steps if stop_at is None else min(stop_at, s.steps)
     budget = None if minutes is None else minutes * 60.0
 
     def checkpoint(state):
-        _save(manager, state, {"losses": losses, "train_seconds": train_seconds,
+        _save(out, state, {"losses": losses, "train_seconds": train_seconds,
                                "data": {"seed": s.seed, "next_step": int(state.step)}})
 
     bar = tqdm(total=s.steps, initial=start, desc=f"{s.organism.name}", disable=not progress, unit="step")
@@ -306,9 +327,8 @@ def train(out, s: TrainSettings, *, minutes: float | None = None, stop_at: int |
     bar.close()
     steps_per_s = timed_steps / (time.perf_counter() - timed_from) if timed_steps else None
     done = int(state.step)
-    if done > start and manager.latest_step() != done:
+    if done > start and _latest_step(out) != done:
         checkpoint(state)
-    manager.close()
     write_curve(out, losses)
     finished = done >= s.steps
     organism_dir = None

@@ -4,3 +4,8 @@ import sys
 # Tests run on CPU in float32 at full matmul precision; 8 host devices only where a test asks.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
+# Only the library is installed; the checkout's other folders (experiments, organisms, flux2ref, ...)
+# import from the repository root, in this process (pyproject's `pythonpath`) and in the child
+# processes the tests start.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)

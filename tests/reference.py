@@ -6,12 +6,15 @@ tests import.
 
 from flux2ref.models import (  # noqa: F401
     BF16_RATIO,
+    LATENT_TOL,
     TOL_GENERAL,
     TOL_T0,
     TINY,
     diffusers_kwargs,
     diffusers_transformer,
     inputs,
+    pipeline_encoder,
+    pipeline_tokens,
     randomize_,
     random_state,
     rel_err,

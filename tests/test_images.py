@@ -31,7 +31,7 @@ def synthetic(width, height, mode="RGB", seed=0):
 
 
 def pipeline_preprocess(image):
-    """Exactly what `Flux2Pipeline` / `Flux2KleinPipeline.__call__` do to each reference image."""
+    """Exactly what `Flux2Pipeline` / `Flux2KleinPipeline.__call__` do to each reference image, channels-last."""
     from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 
     processor = Flux2ImageProcessor(vae_scale_factor=16)  # vae_scale_factor 8 x 2
@@ -41,7 +41,7 @@ def pipeline_preprocess(image):
         image = processor._resize_to_target_area(image, 1024 * 1024)
         width, height = image.size
     width, height = width // 16 * 16, height // 16 * 16
-    return processor.preprocess(image, height=height, width=width, resize_mode="crop").numpy()[0]
+    return processor.preprocess(image, height=height, width=width, resize_mode="crop").numpy()[0].transpose(1, 2, 0)
 
 
 CASES = ([(size, mode) for size in [(64, 64), (100, 130), (333, 77), (512, 64)]
@@ -56,7 +56,7 @@ def test_preprocess_matches_pipeline(size, mode):
     want = pipeline_preprocess(image)
     got = images.preprocess_reference(image)
     assert got.dtype == np.float32 and got.shape == want.shape
-    assert got.shape[1] % 16 == 0 and got.shape[2] % 16 == 0
+    assert got.shape[0] % 16 == 0 and got.shape[1] % 16 == 0 and got.shape[2] == 3
     np.testing.assert_array_equal(got, want)
 
 
@@ -70,8 +70,8 @@ def test_preprocess_from_file(tmp_path):
 
 def test_area_cap_keeps_aspect_and_bounds():
     out = images.preprocess_reference(synthetic(2048, 1024))
-    assert out.shape[1] * out.shape[2] <= 1024 * 1024
-    assert out.shape == (3, 720, 1440)  # int(2048 s) x int(1024 s) = 1448 x 724, cropped to multiples of 16
+    assert out.shape[0] * out.shape[1] <= 1024 * 1024
+    assert out.shape == (720, 1440, 3)  # int(2048 s) x int(1024 s) = 1448 x 724, cropped to multiples of 16
     assert out.min() >= -1 and out.max() <= 1
 
 
@@ -95,21 +95,6 @@ def test_unreadable_files_raise_clearly(tmp_path):
         images.preprocess_reference(np.zeros((64, 64, 3)))
 
 
-def test_layouts_match_pipeline_helpers():
-    from diffusers import Flux2KleinPipeline as P
-
-    x = torch.randn(2, 4, 6, 10)
-    np.testing.assert_array_equal(images.patchify(x.numpy()), P._patchify_latents(x).numpy())
-    p = P._patchify_latents(x)
-    np.testing.assert_array_equal(images.unpatchify(p.numpy()), x.numpy())
-    np.testing.assert_array_equal(images.pack(p.numpy()), P._pack_latents(p).numpy())
-    ids = P._prepare_latent_ids(p)
-    np.testing.assert_array_equal(images.unpack(images.pack(p.numpy()), (3, 5)),
-                                  P._unpack_latents_with_ids(P._pack_latents(p), ids).numpy())
-    with pytest.raises(ValueError, match="do not fill"):
-        images.unpack(np.zeros((1, 14, 3)), (3, 5))
-
-
 def test_reference_tokens_and_ids_match_pipeline():
     """Tokens of several references are packed and concatenated in order; their ids have
     T = 10, 20, 30 as in `_prepare_image_ids`, after the noisy image's (`_prepare_latent_ids`)."""
@@ -118,15 +103,17 @@ def test_reference_tokens_and_ids_match_pipeline():
     refs = [synthetic(64, 96, seed=1), synthetic(128, 64, "L", seed=2), synthetic(80, 80, "RGBA", seed=3)]
     calls = []
 
-    def encode(pixels):  # a stand-in VAE: 16x16 average pooling to a "patchified latent" [1, 3, H/16, W/16]
+    def encode(pixels):  # a stand-in VAE: 16x16 average pooling to a "patchified latent" [1, H/16, W/16, 3]
         calls.append(pixels.shape)
-        b, c, h, w = pixels.shape
-        return pixels.reshape(b, c, h // 16, 16, w // 16, 16).mean(axis=(3, 5))
+        b, h, w, c = pixels.shape
+        return pixels.reshape(b, h // 16, 16, w // 16, 16, c).mean(axis=(2, 4))
 
     tokens, grids = images.reference_tokens(refs, encode)
     assert grids == ((6, 4), (4, 8), (5, 5))
-    assert calls == [(1, 3, 96, 64), (1, 3, 64, 128), (1, 3, 80, 80)]
-    latents = [torch.from_numpy(encode(images.preprocess_reference(r)[None])) for r in refs]
+    assert calls == [(1, 96, 64, 3), (1, 64, 128, 3), (1, 80, 80, 3)]
+    # the pipeline packs its channels-first latents
+    latents = [torch.from_numpy(encode(images.preprocess_reference(r)[None]).transpose(0, 3, 1, 2).copy())
+               for r in refs]
     want = torch.cat([P._pack_latents(lat).squeeze(0) for lat in latents])[None]
     np.testing.assert_array_equal(tokens, want.numpy())
 

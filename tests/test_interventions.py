@@ -39,16 +39,7 @@ fwd = jax.jit(fluxjax.forward, static_argnames=("config", "capture", "attn_impl"
 
 @pytest.fixture(scope="module")
 def params():
-    """Random, well-conditioned parameters drawn with numpy (init_params' threefry takes seconds to
-    compile here): matrices N(0, 1/fan_in), 1-D norm weights near 1."""
-    rng = np.random.default_rng(0)
-
-    def draw(path, sds):
-        z = rng.standard_normal(sds.shape).astype(np.float32)
-        is_norm = any(getattr(k, "name", None) in ("query_norm", "key_norm") for k in path)
-        return jnp.asarray(1 + 0.1 * z if is_norm else z / np.sqrt(sds.shape[-2], dtype=np.float32))
-
-    return jax.tree_util.tree_map_with_path(draw, fluxjax.param_shapes(TINY))
+    return fluxjax.init_params(TINY, jax.random.key(0))
 
 
 @pytest.fixture(scope="module")

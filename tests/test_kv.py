@@ -8,12 +8,12 @@ import pytest
 
 import fluxjax
 from fluxjax import images, kv, sampler
-from reference import rel_err
+from reference import pipeline_encoder, pipeline_tokens, rel_err
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 from test_sampler import (HEIGHT, KLEIN, LATENT_TOL, N_TXT, WIDTH, _params, klein_latent_output,  # noqa: E402
-                          pil_image, tiny_vae, vae_encoder)
+                          pil_image, tiny_vae)
 from reference import diffusers_transformer  # noqa: E402
 
 FORWARD_TOL = 1e-5  # fp32 forward: the transformer parity floor (sinusoid arguments, RoPE angles) is ~1e-6
@@ -119,14 +119,14 @@ def test_kv_sampler_matches_pipeline(model):
     with torch.no_grad():
         expected = pipe(image=refs_pil, prompt_embeds=torch.from_numpy(txt), height=HEIGHT, width=WIDTH,
                         num_inference_steps=4, latents=torch.from_numpy(noise), output_type="latent").images.numpy()
-    refs, ref_grids = images.reference_tokens(refs_pil, vae_encoder(pipe))
+    refs, ref_grids = images.reference_tokens(refs_pil, pipeline_encoder(pipe))
     layout = images.reference_layout(N_TXT, grid, ref_grids)
     latents = kv.sample_kv(params, KLEIN, sampler.KLEIN_DISTILLED, txt, layout.txt_ids(), layout.img_ids(), refs,
-                           noise=images.pack(noise))
+                           noise=pipeline_tokens(noise))
     got = klein_latent_output(latents, grid, vae)
     assert got.shape == expected.shape
     assert rel_err(got, expected) <= LATENT_TOL
     # the KV path is a different computation from the standard one (references modulated at t = 0)
     plain, _ = fluxjax.sample(params, KLEIN, sampler.KLEIN_DISTILLED, txt, layout.txt_ids(), layout.img_ids(),
-                              noise=images.pack(noise), refs=refs)
+                              noise=pipeline_tokens(noise), refs=refs)
     assert rel_err(plain, latents) > 100 * LATENT_TOL

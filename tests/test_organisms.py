@@ -228,6 +228,12 @@ def test_training_is_deterministic_and_resumes_on_the_same_curve(straight_run, t
         train(tmp_path / "run", dataclasses.replace(SETTINGS, seed=1), progress=False)
 
 
+def test_run_folder_of_the_older_checkpoint_layout_is_refused(tmp_path):
+    (tmp_path / "run" / "checkpoints" / "3" / "state").mkdir(parents=True)  # CheckpointManager's, no meta.json
+    with pytest.raises(ValueError, match="older organisms.train"):
+        train(tmp_path / "run", SETTINGS, progress=False)
+
+
 def test_run_folder_and_export(straight_run):
     out, result = straight_run
     assert (out / "loss.png").stat().st_size > 0

@@ -7,13 +7,15 @@ native cache, the Qwen3 text encoder and tokenizer through transformers.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import PIL.Image
 import pytest
 
-from fluxjax import images, pipeline
+from fluxjax import images, pipeline, vae
+from reference import LATENT_TOL, pipeline_tokens, rel_err
 
 torch = pytest.importorskip("torch")
 
@@ -64,13 +66,36 @@ def test_images_match_diffusers_pipeline(loaded, refs):
                         latents=torch.from_numpy(noise), output_type="np").images
     expected = np.round(expected * 255).astype(np.uint8)  # diffusers' numpy_to_pil
 
-    got = pipeline.generate(model, text=text, references=references, noise=images.pack(noise),
+    got = pipeline.generate(model, text=text, references=references, noise=pipeline_tokens(noise),
                             height=HEIGHT, width=WIDTH)
     ours = np.stack([np.asarray(im) for im in got.images])
     assert ours.shape == expected.shape
     diff = np.abs(ours.astype(np.int16) - expected.astype(np.int16))
     print(f"pixel |diff| mean {diff.mean():.4f} max {diff.max()} ({len(references)} references)")
     assert diff.mean() <= PIXEL_MEAN_TOL
+
+
+@pytest.mark.parametrize("with_reference", [False, True], ids=["t2i", "1ref"])
+def test_latents_match_diffusers_output_type_latent(loaded, with_reference):
+    """`fluxjax.vae.diffusers_latents` of generate's latents is the array `Flux2KleinPipeline` returns
+    with output_type="latent" (denormalised, unpatchified, channels-first), from the same noise."""
+    model, pipe, _ = loaded
+    references = [noisy(3, (80, 64))] if with_reference else []
+    text = model.text_encoder.encode(["draw a vase in this color"])
+    grid = images.image_grid(HEIGHT, WIDTH)
+    noise = np.random.default_rng(11).standard_normal((1, model.config.in_channels, *grid)).astype(np.float32)
+    with torch.no_grad():
+        expected = pipe(image=references or None, prompt_embeds=torch.from_numpy(np.asarray(text.embeds, np.float32)),
+                        height=HEIGHT, width=WIDTH, num_inference_steps=4, guidance_scale=1.0,
+                        latents=torch.from_numpy(noise), output_type="latent").images.numpy()
+    got = pipeline.generate(model, text=text, references=references, noise=pipeline_tokens(noise),
+                            height=HEIGHT, width=WIDTH)
+    ours = np.asarray(vae.diffusers_latents(model.vae_params, model.vae_config, got.latents, grid))
+    assert ours.shape == expected.shape == (1, model.vae_config.latent_channels, HEIGHT // 8, WIDTH // 8)
+    assert ours.dtype == expected.dtype
+    err = rel_err(ours, expected)
+    print(f"latent rel err {err:.2e} ({len(references)} references)")
+    assert err <= LATENT_TOL
 
 
 def test_prompt_path_equals_given_embeddings(loaded):
@@ -99,6 +124,27 @@ def test_conversion_cache_is_reused(folder, loaded):
     stamp = {e: os.stat(os.path.join(cache, "native", e)).st_mtime_ns for e in entries}
     pipeline.load_model(folder, cache=cache, text_encoder=False, progress=False)
     assert {e: os.stat(os.path.join(cache, "native", e)).st_mtime_ns for e in entries} == stamp
+
+
+def test_cache_in_an_older_format_is_converted_again(folder, loaded):
+    """A VAE cached by older fluxjax (format 1, Orbax's legacy layout) is never misread: loading it
+    refuses, and the pipeline converts it again."""
+    from fluxjax.checkpoint import CheckpointError
+    from fluxjax.vae_checkpoint import CONFIG_FILE, FORMAT_VERSION, load_vae
+
+    _, _, cache = loaded
+    vae_dir = pipeline.native_component(folder, "vae", cache=cache)
+    meta_file = os.path.join(vae_dir, CONFIG_FILE)
+    with open(meta_file) as f:
+        meta = json.load(f)
+    with open(meta_file, "w") as f:
+        json.dump({**meta, "format_version": 1}, f)
+    with pytest.raises(CheckpointError, match="no longer reads"):
+        load_vae(vae_dir)
+    assert pipeline.native_component(folder, "vae", cache=cache) == vae_dir
+    with open(meta_file) as f:
+        assert json.load(f)["format_version"] == FORMAT_VERSION
+    load_vae(vae_dir)
 
 
 def test_bad_folder_errors(tmp_path):

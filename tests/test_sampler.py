@@ -16,13 +16,13 @@ from fluxjax import images, sampler
 from fluxjax.interventions import BLOCK0_INPUT, Capture, Interventions, per_step, substitution
 from fluxjax.schedule import compute_empirical_mu, flux2_sigmas
 from flux2ref.folder import tiny_vae
-from reference import TINY, diffusers_transformer, rel_err, state_dict_numpy
+from reference import (LATENT_TOL, TINY, diffusers_transformer, pipeline_encoder, pipeline_tokens, rel_err,
+                       state_dict_numpy)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 SCHEDULE_TOL = 1e-6  # the issue's bar; the port reproduces diffusers' float32 arithmetic (0 measured)
-LATENT_TOL = 1e-4  # fp32 after 4 steps: the transformer's fp32 floor (~1e-6, sinusoid/RoPE) grows over steps
 RECOMPILED_TOL = 1e-5  # fp32, the same computation compiled as one scan vs per-step jits: XLA fuses differently
 
 KLEIN = dataclasses.replace(TINY, use_guidance_embed=False)  # in_channels 16 = 4 latent channels x 2x2
@@ -56,20 +56,16 @@ def pil_image(height, width, seed, mode="RGB"):
     return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
 
 
-def vae_encoder(pipe):
-    """The pipeline's own reference encoder (`_encode_vae_image`: VAE mean, patchify, bn-normalise)."""
-    def encode(pixels):
-        with torch.no_grad():
-            return pipe._encode_vae_image(torch.from_numpy(np.ascontiguousarray(pixels)), generator=None).numpy()
-    return encode
-
-
 def klein_latent_output(tokens, grid, vae):
-    """What `Flux2KleinPipeline(output_type="latent")` returns for packed tokens: unpacked by ids,
-    bn-denormalised and unpatchified to the VAE latent grid."""
-    mean = vae.bn.running_mean.numpy().reshape(1, -1, 1, 1)
-    std = np.sqrt(vae.bn.running_var.numpy() + vae.config.batch_norm_eps).reshape(1, -1, 1, 1)
-    return images.unpatchify(images.unpack(np.asarray(tokens, np.float32), grid) * std + mean)
+    """What `Flux2KleinPipeline(output_type="latent")` returns for packed tokens, by the pipeline's own
+    helpers: unpacked by ids, bn-denormalised and unpatchified to the VAE latent grid."""
+    from diffusers import Flux2KleinPipeline as P
+
+    x = torch.from_numpy(np.array(tokens, np.float32))
+    ids = P._prepare_latent_ids(torch.zeros(x.shape[0], x.shape[2], *grid))
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return P._unpatchify_latents(P._unpack_latents_with_ids(x, ids, *grid) * std + mean).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +182,10 @@ def test_klein_pipeline_parity(models, ref_sizes):
 
     refs, ref_grids = (None, ())
     if refs_pil:
-        refs, ref_grids = images.reference_tokens(refs_pil, vae_encoder(pipe))
+        refs, ref_grids = images.reference_tokens(refs_pil, pipeline_encoder(pipe))
     layout = images.reference_layout(N_TXT, grid, ref_grids)
     latents, _ = fluxjax.sample(params, KLEIN, sampler.KLEIN_DISTILLED, txt, layout.txt_ids(), layout.img_ids(),
-                             noise=images.pack(noise), refs=refs)
+                                noise=pipeline_tokens(noise), refs=refs)
     got = klein_latent_output(latents, grid, vae)
     assert got.shape == expected.shape
     assert rel_err(got, expected) <= LATENT_TOL
@@ -207,7 +203,7 @@ def test_klein_base_cfg_parity(models):
     layout = fluxjax.TokenLayout(N_TXT, grid)
     options = sampler.SamplerOptions(num_steps=4, guidance="cfg", guidance_scale=3.5)
     latents, _ = fluxjax.sample(params, KLEIN, options, txt, layout.txt_ids(), layout.img_ids(),
-                             noise=images.pack(noise), uncond_txt=uncond)
+                                noise=pipeline_tokens(noise), uncond_txt=uncond)
     assert rel_err(klein_latent_output(latents, grid, models["vae"]), expected) <= LATENT_TOL
 
 
@@ -222,11 +218,11 @@ def test_dev_pipeline_embedded_guidance_parity(models):
                         num_inference_steps=4, guidance_scale=2.5, latents=torch.from_numpy(noise),
                         output_type="latent").images.numpy()
     # Flux2Pipeline returns the packed, bn-normalised tokens for output_type="latent".
-    refs, ref_grids = images.reference_tokens([ref], vae_encoder(pipe))
+    refs, ref_grids = images.reference_tokens([ref], pipeline_encoder(pipe))
     layout = images.reference_layout(N_TXT, grid, ref_grids)
     options = sampler.SamplerOptions(num_steps=4, guidance="embedded", guidance_scale=2.5)
     latents, _ = fluxjax.sample(params, TINY, options, txt, layout.txt_ids(), layout.img_ids(),
-                             noise=images.pack(noise), refs=refs)
+                                noise=pipeline_tokens(noise), refs=refs)
     assert expected.shape == latents.shape
     assert rel_err(latents, expected) <= LATENT_TOL
 

@@ -41,12 +41,7 @@ WORKER_TIMEOUT_S = 600
 def case():
     """Params, inputs, a knockout and a substitution for TINY (deterministic)."""
     rng = np.random.default_rng(0)
-
-    def draw(path, s):  # as init_params, in numpy: no compile (init_params costs seconds on 8 host devices)
-        z = rng.standard_normal(s.shape).astype(np.float32)
-        return 1 + 0.1 * z if "norm" in jax.tree_util.keystr(path) else z / np.float32(np.sqrt(s.shape[-2]))
-
-    params = jax.tree_util.tree_map_with_path(draw, fluxjax.param_shapes(TINY))
+    params = jax.tree_util.tree_map(np.asarray, fluxjax.init_params(TINY, jax.random.key(0)))
     img = rng.standard_normal((BATCH, LAYOUT.n_image_stream, TINY.in_channels)).astype(np.float32)
     txt = rng.standard_normal((BATCH, LAYOUT.n_txt, TINY.context_in_dim)).astype(np.float32)
     t = rng.uniform(0.1, 1.0, BATCH).astype(np.float32)

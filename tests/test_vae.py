@@ -18,7 +18,7 @@ from fluxjax.checkpoint import CheckpointError
 from fluxjax.conversion.vae import detect_vae_format, vae_params_from_state
 from fluxjax.conversion.vae_keys import expected_source_shapes, leaf_shapes, rows_for
 from fluxjax import vae
-from fluxjax.vae import leaf_name
+from fluxjax.trees import leaf_name
 
 # Relative L2 error of fp32 outputs. Convolutions summed in a different order (XLA vs oneDNN) differ
 # by a few ulp per layer; ~30 layers deep that is ~1e-6. 1e-5 is the bar the project set for parity.
@@ -47,14 +47,14 @@ def diffusers_kwargs(config: vae.VAEConfig) -> dict:
                 patch_size=config.patch_size)
 
 
-from flux2ref.models import randomize_vae_  # noqa: E402  (shared with benchmarks/vae.py)
+from flux2ref.models import random_state, randomize_  # noqa: E402  (shared with benchmarks/vae.py)
 
 
 def diffusers_vae(config: vae.VAEConfig, seed: int = 0):
     from diffusers import AutoencoderKLFlux2
 
     torch.manual_seed(seed)
-    return randomize_vae_(AutoencoderKLFlux2(**diffusers_kwargs(config)).eval(), seed)
+    return randomize_(AutoencoderKLFlux2(**diffusers_kwargs(config)).eval(), seed)
 
 
 def state_numpy(model) -> dict[str, np.ndarray]:
@@ -186,8 +186,12 @@ def test_pack_is_row_major_and_unpack_inverts():
     x = np.random.default_rng(0).standard_normal((2, 3, 5, 8)).astype(np.float32)
     t = np.asarray(vae.pack(x))
     np.testing.assert_array_equal(t[:, 1 * 5 + 4], x[:, 1, 4])
-    np.testing.assert_array_equal(t, pipeline()._pack_latents(nchw(x)).numpy())
+    P = pipeline()
+    np.testing.assert_array_equal(t, P._pack_latents(nchw(x)).numpy())
     np.testing.assert_array_equal(vae.unpack(t, (3, 5)), x)
+    ids = P._prepare_latent_ids(nchw(x))
+    np.testing.assert_array_equal(nchw(vae.unpack(t, (3, 5))).numpy(),
+                                  P._unpack_latents_with_ids(torch.from_numpy(t), ids).numpy())
     with pytest.raises(ValueError, match="token grid"):
         vae.unpack(t, (5, 5))
 
@@ -261,19 +265,6 @@ def test_diffusers_table_is_exactly_the_diffusers_state_dict():
     assert expected_source_shapes(vae.FLUX2_VAE, "diffusers") == state
 
 
-def _random_bfl_state(config, seed=0):
-    rng = np.random.default_rng(seed)
-    state = {}
-    for k, shape in expected_source_shapes(config, "bfl").items():
-        z = rng.standard_normal(shape).astype(np.float32)
-        if k.endswith("running_var"):
-            z = 0.5 + np.abs(z)
-        elif len(shape) > 1:
-            z /= np.prod(shape[1:]) ** 0.5
-        state[k] = z
-    return state
-
-
 def test_bfl_mapping_agrees_with_diffusers_ldm_converter(tmp_path):
     """A random BFL-format file goes through diffusers' own LDM VAE converter into a strictly loaded
     `AutoencoderKLFlux2`; fluxjax's BFL conversion of the same file must equal fluxjax's diffusers
@@ -284,7 +275,7 @@ def test_bfl_mapping_agrees_with_diffusers_ldm_converter(tmp_path):
     from safetensors.numpy import save_file
 
     path = tmp_path / "ae.safetensors"
-    save_file(_random_bfl_state(TINY, seed=5), str(path))
+    save_file(random_state(expected_source_shapes(TINY, "bfl"), seed=5), str(path))
     with safe_open(str(path), "np") as f:
         bfl = {k: f.get_tensor(k) for k in f.keys()}
     assert detect_vae_format(bfl) == "bfl"
@@ -368,7 +359,7 @@ def test_convert_diffusers_folder_and_bfl_file_to_native_and_load(tiny, tmp_path
     assert config == TINY
     _assert_same_params(loaded, params)
 
-    bfl = _random_bfl_state(TINY, seed=8)
+    bfl = random_state(expected_source_shapes(TINY, "bfl"), seed=8)
     save_file(bfl, str(tmp_path / "ae.safetensors"))
     assert is_vae_source(tmp_path / "ae.safetensors")
     convert_vae(tmp_path / "ae.safetensors", tmp_path / "native_bfl", config=TINY, dtype="bf16")

@@ -26,7 +26,7 @@ CORPUS = [
     "café crème brûlée, naïve façade", "pillow, orange, yellow, green, pink, brown",
 ]
 
-from flux2ref.folder import QWEN3_SPECIALS, QWEN3_TEMPLATE  # noqa: E402  (one copy of the Qwen3 template)
+from flux2ref.folder import QWEN3_SPECIALS, QWEN3_TEMPLATE, byte_level_bpe  # noqa: E402  (one copy of the Qwen3 template)
 
 MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
                     "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
@@ -40,18 +40,6 @@ MISTRAL_TEMPLATE = (
     "{%- else %}{{- text + eos_token }}{%- endif %}"
     "{%- endfor %}"
 )
-
-
-def _bpe(specials, vocab_size=400):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    return tok
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +64,7 @@ def metaspace_tokenizer():
 def qwen3_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(QWEN3_SPECIALS), pad_token="<|endoftext|>",
+    tok = PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(QWEN3_SPECIALS, CORPUS), pad_token="<|endoftext|>",
                                   eos_token="<|im_end|>", padding_side="right")
     tok.chat_template = QWEN3_TEMPLATE
     return tok
@@ -86,7 +74,8 @@ def qwen3_tokenizer():
 def mistral_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(MISTRAL_SPECIALS), bos_token="<s>", eos_token="</s>",
+    tok = PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(MISTRAL_SPECIALS, CORPUS), bos_token="<s>",
+                                  eos_token="</s>",
                                   unk_token="<unk>", pad_token="<pad>", padding_side="left")
     tok.chat_template = MISTRAL_TEMPLATE
     return tok

@@ -17,7 +17,6 @@ config for anything else.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from fluxjax.conversion.safetensors_io import INDEX_NAME, SafetensorsFile, ShardedSafetensors, refuse_pickle
 from fluxjax.conversion.transformer import check_state, leaves_from_state
 from fluxjax.conversion.transformer_keys import BFL_PREFIX, TABLES
-from fluxjax.checkpoint import CheckpointError, check_destination, config_from_json, write_checkpoint
+from fluxjax.checkpoint import CheckpointError, check_destination, config_from_json, read_json, write_checkpoint
 from fluxjax.config import PRESETS, Flux2Config
 
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -122,11 +121,7 @@ def _open_diffusers_folder(folder: str) -> Source:
             if name.startswith("diffusion_pytorch_model"):
                 refuse_pickle(os.path.join(folder, name))
         raise CheckpointError(f"{folder}: no {SAFETENSORS_NAME} or {INDEX_NAME} in this folder")
-    try:
-        with open(config_path) as f:
-            config_json = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: unreadable ({e})") from None
+    config_json = read_json(config_path)
     if not isinstance(config_json, dict):
         raise CheckpointError(f"{config_path}: must be a JSON object")
     fmt = _detect_format(state, state.path)
@@ -297,11 +292,7 @@ def named_config(config: Flux2Config | str) -> Flux2Config:
     if config in PRESETS:
         return PRESETS[config]
     if isinstance(config, str) and os.path.isfile(config):
-        try:
-            with open(config) as f:
-                fields = json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{config}: unreadable config ({e})") from None
+        fields = read_json(config)
         if not isinstance(fields, dict):
             raise CheckpointError(f"{config}: must be a JSON object of Flux2Config fields")
         fields = dict(fields.get("config", fields))  # a native checkpoint's JSON works too

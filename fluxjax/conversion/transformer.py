@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.conversion.safetensors_io import check_keys
-from fluxjax.conversion.transformer_keys import assemble, expected_source_shapes, leaf_name, num_layers, rows_for, source_keys
+from fluxjax.conversion.transformer_keys import assemble, expected_source_shapes, num_layers, rows_for, source_keys
 from fluxjax.checkpoint import CheckpointError
 from fluxjax.config import Flux2Config
 from fluxjax.params import Flux2Weights, param_shapes
+from fluxjax.trees import leaf_name
 
 __all__ = ["CheckpointError", "check_state", "leaves_from_state", "params_from_state"]
 

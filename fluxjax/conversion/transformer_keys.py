@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from fluxjax.checkpoint import leaf_name
+from fluxjax.trees import leaf_name
 from fluxjax.config import Flux2Config
 
 BFL_PREFIX = "model.diffusion_model."  # some third-party single files prefix every key with this

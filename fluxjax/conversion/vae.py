@@ -23,7 +23,8 @@ import numpy as np
 from fluxjax.conversion.safetensors_io import SafetensorsFile, check_keys
 from fluxjax.conversion.vae_keys import OPTIONAL_KEYS, expected_source_shapes, rows_for, to_leaf
 from fluxjax.checkpoint import CheckpointError
-from fluxjax.vae import FLUX2_VAE, VAEConfig, VAEParams, leaf_name, vae_param_shapes
+from fluxjax.trees import leaf_name
+from fluxjax.vae import FLUX2_VAE, VAEConfig, VAEParams, vae_param_shapes
 
 
 def detect_vae_format(keys) -> str:

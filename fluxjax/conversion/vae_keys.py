@@ -32,7 +32,8 @@ import dataclasses
 
 import numpy as np
 
-from fluxjax.vae import VAEConfig, leaf_name, vae_param_shapes
+from fluxjax.trees import leaf_name
+from fluxjax.vae import VAEConfig, vae_param_shapes
 
 FORMATS = ("bfl", "diffusers")
 OPTIONAL_KEYS = ("bn.num_batches_tracked",)  # torch BatchNorm2d buffer, [] int64; unused in eval mode
