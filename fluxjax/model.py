@@ -14,7 +14,8 @@ import numpy as np
 from fluxjax.blocks import double_block, single_block
 from fluxjax.config import Flux2Config
 from fluxjax.interventions import BLOCK0_INPUT, Capture, Captures, Interventions, validate
-from fluxjax.numerics import linear, modulate, rope_tables, timestep_embedding
+from fluxjax.layout import IMAGE, TEXT_CONTENT, TEXT_PADDING
+from fluxjax.numerics import KeyGroups, linear, modulate, rope_tables, timestep_embedding
 from fluxjax.params import Flux2Weights, MLPEmbedder
 
 
@@ -61,6 +62,26 @@ def _slot_table(sites: tuple[int, ...], num_blocks: int) -> np.ndarray:
         if s >= 0:
             slots[s] = j
     return slots
+
+
+def key_segments(n_txt: int, length: int, num_groups: int, stream_counts: tuple[int, ...] | None = None):
+    """The static key segments of `KeyGroups` for a joint sequence [text | image | refs] of `length`.
+
+    The text span is one segment of two groups (content and padding interleave per sample). With
+    stream_counts = (n_img, *ref_counts) (e.g. from `TokenLayout`), the image and each reference
+    are segments of one group each, cut where a drop truncated the sequence; without them the
+    image stream is one segment of groups IMAGE.. (exact too, with a per-key group mask there).
+    """
+    text = ((0, n_txt, (TEXT_CONTENT, TEXT_PADDING)),)
+    if stream_counts is None:
+        return text + ((n_txt, length, tuple(range(IMAGE, num_groups))),)
+    out, start = list(text), n_txt
+    for g, count in enumerate(stream_counts, IMAGE):
+        stop = min(start + count, length)
+        if stop > start:
+            out.append((start, stop, (g,)))
+        start += count
+    return tuple(out)
 
 
 def forward(params: Flux2Weights, config: Flux2Config, img, txt, timestep, img_ids, txt_ids, guidance=None, *,
@@ -131,14 +152,12 @@ def forward(params: Flux2Weights, config: Flux2Config, img, txt, timestep, img_i
     drop_at = drop.from_block if drop is not None else nb
 
     def attention_mask(layer_allowed, length):
+        """The block's knockout as `KeyGroups` for `attention` (no [L, L] mask; "xla" builds it)."""
         if layer_allowed is None:
             return None
-        g = knock.groups[:, :length]  # [B, L]; the references are last, so dropping them truncates
-        may_read = layer_allowed[g]  # [B, Lq, G]: the key groups each query may attend to
-        key_group = g[:, :, None] == jnp.arange(layer_allowed.shape[-1])  # [B, Lk, G] one-hot
-        # mask[b, q, k] = may_read[b, q, group(k)], as a fused compare-and-reduce rather than an
-        # [L, L] gather (which XLA on CPU runs about 5 % slower than the attention it feeds).
-        return jnp.any(may_read[:, :, None, :] & key_group[:, None, :, :], axis=-1)  # [B, Lq, Lk]
+        G = layer_allowed.shape[-1]  # the references are last, so dropping them truncates the groups
+        return KeyGroups(allowed=layer_allowed, groups=knock.groups[:, :length],
+                         segments=key_segments(n_txt, length, G))
 
     def rope_for(length):
         return tuple(r[:, :length] for r in rope)
