@@ -83,6 +83,18 @@ def test_segments_tile_the_sequence():
         kg.check(83)
 
 
+@functools.lru_cache(maxsize=None)
+def _grouped(kernel, segments):
+    """One compiled program per kernel and segmentation; the table and groups are its arguments."""
+    return jax.jit(lambda q, k, v, allowed, groups: numerics._grouped_attention(
+        q, k, v, numerics.KeyGroups(allowed, groups, segments), KERNELS[kernel]))
+
+
+@jax.jit
+def _dense_reference(q, k, v, allowed, groups):
+    return numerics.attention(q, k, v, numerics.KeyGroups(allowed, groups, EXACT).dense_mask(), "xla")
+
+
 @pytest.mark.parametrize("segments", [EXACT, FALLBACK], ids=["exact", "fallback"])
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("setting", SETTINGS, ids=_name)
@@ -90,13 +102,13 @@ def test_attention_equals_dense_mask(qkv, setting, kernel, segments):
     q, k, v = qkv
     knock = _knockout(setting)
     block = TINY.num_blocks - 1  # every setting cuts this block
-    kg = numerics.KeyGroups(knock.allowed[block], knock.groups, segments)
-    assert not bool(kg.allowed.all())
-    ref = np.asarray(numerics.attention(q, k, v, kg.dense_mask(), "xla"))
-    out = np.asarray(numerics._grouped_attention(q, k, v, kg, KERNELS[kernel]))
+    allowed = knock.allowed[block]
+    assert not bool(allowed.all())
+    ref = np.asarray(_dense_reference(q, k, v, allowed, knock.groups))
+    out = np.asarray(_grouped(kernel, segments)(q, k, v, allowed, knock.groups))
     assert np.abs(out - ref).max() <= GROUP_TOL
     # the knockout matters here: the cut attention is far from the plain one
-    plain = np.asarray(numerics.attention(q, k, v, None, "xla"))
+    plain = np.asarray(_dense_reference(q, k, v, jnp.ones_like(allowed), knock.groups))
     assert np.abs(plain - ref).max() > 100 * GROUP_TOL
 
 
@@ -112,10 +124,10 @@ def test_as_accurate_as_the_reference():
     logits = np.einsum("bqhk,bshk->bhqs", np.float64(q), np.float64(k)) / np.sqrt(shape[-1])
     p = np.exp(np.where(mask, logits, -np.inf) - np.where(mask, logits, -np.inf).max(-1, keepdims=True))
     truth = np.einsum("bhqs,bshk->bqhk", p / p.sum(-1, keepdims=True), np.float64(v))
-    ref_err = np.abs(np.asarray(numerics.attention(q, k, v, kg, "xla")) - truth).max()
+    ref_err = np.abs(np.asarray(_dense_reference(q, k, v, kg.allowed, kg.groups)) - truth).max()
     assert ref_err > GROUP_TOL  # the regime this test is about
-    for name, partial in KERNELS.items():
-        err = np.abs(np.asarray(numerics._grouped_attention(q, k, v, kg, partial)) - truth).max()
+    for name in KERNELS:
+        err = np.abs(np.asarray(_grouped(name, EXACT)(q, k, v, kg.allowed, kg.groups)) - truth).max()
         assert err <= 1.5 * ref_err, name  # measured: 0.8x to 1.3x the reference's own error
 
 
@@ -125,9 +137,10 @@ def test_public_attention_takes_key_groups(qkv, implementation):
     q, k, v = qkv
     knock = fluxjax.knockout(TINY, LAYOUT, CONTENT[:1], ["ref->text[padding]", "image->ref[1]"])
     kg = numerics.KeyGroups(knock.allowed[0], knock.groups, EXACT)
-    ref = np.asarray(numerics.attention(q, k, v, kg, "xla"))
-    np.testing.assert_array_equal(ref, np.asarray(numerics.attention(q, k, v, kg.dense_mask(), "xla")))
-    assert np.abs(np.asarray(numerics.attention(q, k, v, kg, implementation)) - ref).max() <= GROUP_TOL
+    attend = jax.jit(numerics.attention, static_argnums=4)
+    ref = np.asarray(attend(q, k, v, kg, "xla"))
+    np.testing.assert_array_equal(ref, np.asarray(attend(q, k, v, kg.dense_mask(), "xla")))
+    assert np.abs(np.asarray(attend(q, k, v, kg, implementation)) - ref).max() <= GROUP_TOL
 
 
 def test_partials_return_the_log_sum_exp(qkv):
@@ -135,7 +148,7 @@ def test_partials_return_the_log_sum_exp(qkv):
     logits = np.einsum("bqhk,bshk->bqhs", np.asarray(q), np.asarray(k)) / np.sqrt(q.shape[-1])
     lse = np.log(np.exp(logits).sum(-1))
     for name, partial in KERNELS.items():
-        o, got = partial(q, k, v)
+        o, got = jax.jit(partial)(q, k, v)
         np.testing.assert_allclose(np.asarray(got), lse, atol=GROUP_TOL * 10, err_msg=name)
         np.testing.assert_allclose(np.asarray(o), np.asarray(numerics.attention(q, k, v, None, "xla")),
                                    atol=GROUP_TOL, err_msg=name)
@@ -143,7 +156,7 @@ def test_partials_return_the_log_sum_exp(qkv):
 
 def test_plain_pallas_attention_equals_xla(qkv):
     q, k, v = qkv
-    out = numerics.attention(q, k, v, None, "pallas")
+    out = jax.jit(numerics.attention, static_argnums=4)(q, k, v, None, "pallas")
     assert np.abs(np.asarray(out) - np.asarray(numerics.attention(q, k, v, None, "xla"))).max() <= GROUP_TOL
     with pytest.raises(ValueError, match="KeyGroups"):
         numerics.attention(q, k, v, jnp.ones((3, LAYOUT.total, LAYOUT.total), bool), "pallas")
