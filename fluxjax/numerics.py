@@ -434,23 +434,25 @@ def _grouped_attention(q, k, v, kg: KeyGroups, partial):
     return (o / total[..., None]).astype(v.dtype)
 
 
-def default_implementation(dtype, masked: bool = False) -> str:
+def default_implementation(dtype, masked: bool = False, head_dim: int = 128) -> str:
     """The attention implementation `attention` uses when none is named, per backend:
 
       CPU  "blocked" for every call (plain, dense mask, key groups): the [B, H, L, L] logits never
            exist and the dots run at matmul speed;
-      GPU  "cudnn" (fused flash attention) for bfloat16 / float16, plain, masked and key groups
-           alike; "xla" for float32, which cuDNN's fused kernel does not take;
-      TPU  "pallas" (the flash kernel above) for plain calls and key groups; "xla" for a dense
-           [B, Lq, Lk] mask, which the Pallas kernel does not take.
+      GPU  "cudnn" (fused flash attention) for bfloat16 / float16 with head dim <= 128 (every
+           transformer call: plain, masked and key groups alike); "xla" for float32 and for wide
+           heads (the VAE's single 512-wide head), which cuDNN's fused kernel does not take;
+      TPU  "pallas" (the flash kernel above) for plain calls and key groups with head dim <= 128;
+           "xla" for a dense [B, Lq, Lk] mask, which the Pallas kernel does not take, and for
+           wider heads.
     The GPU and TPU choices are made from what each kernel supports; their speed is measured by
     `python -m benchmarks.gpu_check` where a GPU is available.
     """
     backend = jax.default_backend()
     if backend == "gpu":
-        return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+        return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 else "xla"
     if backend == "tpu":
-        return "xla" if masked else "pallas"
+        return "xla" if masked or head_dim > 128 else "pallas"
     return "blocked"
 
 
@@ -470,7 +472,8 @@ def attention(q, k, v, mask=None, implementation: str | None = None):
       "pallas"  the Pallas flash kernel (TPU; interpret mode on other backends); no dense masks.
     """
     if implementation is None:
-        implementation = default_implementation(q.dtype, masked=mask is not None and not isinstance(mask, KeyGroups))
+        implementation = default_implementation(q.dtype, masked=mask is not None and not isinstance(mask, KeyGroups),
+                                                head_dim=q.shape[-1])
     if implementation not in _PARTIALS:
         raise ValueError(f"unknown attention implementation {implementation!r}; use None, 'xla', 'blocked', "
                          "'cudnn' or 'pallas'")

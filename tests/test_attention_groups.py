@@ -230,3 +230,16 @@ def test_forward_mask_form_of_the_drop(model):
         dropped = np.asarray(fwd(params, TINY, *data, attn_impl=None, interventions=fluxjax.Interventions(
             drop_reference=fluxjax.drop_reference(LAYOUT, k))))
         assert rel_err(cut[:, :LAYOUT.n_img], dropped) <= GROUP_TOL
+
+
+def test_default_implementation_per_backend(monkeypatch):
+    """CPU: blocked for everything; GPU: cuDNN for half precision and head dims <= 128; TPU: Pallas
+    except dense masks and wide heads (the VAE's 512-wide head)."""
+    cases = {("cpu", "float32", False, 128): "blocked", ("cpu", "bfloat16", True, 512): "blocked",
+             ("gpu", "bfloat16", False, 128): "cudnn", ("gpu", "bfloat16", True, 128): "cudnn",
+             ("gpu", "float32", False, 128): "xla", ("gpu", "bfloat16", False, 512): "xla",
+             ("tpu", "bfloat16", False, 128): "pallas", ("tpu", "bfloat16", True, 128): "xla",
+             ("tpu", "float32", False, 512): "xla"}
+    for (backend, dtype, masked, head_dim), want in cases.items():
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert numerics.default_implementation(jnp.dtype(dtype), masked, head_dim) == want, (backend, dtype, masked)
