@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         "forward": lambda: forward.main(["--quick", "--out", "benchmarks/results/forward-quick"] if quick else []),
         "interventions": lambda: interventions.main(
             ["--hidden", "128", "--heads", "1", "--image", "8", "8", "--ref", "8", "8", "--text", "64", "--reps", "1",
-             "--out", "benchmarks/results/interventions-quick.json"] if quick else []),
+             "--out", "benchmarks/results/interventions-quick.json", "--allow-busy", "--wait-quiet", "0"] if quick else []),
         "sampler": lambda: sampler.main(["--repeats", "1"] if quick else []),
         "vae": lambda: vae.main(["--sizes", "64", "--reps", "1", "--out", "benchmarks/results/vae-quick"]
                                 if quick else []),

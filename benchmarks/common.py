@@ -9,6 +9,7 @@ figures are medians (minimum next to them) of each side's rounds.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import platform
@@ -32,18 +33,139 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def alternate(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
-    """Run every callable once per round, `reps` rounds, rotating the order each round."""
+def alternate(fns: dict[str, Callable[[], object]], reps: int, guard: "LoadGuard | None" = None) -> dict[str, list[float]]:
+    """Run every callable once per round, `reps` rounds, rotating the order each round. With a
+    guard, every call is measured through it (its CPU time and others' are recorded)."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            times[n].append(timed(fns[n])[0])
+            times[n].append(guard.measure(n, fns[n])[0] if guard is not None else timed(fns[n])[0])
     return times
 
 
 def stats(seconds: list[float]) -> dict:
     return {"median_s": statistics.median(seconds), "min_s": min(seconds), "runs_s": seconds}
+
+
+# --- a quiet machine -------------------------------------------------------------------------------
+#
+# Alternating the sides cancels load that comes and goes slowly, not load that takes cores away
+# from one side more than the other (a recorded ratio of 0.17x turned 1.18x on a quiet machine).
+# So a benchmark records figures only from a machine that is quiet before it starts (1-minute load
+# average) and stays quiet while it measures: other processes' CPU time during each timed call,
+# from /proc/stat's machine-wide busy time minus this process's own CPU time.
+
+LOAD_LIMIT_PER_CPU = 0.25  # 1-minute load average per CPU above which the machine is busy before a run
+OTHERS_LIMIT = 0.10  # share of the machine's CPU capacity other processes may use while a side is timed
+
+
+class MachineBusy(RuntimeError):
+    """Raised instead of recording figures measured (or about to be measured) on a busy machine."""
+
+
+def system_busy_seconds() -> float:
+    """Machine-wide non-idle CPU seconds since boot, all CPUs (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_count() -> int:
+    """CPUs the load average and /proc/stat count (the whole machine, not this process's share)."""
+    try:
+        with open("/proc/stat") as f:
+            return sum(1 for line in f if line.startswith("cpu") and line[3:4].isdigit()) or os.cpu_count() or 1
+    except OSError:
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass
+class LoadGuard:
+    """Checks that a benchmark runs on a quiet machine, and records the CPU time each side got.
+
+        guard = LoadGuard()
+        guard.wait_quiet(60)                  # the 1-minute load average before the run
+        times = alternate(fns, reps, guard)   # every timed call measured: own and others' CPU time
+        guard.enforce(allow_busy)             # MachineBusy, or the verdict to store with the figures
+
+    The readers are arguments so that tests can feed fake readings.
+    """
+
+    cpu_count: int = dataclasses.field(default_factory=machine_cpu_count)
+    load_limit_per_cpu: float = LOAD_LIMIT_PER_CPU
+    others_limit: float = OTHERS_LIMIT
+    read_load: Callable[[], float] = lambda: os.getloadavg()[0]
+    read_system_busy: Callable[[], float] = system_busy_seconds
+    read_own: Callable[[], float] = time.process_time
+    clock: Callable[[], float] = time.perf_counter
+    sleep: Callable[[float], None] = time.sleep
+    load_before: float | None = None
+    sides: dict = dataclasses.field(default_factory=dict)  # name -> {"wall_s", "own_cpu_s", "others_cpu_s"} lists
+
+    @property
+    def load_limit(self) -> float:
+        return self.load_limit_per_cpu * self.cpu_count
+
+    def wait_quiet(self, timeout_s: float = 0.0, poll_s: float = 5.0) -> float:
+        """Wait up to timeout_s for the 1-minute load average to fall below the limit; record it."""
+        start = self.clock()
+        self.load_before = self.read_load()
+        while self.load_before > self.load_limit and self.clock() - start < timeout_s:
+            self.sleep(poll_s)
+            self.load_before = self.read_load()
+        return self.load_before
+
+    def measure(self, name: str, fn: Callable[[], object]) -> tuple[float, object]:
+        """Run fn once (it must block until done); record its wall time, this process's CPU time and
+        the CPU time other processes used meanwhile. Returns (wall seconds, result)."""
+        busy0, own0, t0 = self.read_system_busy(), self.read_own(), self.clock()
+        out = fn()
+        wall, own = self.clock() - t0, self.read_own() - own0
+        others = max(0.0, self.read_system_busy() - busy0 - own)
+        side = self.sides.setdefault(name, {"wall_s": [], "own_cpu_s": [], "others_cpu_s": []})
+        side["wall_s"].append(wall)
+        side["own_cpu_s"].append(own)
+        side["others_cpu_s"].append(others)
+        return wall, out
+
+    def verdict(self) -> dict:
+        """quiet: no reason below; reasons: what was busy; per side: its CPU time per wall second and
+        the share of the machine others took while it ran (the share over all its timed calls)."""
+        reasons, per_side = [], {}
+        if self.load_before is None:
+            reasons.append("the load average was not checked before the run (LoadGuard.wait_quiet)")
+        elif self.load_before > self.load_limit:
+            reasons.append(f"1-minute load average {self.load_before:.2f} before the run, above "
+                           f"{self.load_limit:.2f} ({self.load_limit_per_cpu} per CPU x {self.cpu_count})")
+        for name, s in self.sides.items():
+            wall = sum(s["wall_s"])
+            share = sum(s["others_cpu_s"]) / (wall * self.cpu_count) if wall > 0 else 0.0
+            per_side[name] = {"calls": len(s["wall_s"]), "wall_s": wall, "own_cpu_per_wall_s": sum(s["own_cpu_s"]) / wall
+                              if wall > 0 else 0.0, "others_share": share}
+            if share > self.others_limit:
+                reasons.append(f"other processes used {100 * share:.0f} % of the machine's CPU while {name!r} was "
+                               f"timed (limit {100 * self.others_limit:.0f} %)")
+        return {"quiet": not reasons, "reasons": reasons, "load_before": self.load_before,
+                "load_limit": self.load_limit, "others_limit": self.others_limit, "cpu_count": self.cpu_count,
+                "sides": per_side}
+
+    def enforce(self, allow_busy: bool = False) -> dict:
+        """The verdict; raise MachineBusy if the machine was busy, unless allow_busy (then the caller
+        stores the verdict with the figures, which marks them as not a result)."""
+        v = self.verdict()
+        if not v["quiet"] and not allow_busy:
+            raise MachineBusy("not recording figures from a busy machine: " + "; ".join(v["reasons"])
+                              + ". Rerun when the machine is quiet, or pass --allow-busy to write them flagged.")
+        return v
+
+
+def busy_banner(verdict: dict | None) -> str:
+    """A Markdown line that marks a report measured on a busy machine (empty when quiet)."""
+    if verdict is None or verdict["quiet"]:
+        return ""
+    return "**NOT A RESULT: measured on a busy machine** (" + "; ".join(verdict["reasons"]) + ")"
 
 
 # --- memory ----------------------------------------------------------------------------------------

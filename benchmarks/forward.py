@@ -25,7 +25,10 @@ Measured:
             (mallopt), so it follows live buffers: the call's working memory beyond the weights and
             inputs. Measured after all timing (the setting adds page faults to every call). For
             fluxjax also XLA's own buffer assignment (`memory_analysis()`: temporaries + outputs).
-Writes <out>.json and <out>.md and prints the table.
+Writes <out>.json and <out>.md and prints the table. Only from a quiet machine: the 1-minute load
+average before the run and other processes' CPU time during every timed call are checked
+(`benchmarks.common.LoadGuard`); on a busy machine nothing is written, unless --allow-busy (or
+--quick), which writes the figures flagged as not a result.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ def torch_compiled_call(model, args, budget_s: int):
     return compiled, {"status": status, "first_call_s": first}
 
 
-def run_case(case: Case, reps: int, compile_budget_s: int, ref) -> tuple[dict, dict]:
+def run_case(case: Case, reps: int, compile_budget_s: int, ref, guard: common.LoadGuard | None = None) -> tuple[dict, dict]:
     import torch
 
     config, layout = case.config, case.layout
@@ -186,7 +189,7 @@ def run_case(case: Case, reps: int, compile_budget_s: int, ref) -> tuple[dict, d
     if compiled is not None:
         fns["diffusers torch.compile"] = torch_call(compiled)
 
-    times = common.alternate(fns, reps)
+    times = common.alternate(fns, reps, guard)
     record["steady"] = {k: common.stats(v) for k, v in times.items()}
     base = statistics.median(times["diffusers eager"])
     record["ratio_vs_eager_median"] = {k: statistics.median(v) / base for k, v in times.items()}
@@ -232,6 +235,8 @@ def gib(b):
 
 def report(record: dict) -> str:
     lines = [f"# Forward: fluxjax vs diffusers ({'quick' if record['quick'] else 'full'} run)", ""]
+    if common.busy_banner(record.get("machine")):
+        lines += [common.busy_banner(record["machine"]), ""]
     env = record["environment"]
     lines.append(f"{env['cpu']}, {env['cpu_count']} CPUs, load average at start {env['load_average']}; "
                  f"jax {env['jax']}, torch {env.get('torch')} ({env.get('torch_threads')} threads), "
@@ -295,7 +300,10 @@ def main(argv=None):
                     help="also torch.compile the 32-block deep case (dynamo unrolls every block: slow)")
     ap.add_argument("--out", default=str(common.RESULTS_DIR / "forward"), help="output stem: writes .json and .md")
     ap.add_argument("--rewrite-report", action="store_true", help="rewrite <out>.md from <out>.json and exit")
+    ap.add_argument("--wait-quiet", type=float, default=120, help="seconds to wait for the load average to fall")
+    ap.add_argument("--allow-busy", action="store_true", help="write figures from a busy machine, flagged")
     args = ap.parse_args(argv)
+    allow_busy = args.allow_busy or args.quick
     reps = args.reps or (3 if args.quick else 5)
     if args.rewrite_report:
         record = json.loads(Path(args.out).with_suffix(".json").read_text())
@@ -308,16 +316,21 @@ def main(argv=None):
     import torch
 
     ref = common.reference_helpers()
+    guard = common.LoadGuard()
+    if guard.wait_quiet(args.wait_quiet) > guard.load_limit and not allow_busy:
+        raise common.MachineBusy(f"1-minute load average {guard.load_before:.2f} > {guard.load_limit:.2f}: not "
+                                 "measuring on a busy machine (--allow-busy measures and flags the figures)")
     t0 = time.perf_counter()
     record = {"quick": args.quick, "reps": reps, "environment": common.environment(), "cases": {},
               "torchinductor_cache_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"]}
     calls = {}
     for case in cases(args.quick):
         budget = 0 if args.quick or (case.name == "deep" and not args.torch_compile_deep) else args.torch_compile_budget
-        record["cases"][case.name], calls[case.name] = run_case(case, reps, budget, ref)
+        record["cases"][case.name], calls[case.name] = run_case(case, reps, budget, ref, guard)
         if budget == 0:
             record["cases"][case.name]["diffusers_torch_compile"]["status"] = (
                 "skipped (--quick)" if args.quick else "skipped (32 unrolled blocks; --torch-compile-deep)")
+    record["machine"] = guard.enforce(allow_busy)
     record["klein_compile"] = None if args.quick else klein_compile()
     # Memory last: the allocator setting it needs (every freed block back to the system) would
     # add page faults to the timed calls.

@@ -17,6 +17,13 @@ Comparisons and goals:
   references removed after block k / the mask form of it       speed-up within 20 % of the
                                                                 FLOP ratio (computed from token counts)
   a sweep of substitution over N blocks in one call (vmap; lax.map) / N separate calls
+  one block's attention with that knockout: key groups (per-segment blocked kernel, LSE merge) /
+  the dense [B, L, L] mask with the blocked kernel (the path before key groups)  <= 1.00x
+
+The machine must be quiet: the 1-minute load average is checked before the run (waiting up to
+`--wait-quiet` seconds) and other processes' CPU time during every timed call; on a busy machine
+nothing is written (`--allow-busy` writes the figures flagged as not a result). See
+`benchmarks.common.LoadGuard`.
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import fluxjax
+from benchmarks import common
+from fluxjax import numerics
 from fluxjax.interventions import stack
+from fluxjax.layout import key_segments
 
 
 def block_flops(config: fluxjax.Flux2Config, n_txt: int, n_stream: int) -> float:
@@ -82,7 +92,13 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="alternating pairs per comparison")
     ap.add_argument("--sweep-reps", type=int, default=1, help="alternating pairs per sweep comparison")
     ap.add_argument("--out", default="benchmarks/results/interventions.json")
+    ap.add_argument("--wait-quiet", type=float, default=120, help="seconds to wait for the load average to fall")
+    ap.add_argument("--allow-busy", action="store_true", help="write figures from a busy machine, flagged")
     args = ap.parse_args(argv)
+    guard = common.LoadGuard()
+    if guard.wait_quiet(args.wait_quiet) > guard.load_limit and not args.allow_busy:
+        raise common.MachineBusy(f"1-minute load average {guard.load_before:.2f} > {guard.load_limit:.2f}: not "
+                                 "measuring on a busy machine (--allow-busy measures and flags the figures)")
 
     head_dim = args.hidden // args.heads
     config = dataclasses.replace(fluxjax.FLUX2_KLEIN_9B, hidden_size=args.hidden, num_heads=args.heads,
@@ -112,6 +128,21 @@ def main(argv=None):
     def sweep_map(params, img, txt, t, ivs):  # one call, the cells one after another
         return jax.lax.map(lambda iv: fwd(params, img, txt, t, iv), ivs)
 
+    # one block's attention at this shape, the knockout's table applied two ways
+    qkv_shape = (1, layout.total, config.num_heads, head_dim)
+    knock = fluxjax.knockout(config, layout, content, "ref->text")
+    segments = key_segments(layout.n_txt, layout.total, layout.num_groups, (layout.n_img, *layout.ref_counts))
+    attn_args = (*(jnp.asarray(rng.standard_normal(qkv_shape), jnp.float32) for _ in range(3)), knock.allowed[0],
+                 knock.groups)
+
+    def attn_groups(params, img, txt, t, a):  # arguments in the interventions slot, so both share `run`
+        q, k, v, allowed, groups = a
+        return numerics.attention(q, k, v, numerics.KeyGroups(allowed, groups, segments), "blocked")
+
+    def attn_masked(params, img, txt, t, a):
+        q, k, v, allowed, groups = a
+        return numerics.attention(q, k, v, numerics.KeyGroups(allowed, groups, segments).dense_mask(), "blocked")
+
     sub_at = [fluxjax.Interventions(substitutions=(fluxjax.substitution(s, value, padding),)) for s in range(nb)]
     programs = {  # name: (function, interventions argument)
         "plain": (fwd, None),
@@ -121,6 +152,8 @@ def main(argv=None):
         "removed": (fwd, fluxjax.Interventions(drop_reference=fluxjax.drop_reference(layout, k))),
         "sweep vmapped": (sweep, stack(sub_at)),
         "sweep lax.map": (sweep_map, stack(sub_at)),
+        "attention, key groups": (attn_groups, attn_args),
+        "attention, dense mask": (attn_masked, attn_args),
     }
     compiled, compile_s, first = {}, {}, {}
     for name, (fn, iv) in programs.items():
@@ -143,9 +176,9 @@ def main(argv=None):
         return compiled[name](params, img, txt, t, programs[name][1])
 
     def timed(name):
-        w0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(run(name))
-        return time.perf_counter() - w0, time.process_time() - c0
+        c0 = time.process_time()
+        wall, _ = guard.measure(name, lambda: jax.block_until_ready(run(name)))
+        return wall, time.process_time() - c0
 
     times = {n: [] for n in [*programs, "sweep loop"]}  # (wall s, process CPU s) per run
     for name in programs:  # warm-up: first executions allocate
@@ -179,6 +212,8 @@ def main(argv=None):
          "(reported)", None),
         (f"sweep over {nb} blocks: one lax.map call / {nb} calls", "sweep lax.map", "sweep loop", args.sweep_reps,
          "(reported)", None),
+        ("one block's attention with a knockout: key groups / dense mask (blocked)", "attention, key groups",
+         "attention, dense mask", args.reps, "<= 1.00x", lambda r: r <= 1.00),
     ]
     rows = []
     for what, a, b, reps, goal, ok in comparisons:
@@ -187,11 +222,14 @@ def main(argv=None):
         wall, cpu = statistics.median(x[0] for x in r), statistics.median(x[1] for x in r)
         rows.append(dict(comparison=what, ratio_wall=wall, ratio_cpu=cpu, pairs=r, goal=goal,
                          met=None if ok is None else ok(cpu)))
+    machine = guard.enforce(args.allow_busy)
     names = list(times)
     best = {n: min(w for w, _ in v) for n, v in times.items()}
     med = {n: statistics.median(w for w, _ in v) for n, v in times.items()}
 
     print()
+    if not machine["quiet"]:
+        print(common.busy_banner(machine))
     print(f"config: D={config.hidden_size}, heads={config.num_heads}, {config.depth} double + "
           f"{config.depth_single_blocks} single blocks; tokens: {layout.n_txt} text + {layout.n_img} image + "
           f"{layout.n_ref} reference; fp32, batch 1; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs")
@@ -220,7 +258,7 @@ def main(argv=None):
         compile=compile_s, runs_wall_cpu_s=times, steady_best_s=best, steady_median_s=med,
         flops=dict(mask_form=forward_flops(config, layout, None), removed=forward_flops(config, layout, k),
                    ratio=flop_ratio),
-        ratios=rows,
+        ratios=rows, machine=machine,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

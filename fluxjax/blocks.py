@@ -37,7 +37,8 @@ def double_block(p, img, txt, mod_img, mod_txt, rope, mask=None, attn_impl=None,
 
     p: one layer of `DoubleBlocks`; img: [B, N, D]; txt: [B, T, D]; mod_img, mod_txt: two
     (shift, scale, gate) triples each, [B, 1, D] (or per token, [B, N, D] / [B, T, D]); rope:
-    (cos, sin) for the joint [text, image] sequence; mask: None or bool [B, Lq, Lk].
+    (cos, sin) for the joint [text, image] sequence; mask: None, bool [B, Lq, Lk], or
+    `numerics.KeyGroups` (a knockout table applied without an [L, L] mask), passed to `attention`.
     extra_kv: None or (k, v) [B, Lx, H, K] spliced into the keys and values right after the text
     (the [klein] KV-cached references: keys [text, extra, image]). return_kv: also return the
     joint keys and values after QK-norm and RoPE. Returns (img, txt) or (img, txt, (k, v)).

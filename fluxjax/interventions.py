@@ -34,7 +34,8 @@ import numpy as np
 from flax import struct
 
 from fluxjax.config import Flux2Config
-from fluxjax.layout import TokenLayout
+from fluxjax.layout import TokenLayout, key_segments
+from fluxjax.numerics import KeyGroups
 
 BLOCK0_INPUT = -1
 
@@ -81,6 +82,9 @@ class Knockout:
 
     allowed: jax.Array  # bool [num_blocks, G, G]
     groups: jax.Array  # int32 [B, L] (B may be 1: shared by the batch)
+    # (n_img, *ref_counts) of the layout (static): lets attention treat the image and each
+    # reference as key segments of one group; None treats the image stream as one segment
+    stream_counts: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
 
     def __and__(self, other: "Knockout") -> "Knockout":
         """Both knockouts at once: an edge is allowed only where both allow it."""
@@ -89,7 +93,8 @@ class Knockout:
         if not any(isinstance(a, jax.core.Tracer) for a in (self.groups, other.groups)):
             if not np.array_equal(np.asarray(self.groups), np.asarray(other.groups)):
                 raise ValueError("knockouts built from different content masks cannot be combined")
-        return Knockout(allowed=jnp.logical_and(self.allowed, other.allowed), groups=self.groups)
+        return Knockout(allowed=jnp.logical_and(self.allowed, other.allowed), groups=self.groups,
+                        stream_counts=self.stream_counts)
 
 
 @struct.dataclass
@@ -316,7 +321,8 @@ def knockout(config: Flux2Config, layout: TokenLayout, content_mask, edges: str 
     for b in block_indices(blocks, config.num_blocks):
         allowed[b] = cut
     check_knockout(allowed, groups, layout)
-    return Knockout(allowed=jnp.asarray(allowed), groups=jnp.asarray(groups))
+    return Knockout(allowed=jnp.asarray(allowed), groups=jnp.asarray(groups),
+                    stream_counts=(layout.n_img, *layout.ref_counts))
 
 
 def allow_all(config: Flux2Config, layout: TokenLayout, content_mask) -> Knockout:
@@ -371,18 +377,6 @@ def substitute(substitutions: Sequence[Substitution], h, site):
     return h
 
 
-def knockout_mask(groups, allowed):
-    """bool [B, L, L] attention mask of one block: mask[b, q, k] = allowed[group(q), group(k)].
-
-    groups: int [B, L] token groups (truncated to the forward's current length); allowed: [G, G].
-    Built as a fused compare-and-reduce rather than an [L, L] gather (which XLA on CPU runs about
-    5 % slower than the attention it feeds).
-    """
-    may_read = allowed[groups]  # [B, Lq, G]: the key groups each query may attend to
-    key_group = groups[:, :, None] == jnp.arange(allowed.shape[-1])  # [B, Lk, G] one-hot
-    return jnp.any(may_read[:, :, None, :] & key_group[:, None, :, :], axis=-1)
-
-
 @struct.dataclass
 class LayerValues:
     """What one block of a scan reads of the interventions and captures (scanned along the blocks)."""
@@ -392,11 +386,14 @@ class LayerValues:
     image_slot: jax.Array  # int32 []: the same for the image stream
     allowed: jax.Array | None  # bool [G, G]: its knockout table, None without a knockout
 
-    def mask(self, knockout: Knockout | None, length: int):
-        """The block's attention mask for a joint sequence of `length` tokens, or None."""
+    def mask(self, knockout: Knockout | None, n_txt: int, length: int) -> KeyGroups | None:
+        """The block's knockout for a joint sequence of `length` tokens, as key groups for
+        `fluxjax.numerics.attention` (no [L, L] mask is formed), or None. The references are last,
+        so a drop truncates the groups."""
         if self.allowed is None:
             return None
-        return knockout_mask(knockout.groups[:, :length], self.allowed)
+        return KeyGroups(allowed=self.allowed, groups=knockout.groups[:, :length],
+                         segments=key_segments(n_txt, length, self.allowed.shape[-1], knockout.stream_counts))
 
 
 def _slot_table(sites: tuple[int, ...], num_blocks: int) -> np.ndarray:

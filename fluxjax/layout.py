@@ -142,3 +142,24 @@ class TokenLayout:
             hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")  # row-major: index = h W + w
             parts.append(np.stack([np.full(h * w, t), hh.ravel(), ww.ravel(), np.zeros(h * w)], axis=1))
         return np.concatenate(parts).astype(np.int32)
+
+
+def key_segments(n_txt: int, length: int, num_groups: int, stream_counts: tuple[int, ...] | None = None):
+    """The static key segments of `fluxjax.numerics.KeyGroups` for a joint sequence
+    [text | image | refs] of `length` tokens: (start, stop, groups in it) each.
+
+    The text span is one segment of two groups (content and padding interleave per sample). With
+    stream_counts = (n_img, *ref_counts) (e.g. from `TokenLayout`), the image and each reference
+    are segments of one group each, cut where a drop truncated the sequence; without them the
+    image stream is one segment of groups IMAGE.. (exact too, with a per-key group mask there).
+    """
+    text = ((0, n_txt, (TEXT_CONTENT, TEXT_PADDING)),)
+    if stream_counts is None:
+        return text + ((n_txt, length, tuple(range(IMAGE, num_groups))),)
+    out, start = list(text), n_txt
+    for g, count in enumerate(stream_counts, IMAGE):
+        stop = min(start + count, length)
+        if stop > start:
+            out.append((start, stop, (g,)))
+        start += count
+    return tuple(out)

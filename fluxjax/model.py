@@ -160,7 +160,7 @@ def _double_blocks(params, seg, x, c, mods, rope, iv, values, captures, attn_imp
     def body(carry, xs):
         x, c, captures = carry
         p, layer = xs
-        x, c = double_block(p, x, c, mods.img, mods.txt, _rope(rope, length), layer.mask(iv.knockout, length),
+        x, c = double_block(p, x, c, mods.img, mods.txt, _rope(rope, length), layer.mask(iv.knockout, c.shape[1], length),
                             attn_impl)
         c = substitute(iv.substitutions, c, layer.index)
         return (x, c, record_block(captures, layer, c, x)), None
@@ -177,7 +177,7 @@ def _single_blocks(params, config, seg, z, n_txt, mods, rope, iv, values, captur
     def body(carry, xs):
         z, captures = carry
         p, layer = xs
-        z = single_block(p, z, mods.single, _rope(rope, length), layer.mask(iv.knockout, length), attn_impl)
+        z = single_block(p, z, mods.single, _rope(rope, length), layer.mask(iv.knockout, n_txt, length), attn_impl)
         if iv.substitutions:
             z = z.at[:, :n_txt].set(substitute(iv.substitutions, z[:, :n_txt], layer.index))
         return (z, record_block(captures, layer, z[:, :n_txt], z[:, n_txt:])), None

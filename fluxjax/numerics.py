@@ -21,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 LN_EPS = 1e-6  # every LayerNorm and QK RMSNorm in FLUX.2
 ROPE_TABLE_SIZE = 8192  # positions 0..8191 on every axis: 131k px per side, 8192 text tokens
@@ -122,7 +123,60 @@ def apply_rope(x, cos, sin):
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+# --- attention ---------------------------------------------------------------------------------
+#
+# One function, `attention`, is the only place softmax attention happens. It takes either nothing,
+# a dense boolean mask [B, Lq, Lk], or `KeyGroups`: a knockout table over token groups applied
+# without any [Lq, Lk] array. With key groups the keys are cut into contiguous segments (text,
+# image stream, or finer: see `KeyGroups`); a kernel attends to each segment and returns its
+# normalised output and log-sum-exp, and the partial results are merged with weights
+# exp(lse_s - lse) where lse = log sum_s exp(lse_s), a segment a query may not read entering with
+# lse_s = -inf (weight 0). This is exact: softmax over a union of disjoint key sets is the
+# LSE-weighted mixture of the softmaxes over each set (FlashAttention-2's rescaling, section 3.1).
+
 ATTENTION_QUERY_BLOCK = 256  # queries per block: a [B, 256, L] float32 logits tile stays in cache
+PALLAS_BLOCK = 128  # query and key tile of the Pallas kernel (TPU lanes are 128 wide)
+_MASKED = -1e30  # the Pallas kernel's masked logit: finite, so exp(masked - masked) is never NaN
+
+
+@struct.dataclass
+class KeyGroups:
+    """A knockout table over token groups, as `attention` applies it (no [Lq, Lk] mask).
+
+    allowed[gq, gk]: queries of group gq may attend to keys of group gk (one block's table; a value,
+    so changing it never retraces). groups: int32 [B or 1, L], every token's group; queries and
+    keys are the same joint sequence. segments (static): ((start, stop, key_groups), ...), the
+    contiguous key ranges that tile [0, L) in order, each with the groups its keys can belong to.
+    A range of one group (the image, one reference) is read or skipped whole by every query: the
+    table enters only through its LSE weight. A range of several groups (the text span, where
+    content and padding positions interleave per sample) is attended with the per-key mask
+    may_read[b, q, group(b, k)], which the kernels build tile by tile from the table row of each
+    query and a [B, S, m] one-hot of the keys' groups: [Lq, S] at most, never [L, L] unless a
+    single segment covers everything.
+    """
+
+    allowed: jax.Array  # bool [G, G]
+    groups: jax.Array  # int32 [B or 1, L]
+    segments: tuple[tuple[int, int, tuple[int, ...]], ...] = struct.field(pytree_node=False)
+
+    def dense_mask(self):
+        """bool [B, L, L]: mask[b, q, k] = allowed[group(b, q), group(b, k)] (the reference form)."""
+        G = self.allowed.shape[-1]
+        may_read = self.allowed[self.groups]  # [B, Lq, G]: the key groups each query may attend to
+        key_group = self.groups[:, :, None] == jnp.arange(G)  # [B, Lk, G] one-hot
+        # a fused compare-and-reduce rather than an [L, L] gather (which XLA on CPU runs slowly)
+        return jnp.any(may_read[:, :, None, :] & key_group[:, None, :, :], axis=-1)
+
+    def check(self, length: int):
+        """Raise if the segments do not tile [0, length) in order, each with at least one group."""
+        at = 0
+        for start, stop, key_groups in self.segments:
+            if start != at or stop <= start or not key_groups:
+                raise ValueError(f"key segments {self.segments} must tile [0, {length}) in order, each non-empty "
+                                 "with at least one key group; build them with fluxjax.layout.key_segments")
+            at = stop
+        if at != length:
+            raise ValueError(f"key segments {self.segments} end at {at}, but the sequence has {length} keys")
 
 
 def _unnormalised_softmax(logits, mask):
@@ -146,62 +200,288 @@ def _dense_attention(q, k, v, mask):
     return (o / jnp.swapaxes(denom, 1, 2)[..., None]).astype(v.dtype)
 
 
-def _blocked_attention(q, k, v, mask, block: int = ATTENTION_QUERY_BLOCK):
-    """The same computation one head at a time and, within a head, one block of queries at a time
-    (nested `lax.map`), so the [B, H, Lq, Lk] logits never exist at once.
+def _heads_and_query_blocks(q, k, v, per_query, query_side, block: int = ATTENTION_QUERY_BLOCK):
+    """Run per_query(q_i [B, Q, K], kt_h [B, K, S], v_h [B, S, K], *extras_i) one head at a time and,
+    within a head, one block of queries at a time (nested `lax.map`), so the [B, H, Lq, S] logits
+    never exist at once. query_side: arrays [B, Lq, ...] blocked with the queries (padded with True
+    / ones). per_query returns arrays [B, Q, ...]; they come back as [B, Lq, H, ...].
 
-    Every query row sees the same float32 logits, softmax and normalisation as in
-    `_dense_attention`; results differ only by float rounding (dot kernels of different shapes sum
-    in different orders). On CPU this makes attention run at matmul speed: the dense form streams
-    the whole logits tensor through memory several times and runs both contractions as slow batched
-    dots. K is transposed once, outside the loops, so every dot in the loop is a plain
-    [Q, K] x [K, L] and [Q, L] x [L, K] product on contiguous slices. The batch axis stays a batch
-    axis of the dots, so a batch sharded over a device mesh stays sharded.
+    K is transposed once, outside the loops, so every dot in the loop is a plain [Q, K] x [K, S]
+    and [Q, S] x [S, K] product on contiguous slices. The batch axis stays a batch axis of the
+    dots, so a batch sharded over a device mesh stays sharded.
     """
-    q, k, v = (jnp.asarray(a) for a in (q, k, v))
     B, Lq, H, K = q.shape
     n = -(-Lq // block) if Lq > block else 1
     block = -(-Lq // n)
     pad = n * block - Lq
-    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    qb = q.reshape(B, n, block, H, K).transpose(3, 1, 0, 2, 4)  # [H, n, B, Q, K]
-    kt = k.transpose(2, 0, 3, 1)  # [H, B, K, L]
-    vh = v.transpose(2, 0, 1, 3)  # [H, B, L, K]
-    if mask is not None:
-        mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)), constant_values=True)  # padded queries see all keys
-        mask = mask.reshape(B, n, block, -1).swapaxes(0, 1)  # [n, B, Q, L]
-    scale = K ** -0.5
+
+    def blocks(a, fill):  # [B, Lq, ...] -> [n, B, Q, ...]
+        a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2), constant_values=fill)
+        return a.reshape(B, n, block, *a.shape[2:]).swapaxes(0, 1)
+
+    qb = blocks(q, 0).transpose(3, 0, 1, 2, 4)  # [H, n, B, Q, K]
+    extras = tuple(blocks(a, True if a.dtype == jnp.bool_ else 1) for a in query_side)  # padded queries see all keys
+    kt = k.transpose(2, 0, 3, 1)  # [H, B, K, S]
+    vh = v.transpose(2, 0, 1, 3)  # [H, B, S, K]
 
     def head(xs):
-        q_h, kt_h, v_h = xs  # [n, B, Q, K], [B, K, L], [B, L, K]
+        q_h, kt_h, v_h = xs  # [n, B, Q, K], [B, K, S], [B, S, K]
+        return jax.lax.map(lambda ys: per_query(ys[0], kt_h, v_h, *ys[1:]), (q_h, *extras))
 
-        def query_block(ys):
-            q_i, mask_i = ys  # [B, Q, K], [B, Q, L] or None
-            logits = jnp.einsum("bqk,bkl->bql", q_i, kt_h, preferred_element_type=jnp.float32) * scale
-            p, denom = _unnormalised_softmax(logits, mask_i)
-            o = jnp.einsum("bql,blk->bqk", p.astype(v_h.dtype), v_h, preferred_element_type=jnp.float32)
-            return (o / denom[..., None]).astype(v_h.dtype)
+    out = jax.lax.map(head, (qb, kt, vh))  # each [H, n, B, Q, ...]
+    return jax.tree_util.tree_map(
+        lambda o: o.transpose(2, 1, 3, 0, *range(4, o.ndim)).reshape(B, n * block, H, *o.shape[4:])[:, :Lq], out)
 
-        return jax.lax.map(query_block, (q_h, mask))  # [n, B, Q, K]
 
-    o = jax.lax.map(head, (qb, kt, vh))  # [H, n, B, Q, K]
-    return o.transpose(2, 1, 3, 0, 4).reshape(B, n * block, H, K)[:, :Lq]
+def _blocked_attention(q, k, v, mask, block: int = ATTENTION_QUERY_BLOCK):
+    """The computation of `_dense_attention` one (head, query block) at a time: every query row
+    sees the same float32 logits, softmax and normalisation; results differ only by float rounding
+    (dot kernels of different shapes sum in different orders). On CPU this makes attention run at
+    matmul speed: the dense form streams the whole logits tensor through memory several times and
+    runs both contractions as slow batched dots.
+    """
+    q, k, v = (jnp.asarray(a) for a in (q, k, v))
+    scale = q.shape[-1] ** -0.5
+
+    def per_query(q_i, kt_h, v_h, *mask_i):  # [B, Q, K], [B, K, L], [B, L, K], [B, Q, L]?
+        logits = jnp.einsum("bqk,bkl->bql", q_i, kt_h, preferred_element_type=jnp.float32) * scale
+        p, denom = _unnormalised_softmax(logits, mask_i[0] if mask_i else None)
+        o = jnp.einsum("bql,blk->bqk", p.astype(v_h.dtype), v_h, preferred_element_type=jnp.float32)
+        return (o / denom[..., None]).astype(v_h.dtype)
+
+    return _heads_and_query_blocks(q, k, v, per_query, () if mask is None else (mask,), block)
+
+
+# --- partial attention over one key segment: (normalised output, log-sum-exp) ----------------------
+#
+# Each kernel below takes q [B, Lq, H, K], the segment's k, v [B, S, H, K] and either nothing (every
+# query reads every key of the segment) or (reads, key_onehot): reads bool [B, Lq, m], which of the
+# segment's m key groups each query may read, and key_onehot bool [B, S, m], the group of each key;
+# query q may read key s iff any_j reads[q, j] & key_onehot[s, j]. It returns o float32
+# [B, Lq, H, K] normalised over the keys the query read, and lse float32 [B, Lq, H], the
+# log-sum-exp of those scaled logits (-inf, or below -1e29 for Pallas, where the query read none).
+
+
+def _may_read(reads, key_onehot):
+    """bool [B, Q, S] from reads [B, Q, m] and key_onehot [B, S, m] (m is a handful)."""
+    return jnp.any(reads[:, :, None, :] & key_onehot[:, None, :, :], axis=-1)
+
+
+def _lse_and_normalised(p_v, denom, row_max):
+    """o = p_v / denom and lse = row_max + log(denom), with rows that read no key at -inf."""
+    lse = jnp.where(denom > 0, jnp.where(jnp.isfinite(row_max), row_max, 0.0) + jnp.log(denom), -jnp.inf)
+    return p_v / denom[..., None], lse
+
+
+def _partial_dense(q, k, v, group_mask=None):
+    """All heads and queries at once ([B, H, Lq, S] float32 logits): the reference of the kernels."""
+    logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if group_mask is not None:
+        logits = jnp.where(_may_read(*group_mask)[:, None], logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1)
+    p = jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0.0)[..., None])
+    p_v = jnp.einsum("bhqs,bshk->bhqk", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    o, lse = _lse_and_normalised(p_v, jnp.sum(p, axis=-1), row_max)
+    return o.transpose(0, 2, 1, 3), lse.transpose(0, 2, 1)
+
+
+def _partial_blocked(q, k, v, group_mask=None, block: int = ATTENTION_QUERY_BLOCK):
+    """`_partial_dense` one (head, query block) at a time (CPU): the mask of a multi-group segment is
+    built per query block from the table rows, in cache, and never exists for all queries."""
+    scale = q.shape[-1] ** -0.5
+    key_onehot = None if group_mask is None else group_mask[1]
+
+    def per_query(q_i, kt_h, v_h, *reads_i):  # [B, Q, K], [B, K, S], [B, S, K], [B, Q, m]?
+        logits = jnp.einsum("bqk,bks->bqs", q_i, kt_h, preferred_element_type=jnp.float32) * scale
+        if reads_i:
+            logits = jnp.where(_may_read(reads_i[0], key_onehot), logits, -jnp.inf)
+        row_max = jnp.max(logits, axis=-1)
+        p = jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0.0)[..., None])
+        p_v = jnp.einsum("bqs,bsk->bqk", p.astype(v_h.dtype), v_h, preferred_element_type=jnp.float32)
+        return _lse_and_normalised(p_v, jnp.sum(p, axis=-1), row_max)
+
+    return _heads_and_query_blocks(q, k, v, per_query, () if group_mask is None else (group_mask[0],), block)
+
+
+def _partial_cudnn(q, k, v, group_mask=None):
+    """cuDNN's fused flash attention (GPU, bfloat16 / float16) on one segment. A multi-group segment
+    gets its mask as an additive bias [B, 1, Lq, S] (cuDNN takes no narrower broadcast); S is the
+    segment's length, so for the text span that is Lq x T, not L x L.
+
+    The private entry point is used because `jax.nn.dot_product_attention(return_residual=True)`
+    (jax 0.10.2) rounds the log-sum-exp to the output dtype: in bfloat16 an LSE near 10 is off by up
+    to 0.03, i.e. 3 % in a segment's weight. This one returns cuDNN's float32 softmax statistics.
+    """
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    bias = None
+    if group_mask is not None:
+        big_negative = -2.0 ** 40  # what jax uses for bfloat16 masks (cuDNN mishandles -inf - -inf)
+        bias = jnp.where(_may_read(*group_mask)[:, None], 0.0, big_negative).astype(q.dtype)
+    o, lse = cudnn_attention(q, k, v, bias=bias, scale=q.shape[-1] ** -0.5, qkv_layout="BTNH",
+                             return_residual=True)  # lse: float32 [B, H, Lq]
+    return o.astype(jnp.float32), jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
+
+
+def _pallas_kernel(q_ref, k_ref, v_ref, reads_ref, keys_ref, acc_ref, m_ref, l_ref, *, scale, num_groups):
+    """One (batch x head, query tile, key tile) step of the online softmax (FlashAttention-2): the
+    accumulators stay resident across the key tiles (the last grid axis) and are rescaled by
+    exp(m_old - m_new) each time the row maximum grows."""
+    from jax.experimental import pallas as pl
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+        m_ref[...] = jnp.full_like(m_ref, _MASKED)
+        l_ref[...] = jnp.zeros_like(l_ref)
+
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]  # [bq, K], [bk, K], [bk, K]
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    reads, keys = reads_ref[...], keys_ref[...]  # float32 0/1 [bq, m], [m, bk]
+    ok = (reads[:, 0:1] * keys[0:1, :]) > 0
+    for j in range(1, num_groups):  # m is a handful: elementwise, no odd-shaped matmul
+        ok = ok | ((reads[:, j:j + 1] * keys[j:j + 1, :]) > 0)
+    s = jnp.where(ok, s, _MASKED)
+    m_old = m_ref[...]  # [bq, 1]
+    m_new = jnp.maximum(m_old, jnp.max(s, axis=-1, keepdims=True))
+    alpha = jnp.exp(m_old - m_new)
+    p = jnp.where(ok, jnp.exp(s - m_new), 0.0)
+    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=-1, keepdims=True)
+    acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    m_ref[...] = m_new
+
+
+def _partial_pallas(q, k, v, group_mask=None, block: int = PALLAS_BLOCK, interpret: bool | None = None):
+    """A Pallas flash kernel (TPU; Pallas interpret mode elsewhere, which is how the tests run it):
+    tiles of `block` queries x `block` keys, online softmax over the key tiles, the group mask built
+    per tile from the table rows. Queries and keys are padded to whole tiles (padding keys masked)."""
+    from jax.experimental import pallas as pl
+
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    B, Lq, H, K = q.shape
+    S = k.shape[1]
+    bq, bk = min(block, -(-Lq // 8) * 8), min(block, -(-S // 8) * 8)
+    nq, nk = -(-Lq // bq), -(-S // bk)
+    if group_mask is None:
+        reads, key_onehot = jnp.ones((B, Lq, 1), bool), jnp.ones((B, S, 1), bool)
+    else:
+        reads, key_onehot = (jnp.broadcast_to(a, (B, *a.shape[1:])) for a in group_mask)
+    m = reads.shape[-1]
+
+    def pad(a, n, axis):
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, n - a.shape[axis])
+        return jnp.pad(a, widths)
+
+    qh = pad(q, nq * bq, 1).transpose(0, 2, 1, 3).reshape(B * H, nq * bq, K)
+    kh, vh = (pad(a, nk * bk, 1).transpose(0, 2, 1, 3).reshape(B * H, nk * bk, K) for a in (k, v))
+    reads_f = pad(reads, nq * bq, 1).astype(jnp.float32)  # [B, Lq', m]
+    keys_f = pad(key_onehot, nk * bk, 1).astype(jnp.float32).swapaxes(1, 2)  # [B, m, S']: padding keys in no group
+    kernel = functools.partial(_pallas_kernel, scale=K ** -0.5, num_groups=m)
+    acc, row_max, denom = pl.pallas_call(
+        kernel,
+        grid=(B * H, nq, nk),
+        in_specs=[pl.BlockSpec((None, bq, K), lambda h, i, j: (h, i, 0)),
+                  pl.BlockSpec((None, bk, K), lambda h, i, j: (h, j, 0)),
+                  pl.BlockSpec((None, bk, K), lambda h, i, j: (h, j, 0)),
+                  pl.BlockSpec((None, bq, m), lambda h, i, j: (h // H, i, 0)),
+                  pl.BlockSpec((None, m, bk), lambda h, i, j: (h // H, 0, j))],
+        out_specs=[pl.BlockSpec((None, bq, K), lambda h, i, j: (h, i, 0)),
+                   pl.BlockSpec((None, bq, 1), lambda h, i, j: (h, i, 0)),
+                   pl.BlockSpec((None, bq, 1), lambda h, i, j: (h, i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B * H, nq * bq, K), jnp.float32),
+                   jax.ShapeDtypeStruct((B * H, nq * bq, 1), jnp.float32),
+                   jax.ShapeDtypeStruct((B * H, nq * bq, 1), jnp.float32)],
+        interpret=interpret,
+    )(qh, kh, vh, reads_f, keys_f)
+    o, lse = _lse_and_normalised(acc, denom[..., 0], row_max[..., 0])
+    o = o.reshape(B, H, nq * bq, K)[:, :, :Lq].transpose(0, 2, 1, 3)
+    return o, lse.reshape(B, H, nq * bq)[:, :, :Lq].swapaxes(1, 2)
+
+
+_PARTIALS = {"xla": _partial_dense, "blocked": _partial_blocked, "cudnn": _partial_cudnn, "pallas": _partial_pallas}
+
+
+def _grouped_attention(q, k, v, kg: KeyGroups, partial):
+    """Attend to each key segment with `partial` and merge the results with the table's weights."""
+    B, L = q.shape[0], q.shape[1]
+    if k.shape[1] != L:
+        raise ValueError(f"KeyGroups attention needs queries and keys from one sequence; got {L} queries and "
+                         f"{k.shape[1]} keys (use a dense mask for spliced keys)")
+    kg.check(L)
+    groups = jnp.broadcast_to(kg.groups, (B, L))
+    may_read = kg.allowed[groups]  # [B, Lq, G]
+    outs, lses = [], []
+    for start, stop, key_groups in kg.segments:
+        reads = may_read[..., np.asarray(key_groups)]  # [B, Lq, m]
+        ks, vs = k[:, start:stop], v[:, start:stop]
+        if len(key_groups) == 1:  # one group: read whole or not at all, through the LSE weight alone
+            o, lse = partial(q, ks, vs)
+            lse = jnp.where(reads, lse, -jnp.inf)  # [B, Lq, H] where [B, Lq, 1]
+        else:
+            key_onehot = groups[:, start:stop, None] == np.asarray(key_groups)  # [B, S, m]
+            o, lse = partial(q, ks, vs, (reads, key_onehot))
+        outs.append(o)
+        lses.append(lse)
+    lse = jnp.stack(lses)  # [P, B, Lq, H]
+    top = jnp.max(lse, axis=0)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w = jnp.exp(lse - top)  # [P, B, Lq, H]; 0 where a segment was not read
+    total = jnp.sum(w, axis=0)
+    # where(): a segment a query read nothing of may hold NaN (0 / 0) in its output; its weight is 0
+    o = sum(jnp.where(wp[..., None] > 0, wp[..., None] * op, 0.0) for wp, op in zip(w, outs))
+    return (o / total[..., None]).astype(v.dtype)
+
+
+def default_implementation(dtype, masked: bool = False, head_dim: int = 128) -> str:
+    """The attention implementation `attention` uses when none is named, per backend:
+
+      CPU  "blocked" for every call (plain, dense mask, key groups): the [B, H, L, L] logits never
+           exist and the dots run at matmul speed;
+      GPU  "cudnn" (fused flash attention) for bfloat16 / float16 with head dim <= 128 (every
+           transformer call: plain, masked and key groups alike); "xla" for float32 and for wide
+           heads (the VAE's single 512-wide head), which cuDNN's fused kernel does not take;
+      TPU  "pallas" (the flash kernel above) for plain calls and key groups with head dim <= 128;
+           "xla" for a dense [B, Lq, Lk] mask, which the Pallas kernel does not take, and for
+           wider heads.
+    The GPU and TPU choices are made from what each kernel supports; their speed is measured by
+    `python -m benchmarks.gpu_check` where a GPU is available.
+    """
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 else "xla"
+    if backend == "tpu":
+        return "xla" if masked or head_dim > 128 else "pallas"
+    return "blocked"
 
 
 def attention(q, k, v, mask=None, implementation: str | None = None):
     """The one softmax attention of the package: softmax(q k^T / sqrt(K)) v.
 
-    q: [B, Lq, H, K]; k, v: [B, Lk, H, K]; mask: None or bool [B, Lq, Lk] (True = may attend).
-    Every attention-edge knockout goes through here, so the clean and the masked paths share
-    their numerics. `implementation`:
-      None     "blocked" on CPU, "xla" on other backends;
-      "xla"    one einsum over all heads and queries (float32 logits and softmax);
+    q: [B, Lq, H, K]; k, v: [B, Lk, H, K]; mask: None, bool [B, Lq, Lk] (True = may attend), or
+    `KeyGroups` (a knockout table over token groups, applied without an [Lq, Lk] mask). Every
+    attention-edge knockout goes through here, so the clean and the masked paths share their
+    numerics. `implementation` (None: `default_implementation`):
+      "xla"     one einsum over all heads and queries (float32 logits and softmax); with KeyGroups,
+                the dense mask (`KeyGroups.dense_mask`): the reference every other path is tested
+                against;
       "blocked" the same numerics one (head, 256-query block) at a time: "xla" up to float
-               rounding, without the [B, H, Lq, Lk] logits in memory;
-      "cudnn"  jax.nn.dot_product_attention's fused kernel on GPU.
+                rounding, without the [B, H, Lq, Lk] logits in memory; with KeyGroups, per segment;
+      "cudnn"   jax's cuDNN fused kernel (GPU, bfloat16 / float16); with KeyGroups, per segment;
+      "pallas"  the Pallas flash kernel (TPU; interpret mode on other backends); no dense masks.
     """
     if implementation is None:
-        implementation = "blocked" if jax.default_backend() == "cpu" else "xla"
+        implementation = default_implementation(q.dtype, masked=mask is not None and not isinstance(mask, KeyGroups),
+                                                head_dim=q.shape[-1])
+    if implementation not in _PARTIALS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; use None, 'xla', 'blocked', "
+                         "'cudnn' or 'pallas'")
+    if isinstance(mask, KeyGroups):
+        if implementation == "xla":
+            mask = mask.dense_mask()
+        else:
+            return _grouped_attention(q, k, v, mask, _PARTIALS[implementation])
     if implementation == "cudnn":
         m = None if mask is None else mask[:, None, :, :]
         return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
@@ -209,4 +489,7 @@ def attention(q, k, v, mask=None, implementation: str | None = None):
         return _dense_attention(q, k, v, mask)
     if implementation == "blocked":
         return _blocked_attention(q, k, v, mask)
-    raise ValueError(f"unknown attention implementation {implementation!r}; use None, 'xla', 'blocked' or 'cudnn'")
+    if mask is not None:
+        raise ValueError("the Pallas kernel takes KeyGroups, not a dense [B, Lq, Lk] mask; use "
+                         "implementation='xla' or 'blocked' for a dense mask")
+    return _partial_pallas(q, k, v)[0].astype(v.dtype)

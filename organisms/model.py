@@ -143,7 +143,8 @@ def organism_interventions(organism: Organism, layout: TokenLayout, content_mask
     allowed = jnp.logical_and(extra.allowed, own.allowed)
     if not isinstance(allowed, jax.core.Tracer):
         check_knockout(np.asarray(allowed).reshape(-1, *allowed.shape[-2:]), own.groups, layout)
-    return dataclasses.replace(iv, knockout=Knockout(allowed=allowed, groups=extra.groups))
+    return dataclasses.replace(iv, knockout=Knockout(allowed=allowed, groups=extra.groups,
+                                                          stream_counts=own.stream_counts))
 
 
 # ---------------------------------------------------------------------------------------------
