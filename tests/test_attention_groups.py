@@ -185,14 +185,7 @@ fwd = jax.jit(fluxjax.forward, static_argnames=("config", "capture", "attn_impl"
 
 @pytest.fixture(scope="module")
 def model():
-    rng = np.random.default_rng(0)
-
-    def draw(path, sds):
-        z = rng.standard_normal(sds.shape).astype(np.float32)
-        is_norm = any(getattr(k, "name", None) in ("query_norm", "key_norm") for k in path)
-        return jnp.asarray(1 + 0.1 * z if is_norm else z / np.sqrt(sds.shape[-2], dtype=np.float32))
-
-    params = jax.tree_util.tree_map_with_path(draw, fluxjax.param_shapes(TINY))
+    params = fluxjax.init_params(TINY, jax.random.key(0))
     img, txt = inputs(TINY, LAYOUT, batch=CONTENT.shape[0], seed=1)
     data = (jnp.asarray(img), jnp.asarray(txt), jnp.asarray([0.4, 0.9, 0.6], jnp.float32),
             jnp.asarray(LAYOUT.img_ids()), jnp.asarray(LAYOUT.txt_ids()))
@@ -201,7 +194,7 @@ def model():
 
 def _run(model, iv, attn_impl):
     params, data = model
-    return np.asarray(fwd(params, TINY, *data, interventions=fluxjax.Interventions(knockout=iv), attn_impl=attn_impl))
+    return np.asarray(fwd(params, TINY, *data, interventions=fluxjax.Interventions(knockout=iv), attn_impl=attn_impl)[0])
 
 
 FORWARD_CASES = [(s, "all") for s in SETTINGS] + [("ref->text", "1:3"), ("text->image", [0, 4])]
@@ -212,7 +205,9 @@ def test_forward_equals_dense_mask(model, setting, blocks):
     knock = _knockout(setting, blocks=blocks)
     ref = _run(model, knock, "xla")
     assert rel_err(_run(model, knock, None), ref) <= GROUP_TOL
-    assert rel_err(ref, _run(model, None, "xla")) > 1e3 * GROUP_TOL  # the knockout changes the output
+    # the knockout changes the output by far more than the bar (ref->text[content], the smallest
+    # effect: 3.9e-4 with these weights; 12 content tokens over 3 samples)
+    assert rel_err(ref, _run(model, None, "xla")) > 1e2 * GROUP_TOL
 
 
 def test_forward_combined_block_ranges_and_pallas(model):
@@ -228,7 +223,7 @@ def test_forward_mask_form_of_the_drop(model):
     for k in (1, TINY.depth + 1):
         cut = _run(model, fluxjax.cut_reference(TINY, LAYOUT, CONTENT, k), None)
         dropped = np.asarray(fwd(params, TINY, *data, attn_impl=None, interventions=fluxjax.Interventions(
-            drop_reference=fluxjax.drop_reference(LAYOUT, k))))
+            drop_reference=fluxjax.drop_reference(LAYOUT, k)))[0])
         assert rel_err(cut[:, :LAYOUT.n_img], dropped) <= GROUP_TOL
 
 
