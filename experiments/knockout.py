@@ -23,15 +23,15 @@ import functools
 import sys
 from collections.abc import Mapping, Sequence
 
-from experiments import common, report
+from experiments import cli, grids, report, tables
 from fluxjax import metrics
-from experiments.common import Context
+from experiments.context import Context
 
 NAME = "knockout"
 TITLE = "Attention knockout"
 MAIN_SETTINGS = ("ref->text", "ref->image", "ref->text[padding]", "ref->text[content]")
 OTHER_SETTINGS = ("text->ref", "image->ref", "image->text", "text->image")
-CRITERION = (f"colour kept: CIEDE2000(output's dominant colour, reference colour) <= {common.THRESHOLD:g} "
+CRITERION = (f"colour kept: CIEDE2000(output's dominant colour, reference colour) <= {tables.THRESHOLD:g} "
              "(lost: not kept)")
 MEANS = ("colour_de", "colour_match", "mad", "ssim")
 
@@ -56,7 +56,7 @@ def edges(setting: str) -> list[str]:
 def settings(args, config) -> dict:
     sweep = None if args.sweep is None else (list(args.sweep) or list(args.settings))
     n = config.num_blocks
-    sweep_from = list(range(n + 1)) if args.sweep_from is None else common.parse_blocks(args.sweep_from, n + 1)
+    sweep_from = list(range(n + 1)) if args.sweep_from is None else cli.parse_blocks(args.sweep_from, n + 1)
     out = {"settings": list(dict.fromkeys(args.settings)), "layers": list(dict.fromkeys(args.layers)),
            "sweep": list(dict.fromkeys(sweep or [])), "sweep_from": sweep_from if sweep else []}
     validate(out, config)
@@ -79,7 +79,7 @@ def validate(s: Mapping, config) -> None:
         if not edges(setting):
             raise ValueError(f"knockout setting {setting!r} names no edge")
         for layers in s["layers"]:
-            knockout(config, layout, content, edges(setting), common.parse_blocks(layers, config.num_blocks))
+            knockout(config, layout, content, edges(setting), cli.parse_blocks(layers, config.num_blocks))
     for k in s["sweep_from"]:
         if not 0 <= k <= config.num_blocks:
             raise ValueError(f"sweep start {k}: use 0..{config.num_blocks}")
@@ -100,81 +100,75 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
     cells, meta = [], []
     for setting in s["settings"]:
         for layers in s["layers"]:
-            cells.append(cut(setting, common.parse_blocks(layers, n)))
+            cells.append(cut(setting, cli.parse_blocks(layers, n)))
             meta.append(dict(setting=f"{setting} @ {layers}", edges=setting, layers=layers, from_block=None,
-                             file=f"{common.slug(setting)}--{common.slug(layers)}.png"))
+                             file=f"{cli.slug(setting)}--{cli.slug(layers)}.png"))
     for setting in s["sweep"]:
         for k in s["sweep_from"]:
             cells.append(cut(setting, range(k, n)))
             meta.append(dict(setting=f"{setting} from {k}", edges=setting, layers=f"{k}:", from_block=k,
-                             file=f"sweep--{common.slug(setting)}--from{k}.png"))
+                             file=f"sweep--{cli.slug(setting)}--from{k}.png"))
     images = ctx.sweep(edit, cells)
 
-    rows = [common.colour_row(base["edit"], ref_lab, base["edit"], task=task.task_id, setting="no knockout (edit)",
+    rows = [tables.colour_row(base["edit"], ref_lab, base["edit"], task=task.task_id, setting="no knockout (edit)",
                               edges=None, layers=None, from_block=None),
-            common.colour_row(base["t2i"], ref_lab, base["edit"], task=task.task_id, setting="t2i (no reference)",
+            tables.colour_row(base["t2i"], ref_lab, base["edit"], task=task.task_id, setting="t2i (no reference)",
                               edges=None, layers=None, from_block=None)]
     for m, image in zip(meta, images):
         cell.write_image(m.pop("file"), image)
-        rows.append(common.colour_row(image, ref_lab, base["edit"], task=task.task_id, **m))
+        rows.append(tables.colour_row(image, ref_lab, base["edit"], task=task.task_id, **m))
     return {"rows": rows}
 
 
 def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     validate(s, ctx.model.config)
-    jobs = [(f"{prefix}/{t.task_id}", functools.partial(_task, ctx, t, s)) for t in tasks]
-    records = ctx.cells(TITLE, jobs)
-    rows = [r for rec in records for r in rec["rows"]]
+    rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
     main = [r for r in rows if r["from_block"] is None]
     swept = [r for r in rows if r["from_block"] is not None]
-    rates, means = common.write_tables(ctx.run, prefix, main, pass_key="colour_match", criterion=CRITERION,
-                                       threshold=common.THRESHOLD, columns=MEANS)
+    rates, means = tables.write_tables(ctx.run, prefix, main, pass_key="colour_match", criterion=CRITERION,
+                                       threshold=tables.THRESHOLD, columns=MEANS)
     items: list = [report.Text(
         f"Edges cut at every step in the blocks of each layer mode ({', '.join(s['layers'])}). mad / ssim: against "
         "the baseline edit. Controls: the edit itself and text-to-image without the reference (same seed)."),
-        common.rate_table("Colour kept per setting", rates, "Colour lost = n - passed."),
-        common.means_table("Means per setting", means, MEANS)]
+        tables.rate_table("Colour kept per setting", rates, "Colour lost = n - passed."),
+        tables.means_table("Means per setting", means, MEANS)]
     if swept:
         ctx.run.write_derived(f"{prefix}-sweep-metrics.csv", metrics.rows_to_csv(swept))
         ks = list(s["sweep_from"])
         cfg = ctx.model.config
-        de = common.series_by_block(swept, ks, "edges", "from_block", "colour_de")
-        items.append(common.plot(ctx.run, f"{prefix}-sweep-colour-distance", ks, de,
-                                 ylabel="CIEDE2000 to reference colour", threshold=common.THRESHOLD,
+        de = tables.series_by_block(swept, ks, "edges", "from_block", "colour_de")
+        items.append(tables.plot(ctx.run, f"{prefix}-sweep-colour-distance", ks, de,
+                                 ylabel="CIEDE2000 to reference colour", threshold=tables.THRESHOLD,
                                  xlabel=f"knockout from block k on (k = {cfg.num_blocks}: none)",
                                  num_double_blocks=cfg.depth, title=f"{TITLE}: block sweep",
                                  caption="Mean colour distance to the reference colour when the edges are cut from "
                                          "block k on (higher: the colour is lost)"))
-        mad = common.series_by_block(swept, ks, "edges", "from_block", "mad")
-        items.append(common.plot(ctx.run, f"{prefix}-sweep-change", ks, mad, ylabel="mean |pixel diff| vs edit",
+        mad = tables.series_by_block(swept, ks, "edges", "from_block", "mad")
+        items.append(tables.plot(ctx.run, f"{prefix}-sweep-change", ks, mad, ylabel="mean |pixel diff| vs edit",
                                  xlabel=f"knockout from block k on (k = {cfg.num_blocks}: none)",
                                  num_double_blocks=cfg.depth, title=f"{TITLE}: block sweep",
                                  caption="Change against the baseline edit (0 at k = n: nothing cut)"))
-    grid_files = [(_grid(ctx, task, s, rows, prefix), task.task_id) for task in tasks]
-    return [report.Section(TITLE, items), common.grids_section(f"{TITLE}: per-task grids", prefix, grid_files)]
+    return [report.Section(TITLE, items), tables.task_grids(ctx.run, f"{TITLE}: per-task grids", prefix, tasks, rows,
+                                                             functools.partial(_grid, ctx, s, prefix))]
 
 
-def _grid(ctx: Context, task, s: Mapping, rows: Sequence[Mapping], prefix: str):
+def _grid(ctx: Context, s: Mapping, prefix: str, task, cell, mine: Mapping[str, Mapping]):
     base = ctx.baselines(task)
-    cell = ctx.run.cell(f"{prefix}/{task.task_id}")
-    mine = {r["setting"]: r for r in rows if r["task"] == task.task_id}
-    grid_rows = [[common.panel("reference", base["reference"]),
-                  common.panel("baseline edit", base["edit"], common.de_caption(mine["no knockout (edit)"])),
-                  common.panel("t2i baseline", base["t2i"], common.de_caption(mine["t2i (no reference)"]))]]
+    grid_rows = [tables.baseline_panels(base, mine["no knockout (edit)"], mine["t2i (no reference)"])]
     for setting in s["settings"]:
-        grid_rows.append([common.panel(f"{setting}, blocks {layers}",
-                                       cell.load_image(f"{common.slug(setting)}--{common.slug(layers)}.png"),
-                                       common.de_caption(mine[f"{setting} @ {layers}"])) for layers in s["layers"]])
+        grid_rows.append([grids.Panel(f"{setting}, blocks {layers}",
+                                       cell.load_image(f"{cli.slug(setting)}--{cli.slug(layers)}.png"),
+                                       tables.de_caption(mine[f"{setting} @ {layers}"])) for layers in s["layers"]])
     for setting in s["sweep"]:
-        grid_rows.append([common.panel(f"{setting}, from block {k}",
-                                       cell.load_image(f"sweep--{common.slug(setting)}--from{k}.png"),
-                                       common.de_caption(mine[f"{setting} from {k}"])) for k in s["sweep_from"]])
-    return common.write_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png",
+        grid_rows.append([grids.Panel(f"{setting}, from block {k}",
+                                       cell.load_image(f"sweep--{cli.slug(setting)}--from{k}.png"),
+                                       tables.de_caption(mine[f"{setting} from {k}"])) for k in s["sweep_from"]])
+    return tables.write_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png",
                              f"{TITLE}: {task.task_id} ({task.instruction!r})", grid_rows)
 
 
 def main(argv=None) -> int:
-    return common.run_command(sys.modules[__name__], argv)
+    return cli.run_command(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

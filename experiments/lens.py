@@ -27,18 +27,19 @@ import functools
 import sys
 from collections.abc import Mapping, Sequence
 
-from experiments import common, report
-from experiments.common import POSITIONS, Context
+from experiments import cli, grids, report, tables
+from experiments.context import Context
+from experiments.sweep import POSITIONS
 
 NAME = "lens"
 TITLE = "T2I Lens"
-CRITERION = f"reference colour present: CIEDE2000(output's dominant colour, reference colour) <= {common.THRESHOLD:g}"
+CRITERION = f"reference colour present: CIEDE2000(output's dominant colour, reference colour) <= {tables.THRESHOLD:g}"
 MEANS = ("colour_de", "colour_match", "mad", "ssim")
 
 
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("T2I Lens")
-    common.add_block_arguments(g, "default: the last double block, the study's style cell")
+    cli.add_block_arguments(g, "default: the last double block, the study's style cell")
     g.add_argument("--positions", nargs="+", choices=list(POSITIONS), default=list(POSITIONS),
                    help="which text positions are replaced (default: all padding content)")
     g.add_argument("--source-steps", type=int, default=1, help="steps of the source edit (default 1, as the study)")
@@ -47,7 +48,7 @@ def add_arguments(parser) -> None:
 def settings(args, config) -> dict:
     if args.source_steps < 1:
         raise ValueError("--source-steps must be at least 1")
-    out = {"blocks": common.blocks_from_args(args, config.num_blocks, config.depth - 1),
+    out = {"blocks": cli.blocks_from_args(args, config.num_blocks, config.depth - 1),
            "positions": list(dict.fromkeys(args.positions)), "source_steps": args.source_steps}
     validate(out, config)
     return out
@@ -76,19 +77,19 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
 
     cells, labels = [], []
     for pos in s["positions"]:
-        mask = source.layout.text_mask(POSITIONS[pos], source.content_mask)
+        mask = source.text_mask(pos)
         for j, k in enumerate(blocks):
             cells.append(Interventions(substitutions=(substitution(BLOCK0_INPUT, kept[j], mask),)))
             labels.append((pos, k))
     images = ctx.sweep(target, cells)
 
-    rows = [common.colour_row(base["edit"], ref_lab, base["edit"], task=task.task_id, setting="baseline edit",
+    rows = [tables.colour_row(base["edit"], ref_lab, base["edit"], task=task.task_id, setting="baseline edit",
                               positions=None, block=None),
-            common.colour_row(base["t2i-next-seed"], ref_lab, base["edit"], task=task.task_id, setting="t2i_clean",
+            tables.colour_row(base["t2i-next-seed"], ref_lab, base["edit"], task=task.task_id, setting="t2i_clean",
                               positions=None, block=None)]
     for (pos, k), image in zip(labels, images):
         cell.write_image(f"{pos}-b{k}.png", image)
-        rows.append(common.colour_row(image, ref_lab, base["edit"], task=task.task_id, setting=f"{pos} b{k}",
+        rows.append(tables.colour_row(image, ref_lab, base["edit"], task=task.task_id, setting=f"{pos} b{k}",
                                       positions=pos, block=k))
     return {"rows": rows}
 
@@ -96,53 +97,48 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
 def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     """Every task's lens cell, then the tables, plots, grids and report sections."""
     validate(s, ctx.model.config)
-    jobs = [(f"{prefix}/{t.task_id}", functools.partial(_task, ctx, t, s)) for t in tasks]
-    records = ctx.cells(TITLE, jobs)
-    rows = [r for rec in records for r in rec["rows"]]
-    rates, means = common.write_tables(ctx.run, prefix, rows, pass_key="colour_match", criterion=CRITERION,
-                                       threshold=common.THRESHOLD, columns=MEANS)
+    rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
+    rates, means = tables.write_tables(ctx.run, prefix, rows, pass_key="colour_match", criterion=CRITERION,
+                                       threshold=tables.THRESHOLD, columns=MEANS)
     items: list = [report.Text(
         f"Source: the edit run for {s['source_steps']} step(s), text stream kept at the output of block k. Target: "
         f"empty prompt, no reference, seed + 1, {ctx.options.num_steps} steps, the text stream fed to block 0 "
         f"replaced at the {', '.join(s['positions'])} positions. Controls: the baseline edit and t2i_clean (the "
         f"instruction, no reference, seed + 1). mad / ssim: against the baseline edit."),
-        common.rate_table("Pass rates", rates), common.means_table("Means per setting", means, MEANS)]
+        tables.rate_table("Pass rates", rates), tables.means_table("Means per setting", means, MEANS)]
     blocks = list(s["blocks"])
     if len(blocks) > 1:
         swept = [r for r in rows if r["block"] is not None]
         clean = [r["colour_de"] for r in rows if r["setting"] == "t2i_clean"]
-        de = common.series_by_block(swept, blocks, "positions", "block", "colour_de")
+        de = tables.series_by_block(swept, blocks, "positions", "block", "colour_de")
         de["t2i_clean (control)"] = [sum(clean) / len(clean)] * len(blocks)
-        items.append(common.plot(ctx.run, f"{prefix}-colour-distance", blocks, de,
+        items.append(tables.plot(ctx.run, f"{prefix}-colour-distance", blocks, de,
                                  ylabel="CIEDE2000 to reference colour",
                                  caption="Mean colour distance of the lens output to the reference colour, by source "
-                                         "block (lower: the colour appears)", threshold=common.THRESHOLD,
+                                         "block (lower: the colour appears)", threshold=tables.THRESHOLD,
                                  num_double_blocks=ctx.model.config.depth, title=TITLE))
-        rate = common.series_by_block(swept, blocks, "positions", "block", "colour_match")
-        items.append(common.plot(ctx.run, f"{prefix}-pass-rate", blocks, rate, ylabel="share with the reference colour",
+        rate = tables.series_by_block(swept, blocks, "positions", "block", "colour_match")
+        items.append(tables.plot(ctx.run, f"{prefix}-pass-rate", blocks, rate, ylabel="share with the reference colour",
                                  caption="Pass rate by source block", ylim=(-0.05, 1.05),
                                  num_double_blocks=ctx.model.config.depth, title=TITLE))
-    grid_files = [(_grid(ctx, task, s, rows, prefix), task.task_id) for task in tasks]
     return [report.Section(f"{TITLE}: all, padding-only and content-only positions", items),
-            common.grids_section(f"{TITLE}: per-task grids", prefix, grid_files)]
+            tables.task_grids(ctx.run, f"{TITLE}: per-task grids", prefix, tasks, rows,
+                              functools.partial(_grid, ctx, s, prefix))]
 
 
-def _grid(ctx: Context, task, s: Mapping, rows: Sequence[Mapping], prefix: str):
+def _grid(ctx: Context, s: Mapping, prefix: str, task, cell, mine: Mapping[str, Mapping]):
     base = ctx.baselines(task)
-    cell = ctx.run.cell(f"{prefix}/{task.task_id}")
-    mine = {r["setting"]: r for r in rows if r["task"] == task.task_id}
-    top = [common.panel("reference", base["reference"]),
-           common.panel("baseline edit", base["edit"], common.de_caption(mine["baseline edit"])),
-           common.panel("t2i_clean (seed + 1)", base["t2i-next-seed"], common.de_caption(mine["t2i_clean"])),
-           common.panel(f"source edit ({s['source_steps']} step)", cell.load_image("source.png"))]
-    grid_rows = [top, *common.block_rows(cell, s["positions"], s["blocks"], mine, common.de_caption)]
-    labels = ["", *(f"lens: {pos}" for pos in s["positions"])]
-    return common.write_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png", f"{TITLE}: {task.task_id} "
-                             f"({task.instruction!r})", grid_rows, labels)
+    top = [grids.Panel("reference", base["reference"]),
+           grids.Panel("baseline edit", base["edit"], tables.de_caption(mine["baseline edit"])),
+           grids.Panel("t2i_clean (seed + 1)", base["t2i-next-seed"], tables.de_caption(mine["t2i_clean"])),
+           grids.Panel(f"source edit ({s['source_steps']} step)", cell.load_image("source.png"))]
+    return tables.write_sweep_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png",
+                                   f"{TITLE}: {task.task_id} ({task.instruction!r})", top, cell, s["positions"],
+                                   s["blocks"], mine, tables.de_caption, "lens")
 
 
 def main(argv=None) -> int:
-    return common.run_command(sys.modules[__name__], argv)
+    return cli.run_command(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

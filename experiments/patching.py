@@ -26,9 +26,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experiments import common, report, tasks as tasklib
+from experiments import cli, grids, report, tables, tasks as tasklib
 from fluxjax import metrics
-from experiments.common import POSITIONS, Context
+from experiments.context import Context
+from experiments.sweep import POSITIONS
 
 NAME = "patching"
 TITLE = "I2I -> I2I patching"
@@ -40,7 +41,7 @@ PAIRS_FILE = "tasks/pairs.tsv"
 
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("patching")
-    common.add_block_arguments(g, "default: the last double block, the study's style cell")
+    cli.add_block_arguments(g, "default: the last double block, the study's style cell")
     g.add_argument("--positions", nargs="+", choices=list(POSITIONS), default=list(POSITIONS),
                    help="which text positions are patched (default: all padding content)")
     g.add_argument("--pairs", type=Path, default=None,
@@ -55,11 +56,11 @@ def pair_file(path: Path | None) -> dict | None:
     path = Path(path).resolve()
     if not path.is_file():
         raise ValueError(f"--pairs {path}: no such file")
-    return {"file": str(path), "sha256": common.file_sha256(path)}
+    return {"file": str(path), "sha256": cli.file_sha256(path)}
 
 
 def settings(args, config) -> dict:
-    out = {"blocks": common.blocks_from_args(args, config.num_blocks, config.depth - 1),
+    out = {"blocks": cli.blocks_from_args(args, config.num_blocks, config.depth - 1),
            "positions": list(dict.fromkeys(args.positions)), "pairs": pair_file(args.pairs)}
     validate(out, config)
     return out
@@ -95,7 +96,7 @@ def pair_file_text(pairs: Sequence[tuple[tasklib.Task, tasklib.Task]]) -> str:
 
 def resolve_pairs(ctx: Context, found: Sequence[tasklib.Task], s: Mapping):
     if s["pairs"] is not None:
-        if common.file_sha256(Path(s["pairs"]["file"])) != s["pairs"]["sha256"]:
+        if cli.file_sha256(Path(s["pairs"]["file"])) != s["pairs"]["sha256"]:
             raise ValueError(f"{s['pairs']['file']} changed since this run folder was made; start a new run (--out)")
         return tasklib.read_pairs(s["pairs"]["file"], found)
     pairs = colour_pairs(found)
@@ -121,7 +122,7 @@ def _pair(ctx: Context, source, target, s: Mapping, cell) -> dict:
     tgt = ctx.edit(target.instruction, target.reference, target.seed, target.height, target.width)
     cells, labels = [], []
     for pos in s["positions"]:
-        mask = tgt.layout.text_mask(POSITIONS[pos], tgt.content_mask)
+        mask = tgt.text_mask(pos)
         for j, k in enumerate(blocks):
             cells.append(Interventions(substitutions=(substitution(k, captures.text[:, j], mask),)))
             labels.append((pos, k))
@@ -131,7 +132,7 @@ def _pair(ctx: Context, source, target, s: Mapping, cell) -> dict:
         closer, d_s, d_t = metrics.closer_to_source(image, src_lab, tgt_lab)
         return {"pair": pair_key(source, target), "source": source.task_id, "target": target.task_id,
                 "setting": setting, "positions": positions, "block": block, "d_source": d_s, "d_target": d_t,
-                "transferred": bool(closer), **common.change(image, base["edit"])}
+                "transferred": bool(closer), **tables.change(image, base["edit"])}
 
     rows = [row(base["edit"], "target edit (unpatched)", None, None),
             row(source_base["edit"], "source edit", None, None)]
@@ -144,33 +145,31 @@ def _pair(ctx: Context, source, target, s: Mapping, cell) -> dict:
 def run(ctx: Context, found: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     validate(s, ctx.model.config)
     pairs = resolve_pairs(ctx, found, s)
-    jobs = [(f"{prefix}/{pair_key(a, b)}", functools.partial(_pair, ctx, a, b, s)) for a, b in pairs]
-    records = ctx.cells(TITLE, jobs)
-    rows = [r for rec in records for r in rec["rows"]]
-    rates, means = common.write_tables(ctx.run, prefix, rows, pass_key="transferred", criterion=CRITERION,
+    rows = ctx.cells(TITLE, prefix, {pair_key(a, b): functools.partial(_pair, ctx, a, b, s) for a, b in pairs})
+    rates, means = tables.write_tables(ctx.run, prefix, rows, pass_key="transferred", criterion=CRITERION,
                                        threshold=None, columns=MEANS)
     cfg = ctx.model.config
     items: list = [report.Text(
         f"{len(pairs)} pairs. The target's text stream at block k replaced at every step by the source's, at the "
         f"{', '.join(s['positions'])} positions. d_source / d_target: CIEDE2000 from the output's dominant colour to "
         "the source's / target's reference colour. mad / ssim: against the target's baseline edit."),
-        common.rate_table("Transfer rates", rates), common.means_table("Means per setting", means, MEANS)]
+        tables.rate_table("Transfer rates", rates), tables.means_table("Means per setting", means, MEANS)]
     blocks = list(s["blocks"])
     if len(blocks) > 1:
         swept = [r for r in rows if r["block"] is not None]
-        rate = common.series_by_block(swept, blocks, "positions", "block", "transferred")
-        items.append(common.plot(ctx.run, f"{prefix}-transfer-rate", blocks, rate, ylabel="share transferred",
+        rate = tables.series_by_block(swept, blocks, "positions", "block", "transferred")
+        items.append(tables.plot(ctx.run, f"{prefix}-transfer-rate", blocks, rate, ylabel="share transferred",
                                  ylim=(-0.05, 1.05), num_double_blocks=cfg.depth, title=TITLE,
                                  caption="Share of pairs whose output takes the source's colour, by patched block"))
         for r in swept:
             r["margin"] = r["d_target"] - r["d_source"]
-        margin = common.series_by_block(swept, blocks, "positions", "block", "margin")
-        items.append(common.plot(ctx.run, f"{prefix}-margin", blocks, margin,
+        margin = tables.series_by_block(swept, blocks, "positions", "block", "margin")
+        items.append(tables.plot(ctx.run, f"{prefix}-margin", blocks, margin,
                                  ylabel="d_target - d_source (CIEDE2000)", threshold=0.0, num_double_blocks=cfg.depth,
                                  title=TITLE, caption="How much closer the output is to the source colour than to the "
                                                       "target colour (> 0: transferred), by patched block"))
     grid_files = [(_grid(ctx, a, b, s, rows, prefix), pair_key(a, b)) for a, b in pairs]
-    return [report.Section(TITLE, items), common.grids_section(f"{TITLE}: per-pair grids", prefix, grid_files)]
+    return [report.Section(TITLE, items), tables.grids_section(f"{TITLE}: per-pair grids", prefix, grid_files)]
 
 
 def _grid(ctx: Context, source, target, s: Mapping, rows: Sequence[Mapping], prefix: str):
@@ -182,19 +181,17 @@ def _grid(ctx: Context, source, target, s: Mapping, rows: Sequence[Mapping], pre
     def caption(r):
         return f"d_src {r['d_source']:.1f} d_tgt {r['d_target']:.1f}"
 
-    grid_rows = [[common.panel("source reference", src["reference"]),
-                  common.panel("target reference", tgt["reference"]),
-                  common.panel("source edit", src["edit"], caption(mine["source edit"])),
-                  common.panel("target edit", tgt["edit"], caption(mine["target edit (unpatched)"])),
-                  common.panel("target t2i baseline", tgt["t2i"])]]
-    grid_rows += common.block_rows(cell, s["positions"], s["blocks"], mine, caption)
-    labels = ["", *(f"patched: {pos}" for pos in s["positions"])]
-    return common.write_grid(ctx.run, f"grids/{prefix}/{key}.png", f"{TITLE}: {source.task_id} -> {target.task_id} "
-                             f"({target.instruction!r})", grid_rows, labels)
+    top = [grids.Panel("source reference", src["reference"]), grids.Panel("target reference", tgt["reference"]),
+           grids.Panel("source edit", src["edit"], caption(mine["source edit"])),
+           grids.Panel("target edit", tgt["edit"], caption(mine["target edit (unpatched)"])),
+           grids.Panel("target t2i baseline", tgt["t2i"])]
+    return tables.write_sweep_grid(ctx.run, f"grids/{prefix}/{key}.png", f"{TITLE}: {source.task_id} -> "
+                                   f"{target.task_id} ({target.instruction!r})", top, cell, s["positions"], s["blocks"],
+                                   mine, caption, "patched")
 
 
 def main(argv=None) -> int:
-    return common.run_command(sys.modules[__name__], argv)
+    return cli.run_command(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -33,16 +33,18 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experiments import common, drop, knockout, lens, models, patching, report
+from experiments import cli, drop, knockout, lens, models, patching, report, tables, tasks as tasklib
+from experiments.sweep import POSITIONS
 
 NAME = "run_all"
 TITLE = "The five experiments"
 DEFAULT_MODELS = "direct,text-routed"
 COLOUR_SUBSETS = {  # per model kind: (colours, objects, seeds) of the default colour-bucket subset
-    "organism": (",".join(common.tasklib.COLOURS), "circle,triangle", "0"),
+    "organism": (",".join(tasklib.COLOURS), "circle,triangle", "0"),
     "folder": ("red,green,blue,yellow", "ball", "0"),
 }
 STUDY_COLOUR_BLOCK, STUDY_BLOCKS = 17, 32  # the study's colour cell: global block 17 of klein-9B's 32
@@ -72,14 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def plan(config, blocks_spec: str, source_steps: int, headline: int | None, pairs: Path | None = None) -> dict:
     """Every experiment's settings (the run config's `settings`)."""
     n, depth = config.num_blocks, config.depth
-    blocks = common.parse_blocks(blocks_spec, n)
+    blocks = cli.parse_blocks(blocks_spec, n)
     ks = sorted(set(blocks) | {0, n})
     if headline is None:
         headline = min(n - 1, round(STUDY_COLOUR_BLOCK * n / STUDY_BLOCKS))
     if not 0 <= headline < n:
         raise ValueError(f"--headline-block {headline}: this model has blocks 0..{n - 1}")
     headline = min(blocks, key=lambda b: (abs(b - headline), b))
-    positions = list(common.POSITIONS)
+    positions = list(POSITIONS)
     out = {
         "headline_block": headline,
         "lens": {"blocks": blocks, "positions": positions, "source_steps": source_steps},
@@ -115,7 +117,7 @@ def summary_rows(run_path: Path, s: Mapping) -> list[dict]:
     lines += [(f"Knockout {e} (all blocks)", "knockout", f"{e} @ all", "kept" if e == "ref->image" else "lost",
                STUDY[e]) for e in knockout.MAIN_SETTINGS]
     lines += [(f"I2I->I2I patching {p}, block {b}: transferred", "patching", f"{p} b{b}", "", STUDY[f"patch_{p}"])
-              for p in common.POSITIONS]
+              for p in POSITIONS]
     rows = []
     for what, prefix, setting, reading, study in lines:
         r = tables[prefix].get(setting)
@@ -128,7 +130,7 @@ def summary_rows(run_path: Path, s: Mapping) -> list[dict]:
 
 
 def summary_note(kind: str) -> str:
-    note = f"Colour threshold: CIEDE2000 {common.THRESHOLD:g}. The study scored with a VLM judge on klein-9B."
+    note = f"Colour threshold: CIEDE2000 {tables.THRESHOLD:g}. The study scored with a VLM judge on klein-9B."
     if kind == "organism":
         note += (" A model organism's routing is known by construction (docs/organisms.md): `direct` was trained "
                  "plainly, `text-routed` with the reference cut from the image and from the text content positions "
@@ -156,18 +158,18 @@ class Outcome:
 def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str) -> Outcome:
     """The five experiments on `args.model`, into the run folder `out`."""
     try:
-        spec = common.task_spec(args)
+        spec = cli.task_spec(args)
         model, model_record = models.load(args)
         settings = plan(model.config, args.blocks, args.source_steps, args.headline_block, args.pairs)
-        config = {**common.base_config(args, model, model_record), "experiment": NAME, "settings": settings}
+        config = {**cli.base_config(args, model, model_record), "experiment": NAME, "settings": settings}
     except (ValueError, KeyError, FileNotFoundError) as e:
         parser.error(str(e))
-    timer = common.Timer()
+    start = time.perf_counter()
     kind = model_record["kind"]
-    with common.open_run_folder(out, config) as run:
-        ctx = common.open_context(args, model, run)
+    with cli.open_run_folder(out, config) as run:
+        ctx = cli.open_context(args, model, run)
         try:
-            found = common.load_tasks(spec, run)
+            found = cli.load_tasks(spec, run)
             patching.resolve_pairs(ctx, found, settings["patching"])  # a bad pair file fails before any work
         except (ValueError, KeyError) as e:
             parser.error(str(e))
@@ -176,12 +178,12 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
         sections += drop.run(ctx, found, settings["drop"], "drop")
         sections += patching.run(ctx, found, settings["patching"], "patching")
         intro = report.Section("Setup", [
-            report.Text(f"{common.describe_model(ctx)}\n\n{len(found)} tasks: "
-                        f"{', '.join(t.task_id for t in found)}. This invocation took {timer.seconds():.0f} s"
+            report.Text(f"{ctx.describe()}\n\n{len(found)} tasks: "
+                        f"{', '.join(t.task_id for t in found)}. This invocation took {time.perf_counter() - start:.0f} s"
                         f"{' (resumed)' if run.resumed else ''}."),
             summary_table(run.path, settings, kind)])
         path = report.write_run_report(run, f"{TITLE}: {model_record['name']}", [intro, *sections])
-        run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": timer.seconds(),
+        run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
                            "resumed": run.resumed})
     print(f"report: {path}")
     return Outcome(name=models.name(args.model), kind=kind, run_path=run.path, report=path, settings=settings)
@@ -214,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.run_all", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    common.add_arguments(parser, out_default="runs/main", model_default=DEFAULT_MODELS,
+    cli.add_arguments(parser, out_default="runs/main", model_default=DEFAULT_MODELS,
                          colour_defaults=COLOUR_SUBSETS)
     args = parser.parse_args(argv)
     specs = [m.strip() for m in args.model.split(",") if m.strip()]
@@ -227,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(names)) != len(names):
         parser.error(f"--model {args.model}: the models need different names (their run folders are --out/<name>)")
     folder = Path(args.out).resolve()
-    outcomes = [run_model(parser, _with_model(args, m), str(folder / common.slug(name)))
+    outcomes = [run_model(parser, _with_model(args, m), str(folder / cli.slug(name)))
                 for m, name in zip(specs, names)]
     path = comparison_report(folder, outcomes)
     print(f"report: {path}")

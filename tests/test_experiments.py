@@ -20,7 +20,7 @@ from PIL import Image
 
 pytest.importorskip("torch")
 
-from experiments import common, drop, knockout, lens, patching, run_all, runs, sweep  # noqa: E402
+from experiments import cli, drop, knockout, lens, patching, run_all, runs, sweep  # noqa: E402
 
 PIXEL_TOL = 1  # max |difference| on 0..255 between two computations of one image (module docstring)
 
@@ -292,12 +292,12 @@ def test_plain_sweep_run_equals_pipeline_generate(folder, cache):
 def test_names_blocks_and_colour_pairs():
     from experiments import tasks as tasklib
 
-    assert common.slug("ref->text[padding]") == "ref-to-text.padding"
-    assert [common.slug(s) for s in (":3", "3:", "1:3", "0,2", "all")] == ["to3", "3to", "1to3", "0_2", "all"]
-    assert common.parse_blocks("all", 5) == [0, 1, 2, 3, 4]
-    assert common.parse_blocks("3:", 5) == [3, 4] and common.parse_blocks("4,0", 5) == [0, 4]
+    assert cli.slug("ref->text[padding]") == "ref-to-text.padding"
+    assert [cli.slug(s) for s in (":3", "3:", "1:3", "0,2", "all")] == ["to3", "3to", "1to3", "0_2", "all"]
+    assert cli.parse_blocks("all", 5) == [0, 1, 2, 3, 4]
+    assert cli.parse_blocks("3:", 5) == [3, 4] and cli.parse_blocks("4,0", 5) == [0, 4]
     with pytest.raises(ValueError, match="out of range"):
-        common.parse_blocks("7", 5)
+        cli.parse_blocks("7", 5)
     found = tasklib.colour_bucket(["red", "green", "blue"], ["mug", "hat"], [0])
     pairs = [(a.task_id, b.task_id) for a, b in patching.colour_pairs(found)]
     assert ("solid_red_mug_s0", "solid_green_mug_s0") in pairs and ("solid_blue_hat_s0", "solid_red_hat_s0") in pairs
@@ -341,3 +341,16 @@ def test_organism_models_refuse_what_they_cannot_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         lens.main(["--model", "direct", "--dtype", "bfloat16", "--no-progress", "--out", str(tmp_path / "b")])
     assert "organisms run in float32" in capsys.readouterr().err
+
+
+def test_both_model_kinds_implement_the_backend_interface(folder, cache):
+    from experiments.backend import ModelBackend, PipelineBackend, backend
+    from fluxjax import pipeline
+    from organisms.experiment_model import OrganismModel, committed
+
+    organism = OrganismModel.load(committed("direct"))
+    assert isinstance(organism, ModelBackend) and backend(organism) is organism
+    wrapped = backend(pipeline.load_model(folder, cache=cache, progress=False))
+    assert isinstance(wrapped, PipelineBackend) and isinstance(wrapped, ModelBackend)
+    with pytest.raises(TypeError, match="not an experiment model"):
+        backend(object())
