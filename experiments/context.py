@@ -147,6 +147,14 @@ class Context:
         return {name: np.asarray(cell.load_image(f"{name}.png"))
                 for name in ("reference", "edit", "t2i", "t2i-next-seed")}
 
+    def file(self, cell: runs.Cell, name: str) -> str:
+        """A cell file's path relative to the run folder, as a judge bundle names it."""
+        return (cell.path / name).relative_to(self.run.path).as_posix()
+
+    def baseline_file(self, task: tasklib.Task, name: str) -> str:
+        """A baseline image's path relative to the run folder: name is reference, edit, t2i or t2i-next-seed."""
+        return self.file(self.run.cell(f"baselines/{task.task_id}"), f"{name}.png")
+
     def reference_lab(self, task: tasklib.Task) -> tuple[float, float, float]:
         self.baselines(task)
         return tuple(self.run.cell(f"baselines/{task.task_id}").record()["reference_lab"])

@@ -3,21 +3,28 @@
 The study's experiments 1 and 2. Run the edit (instruction + reference, the task's noise seed) for
 --source-steps steps (default 1, as the study) and keep the text stream at the output of block k
 (at the last source step). Then run text-to-image from the empty prompt "" with no reference and
-the noise of seed + 1 for --steps steps, with the text stream fed to block 0 (site BLOCK0_INPUT,
-the output of the text input projection) replaced by the kept activations at every step: at all
+the noise of seed + 1, with a text stream replaced at every step by the kept activations: at all
 text positions, only text[padding], or only text[content] (--positions; content = the
 instruction's tokens in the edit's prompt). The other positions keep the empty prompt's values.
+Which stream is replaced is the form (--form):
 
-Compared against t2i_clean (the instruction, no reference, seed + 1) and the baseline edit. A pass:
-the output's dominant colour is within CIEDE2000 15 of the reference colour (the reference
-property appears).
+    input      the text stream fed to block 0 (site BLOCK0_INPUT, the output of the text input
+               projection); the target runs the model's steps (the study's style, identity,
+               add and remove cells: block 7 -> block 0, four steps)
+    diagonal   the text stream at the output of the same block k (a substitution at site k); the
+               target runs --target-steps steps, default 1 (the study's colour cell: block 17, one
+               step, against a one-step t2i_clean)
+
+Compared against t2i_clean (the instruction, no reference, seed + 1, the target's step count) and
+the baseline edit. A pass (the study's rule): the reference colour is present in the output and
+absent from t2i_clean; the absolute rate (present in the output) is reported beside it.
 
 A sweep (--sweep or --blocks) captures every block in one source run and runs every
 (positions, block) cell as vmapped compiled calls; it ends in plots of colour distance and pass
 rate against the block.
 
     python -m experiments.lens --sweep --colours red,blue --objects circle --seeds 0
-    python -m experiments.lens --model FLUX.2-klein-9B --tasks colour/tasks.jsonl --block 17
+    python -m experiments.lens --model FLUX.2-klein-9B --tasks colour/tasks.jsonl --form diagonal --block 17
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ from experiments.sweep import POSITIONS
 
 NAME = "lens"
 TITLE = "T2I Lens"
-CRITERION = f"reference colour present: CIEDE2000(output's dominant colour, reference colour) <= {tables.THRESHOLD:g}"
-MEANS = ("colour_de", "colour_match", "mad", "ssim")
+FORMS = ("input", "diagonal")
+MEANS = ("colour_de", "pass_absolute", "mad", "ssim")
 
 
 def add_arguments(parser) -> None:
@@ -43,13 +50,19 @@ def add_arguments(parser) -> None:
     g.add_argument("--positions", nargs="+", choices=list(POSITIONS), default=list(POSITIONS),
                    help="which text positions are replaced (default: all padding content)")
     g.add_argument("--source-steps", type=int, default=1, help="steps of the source edit (default 1, as the study)")
+    g.add_argument("--form", choices=FORMS, default="input",
+                   help="input: block k's output fed to block 0; diagonal: block k's output replaces the target's "
+                        "at block k (default input)")
+    g.add_argument("--target-steps", type=int, default=None,
+                   help="steps of the target and t2i_clean runs (default: the model's for --form input, 1 for "
+                        "--form diagonal, as the study)")
 
 
 def settings(args, config) -> dict:
-    if args.source_steps < 1:
-        raise ValueError("--source-steps must be at least 1")
+    target_steps = args.target_steps if args.target_steps is not None else (1 if args.form == "diagonal" else None)
     out = {"blocks": cli.blocks_from_args(args, config.num_blocks, config.depth - 1),
-           "positions": list(dict.fromkeys(args.positions)), "source_steps": args.source_steps}
+           "positions": list(dict.fromkeys(args.positions)), "source_steps": args.source_steps, "form": args.form,
+           "target_steps": target_steps}
     validate(out, config)
     return out
 
@@ -57,6 +70,10 @@ def settings(args, config) -> dict:
 def validate(s: Mapping, config) -> None:
     if not s["blocks"] or any(not 0 <= b < config.num_blocks for b in s["blocks"]):
         raise ValueError(f"lens blocks {s['blocks']}: this model has blocks 0..{config.num_blocks - 1}")
+    if s["form"] not in FORMS:
+        raise ValueError(f"lens form {s['form']!r}: choose among {list(FORMS)}")
+    if s["source_steps"] < 1 or (s["target_steps"] is not None and s["target_steps"] < 1):
+        raise ValueError("the lens's source and target runs need at least one step")
     unknown = set(s["positions"]) - set(POSITIONS)
     if unknown or not s["positions"]:
         raise ValueError(f"lens positions {s['positions']}: choose among {list(POSITIONS)}")
@@ -69,42 +86,55 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
     ref_lab = ctx.reference_lab(task)
     blocks = tuple(s["blocks"])
     source = ctx.edit(task.instruction, task.reference, task.seed, task.height, task.width)
-    source_options = dataclasses.replace(ctx.options, num_steps=s["source_steps"])
-    pixels, captures = ctx.sample(source, capture=Capture(text=blocks), options=source_options)
+    pixels, captures = ctx.sample(source, capture=Capture(text=blocks), options=_steps(ctx, s["source_steps"]))
     cell.write_image("source.png", pixels[0])
     kept = captures.text[-1]  # [n_blocks, 1, T, D] at the last source step
+    target_options = _steps(ctx, s["target_steps"])
+    if target_options.num_steps == ctx.options.num_steps:
+        clean, clean_file = base["t2i-next-seed"], ctx.baseline_file(task, "t2i-next-seed")
+    else:  # t2i_clean with the target's step count
+        clean = ctx.sample(ctx.edit(task.instruction, None, task.seed + 1, task.height, task.width),
+                           options=target_options)[0][0]
+        clean_file = ctx.file(cell, "t2i-clean.png")
+        cell.write_image("t2i-clean.png", clean)
     target = ctx.edit("", None, task.seed + 1, task.height, task.width)
-
     cells, labels = [], []
     for pos in s["positions"]:
-        mask = source.text_mask(pos)
         for j, k in enumerate(blocks):
-            cells.append(Interventions(substitutions=(substitution(BLOCK0_INPUT, kept[j], mask),)))
+            site = BLOCK0_INPUT if s["form"] == "input" else k
+            cells.append(Interventions(substitutions=(substitution(site, kept[j], source.text_mask(pos)),)))
             labels.append((pos, k))
-    images = ctx.sweep(target, cells)
+    images = ctx.sweep(target, cells, options=target_options)
 
-    rows = [tables.colour_row(base["edit"], ref_lab, base["edit"], task=task.task_id, setting="baseline edit",
-                              positions=None, block=None),
-            tables.colour_row(base["t2i-next-seed"], ref_lab, base["edit"], task=task.task_id, setting="t2i_clean",
-                              positions=None, block=None)]
+    rows = [tables.control_row(NAME, base["edit"], ref_lab, base["edit"], task=task.task_id, setting="baseline edit",
+                               positions=None, block=None),
+            tables.control_row(NAME, clean, ref_lab, base["edit"], task=task.task_id, setting="t2i_clean",
+                               positions=None, block=None)]
+    clean_de = rows[1]["colour_de"]
     for (pos, k), image in zip(labels, images):
         cell.write_image(f"{pos}-b{k}.png", image)
-        rows.append(tables.colour_row(image, ref_lab, base["edit"], task=task.task_id, setting=f"{pos} b{k}",
-                                      positions=pos, block=k))
+        bundle = [("reference", ctx.baseline_file(task, "reference")), ("t2i_clean", clean_file),
+                  ("output", ctx.file(cell, f"{pos}-b{k}.png"))]
+        rows.append(tables.judged_row(NAME, "present", bundle, image, ref_lab, clean_de, base["edit"],
+                                      task=task.task_id, setting=f"{pos} b{k}", positions=pos, block=k))
     return {"rows": rows}
+
+
+def _steps(ctx: Context, steps: int | None):
+    return ctx.options if steps is None else dataclasses.replace(ctx.options, num_steps=steps)
 
 
 def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     """Every task's lens cell, then the tables, plots, grids and report sections."""
     validate(s, ctx.model.config)
     rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
-    rates, means = tables.write_tables(ctx.run, prefix, rows, pass_key="colour_match", criterion=CRITERION,
-                                       threshold=tables.THRESHOLD, columns=MEANS)
+    rates, means = tables.write_tables(ctx.run, prefix, rows, MEANS)
     items: list = [report.Text(
         f"Source: the edit run for {s['source_steps']} step(s), text stream kept at the output of block k. Target: "
-        f"empty prompt, no reference, seed + 1, {ctx.options.num_steps} steps, the text stream fed to block 0 "
-        f"replaced at the {', '.join(s['positions'])} positions. Controls: the baseline edit and t2i_clean (the "
-        f"instruction, no reference, seed + 1). mad / ssim: against the baseline edit."),
+        f"empty prompt, no reference, seed + 1, {_steps(ctx, s['target_steps']).num_steps} step(s), the text stream "
+        f"{'fed to block 0' if s['form'] == 'input' else 'at the output of block k'} replaced at the "
+        f"{', '.join(s['positions'])} positions ({s['form']} form). Controls: the baseline edit and t2i_clean (the "
+        f"instruction, no reference, seed + 1, the target's steps). mad / ssim: against the baseline edit."),
         tables.rate_table("Pass rates", rates), tables.means_table("Means per setting", means, MEANS)]
     blocks = list(s["blocks"])
     if len(blocks) > 1:
@@ -117,8 +147,8 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
                                  caption="Mean colour distance of the lens output to the reference colour, by source "
                                          "block (lower: the colour appears)", threshold=tables.THRESHOLD,
                                  num_double_blocks=ctx.model.config.depth, title=TITLE))
-        rate = tables.series_by_block(swept, blocks, "positions", "block", "colour_match")
-        items.append(tables.plot(ctx.run, f"{prefix}-pass-rate", blocks, rate, ylabel="share with the reference colour",
+        rate = tables.series_by_block(swept, blocks, "positions", "block", "pass")
+        items.append(tables.plot(ctx.run, f"{prefix}-pass-rate", blocks, rate, ylabel="share passing (the study's rule)",
                                  caption="Pass rate by source block", ylim=(-0.05, 1.05),
                                  num_double_blocks=ctx.model.config.depth, title=TITLE))
     return [report.Section(f"{TITLE}: all, padding-only and content-only positions", items),
@@ -130,11 +160,17 @@ def _grid(ctx: Context, s: Mapping, prefix: str, task, cell, mine: Mapping[str, 
     base = ctx.baselines(task)
     top = [grids.Panel("reference", base["reference"]),
            grids.Panel("baseline edit", base["edit"], tables.de_caption(mine["baseline edit"])),
-           grids.Panel("t2i_clean (seed + 1)", base["t2i-next-seed"], tables.de_caption(mine["t2i_clean"])),
+           grids.Panel("t2i_clean (seed + 1)", _clean_image(ctx, task, s, cell), tables.de_caption(mine["t2i_clean"])),
            grids.Panel(f"source edit ({s['source_steps']} step)", cell.load_image("source.png"))]
     return tables.write_sweep_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png",
                                    f"{TITLE}: {task.task_id} ({task.instruction!r})", top, cell, s["positions"],
                                    s["blocks"], mine, tables.de_caption, "lens")
+
+
+def _clean_image(ctx: Context, task, s: Mapping, cell):
+    if _steps(ctx, s["target_steps"]).num_steps == ctx.options.num_steps:
+        return ctx.baselines(task)["t2i-next-seed"]
+    return cell.load_image("t2i-clean.png")
 
 
 def main(argv=None) -> int:

@@ -33,9 +33,7 @@ from experiments.sweep import POSITIONS
 
 NAME = "patching"
 TITLE = "I2I -> I2I patching"
-CRITERION = "transferred: the output's dominant colour is closer (CIEDE2000) to the source's reference colour than " \
-            "to the target's"
-MEANS = ("d_source", "d_target", "transferred", "mad", "ssim")
+MEANS = ("d_source", "d_target", "pass_absolute", "mad", "ssim")
 PAIRS_FILE = "tasks/pairs.tsv"
 
 
@@ -128,17 +126,21 @@ def _pair(ctx: Context, source, target, s: Mapping, cell) -> dict:
             labels.append((pos, k))
     images = ctx.sweep(tgt, cells)
 
-    def row(image, setting, positions, block):
-        closer, d_s, d_t = metrics.closer_to_source(image, src_lab, tgt_lab)
+    def fields(image, setting, positions, block):
         return {"pair": pair_key(source, target), "source": source.task_id, "target": target.task_id,
-                "setting": setting, "positions": positions, "block": block, "d_source": d_s, "d_target": d_t,
-                "transferred": bool(closer), **tables.change(image, base["edit"])}
+                "setting": setting, "positions": positions, "block": block,
+                "d_source": metrics.colour_error(image, src_lab), "d_target": metrics.colour_error(image, tgt_lab)}
 
-    rows = [row(base["edit"], "target edit (unpatched)", None, None),
-            row(source_base["edit"], "source edit", None, None)]
+    rows = [tables.control_row(NAME, image, src_lab, base["edit"], **fields(image, setting, None, None))
+            for image, setting in ((base["edit"], "target edit (unpatched)"), (source_base["edit"], "source edit"))]
     for (pos, k), image in zip(labels, images):
         cell.write_image(f"{pos}-b{k}.png", image)
-        rows.append(row(image, f"{pos} b{k}", pos, k))
+        bundle = [("source reference", ctx.baseline_file(source, "reference")),
+                  ("target reference", ctx.baseline_file(target, "reference")),
+                  ("target edit (unpatched)", ctx.baseline_file(target, "edit")),
+                  ("output", ctx.file(cell, f"{pos}-b{k}.png"))]
+        f = fields(image, f"{pos} b{k}", pos, k)
+        rows.append(tables.judged_row(NAME, "transferred", bundle, image, src_lab, f["d_target"], base["edit"], **f))
     return {"rows": rows}
 
 
@@ -146,8 +148,7 @@ def run(ctx: Context, found: Sequence, s: Mapping, prefix: str = NAME) -> list[r
     validate(s, ctx.model.config)
     pairs = resolve_pairs(ctx, found, s)
     rows = ctx.cells(TITLE, prefix, {pair_key(a, b): functools.partial(_pair, ctx, a, b, s) for a, b in pairs})
-    rates, means = tables.write_tables(ctx.run, prefix, rows, pass_key="transferred", criterion=CRITERION,
-                                       threshold=None, columns=MEANS)
+    rates, means = tables.write_tables(ctx.run, prefix, rows, MEANS)
     cfg = ctx.model.config
     items: list = [report.Text(
         f"{len(pairs)} pairs. The target's text stream at block k replaced at every step by the source's, at the "
@@ -157,7 +158,7 @@ def run(ctx: Context, found: Sequence, s: Mapping, prefix: str = NAME) -> list[r
     blocks = list(s["blocks"])
     if len(blocks) > 1:
         swept = [r for r in rows if r["block"] is not None]
-        rate = tables.series_by_block(swept, blocks, "positions", "block", "transferred")
+        rate = tables.series_by_block(swept, blocks, "positions", "block", "pass")
         items.append(tables.plot(ctx.run, f"{prefix}-transfer-rate", blocks, rate, ylabel="share transferred",
                                  ylim=(-0.05, 1.05), num_double_blocks=cfg.depth, title=TITLE,
                                  caption="Share of pairs whose output takes the source's colour, by patched block"))

@@ -84,7 +84,8 @@ def plan(config, blocks_spec: str, source_steps: int, headline: int | None, pair
     positions = list(POSITIONS)
     out = {
         "headline_block": headline,
-        "lens": {"blocks": blocks, "positions": positions, "source_steps": source_steps},
+        "lens": {"blocks": blocks, "positions": positions, "source_steps": source_steps, "form": "input",
+                 "target_steps": None},
         "knockout": {"settings": [*knockout.MAIN_SETTINGS, *knockout.OTHER_SETTINGS, "ref->text+ref->image"],
                      "layers": ["all", f":{depth}", f"{depth}:"], "sweep": list(knockout.MAIN_SETTINGS),
                      "sweep_from": ks},
@@ -109,7 +110,7 @@ def _rates(run_path: Path, prefix: str) -> dict[str, Mapping]:
 def summary_rows(run_path: Path, s: Mapping) -> list[dict]:
     """This run's headline pass rates ({experiment, this run, study}) in the study's order."""
     b = s["headline_block"]
-    tables = {prefix: _rates(run_path, prefix) for prefix in ("lens", "knockout", "patching")}
+    by_prefix = {prefix: _rates(run_path, prefix) for prefix in ("lens", "knockout", "patching")}
     # (what, experiment, setting in its pass-rate table, reading of the rate, the study's number)
     lines = [(f"T2I Lens, block {b}: reference colour present", "lens", f"all b{b}", "", STUDY["lens"]),
              (f"T2I Lens padding-only, block {b}", "lens", f"padding b{b}", "", STUDY["lens_padding"]),
@@ -120,17 +121,22 @@ def summary_rows(run_path: Path, s: Mapping) -> list[dict]:
               for p in POSITIONS]
     rows = []
     for what, prefix, setting, reading, study in lines:
-        r = tables[prefix].get(setting)
+        r = by_prefix[prefix].get(setting)
         here = None
         if r is not None:
-            value = 1 - float(r["rate"]) if reading == "lost" else float(r["rate"])
-            here = f"{value:.0%}{' ' + reading if reading else ''} (n = {r['n']})"
+            rate = "n/a" if r["rate"] == "" else f"{float(r['rate']):.0%}"
+            excluded = f", {r['excluded']} excluded" if int(r["excluded"]) else ""
+            here = (f"{rate}{' ' + reading if reading else ''} (n = {r['n']}{excluded}; absolute "
+                    f"{float(r['rate_absolute']):.0%})")
         rows.append({"experiment": what, "this run": here, "study": study})
     return rows
 
 
 def summary_note(kind: str) -> str:
-    note = f"Colour threshold: CIEDE2000 {tables.THRESHOLD:g}. The study scored with a VLM judge on klein-9B."
+    note = (f"Colour threshold: CIEDE2000 {tables.THRESHOLD:g}. Rates follow the study's rules, relative to a "
+            f"control (lens: {tables.RULES['present']}; knockout lost: {tables.RULES['lost']}; patching: "
+            f"{tables.RULES['transferred']}); 'absolute' asks the output alone. The study scored with a VLM judge "
+            "on klein-9B.")
     if kind == "organism":
         note += (" A model organism's routing is known by construction (docs/organisms.md): `direct` was trained "
                  "plainly, `text-routed` with the reference cut from the image and from the text content positions "

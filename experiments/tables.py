@@ -1,9 +1,26 @@
-"""Metrics rows, their tables, and the pieces of a run's report built from them: pass-rate and mean
-tables, block-sweep plots, per-task grids.
+"""Metrics rows, the study's pass rules, their tables, and the pieces of a run's report built from
+them: pass-rate and mean tables, block-sweep plots, per-task grids.
 
-Each experiment records one row of metrics per (task, setting): `colour_de` (CIEDE2000 between the
-output's dominant colour and a reference colour), `pass` (the experiment's criterion), `mad` and
-`ssim` against the task's baseline edit.
+Each experiment records one row per (task or pair, setting). A row a judge can score carries
+
+    experiment     "lens" | "knockout" | "drop" | "patching"
+    property       "colour" (the colour bucket)
+    judge          the question: "present" (the lens: Image 3 shows Image 1's property and Image 2
+                   does not), "lost" (Image 1's property, shown by Image 2, is absent from Image 3),
+                   "kept" (Image 3, like Image 2, still shows Image 1's property), "transferred"
+                   (Image 4 takes Image 1's property rather than Image 2's); None for a control row
+    bundle         [label, path relative to the run folder] of the images shown, in the question's
+                   order: present: reference, t2i_clean, output; lost / kept: reference, baseline
+                   edit, output; transferred: source reference, target reference, target edit
+                   (unpatched), output
+    pass           the study's rule, relative to the control (RULES): True / False, or None when
+                   the row is excluded (lost / kept: the baseline edit already misses the property)
+    pass_absolute  the output alone, without the control (ABSOLUTE_RULES)
+
+and the automatic metric's numbers: `colour_de` (CIEDE2000 between the output's dominant colour
+and the reference colour, computed from the reference image file), `control_de` (the same for
+the control image), `mad` and `ssim` against the task's baseline edit. Every verdict is a function
+of the bundle's images alone, so a rule-based judge recomputes it exactly.
 """
 
 from __future__ import annotations
@@ -27,10 +44,56 @@ def change(image: np.ndarray, baseline: np.ndarray) -> dict:
     return {"mad": metrics.mean_abs_diff(image, baseline), "ssim": metrics.ssim(image, baseline)}
 
 
-def colour_row(image: np.ndarray, colour_lab: Sequence[float], baseline: np.ndarray, **fields) -> dict:
-    """A metrics row: `colour_de` to `colour_lab`, `colour_match` (<= THRESHOLD), and change vs `baseline`."""
+RULES = {  # the study's pass rule of each question, relative to its control
+    "present": f"the reference colour is present in the output (CIEDE2000 <= {THRESHOLD:g}) and absent from "
+               "t2i_clean",
+    "lost": "the colour, present in the baseline edit, is absent from the output (tasks whose baseline edit "
+            "misses it are excluded)",
+    "kept": "the colour, present in the baseline edit, is present in the output (tasks whose baseline edit "
+            "misses it are excluded)",
+    "transferred": "the output's colour is closer (CIEDE2000) to the source reference's than to the target's",
+}
+ABSOLUTE_RULES = {  # the same questions asked of the output alone
+    "present": "the reference colour is present in the output", "lost": "the colour is absent from the output",
+    "kept": "the colour is present in the output",
+    "transferred": f"the output's colour is within CIEDE2000 {THRESHOLD:g} of the source reference's",
+}
+
+
+def verdict(judge: str, de: float, control_de: float) -> tuple[bool | None, bool]:
+    """(the relative rule's pass, or None for an excluded row; the absolute rule's pass) of one output.
+
+    de: CIEDE2000 from the output's dominant colour to the reference colour (patching: the source's).
+    control_de: the control's: t2i_clean's to the reference colour (present), the baseline edit's
+    (lost, kept), the output's to the target reference's colour (transferred).
+    """
+    present = bool(de <= THRESHOLD)
+    if judge == "present":
+        return present and bool(control_de > THRESHOLD), present
+    if judge == "transferred":
+        return bool(de < control_de), present
+    if judge not in ("lost", "kept"):
+        raise ValueError(f"unknown question {judge!r}; choose among {list(RULES)}")
+    absolute = not present if judge == "lost" else present
+    return (None if control_de > THRESHOLD else absolute), absolute
+
+
+def judged_row(experiment: str, judge: str, bundle: Sequence[tuple[str, str]], image: np.ndarray, colour_lab,
+               control_de: float, baseline: np.ndarray, **fields) -> dict:
+    """A row a judge can score: the output `image` (the bundle's last image) against `colour_lab`,
+    its verdicts under both rules, and its change against `baseline`."""
     de = metrics.colour_error(image, colour_lab)
-    return {**fields, "colour_de": de, "colour_match": bool(de <= THRESHOLD), **change(image, baseline)}
+    passed, absolute = verdict(judge, de, control_de)
+    return {"experiment": experiment, "property": "colour", "judge": judge, "bundle": [list(b) for b in bundle],
+            **fields, "colour_de": de, "control_de": control_de, "pass": passed, "pass_absolute": absolute,
+            **change(image, baseline)}
+
+
+def control_row(experiment: str, image: np.ndarray, colour_lab, baseline: np.ndarray, **fields) -> dict:
+    """A control row (not judged): its colour distance, and whether the colour is present (pass_absolute)."""
+    de = metrics.colour_error(image, colour_lab)
+    return {"experiment": experiment, "property": "colour", "judge": None, "bundle": [], **fields, "colour_de": de,
+            "control_de": None, "pass": None, "pass_absolute": bool(de <= THRESHOLD), **change(image, baseline)}
 
 
 def setting_means(rows: Sequence[Mapping], columns: Sequence[str], key: str = "setting") -> list[dict]:
@@ -76,12 +139,30 @@ def write_grid(run: runs.RunFolder, name: str, title: str, rows: Sequence[Sequen
     return run.write_derived(name, runs.encode_image(image))
 
 
-def write_tables(run: runs.RunFolder, prefix: str, rows: Sequence[Mapping], *, pass_key: str, criterion: str,
-                 threshold: float | None, columns: Sequence[str]) -> tuple[list, list[dict]]:
+def pass_rates(rows: Sequence[Mapping]) -> list[dict]:
+    """Per setting (first-seen order): the relative rule's rate over the judged rows (n, passed,
+    excluded), and the absolute rule's over every row. A control setting has the absolute rate only
+    (the colour present)."""
+    groups: dict[str, list[Mapping]] = {}
+    for r in rows:
+        groups.setdefault(str(r["setting"]), []).append(r)
+    out = []
+    for setting, rs in groups.items():
+        judged = [r for r in rs if r["pass"] is not None]
+        passed = sum(bool(r["pass"]) for r in judged)
+        out.append({"setting": setting, "judge": rs[0]["judge"], "n": len(judged), "passed": passed,
+                    "rate": passed / len(judged) if judged else None,
+                    "excluded": len(rs) - len(judged) if rs[0]["judge"] else 0, "n_absolute": len(rs),
+                    "rate_absolute": float(np.mean([bool(r["pass_absolute"]) for r in rs]))})
+    return out
+
+
+def write_tables(run: runs.RunFolder, prefix: str, rows: Sequence[Mapping], columns: Sequence[str]
+                 ) -> tuple[list[dict], list[dict]]:
     """`<prefix>-metrics.csv` (every row) and `<prefix>-pass-rates.csv`; returns (pass rates, means)."""
     run.write_derived(f"{prefix}-metrics.csv", metrics.rows_to_csv(rows))
-    rates = metrics.pass_rates(rows, criterion=criterion, threshold=threshold, pass_key=pass_key)
-    run.write_derived(f"{prefix}-pass-rates.csv", metrics.pass_rates_csv(rates))
+    rates = pass_rates(rows)
+    run.write_derived(f"{prefix}-pass-rates.csv", metrics.rows_to_csv(rates))
     return rates, setting_means(rows, columns)
 
 
@@ -121,15 +202,19 @@ def baseline_panels(base: Mapping[str, np.ndarray], edit_row: Mapping, t2i_row: 
             grids.Panel("t2i baseline", base["t2i"], de_caption(t2i_row))]
 
 
-def rate_table(title: str, rates: Sequence, note: str = "") -> report.Table:
-    rows = [{"setting": p.setting, "n": p.n, "passed": p.passed, "rate": p.rate} for p in rates]
-    criterion = rates[0].criterion if rates else ""
-    return report.Table(title=title, columns=["setting", "n", "passed", "rate"], rows=rows,
-                        formats={"rate": "{:.0%}"}, note=(f"A pass: {criterion}. " + note).strip())
+def rate_table(title: str, rates: Sequence[Mapping], note: str = "") -> report.Table:
+    """Both rules' rates per setting, each question's rules spelled out under the table."""
+    judges = [j for j in dict.fromkeys(r["judge"] for r in rates) if j]
+    rules = " ".join(f"{j}: {RULES[j]}; absolute: {ABSOLUTE_RULES[j]}." for j in judges)
+    return report.Table(title=title, rows=list(rates),
+                        columns=["setting", "judge", "n", "passed", "rate", "excluded", "rate_absolute"],
+                        formats={"rate": "{:.0%}", "rate_absolute": "{:.0%}"},
+                        note=(f"rate: the study's rule, relative to its control; rate_absolute: the output alone "
+                              f"(controls: the colour present), over n + excluded rows. {rules} {note}").strip())
 
 
 def means_table(title: str, means: Sequence[Mapping], columns: Sequence[str], note: str = "") -> report.Table:
-    formats = {c: "{:.0%}" if c in ("colour_match", "transferred") else "{:.2f}" for c in columns}
+    formats = {c: "{:.0%}" if c == "pass_absolute" else "{:.2f}" for c in columns}
     return report.Table(title=title, columns=["setting", "n", *columns], rows=list(means), formats=formats, note=note)
 
 

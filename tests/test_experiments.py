@@ -69,7 +69,9 @@ def check_report(out: Path, prefix: str, grid_names, plots=()):
         assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"plots/{name}.png" in html
     rates = read_csv(out / f"{prefix}-pass-rates.csv")
-    assert rates and all(0.0 <= float(r["rate"]) <= 1.0 for r in rates)
+    assert rates and all(0.0 <= float(r["rate_absolute"]) <= 1.0 for r in rates)
+    judged = [r for r in rates if r["judge"]]  # control rows have an absolute rate only
+    assert judged and all(r["rate"] == "" or 0.0 <= float(r["rate"]) <= 1.0 for r in judged)
     return rates
 
 
@@ -89,7 +91,8 @@ def test_lens(folder, cache, tmp_path):
     # Content-only and all-position lenses of one block read different text streams.
     assert np.abs(image(cell / "all-b1.png") - image(cell / "content-b1.png")).max() > 0
     config = json.loads((out / "config.json").read_text())
-    assert config["settings"] == {"blocks": [1, 3], "positions": ["all", "padding", "content"], "source_steps": 1}
+    assert config["settings"] == {"blocks": [1, 3], "positions": ["all", "padding", "content"], "source_steps": 1,
+                                  "form": "input", "target_steps": None}
 
 
 def test_knockout(folder, cache, tmp_path):
