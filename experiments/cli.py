@@ -7,7 +7,8 @@ Every command (`python -m experiments.lens`, `.knockout`, `.drop`, `.patching`, 
                      (small FLUX.2 editors whose routing is known; see experiments.models;
                      default text-routed, run_all runs both); an organism folder; or a FLUX.2
                      model folder in the diffusers layout (e.g. FLUX.2-klein-9B/)
-    --tasks FILE     a tasks.jsonl in the study's format (see experiments.tasks); without it, the
+    --tasks FILE..   task files in the study's format (see experiments.tasks), read unchanged from a
+                     checkout of the study's repository; without them, the
                      colour bucket (or the subset --colours/--objects/--seeds) is generated into the
                      run folder at --size pixels (32 for organisms, whose objects are their shapes;
                      else 1024)
@@ -104,10 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
                    help="attention implementation (default: 'blocked' on CPU, 'xla' elsewhere; 'blocked' "
                         "bounds memory at 1024x1024 on a GPU)")
     t = parser.add_argument_group("tasks")
-    t.add_argument("--tasks", type=Path, default=None,
-                   help="a tasks.jsonl in the study's format (default: the generated colour bucket)")
+    t.add_argument("--tasks", type=Path, nargs="+", default=None,
+                   help="task files (tasks.jsonl) in the study's format, their ids distinct (default: the generated "
+                        "colour bucket)")
     t.add_argument("--root", type=Path, default=None,
-                   help="folder relative reference paths in --tasks start from (default: the file's)")
+                   help="folder relative reference paths in --tasks start from (default: the nearest folder, from "
+                        "each file's upwards, where they exist: the study's repository root for its files)")
     t.add_argument("--ids", default=None, help="comma-separated task ids to run (default: all)")
     t.add_argument("--limit", type=int, default=None, help="run at most this many tasks")
     parser.set_defaults(colour_defaults=dict(colour_defaults or {}))
@@ -156,11 +159,14 @@ def task_spec(args: argparse.Namespace) -> dict:
     """The run config's record of where the tasks come from."""
     ids = None if args.ids is None else [s.strip() for s in args.ids.split(",") if s.strip()]
     if args.tasks is not None:
-        path = Path(args.tasks).resolve()
-        if not path.is_file():
-            raise ValueError(f"--tasks {args.tasks}: no such file")
+        files = []
+        for given in args.tasks:
+            path = Path(given).resolve()
+            if not path.is_file():
+                raise ValueError(f"--tasks {given}: no such file")
+            files.append({"file": str(path), "sha256": file_sha256(path)})
         root = None if args.root is None else str(Path(args.root).resolve())
-        return {"file": str(path), "sha256": file_sha256(path), "root": root, "ids": ids, "limit": args.limit}
+        return {"files": files, "root": root, "ids": ids, "limit": args.limit}
     kind = models.kind(args.model)
     size = args.size if args.size is not None else models.default_size(kind)
     return {"colour_bucket": {**colour_subset(args, kind), "size": size}, "ids": ids, "limit": args.limit}
@@ -168,10 +174,11 @@ def task_spec(args: argparse.Namespace) -> dict:
 
 def load_tasks(spec: Mapping[str, Any], run: runs.RunFolder) -> list[tasklib.Task]:
     """The tasks of `spec` (see `task_spec`); a generated bucket is written to `<run>/tasks/`."""
-    if "file" in spec:
-        if file_sha256(Path(spec["file"])) != spec["sha256"]:
-            raise ValueError(f"{spec['file']} changed since this run folder was made; start a new run (--out)")
-        found = tasklib.read_tasks(spec["file"], root=spec["root"])
+    if "files" in spec:
+        for f in spec["files"]:
+            if file_sha256(Path(f["file"])) != f["sha256"]:
+                raise ValueError(f"{f['file']} changed since this run folder was made; start a new run (--out)")
+        found = tasklib.read_task_files([f["file"] for f in spec["files"]], root=spec["root"])
     else:
         bucket = spec["colour_bucket"]
         path = tasklib.write_colour_bucket(run.path / "tasks", bucket["colours"], bucket["objects"], bucket["seeds"],

@@ -20,7 +20,8 @@ The experiments, in the study's order (see each module's --help):
        from block k on, k swept
     4. dropping the reference after block k (experiments.drop), k swept, the removal form checked
        against the mask form at the middle k
-    5. I2I -> I2I patching (experiments.patching) between colours of one object, block swept
+    5. I2I -> I2I patching (experiments.patching) between colours of one object (the study's pairs),
+       block swept
 
 With one model, --out is its run folder; with several (--model a,b), each gets the run folder
 --out/<name> and --out/report.html compares them. Every experiment writes its cells under
@@ -67,8 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "cell, block 17 of 32, at the same relative depth)")
     g.add_argument("--source-steps", type=int, default=1, help="steps of the T2I Lens's source edit (default 1)")
     g.add_argument("--pairs", type=Path, default=None,
-                   help="pair file of the patching experiment (default: colour-bucket pairs, same object and seed, "
-                        "the next colour)")
+                   help="pair file of the patching experiment (default: the study's colour-bucket pairs)")
 
 
 def plan(config, blocks_spec: str, source_steps: int, headline: int | None, pairs: Path | None = None) -> dict:

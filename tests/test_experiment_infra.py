@@ -74,10 +74,12 @@ def test_root_changes_where_relative_paths_start(ref_folder):
     sub = ref_folder / "data" / "tasks"
     sub.mkdir(parents=True)
     path = _write(sub / "tasks.jsonl", [_line(task_id="a", instruction="x", source_image_path="photo.jpg")])
-    with pytest.raises(tasks.TaskFileError, match="line 1, field 'source_image_path'"):
-        tasks.read_tasks(path)
+    # By default the root is the nearest folder upwards where the path exists (a study checkout's root).
+    assert tasks.read_tasks(path)[0].reference == ref_folder / "photo.jpg"
     assert tasks.read_tasks(path, root=ref_folder)[0].reference == ref_folder / "photo.jpg"
-    assert tasks.read_tasks(path, check_files=False)[0].reference == sub / "photo.jpg"
+    with pytest.raises(tasks.TaskFileError, match="line 1, field 'source_image_path'"):
+        tasks.read_tasks(path, root=sub)
+    assert tasks.read_tasks(path, root=sub, check_files=False)[0].reference == sub / "photo.jpg"
     absolute = _write(sub / "abs.jsonl", [_line(task_id="a", instruction="x",
                                                 source_image_path=str(ref_folder / "photo.jpg"))])
     assert tasks.read_tasks(absolute)[0].reference == ref_folder / "photo.jpg"

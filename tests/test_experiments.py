@@ -134,7 +134,8 @@ def test_patching(folder, cache, tmp_path):
     assert patching.main(argv(folder, cache, out, "--blocks", "0,4", "--positions", "all", "content")) == 0
     check_report(out, "patching", [f"{a}__{b}" for a, b in (TASKS, TASKS[::-1])],
                  ["patching-transfer-rate", "patching-margin"])
-    assert (out / "tasks" / "pairs.tsv").read_text() == f"{TASKS[0]}\t{TASKS[1]}\n{TASKS[1]}\t{TASKS[0]}\n"
+    # The study's rule on one seed: colours in alphabetical order, blue -> red first.
+    assert (out / "tasks" / "pairs.tsv").read_text() == f"{TASKS[1]}\t{TASKS[0]}\n{TASKS[0]}\t{TASKS[1]}\n"
     cell = out / "outputs" / "patching" / f"{TASKS[0]}__{TASKS[1]}"
     target_edit = image(out / "outputs" / "baselines" / TASKS[1] / "edit.png")
     # The text stream after the last block is read by nothing; at block 0 the source's stream changes the edit.
@@ -302,11 +303,11 @@ def test_names_blocks_and_colour_pairs():
     with pytest.raises(ValueError, match="out of range"):
         cli.parse_blocks("7", 5)
     found = tasklib.colour_bucket(["red", "green", "blue"], ["mug", "hat"], [0])
-    pairs = [(a.task_id, b.task_id) for a, b in patching.colour_pairs(found)]
+    pairs = [(a.task_id, b.task_id) for a, b in tasklib.colour_pairs(found)]
     assert ("solid_red_mug_s0", "solid_green_mug_s0") in pairs and ("solid_blue_hat_s0", "solid_red_hat_s0") in pairs
-    assert len(pairs) == 6 and all(a.split("_")[2] == b.split("_")[2] and a != b for a, b in pairs)
+    assert len(pairs) == 12 and all(a.split("_")[2] == b.split("_")[2] and a != b for a, b in pairs)
     with pytest.raises(ValueError, match="no colour-bucket pairs"):
-        patching.colour_pairs(found[:1])
+        tasklib.colour_pairs(found[:1])
 
 
 # ---------------------------------------------------------------------------------------------
