@@ -77,6 +77,23 @@ def blocks_from_args(args: argparse.Namespace, num_blocks: int, default: int) ->
     return parse_blocks(str(default if args.block is None else args.block), num_blocks)
 
 
+def sweep_settings(args: argparse.Namespace, config) -> dict:
+    """The blocks (--block/--blocks/--sweep; default the last double block, the study's style cell) and
+    text positions (--positions) of a substitution sweep."""
+    return {"blocks": blocks_from_args(args, config.num_blocks, config.depth - 1),
+            "positions": list(dict.fromkeys(args.positions))}
+
+
+def check_blocks_and_positions(what: str, s: Mapping, config) -> None:
+    """Refuse a sweep's settings whose `blocks` or text `positions` this model does not have."""
+    from experiments.sweep import POSITIONS
+
+    if not s["blocks"] or any(not 0 <= b < config.num_blocks for b in s["blocks"]):
+        raise ValueError(f"{what} blocks {s['blocks']}: this model has blocks 0..{config.num_blocks - 1}")
+    if set(s["positions"]) - set(POSITIONS) or not s["positions"]:
+        raise ValueError(f"{what} positions {s['positions']}: choose among {list(POSITIONS)}")
+
+
 def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_default: str = models.DEFAULT_MODEL,
                   colour_defaults: Mapping[str, tuple[str, str, str]] | None = None) -> None:
     """The model, task and run-folder options every experiment command takes.
@@ -230,7 +247,7 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
     """main() of an experiment module: parse, load the model, open the run folder, run, report.
 
     module provides NAME, TITLE, __doc__, add_arguments(parser), settings(args, config) -> dict
-    (the run config's settings; raises ValueError for bad ones) and
+    (the run config's settings), validate(settings, config) (raises ValueError for bad ones) and
     run(ctx, tasks, settings, prefix) -> list of report sections.
     """
     parser = argparse.ArgumentParser(prog=f"python -m experiments.{module.NAME}", description=module.__doc__,
@@ -241,8 +258,9 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
     try:
         spec = task_spec(args)
         model, model_record = models.load(args)
-        config = {**base_config(args, model, model_record), "experiment": module.NAME,
-                  "settings": module.settings(args, model.config)}
+        settings = module.settings(args, model.config)
+        module.validate(settings, model.config)
+        config = {**base_config(args, model, model_record), "experiment": module.NAME, "settings": settings}
     except (ValueError, KeyError) as e:
         parser.error(str(e))
     start = time.perf_counter()

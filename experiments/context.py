@@ -35,6 +35,7 @@ class Context:
     chunk: int | None = models.TINY_CHUNK
     attn_impl: str | None = None
     show_progress: bool = True
+    judged_property: str = "colour"  # the reference property its rows are about (their `property`)
     _texts: dict = dataclasses.field(default_factory=dict)
     _steps: Any = None
 
@@ -154,6 +155,11 @@ class Context:
     def baseline_file(self, task: tasklib.Task, name: str) -> str:
         """A baseline image's path relative to the run folder: name is reference, edit, t2i or t2i-next-seed."""
         return self.file(self.run.cell(f"baselines/{task.task_id}"), f"{name}.png")
+
+    def against_edit(self, task: tasklib.Task, cell: runs.Cell, output: str) -> list[tuple[str, str]]:
+        """The bundle of a lost / kept question: the reference, the baseline edit, the cell's `output`."""
+        return [("reference", self.baseline_file(task, "reference")),
+                ("baseline edit", self.baseline_file(task, "edit")), ("output", self.file(cell, output))]
 
     def reference_lab(self, task: tasklib.Task) -> tuple[float, float, float]:
         self.baselines(task)

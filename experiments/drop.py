@@ -52,7 +52,6 @@ def settings(args, config) -> dict:
     ks = cli.blocks_from_args(args, n + 1, config.depth)
     check = [ks[len(ks) // 2]] if args.check_removal is None else sorted(set(args.check_removal))
     out = {"blocks": ks, "check_removal": check}
-    validate(out, config)
     return out
 
 
@@ -86,16 +85,15 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
     config = ctx.model.config
     ks = sorted(set(s["blocks"]) | set(s["check_removal"]))
     images = dict(zip(ks, ctx.sweep(edit, [mask_form(config, edit.layout, edit.content_mask, k) for k in ks])))
-    rows = [tables.control_row(NAME, base["edit"], ref_lab, base["edit"], task=task.task_id,
+    rows = [tables.control_row(NAME, ctx.judged_property, base["edit"], ref_lab, base["edit"], task=task.task_id,
                                setting="reference kept (edit)", block=None,
                                mad_t2i=metrics.mean_abs_diff(base["edit"], base["t2i"])),
-            tables.control_row(NAME, base["t2i"], ref_lab, base["edit"], task=task.task_id,
+            tables.control_row(NAME, ctx.judged_property, base["t2i"], ref_lab, base["edit"], task=task.task_id,
                                setting="t2i (no reference)", block=None, mad_t2i=0.0)]
     for k in s["blocks"]:
         cell.write_image(f"mask-k{k}.png", images[k])
-        bundle = [("reference", ctx.baseline_file(task, "reference")), ("baseline edit", ctx.baseline_file(task, "edit")),
-                  ("output", ctx.file(cell, f"mask-k{k}.png"))]
-        rows.append(tables.judged_row(NAME, "kept", bundle, images[k], ref_lab, rows[0]["colour_de"], base["edit"],
+        rows.append(tables.judged_row(NAME, ctx.judged_property, "kept", ctx.against_edit(task, cell, f"mask-k{k}.png"),
+                                      images[k], ref_lab, rows[0]["colour_de"], base["edit"],
                                       task=task.task_id, setting=f"drop after {k}", block=k,
                                       mad_t2i=metrics.mean_abs_diff(images[k], base["t2i"])))
     checks = []
@@ -112,14 +110,11 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
     validate(s, ctx.model.config)
     rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
     checks = [c for t in tasks for c in ctx.run.cell(f"{prefix}/{t.task_id}").record()["removal_checks"]]
-    rates, means = tables.write_tables(ctx.run, prefix, rows, MEANS)
     cfg = ctx.model.config
-    items: list = [report.Text(
+    items = tables.write_tables(ctx.run, prefix, rows, MEANS, rates_title="Colour kept per binding block", text=(
         f"Blocks < k: ref->image cut; blocks >= k: the reference cut off (mask form). k = 0: never seen (a plain "
         f"text-to-image run); k = {cfg.num_blocks}: kept to the end with ref->image cut everywhere. mad / ssim: "
-        "against the baseline edit; mad_t2i: against the text-to-image run with the task's seed."),
-        tables.rate_table("Colour kept per binding block", rates),
-        tables.means_table("Means per binding block", means, MEANS)]
+        "against the baseline edit; mad_t2i: against the text-to-image run with the task's seed."))
     if checks:
         ctx.run.write_derived(f"{prefix}-removal-checks.csv", metrics.rows_to_csv(checks))
         worst = max(c["max_abs_diff"] for c in checks)

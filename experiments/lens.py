@@ -15,8 +15,9 @@ Which stream is replaced is the form (--form):
                target runs --target-steps steps, default 1 (the study's colour cell: block 17, one
                step, against a one-step t2i_clean)
 
-Compared against t2i_clean (the instruction, no reference, seed + 1, the target's step count) and
-the baseline edit. A pass (the study's rule): the reference colour is present in the output and
+Compared against t2i_clean (the instruction, no reference, seed + 1, the target's step count), the
+unconditional baseline (the target unpatched: the empty prompt, no reference) and the baseline
+edit. A pass (the study's rule): the reference colour is present in the output and
 absent from t2i_clean; the absolute rate (present in the output) is reported beside it.
 
 A sweep (--sweep or --blocks) captures every block in one source run and runs every
@@ -60,23 +61,17 @@ def add_arguments(parser) -> None:
 
 def settings(args, config) -> dict:
     target_steps = args.target_steps if args.target_steps is not None else (1 if args.form == "diagonal" else None)
-    out = {"blocks": cli.blocks_from_args(args, config.num_blocks, config.depth - 1),
-           "positions": list(dict.fromkeys(args.positions)), "source_steps": args.source_steps, "form": args.form,
+    out = {**cli.sweep_settings(args, config), "source_steps": args.source_steps, "form": args.form,
            "target_steps": target_steps}
-    validate(out, config)
     return out
 
 
 def validate(s: Mapping, config) -> None:
-    if not s["blocks"] or any(not 0 <= b < config.num_blocks for b in s["blocks"]):
-        raise ValueError(f"lens blocks {s['blocks']}: this model has blocks 0..{config.num_blocks - 1}")
+    cli.check_blocks_and_positions("lens", s, config)
     if s["form"] not in FORMS:
         raise ValueError(f"lens form {s['form']!r}: choose among {list(FORMS)}")
     if s["source_steps"] < 1 or (s["target_steps"] is not None and s["target_steps"] < 1):
         raise ValueError("the lens's source and target runs need at least one step")
-    unknown = set(s["positions"]) - set(POSITIONS)
-    if unknown or not s["positions"]:
-        raise ValueError(f"lens positions {s['positions']}: choose among {list(POSITIONS)}")
 
 
 def _task(ctx: Context, task, s: Mapping, cell) -> dict:
@@ -105,18 +100,21 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
             cells.append(Interventions(substitutions=(substitution(site, kept[j], source.text_mask(pos)),)))
             labels.append((pos, k))
     images = ctx.sweep(target, cells, options=target_options)
+    unconditional = ctx.sample(target, options=target_options)[0][0]  # the target unpatched
+    cell.write_image("unconditional.png", unconditional)
 
-    rows = [tables.control_row(NAME, base["edit"], ref_lab, base["edit"], task=task.task_id, setting="baseline edit",
-                               positions=None, block=None),
-            tables.control_row(NAME, clean, ref_lab, base["edit"], task=task.task_id, setting="t2i_clean",
-                               positions=None, block=None)]
+    rows = [tables.control_row(NAME, ctx.judged_property, image, ref_lab, base["edit"], task=task.task_id,
+                               setting=setting, positions=None, block=None)
+            for image, setting in ((base["edit"], "baseline edit"), (clean, "t2i_clean"))]
+    rows.append(tables.control_row(NAME, ctx.judged_property, unconditional, ref_lab, base["edit"], task=task.task_id,
+                                   setting="unconditional (empty prompt)", positions=None, block=None))
     clean_de = rows[1]["colour_de"]
     for (pos, k), image in zip(labels, images):
         cell.write_image(f"{pos}-b{k}.png", image)
         bundle = [("reference", ctx.baseline_file(task, "reference")), ("t2i_clean", clean_file),
                   ("output", ctx.file(cell, f"{pos}-b{k}.png"))]
-        rows.append(tables.judged_row(NAME, "present", bundle, image, ref_lab, clean_de, base["edit"],
-                                      task=task.task_id, setting=f"{pos} b{k}", positions=pos, block=k))
+        rows.append(tables.judged_row(NAME, ctx.judged_property, "present", bundle, image, ref_lab, clean_de,
+                                      base["edit"], task=task.task_id, setting=f"{pos} b{k}", positions=pos, block=k))
     return {"rows": rows}
 
 
@@ -128,14 +126,12 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
     """Every task's lens cell, then the tables, plots, grids and report sections."""
     validate(s, ctx.model.config)
     rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
-    rates, means = tables.write_tables(ctx.run, prefix, rows, MEANS)
-    items: list = [report.Text(
+    items = tables.write_tables(ctx.run, prefix, rows, MEANS, rates_title="Pass rates", text=(
         f"Source: the edit run for {s['source_steps']} step(s), text stream kept at the output of block k. Target: "
         f"empty prompt, no reference, seed + 1, {_steps(ctx, s['target_steps']).num_steps} step(s), the text stream "
         f"{'fed to block 0' if s['form'] == 'input' else 'at the output of block k'} replaced at the "
         f"{', '.join(s['positions'])} positions ({s['form']} form). Controls: the baseline edit and t2i_clean (the "
-        f"instruction, no reference, seed + 1, the target's steps). mad / ssim: against the baseline edit."),
-        tables.rate_table("Pass rates", rates), tables.means_table("Means per setting", means, MEANS)]
+        f"instruction, no reference, seed + 1, the target's steps). mad / ssim: against the baseline edit."))
     blocks = list(s["blocks"])
     if len(blocks) > 1:
         swept = [r for r in rows if r["block"] is not None]
@@ -148,7 +144,8 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
                                          "block (lower: the colour appears)", threshold=tables.THRESHOLD,
                                  num_double_blocks=ctx.model.config.depth, title=TITLE))
         rate = tables.series_by_block(swept, blocks, "positions", "block", "pass")
-        items.append(tables.plot(ctx.run, f"{prefix}-pass-rate", blocks, rate, ylabel="share passing (the study's rule)",
+        items.append(tables.plot(ctx.run, f"{prefix}-pass-rate", blocks, rate,
+                                 ylabel="share passing (the study's rule)",
                                  caption="Pass rate by source block", ylim=(-0.05, 1.05),
                                  num_double_blocks=ctx.model.config.depth, title=TITLE))
     return [report.Section(f"{TITLE}: all, padding-only and content-only positions", items),
@@ -161,7 +158,9 @@ def _grid(ctx: Context, s: Mapping, prefix: str, task, cell, mine: Mapping[str, 
     top = [grids.Panel("reference", base["reference"]),
            grids.Panel("baseline edit", base["edit"], tables.de_caption(mine["baseline edit"])),
            grids.Panel("t2i_clean (seed + 1)", _clean_image(ctx, task, s, cell), tables.de_caption(mine["t2i_clean"])),
-           grids.Panel(f"source edit ({s['source_steps']} step)", cell.load_image("source.png"))]
+           grids.Panel(f"source edit ({s['source_steps']} step)", cell.load_image("source.png")),
+           grids.Panel("unconditional (target unpatched)", cell.load_image("unconditional.png"),
+                       tables.de_caption(mine["unconditional (empty prompt)"]))]
     return tables.write_sweep_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png",
                                    f"{TITLE}: {task.task_id} ({task.instruction!r})", top, cell, s["positions"],
                                    s["blocks"], mine, tables.de_caption, "lens")

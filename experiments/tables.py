@@ -4,7 +4,8 @@ them: pass-rate and mean tables, block-sweep plots, per-task grids.
 Each experiment records one row per (task or pair, setting). A row a judge can score carries
 
     experiment     "lens" | "knockout" | "drop" | "patching"
-    property       "colour" (the colour bucket)
+    property       "colour" for the colour bucket; else the study's: "style", "identity", or
+                   "reference" (add / remove)
     judge          the question: "present" (the lens: Image 3 shows Image 1's property and Image 2
                    does not), "lost" (Image 1's property, shown by Image 2, is absent from Image 3),
                    "kept" (Image 3, like Image 2, still shows Image 1's property), "transferred"
@@ -78,21 +79,21 @@ def verdict(judge: str, de: float, control_de: float) -> tuple[bool | None, bool
     return (None if control_de > THRESHOLD else absolute), absolute
 
 
-def judged_row(experiment: str, judge: str, bundle: Sequence[tuple[str, str]], image: np.ndarray, colour_lab,
-               control_de: float, baseline: np.ndarray, **fields) -> dict:
+def judged_row(experiment: str, property: str, judge: str, bundle: Sequence[tuple[str, str]], image: np.ndarray,
+               colour_lab, control_de: float, baseline: np.ndarray, **fields) -> dict:
     """A row a judge can score: the output `image` (the bundle's last image) against `colour_lab`,
     its verdicts under both rules, and its change against `baseline`."""
     de = metrics.colour_error(image, colour_lab)
     passed, absolute = verdict(judge, de, control_de)
-    return {"experiment": experiment, "property": "colour", "judge": judge, "bundle": [list(b) for b in bundle],
+    return {"experiment": experiment, "property": property, "judge": judge, "bundle": [list(b) for b in bundle],
             **fields, "colour_de": de, "control_de": control_de, "pass": passed, "pass_absolute": absolute,
             **change(image, baseline)}
 
 
-def control_row(experiment: str, image: np.ndarray, colour_lab, baseline: np.ndarray, **fields) -> dict:
+def control_row(experiment: str, property: str, image: np.ndarray, colour_lab, baseline: np.ndarray, **fields) -> dict:
     """A control row (not judged): its colour distance, and whether the colour is present (pass_absolute)."""
     de = metrics.colour_error(image, colour_lab)
-    return {"experiment": experiment, "property": "colour", "judge": None, "bundle": [], **fields, "colour_de": de,
+    return {"experiment": experiment, "property": property, "judge": None, "bundle": [], **fields, "colour_de": de,
             "control_de": None, "pass": None, "pass_absolute": bool(de <= THRESHOLD), **change(image, baseline)}
 
 
@@ -157,13 +158,15 @@ def pass_rates(rows: Sequence[Mapping]) -> list[dict]:
     return out
 
 
-def write_tables(run: runs.RunFolder, prefix: str, rows: Sequence[Mapping], columns: Sequence[str]
-                 ) -> tuple[list[dict], list[dict]]:
-    """`<prefix>-metrics.csv` (every row) and `<prefix>-pass-rates.csv`; returns (pass rates, means)."""
+def write_tables(run: runs.RunFolder, prefix: str, rows: Sequence[Mapping], columns: Sequence[str], *, text: str,
+                 rates_title: str) -> list:
+    """`<prefix>-metrics.csv` (every row) and `<prefix>-pass-rates.csv`; returns the report items: `text`,
+    the pass rates (`rates_title`) and the means of `columns` per setting."""
     run.write_derived(f"{prefix}-metrics.csv", metrics.rows_to_csv(rows))
     rates = pass_rates(rows)
     run.write_derived(f"{prefix}-pass-rates.csv", metrics.rows_to_csv(rates))
-    return rates, setting_means(rows, columns)
+    means = setting_means(rows, columns)
+    return [report.Text(text), rate_table(rates_title, rates), means_table("Means per setting", means, columns)]
 
 
 MAX_GRIDS = 24  # per-task grids shown in a report (all are written to grids/<prefix>/)

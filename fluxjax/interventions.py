@@ -36,7 +36,9 @@ BLOCK0_INPUT = -1
 
 @struct.dataclass
 class Substitution:
-    """Replace the text stream at `site` where `mask` is True: new = where(mask, value, current).
+    """Write the text stream at `site` where `mask` is True: new = where(mask, value + keep * current,
+    current). keep = 0 replaces (patching); keep = 1 adds `value` (additive patching, value = the
+    source's activation minus the target's). keep is a value, so changing it does not recompile.
 
     A batch axis of 1 is shared by every sample. Build it with `substitution`.
     """
@@ -44,6 +46,7 @@ class Substitution:
     site: jax.Array  # int32 []: BLOCK0_INPUT or a global block index
     value: jax.Array  # [B or 1, T, D]
     mask: jax.Array  # bool [B or 1, T]
+    keep: jax.Array  # float32 []: the weight of the current activations
 
 
 @struct.dataclass
@@ -186,8 +189,9 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
 # builders
 
 
-def substitution(site, value, mask=None) -> Substitution:
-    """A text-stream substitution at `site`; mask None replaces every position.
+def substitution(site, value, mask=None, keep=0.0) -> Substitution:
+    """A text-stream substitution at `site`; mask None replaces every position; keep 1.0 adds `value`
+    to the current activations instead of replacing them.
 
     value: [B, T, D] or [T, D] (shared by the batch); mask: bool [B, T] or [T], e.g.
     `layout.text_mask('text[padding]', content_mask)` for padding-only patching. Arrays with more
@@ -204,7 +208,7 @@ def substitution(site, value, mask=None) -> Substitution:
     site = jnp.asarray(site, jnp.int32)
     if site.ndim == 0 and _is_concrete(site) and int(site) < BLOCK0_INPUT:
         raise ValueError(f"substitution site {int(site)}: use -1 (input of block 0) or a block index")
-    return Substitution(site=site, value=value, mask=mask)
+    return Substitution(site=site, value=value, mask=mask, keep=jnp.asarray(keep, jnp.float32))
 
 
 def stack(items: Sequence):

@@ -106,7 +106,7 @@ def forward(params: Flux2Weights, config: Flux2Config, img, txt, timestep, img_i
     def substitute(h, layer):
         for sub in iv.substitutions:
             hit = (sub.site == layer) & sub.mask[..., None]
-            h = jnp.where(hit, sub.value.astype(h.dtype), h)
+            h = jnp.where(hit, sub.value.astype(h.dtype) + sub.keep.astype(h.dtype) * h, h)
         return h
 
     c = substitute(c, BLOCK0_INPUT)

@@ -39,7 +39,7 @@ from fluxjax.schedule import NUM_TRAIN_TIMESTEPS, flux2_sigmas
 GUIDANCE_MODES = ("none", "embedded", "cfg")
 
 # Rank of every intervention array without a step axis; one more means "one slice per step".
-_STEPLESS_RANK = {"site": 0, "value": 3, "mask": 2, "allowed": 3, "groups": 2}
+_STEPLESS_RANK = {"site": 0, "value": 3, "mask": 2, "keep": 0, "allowed": 3, "groups": 2}
 
 
 @dataclasses.dataclass(frozen=True)

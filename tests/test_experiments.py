@@ -83,10 +83,10 @@ def test_lens(folder, cache, tmp_path):
     out = tmp_path / "lens"
     assert lens.main(argv(folder, cache, out, "--blocks", "1,3", "--positions", "all", "padding", "content")) == 0
     rates = check_report(out, "lens", TASKS, ["lens-colour-distance", "lens-pass-rate"])
-    assert [r["setting"] for r in rates] == ["baseline edit", "t2i_clean", "all b1", "all b3", "padding b1",
-                                            "padding b3", "content b1", "content b3"]
+    assert [r["setting"] for r in rates] == ["baseline edit", "t2i_clean", "unconditional (empty prompt)", "all b1",
+                                            "all b3", "padding b1", "padding b3", "content b1", "content b3"]
     rows = read_csv(out / "lens-metrics.csv")
-    assert len(rows) == 2 * 8 and all(float(r["colour_de"]) >= 0 for r in rows)
+    assert len(rows) == 2 * 9 and all(float(r["colour_de"]) >= 0 for r in rows)
     cell = out / "outputs" / "lens" / TASKS[0]
     # Content-only and all-position lenses of one block read different text streams.
     assert np.abs(image(cell / "all-b1.png") - image(cell / "content-b1.png")).max() > 0
@@ -168,7 +168,7 @@ def test_run_all_writes_every_experiment_and_one_report(folder, cache, tmp_path)
     out = tmp_path / "main"
     assert run_all.main(argv(folder, cache, out)) == 0
     html = (out / "report.html").read_text()
-    for title in ("This run against the study", lens.TITLE, knockout.TITLE, drop.TITLE, patching.TITLE):
+    for title in ("The study's table, colour bucket", lens.TITLE, knockout.TITLE, drop.TITLE, patching.TITLE):
         assert html_escape(title, quote=False) in html
     for prefix, names in (("lens", TASKS), ("knockout", TASKS), ("drop", TASKS),
                           ("patching", [f"{TASKS[0]}__{TASKS[1]}", f"{TASKS[1]}__{TASKS[0]}"])):
@@ -177,7 +177,8 @@ def test_run_all_writes_every_experiment_and_one_report(folder, cache, tmp_path)
     config = json.loads((out / "config.json").read_text())
     assert config["settings"]["lens"]["blocks"] == [0, 1, 2, 3, 4]
     assert config["settings"]["knockout"]["layers"] == ["all", ":2", "2:"]
-    assert config["settings"]["headline_block"] == 3  # block 17 of 32 at the same relative depth of 5
+    assert config["settings"]["study_block"] == 3  # global block 17 of 32 at the same relative depth of 5
+    assert config["settings"]["study_lens"]["form"] == "diagonal"
     # The baselines are computed once and shared by the four experiments.
     assert sorted(p.name for p in (out / "outputs" / "baselines").iterdir()) == sorted(TASKS)
 
@@ -321,7 +322,7 @@ def test_run_all_on_both_organisms_puts_them_side_by_side(tmp_path):
     assert run_all.main(["--model", "direct,text-routed", "--colours", "red,blue", "--objects", "circle",
                          "--blocks", "1,3", "--no-progress", "--out", str(out)]) == 0
     html = (out / "report.html").read_text()
-    assert "Pass rates side by side" in html and "direct/report.html" in html and "text-routed/report.html" in html
+    assert "The study's table" in html and "direct/report.html" in html and "text-routed/report.html" in html
     for name in ("direct", "text-routed"):
         config = json.loads((out / name / "config.json").read_text())
         assert config["model"]["kind"] == "organism"

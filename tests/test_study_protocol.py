@@ -94,3 +94,60 @@ def test_a_neutral_patching_output_is_judged_by_which_colour_is_closer():
     assert tables.verdict("transferred", de=30.0, control_de=45.0) == (True, False)
     # Within the threshold of the source's colour yet closer to the target's: not transferred.
     assert tables.verdict("transferred", de=10.0, control_de=8.0) == (False, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# knockout layer modes, additive patching, one compiled call per sweep chunk
+
+PIXEL_TOL = 1  # as tests/test_experiments.py: a vmapped cell may land one uint8 level away
+
+
+def _image(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def test_knockout_layer_modes_are_one_vmapped_call_per_task(tmp_path, monkeypatch):
+    from experiments import knockout, sweep
+
+    calls = []
+    real = sweep._sample_many
+    monkeypatch.setattr(sweep, "_sample_many", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = {}
+    for mode in ("prefix", "individual", "window"):
+        out[mode] = tmp_path / mode
+        calls.clear()
+        assert knockout.main(["--model", "direct", "--settings", "ref->image", "--layers", "all", "--sweep",
+                              "ref->image", "--sweep-mode", mode, "--window", "2", "--colours", "red",
+                              "--objects", "circle", "--seeds", "0", "--chunk", "0", "--no-progress",
+                              "--out", str(out[mode])]) == 0
+        assert len(calls) == 1  # the layer modes and the whole sweep: one compiled call
+    cell = out["prefix"] / "outputs" / "knockout" / TASKS[0]
+    edit = _image(out["prefix"] / "outputs" / "baselines" / TASKS[0] / "edit.png")
+    # Cutting blocks 0..k-1: k = 0 cuts nothing, k = 6 cuts every block.
+    assert np.abs(_image(cell / "sweep--ref-to-image--to0.png") - edit).max() <= PIXEL_TOL
+    assert np.abs(_image(cell / "sweep--ref-to-image--to6.png") - _image(cell / "ref-to-image--all.png")).max() \
+        <= PIXEL_TOL
+    assert np.abs(_image(cell / "sweep--ref-to-image--to6.png") - edit).mean() > 5  # direct reads ref->image
+    assert sorted(p.name for p in (out["individual"] / "outputs" / "knockout" / TASKS[0]).glob("sweep-*")) == \
+        sorted(f"sweep--ref-to-image--at{k}.png" for k in range(6))
+    assert sorted(p.name for p in (out["window"] / "outputs" / "knockout" / TASKS[0]).glob("sweep-*")) == \
+        sorted(f"sweep--ref-to-image--win{k}.png" for k in range(5))
+
+
+def test_additive_patching_equals_replacement_in_one_step_and_adds_nothing_to_itself(tmp_path):
+    from experiments import patching
+
+    def run(name, *extra):
+        assert patching.main(["--model", "text-routed", "--blocks", "2", "--positions", "padding", "--colours",
+                              "red,blue", "--objects", "circle", "--seeds", "0", "--no-progress", "--out",
+                              str(tmp_path / name), *extra]) == 0
+        return tmp_path / name / "outputs" / "patching" / "solid_blue_circle_s0__solid_red_circle_s0"
+
+    # One step: the current activations are the unpatched target's, so adding (source - target) is the source.
+    replaced, added = run("replace", "--steps", "1"), run("add", "--steps", "1", "--mode", "add")
+    assert np.abs(_image(replaced / "padding-b2.png") - _image(added / "padding-b2.png")).max() <= PIXEL_TOL
+    # Over the organism's steps the two differ, and additive patching moves the target towards the source.
+    replaced, added = run("replace8"), run("add8", "--mode", "add")
+    assert np.abs(_image(replaced / "padding-b2.png") - _image(added / "padding-b2.png")).max() > PIXEL_TOL
+    with open(tmp_path / "add8" / "patching-pass-rates.csv", newline="") as f:
+        assert float({r["setting"]: r for r in csv.DictReader(f)}["padding b2"]["rate"]) == 1.0
