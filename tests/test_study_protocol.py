@@ -151,3 +151,22 @@ def test_additive_patching_equals_replacement_in_one_step_and_adds_nothing_to_it
     assert np.abs(_image(replaced / "padding-b2.png") - _image(added / "padding-b2.png")).max() > PIXEL_TOL
     with open(tmp_path / "add8" / "patching-pass-rates.csv", newline="") as f:
         assert float({r["setting"]: r for r in csv.DictReader(f)}["padding b2"]["rate"]) == 1.0
+
+
+def test_run_all_study_runs_exactly_a_buckets_cells(tmp_path):
+    """--study --bucket add: only the lens, in the input form at the study's block 7's place (the last
+    double block), its rows about the generic reference property."""
+    from experiments import run_all, study
+
+    out = tmp_path / "add"
+    assert run_all.main(["--study", "--bucket", "add", "--model", "text-routed", "--colours", "red",
+                         "--objects", "circle", "--seeds", "0", "--no-progress", "--out", str(out)]) == 0
+    settings = json.loads((out / "config.json").read_text())["settings"]
+    assert set(settings) == {"study", "property", "lens"} and settings["lens"]["form"] == "input"
+    assert settings["lens"]["blocks"] == [1]  # the organism's last double block stands for the study's 7
+    assert sorted(p.name for p in (out / "outputs").iterdir()) == ["baselines", "lens"]
+    record = json.loads((out / "outputs" / "lens" / TASKS[0] / "DONE.json").read_text())["record"]
+    assert {r["property"] for r in record["rows"]} == {"reference"}
+    html = (out / "report.html").read_text()
+    assert "76.8 %" in html and "block 1 here" in html
+    assert [c[0] for c in study.cells(settings)] == ["lens all", "lens padding", "lens content"]
