@@ -44,7 +44,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experiments import cli, drop, knockout, lens, models, patching, report, study, tables, tasks as tasklib
+from experiments import cli, drop, knockout, lens, models, patching, report, study, tables
 from experiments.sweep import POSITIONS
 
 NAME = "run_all"

@@ -42,7 +42,8 @@ def study(tmp_path_factory) -> Path:
     (folder / "single9_4step_color.txt").write_text("".join(f"{s}\t{t}\n" for s, t in pairs))
     # A style task and the real photograph it is paired with, in two buckets.
     for sub, name in (("fictional", "dog"), ("real", "dog_real")):
-        tasks.atomic_save_image(root / "data" / "style_references" / sub / f"{name}.png", tasks.flat_image((9, 9, 9), 8))
+        path = root / "data" / "style_references" / sub / f"{name}.png"
+        tasks.atomic_save_image(path, tasks.flat_image((9, 9, 9), 8))
     instruction = "A photograph of the dog in this image on a beach"
     (root / "data" / "tasks" / "style").mkdir(parents=True)
     (root / "data" / "tasks" / "style" / "tasks.jsonl").write_text(
