@@ -27,14 +27,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from experiments import common, report
+from experiments import cli, grids, report, tables
 from fluxjax import metrics
-from experiments.common import Context
+from experiments.context import Context
 
 NAME = "drop"
 TITLE = "Dropping the reference after block k"
-CRITERION = f"colour kept: CIEDE2000(output's dominant colour, reference colour) <= {common.THRESHOLD:g}"
-MEANS = ("colour_de", "colour_match", "mad", "ssim", "mad_t2i")
+MEANS = ("colour_de", "pass_absolute", "mad", "ssim", "mad_t2i")
 
 
 def add_arguments(parser) -> None:
@@ -50,10 +49,9 @@ def add_arguments(parser) -> None:
 
 def settings(args, config) -> dict:
     n = config.num_blocks
-    ks = common.blocks_from_args(args, n + 1, config.depth)
+    ks = cli.blocks_from_args(args, n + 1, config.depth)
     check = [ks[len(ks) // 2]] if args.check_removal is None else sorted(set(args.check_removal))
     out = {"blocks": ks, "check_removal": check}
-    validate(out, config)
     return out
 
 
@@ -87,14 +85,17 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
     config = ctx.model.config
     ks = sorted(set(s["blocks"]) | set(s["check_removal"]))
     images = dict(zip(ks, ctx.sweep(edit, [mask_form(config, edit.layout, edit.content_mask, k) for k in ks])))
-    rows = [common.colour_row(base["edit"], ref_lab, base["edit"], task=task.task_id, setting="reference kept (edit)",
-                              block=None, mad_t2i=metrics.mean_abs_diff(base["edit"], base["t2i"])),
-            common.colour_row(base["t2i"], ref_lab, base["edit"], task=task.task_id, setting="t2i (no reference)",
-                              block=None, mad_t2i=0.0)]
+    rows = [tables.control_row(NAME, ctx.judged_property, base["edit"], ref_lab, base["edit"], task=task.task_id,
+                               setting="reference kept (edit)", block=None,
+                               mad_t2i=metrics.mean_abs_diff(base["edit"], base["t2i"])),
+            tables.control_row(NAME, ctx.judged_property, base["t2i"], ref_lab, base["edit"], task=task.task_id,
+                               setting="t2i (no reference)", block=None, mad_t2i=0.0)]
     for k in s["blocks"]:
         cell.write_image(f"mask-k{k}.png", images[k])
-        rows.append(common.colour_row(images[k], ref_lab, base["edit"], task=task.task_id, setting=f"drop after {k}",
-                                      block=k, mad_t2i=metrics.mean_abs_diff(images[k], base["t2i"])))
+        rows.append(tables.judged_row(NAME, ctx.judged_property, "kept", ctx.against_edit(task, cell, f"mask-k{k}.png"),
+                                      images[k], ref_lab, rows[0]["colour_de"], base["edit"],
+                                      task=task.task_id, setting=f"drop after {k}", block=k,
+                                      mad_t2i=metrics.mean_abs_diff(images[k], base["t2i"])))
     checks = []
     for k in s["check_removal"]:
         removed = ctx.sample(edit, removal_form(config, edit.layout, edit.content_mask, k))[0][0]
@@ -107,19 +108,13 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
 
 def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     validate(s, ctx.model.config)
-    jobs = [(f"{prefix}/{t.task_id}", functools.partial(_task, ctx, t, s)) for t in tasks]
-    records = ctx.cells(TITLE, jobs)
-    rows = [r for rec in records for r in rec["rows"]]
-    checks = [c for rec in records for c in rec["removal_checks"]]
-    rates, means = common.write_tables(ctx.run, prefix, rows, pass_key="colour_match", criterion=CRITERION,
-                                       threshold=common.THRESHOLD, columns=MEANS)
+    rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
+    checks = [c for t in tasks for c in ctx.run.cell(f"{prefix}/{t.task_id}").record()["removal_checks"]]
     cfg = ctx.model.config
-    items: list = [report.Text(
+    items = tables.write_tables(ctx.run, prefix, rows, MEANS, rates_title="Colour kept per binding block", text=(
         f"Blocks < k: ref->image cut; blocks >= k: the reference cut off (mask form). k = 0: never seen (a plain "
         f"text-to-image run); k = {cfg.num_blocks}: kept to the end with ref->image cut everywhere. mad / ssim: "
-        "against the baseline edit; mad_t2i: against the text-to-image run with the task's seed."),
-        common.rate_table("Colour kept per binding block", rates),
-        common.means_table("Means per binding block", means, MEANS)]
+        "against the baseline edit; mad_t2i: against the text-to-image run with the task's seed."))
     if checks:
         ctx.run.write_derived(f"{prefix}-removal-checks.csv", metrics.rows_to_csv(checks))
         worst = max(c["max_abs_diff"] for c in checks)
@@ -133,40 +128,36 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
     if len(ks) > 1:
         swept = [r for r in rows if r["block"] is not None]
         series = {"mask form": [float(np.mean([r["colour_de"] for r in swept if r["block"] == k])) for k in ks]}
-        items.append(common.plot(ctx.run, f"{prefix}-colour-distance", ks, series,
-                                 ylabel="CIEDE2000 to reference colour", threshold=common.THRESHOLD,
+        items.append(tables.plot(ctx.run, f"{prefix}-colour-distance", ks, series,
+                                 ylabel="CIEDE2000 to reference colour", threshold=tables.THRESHOLD,
                                  xlabel=f"binding block k (reference dropped from k on; k = {cfg.num_blocks}: never)",
                                  num_double_blocks=cfg.depth, title=TITLE,
                                  caption="Mean colour distance to the reference colour by binding block"))
         change = {"vs baseline edit": [float(np.mean([r["mad"] for r in swept if r["block"] == k])) for k in ks],
                   "vs text-to-image": [float(np.mean([r["mad_t2i"] for r in swept if r["block"] == k])) for k in ks]}
-        items.append(common.plot(ctx.run, f"{prefix}-change", ks, change, ylabel="mean |pixel diff|",
+        items.append(tables.plot(ctx.run, f"{prefix}-change", ks, change, ylabel="mean |pixel diff|",
                                  xlabel=f"binding block k (k = {cfg.num_blocks}: never dropped)",
                                  num_double_blocks=cfg.depth, title=TITLE,
                                  caption="Change against the edit and against text-to-image by binding block"))
-    grid_files = [(_grid(ctx, task, s, rows, prefix), task.task_id) for task in tasks]
-    return [report.Section(TITLE, items), common.grids_section(f"{TITLE}: per-task grids", prefix, grid_files)]
+    return [report.Section(TITLE, items), tables.task_grids(ctx.run, f"{TITLE}: per-task grids", prefix, tasks, rows,
+                                                             functools.partial(_grid, ctx, s, prefix))]
 
 
-def _grid(ctx: Context, task, s: Mapping, rows: Sequence[Mapping], prefix: str):
+def _grid(ctx: Context, s: Mapping, prefix: str, task, cell, mine: Mapping[str, Mapping]):
     base = ctx.baselines(task)
-    cell = ctx.run.cell(f"{prefix}/{task.task_id}")
-    mine = {r["setting"]: r for r in rows if r["task"] == task.task_id}
-    grid_rows = [[common.panel("reference", base["reference"]),
-                  common.panel("baseline edit", base["edit"], common.de_caption(mine["reference kept (edit)"])),
-                  common.panel("t2i baseline", base["t2i"], common.de_caption(mine["t2i (no reference)"]))],
-                 [common.panel(f"k = {k}", cell.load_image(f"mask-k{k}.png"),
-                               common.de_caption(mine[f"drop after {k}"])) for k in s["blocks"]]]
+    grid_rows = [tables.baseline_panels(base, mine["reference kept (edit)"], mine["t2i (no reference)"]),
+                 [grids.Panel(f"k = {k}", cell.load_image(f"mask-k{k}.png"),
+                               tables.de_caption(mine[f"drop after {k}"])) for k in s["blocks"]]]
     labels = ["", "mask form"]
     if s["check_removal"]:
-        grid_rows.append([common.panel(f"k = {k}", cell.load_image(f"removal-k{k}.png")) for k in s["check_removal"]])
+        grid_rows.append([grids.Panel(f"k = {k}", cell.load_image(f"removal-k{k}.png")) for k in s["check_removal"]])
         labels.append("removal form")
-    return common.write_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png",
+    return tables.write_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png",
                              f"{TITLE}: {task.task_id} ({task.instruction!r})", grid_rows, labels)
 
 
 def main(argv=None) -> int:
-    return common.run_command(sys.modules[__name__], argv)
+    return cli.run_command(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

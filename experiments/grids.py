@@ -135,8 +135,3 @@ def grid(rows: Sequence[Sequence[Panel]], *, title: str = "", cell: int = 256,
         y += label_h + cell + caption_h + 2 * PAD
     return canvas
 
-
-def task_grid(title: str, reference: Panel, baseline_edit: Panel, t2i_baseline: Panel,
-              interventions: Sequence[Panel], *, cell: int = 256) -> Image.Image:
-    """A task's grid: reference | baseline edit | text-to-image baseline | each intervention."""
-    return grid([[reference, baseline_edit, t2i_baseline, *interventions]], title=title, cell=cell)

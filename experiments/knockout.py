@@ -23,17 +23,15 @@ import functools
 import sys
 from collections.abc import Mapping, Sequence
 
-from experiments import common, report
+from experiments import cli, grids, report, tables
 from fluxjax import metrics
-from experiments.common import Context
+from experiments.context import Context
 
 NAME = "knockout"
 TITLE = "Attention knockout"
 MAIN_SETTINGS = ("ref->text", "ref->image", "ref->text[padding]", "ref->text[content]")
 OTHER_SETTINGS = ("text->ref", "image->ref", "image->text", "text->image")
-CRITERION = (f"colour kept: CIEDE2000(output's dominant colour, reference colour) <= {common.THRESHOLD:g} "
-             "(lost: not kept)")
-MEANS = ("colour_de", "colour_match", "mad", "ssim")
+MEANS = ("colour_de", "pass_absolute", "mad", "ssim")
 
 
 def add_arguments(parser) -> None:
@@ -43,23 +41,53 @@ def add_arguments(parser) -> None:
     g.add_argument("--layers", nargs="+", default=["all"],
                    help="layer modes: all, :k, k:, k, a:b, a,b,c (default: all)")
     g.add_argument("--sweep", nargs="*", default=None, metavar="SETTING",
-                   help="block sweep, knockout from block k on for k = 0..n, of these settings (no value: "
-                        "every --settings entry)")
+                   help="block sweep of these settings (no value: every --settings entry), over k in the layer "
+                        "mode of --sweep-mode")
+    g.add_argument("--sweep-mode", choices=tuple(SWEEP_MODES), default="suffix",
+                   help="suffix: blocks k..n-1 (k = 0..n); prefix: blocks 0..k-1 (k = 0..n); individual: block k "
+                        "alone; window: blocks k..k+W-1 (default suffix)")
+    g.add_argument("--window", type=int, default=3, help="the window mode's width W (default 3)")
     g.add_argument("--sweep-from", default=None,
-                   help="the k of the sweep: 'a,b,c' or 'a:b' (default: every k = 0..n)")
+                   help="the k of the sweep: 'a,b,c' or 'a:b' (default: every k of the mode)")
+
+
+# Layer modes of a block sweep: the blocks cut at sweep value k (n blocks, window w), the k a full
+# sweep takes, and the label and file-name part of each.
+SWEEP_MODES = {
+    "suffix": (lambda k, n, w: range(k, n), lambda n, w: range(n + 1), "from {k}", "from{k}"),
+    "prefix": (lambda k, n, w: range(0, k), lambda n, w: range(n + 1), "before {k}", "to{k}"),
+    "individual": (lambda k, n, w: range(k, k + 1), lambda n, w: range(n), "at {k}", "at{k}"),
+    "window": (lambda k, n, w: range(k, k + w), lambda n, w: range(n - w + 1), "in {k}..{end}", "win{k}"),
+}
+
+
+def sweep_cell(s: Mapping, setting: str, k: int, n: int) -> tuple[range, str, str]:
+    """The blocks cut at sweep value k of the settings' mode, the row's setting label and its image's file."""
+    cut, _, label, file = SWEEP_MODES[s["sweep_mode"]]
+    w = s["window"]
+    return (cut(k, n, w), f"{setting} {label.format(k=k, end=k + w - 1)}",
+            f"sweep--{cli.slug(setting)}--{file.format(k=k)}.png")
 
 
 def edges(setting: str) -> list[str]:
     return [e.strip() for e in setting.split("+") if e.strip()]
 
 
+def question(setting: str) -> str:
+    """The study's question of a setting: is the colour kept (ref->image alone) or lost (any other cut)?"""
+    return "kept" if edges(setting) == ["ref->image"] else "lost"
+
+
 def settings(args, config) -> dict:
     sweep = None if args.sweep is None else (list(args.sweep) or list(args.settings))
     n = config.num_blocks
-    sweep_from = list(range(n + 1)) if args.sweep_from is None else common.parse_blocks(args.sweep_from, n + 1)
+    if args.sweep_mode not in SWEEP_MODES:
+        raise ValueError(f"--sweep-mode {args.sweep_mode}: choose among {list(SWEEP_MODES)}")
+    every = list(SWEEP_MODES[args.sweep_mode][1](n, args.window))
+    sweep_from = every if args.sweep_from is None else cli.parse_blocks(args.sweep_from, n + 1)
     out = {"settings": list(dict.fromkeys(args.settings)), "layers": list(dict.fromkeys(args.layers)),
-           "sweep": list(dict.fromkeys(sweep or [])), "sweep_from": sweep_from if sweep else []}
-    validate(out, config)
+           "sweep": list(dict.fromkeys(sweep or [])), "sweep_from": sweep_from if sweep else [],
+           "sweep_mode": args.sweep_mode, "window": args.window}
     return out
 
 
@@ -79,10 +107,14 @@ def validate(s: Mapping, config) -> None:
         if not edges(setting):
             raise ValueError(f"knockout setting {setting!r} names no edge")
         for layers in s["layers"]:
-            knockout(config, layout, content, edges(setting), common.parse_blocks(layers, config.num_blocks))
+            knockout(config, layout, content, edges(setting), cli.parse_blocks(layers, config.num_blocks))
+    mode, n, w = s["sweep_mode"], config.num_blocks, s["window"]
+    if mode not in SWEEP_MODES or not 1 <= w <= n:
+        raise ValueError(f"sweep mode {mode!r}, window {w}: choose a mode among {list(SWEEP_MODES)} and 1 <= W <= {n}")
+    valid = list(SWEEP_MODES[mode][1](n, w))
     for k in s["sweep_from"]:
-        if not 0 <= k <= config.num_blocks:
-            raise ValueError(f"sweep start {k}: use 0..{config.num_blocks}")
+        if k not in valid:
+            raise ValueError(f"sweep k {k} of mode {mode}: use {valid[0]}..{valid[-1]}")
 
 
 def _task(ctx: Context, task, s: Mapping, cell) -> dict:
@@ -100,81 +132,78 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
     cells, meta = [], []
     for setting in s["settings"]:
         for layers in s["layers"]:
-            cells.append(cut(setting, common.parse_blocks(layers, n)))
+            cells.append(cut(setting, cli.parse_blocks(layers, n)))
             meta.append(dict(setting=f"{setting} @ {layers}", edges=setting, layers=layers, from_block=None,
-                             file=f"{common.slug(setting)}--{common.slug(layers)}.png"))
+                             file=f"{cli.slug(setting)}--{cli.slug(layers)}.png"))
     for setting in s["sweep"]:
         for k in s["sweep_from"]:
-            cells.append(cut(setting, range(k, n)))
-            meta.append(dict(setting=f"{setting} from {k}", edges=setting, layers=f"{k}:", from_block=k,
-                             file=f"sweep--{common.slug(setting)}--from{k}.png"))
+            blocks, label, file = sweep_cell(s, setting, k, n)
+            cells.append(cut(setting, blocks))
+            meta.append(dict(setting=label, edges=setting, layers=f"{blocks.start}:{blocks.stop}", from_block=k,
+                             sweep_mode=s["sweep_mode"], file=file))
     images = ctx.sweep(edit, cells)
 
-    rows = [common.colour_row(base["edit"], ref_lab, base["edit"], task=task.task_id, setting="no knockout (edit)",
-                              edges=None, layers=None, from_block=None),
-            common.colour_row(base["t2i"], ref_lab, base["edit"], task=task.task_id, setting="t2i (no reference)",
-                              edges=None, layers=None, from_block=None)]
+    rows = [tables.control_row(NAME, ctx.judged_property, base["edit"], ref_lab, base["edit"], task=task.task_id,
+                               setting="no knockout (edit)", edges=None, layers=None, from_block=None),
+            tables.control_row(NAME, ctx.judged_property, base["t2i"], ref_lab, base["edit"], task=task.task_id,
+                               setting="t2i (no reference)", edges=None, layers=None, from_block=None)]
+    edit_de = rows[0]["colour_de"]
     for m, image in zip(meta, images):
-        cell.write_image(m.pop("file"), image)
-        rows.append(common.colour_row(image, ref_lab, base["edit"], task=task.task_id, **m))
+        file = m.pop("file")
+        cell.write_image(file, image)
+        bundle = ctx.against_edit(task, cell, file)
+        rows.append(tables.judged_row(NAME, ctx.judged_property, question(m["edges"]), bundle, image, ref_lab, edit_de,
+                                      base["edit"], task=task.task_id, **m))
     return {"rows": rows}
 
 
 def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     validate(s, ctx.model.config)
-    jobs = [(f"{prefix}/{t.task_id}", functools.partial(_task, ctx, t, s)) for t in tasks]
-    records = ctx.cells(TITLE, jobs)
-    rows = [r for rec in records for r in rec["rows"]]
+    rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
     main = [r for r in rows if r["from_block"] is None]
     swept = [r for r in rows if r["from_block"] is not None]
-    rates, means = common.write_tables(ctx.run, prefix, main, pass_key="colour_match", criterion=CRITERION,
-                                       threshold=common.THRESHOLD, columns=MEANS)
-    items: list = [report.Text(
-        f"Edges cut at every step in the blocks of each layer mode ({', '.join(s['layers'])}). mad / ssim: against "
-        "the baseline edit. Controls: the edit itself and text-to-image without the reference (same seed)."),
-        common.rate_table("Colour kept per setting", rates, "Colour lost = n - passed."),
-        common.means_table("Means per setting", means, MEANS)]
+    items = tables.write_tables(
+        ctx.run, prefix, main, MEANS, rates_title="Colour lost (or, for ref->image, kept) per setting", text=(
+            f"Edges cut at every step in the blocks of each layer mode ({', '.join(s['layers'])}). mad / ssim: "
+            "against the baseline edit. Controls: the edit itself and text-to-image without the reference (same "
+            "seed)."))
     if swept:
         ctx.run.write_derived(f"{prefix}-sweep-metrics.csv", metrics.rows_to_csv(swept))
         ks = list(s["sweep_from"])
         cfg = ctx.model.config
-        de = common.series_by_block(swept, ks, "edges", "from_block", "colour_de")
-        items.append(common.plot(ctx.run, f"{prefix}-sweep-colour-distance", ks, de,
-                                 ylabel="CIEDE2000 to reference colour", threshold=common.THRESHOLD,
-                                 xlabel=f"knockout from block k on (k = {cfg.num_blocks}: none)",
-                                 num_double_blocks=cfg.depth, title=f"{TITLE}: block sweep",
-                                 caption="Mean colour distance to the reference colour when the edges are cut from "
-                                         "block k on (higher: the colour is lost)"))
-        mad = common.series_by_block(swept, ks, "edges", "from_block", "mad")
-        items.append(common.plot(ctx.run, f"{prefix}-sweep-change", ks, mad, ylabel="mean |pixel diff| vs edit",
-                                 xlabel=f"knockout from block k on (k = {cfg.num_blocks}: none)",
-                                 num_double_blocks=cfg.depth, title=f"{TITLE}: block sweep",
-                                 caption="Change against the baseline edit (0 at k = n: nothing cut)"))
-    grid_files = [(_grid(ctx, task, s, rows, prefix), task.task_id) for task in tasks]
-    return [report.Section(TITLE, items), common.grids_section(f"{TITLE}: per-task grids", prefix, grid_files)]
+        de = tables.series_by_block(swept, ks, "edges", "from_block", "colour_de")
+        items.append(tables.plot(ctx.run, f"{prefix}-sweep-colour-distance", ks, de,
+                                 ylabel="CIEDE2000 to reference colour", threshold=tables.THRESHOLD,
+                                 xlabel=f"k: knockout {SWEEP_MODES[s['sweep_mode']][2].format(k='k', end='k+W-1')}",
+                                 num_double_blocks=cfg.depth, title=f"{TITLE}: block sweep ({s['sweep_mode']})",
+                                 caption="Mean colour distance to the reference colour when the edges are cut in the "
+                                         "blocks of k (higher: the colour is lost)"))
+        mad = tables.series_by_block(swept, ks, "edges", "from_block", "mad")
+        items.append(tables.plot(ctx.run, f"{prefix}-sweep-change", ks, mad, ylabel="mean |pixel diff| vs edit",
+                                 xlabel=f"k: knockout {SWEEP_MODES[s['sweep_mode']][2].format(k='k', end='k+W-1')}",
+                                 num_double_blocks=cfg.depth, title=f"{TITLE}: block sweep ({s['sweep_mode']})",
+                                 caption="Change against the baseline edit"))
+    return [report.Section(TITLE, items), tables.task_grids(ctx.run, f"{TITLE}: per-task grids", prefix, tasks, rows,
+                                                             functools.partial(_grid, ctx, s, prefix))]
 
 
-def _grid(ctx: Context, task, s: Mapping, rows: Sequence[Mapping], prefix: str):
+def _grid(ctx: Context, s: Mapping, prefix: str, task, cell, mine: Mapping[str, Mapping]):
     base = ctx.baselines(task)
-    cell = ctx.run.cell(f"{prefix}/{task.task_id}")
-    mine = {r["setting"]: r for r in rows if r["task"] == task.task_id}
-    grid_rows = [[common.panel("reference", base["reference"]),
-                  common.panel("baseline edit", base["edit"], common.de_caption(mine["no knockout (edit)"])),
-                  common.panel("t2i baseline", base["t2i"], common.de_caption(mine["t2i (no reference)"]))]]
+    grid_rows = [tables.baseline_panels(base, mine["no knockout (edit)"], mine["t2i (no reference)"])]
     for setting in s["settings"]:
-        grid_rows.append([common.panel(f"{setting}, blocks {layers}",
-                                       cell.load_image(f"{common.slug(setting)}--{common.slug(layers)}.png"),
-                                       common.de_caption(mine[f"{setting} @ {layers}"])) for layers in s["layers"]])
+        grid_rows.append([grids.Panel(f"{setting}, blocks {layers}",
+                                       cell.load_image(f"{cli.slug(setting)}--{cli.slug(layers)}.png"),
+                                       tables.de_caption(mine[f"{setting} @ {layers}"])) for layers in s["layers"]])
     for setting in s["sweep"]:
-        grid_rows.append([common.panel(f"{setting}, from block {k}",
-                                       cell.load_image(f"sweep--{common.slug(setting)}--from{k}.png"),
-                                       common.de_caption(mine[f"{setting} from {k}"])) for k in s["sweep_from"]])
-    return common.write_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png",
+        names = [sweep_cell(s, setting, k, ctx.num_blocks)[1:] for k in s["sweep_from"]]
+        grid_rows.append([grids.Panel(label, cell.load_image(file), tables.de_caption(mine[label]))
+                          for label, file in names])
+    return tables.write_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png",
                              f"{TITLE}: {task.task_id} ({task.instruction!r})", grid_rows)
 
 
 def main(argv=None) -> int:
-    return common.run_command(sys.modules[__name__], argv)
+    return cli.run_command(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

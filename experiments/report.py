@@ -9,7 +9,6 @@ lie inside it), the style sheet is inline, so the folder can be copied or zipped
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import html
 import io
@@ -20,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.runs import CODE_VERSION_FILE, RunFolder, atomic_write_bytes, atomic_write_text
+from experiments.runs import CODE_VERSION_FILE, RunFolder, atomic_write_text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,12 +70,6 @@ def sweep_plot(blocks: Sequence[int], series: Mapping[str, Sequence[float | None
     return buf.getvalue()
 
 
-def save_sweep_plot(path: str | os.PathLike, blocks: Sequence[int], series: Mapping[str, Sequence[float | None]],
-                    **kwargs: Any) -> Path:
-    """`sweep_plot` written atomically to `path`."""
-    return atomic_write_bytes(path, sweep_plot(blocks, series, **kwargs))
-
-
 # ---------------------------------------------------------------------------------------------
 # report
 
@@ -113,13 +106,6 @@ class FigureRow:
 class Section:
     title: str
     items: Sequence[Text | Table | Figure | FigureRow]
-
-
-def table_from_csv(path: str | os.PathLike, title: str, **kwargs: Any) -> Table:
-    """A table of a CSV file's rows (values stay as the file's text)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        return Table(title=title, columns=list(reader.fieldnames or []), rows=list(reader), **kwargs)
 
 
 _STYLE = """

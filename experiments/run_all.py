@@ -2,15 +2,20 @@
 
     python -m experiments.run_all
         both committed model organisms (`direct` and `text-routed`: small FLUX.2 editors whose
-        routing is known by construction, see docs/organisms.md), the colour bucket's 8 colours x 2
-        shapes (seed 0) at 32 x 32, every block swept; a few minutes on 2 CPU cores. One run folder
-        per organism (runs/main/direct, runs/main/text-routed) and runs/main/report.html, which
-        puts the two side by side.
+        routing is known by construction, see docs/organisms.md), 4 of the colour bucket's colours
+        x 2 shapes (seed 0) at 32 x 32, every block swept; a few minutes on 2 CPU cores. One run
+        folder per organism (runs/main/direct, runs/main/text-routed) and runs/main/report.html,
+        which puts the two side by side and the study's table beside them.
+    python -m experiments.run_all --study [--bucket colour|style|identity|add|remove]
+        exactly the study's cells of a bucket (experiments.study) on the tasks given: colour: the
+        diagonal T2I Lens at global block 17 (one step), the four knockouts in every block, patching
+        at block 17 with the study's pairs; style, identity: the lens and patching at block 7 and
+        the knockouts; add, remove: the lens. On a model with other than 32 blocks the report says
+        which of its blocks stands for the study's.
     python -m experiments.run_all --model /models/FLUX.2-klein-9B --out runs/klein9b
         a real FLUX.2 [klein] 9B folder (diffusers layout) on a GPU or TPU machine: 1024 x 1024
-        references and outputs, 4 steps, bf16 as stored; add --blocks 7,17 for the study's cells
-        only, --chunk 2 (or 1) if the sweeps run out of memory, and --colours/--objects/--seeds
-        for more of the bucket.
+        references and outputs, 4 steps, bf16 as stored; add --chunk 2 (or 1) if the sweeps run
+        out of memory, and --colours/--objects/--seeds for more of the bucket.
 
 The experiments, in the study's order (see each module's --help):
     1. T2I Lens (experiments.lens), all text positions, source block swept
@@ -20,7 +25,10 @@ The experiments, in the study's order (see each module's --help):
        from block k on, k swept
     4. dropping the reference after block k (experiments.drop), k swept, the removal form checked
        against the mask form at the middle k
-    5. I2I -> I2I patching (experiments.patching) between colours of one object, block swept
+    5. I2I -> I2I patching (experiments.patching) between colours of one object (the study's pairs),
+       block swept
+and the study's colour T2I Lens (diagonal form, block 17's place), so that the report's study
+table holds every colour cell of the study.
 
 With one model, --out is its run folder; with several (--model a,b), each gets the run folder
 --out/<name> and --out/report.html compares them. Every experiment writes its cells under
@@ -31,115 +39,81 @@ Rerunning the same command resumes: nothing complete is recomputed.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experiments import common, drop, knockout, lens, models, patching, report
+from experiments import cli, drop, knockout, lens, models, patching, report, study, tables
+from experiments.sweep import POSITIONS
 
 NAME = "run_all"
 TITLE = "The five experiments"
 DEFAULT_MODELS = "direct,text-routed"
 COLOUR_SUBSETS = {  # per model kind: (colours, objects, seeds) of the default colour-bucket subset
-    "organism": (",".join(common.tasklib.COLOURS), "circle,triangle", "0"),
+    "organism": ("red,yellow,green,blue", "circle,triangle", "0"),  # 8 tasks, 24 study-rule pairs
     "folder": ("red,green,blue,yellow", "ball", "0"),
 }
-STUDY_COLOUR_BLOCK, STUDY_BLOCKS = 17, 32  # the study's colour cell: global block 17 of klein-9B's 32
-
-# The study's colour-bucket numbers (protocol table), next to which the report puts this run's.
-STUDY = {
-    "lens": "100 %", "lens_padding": "-", "lens_content": "-",
-    "ref->text": "86 % lost", "ref->text[padding]": "70 % lost", "ref->text[content]": "5 % lost",
-    "ref->image": "87 % kept", "patch_all": "92 %", "patch_padding": "85 %", "patch_content": "0.4 %",
-}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("experiments")
     g.add_argument("--blocks", default="all",
                    help="blocks of the lens and patching sweeps, and the k of the knockout and drop sweeps (with 0 "
                         "and n added): 'all', 'a:b' or 'a,b,c' (default all)")
-    g.add_argument("--headline-block", type=int, default=None,
-                   help="the block of the summary table's lens and patching rows (default: the study's colour "
-                        "cell, block 17 of 32, at the same relative depth)")
+    g.add_argument("--study", action="store_true",
+                   help="run exactly the study's cells of --bucket (experiments.study) instead of the sweeps")
+    g.add_argument("--bucket", choices=study.BUCKETS, default="colour",
+                   help="with --study: the bucket whose cells run on the given tasks (default colour)")
     g.add_argument("--source-steps", type=int, default=1, help="steps of the T2I Lens's source edit (default 1)")
     g.add_argument("--pairs", type=Path, default=None,
-                   help="pair file of the patching experiment (default: colour-bucket pairs, same object and seed, "
-                        "the next colour)")
+                   help="pair file of the patching experiment (default: the study's colour-bucket pairs)")
 
 
-def plan(config, blocks_spec: str, source_steps: int, headline: int | None, pairs: Path | None = None) -> dict:
-    """Every experiment's settings (the run config's `settings`)."""
+def plan(config, blocks_spec: str, source_steps: int, kind: str, pairs: Path | None = None) -> dict:
+    """Every experiment's settings (the run config's `settings`): the sweeps, and the study's colour
+    cells (its diagonal lens, prefix study-lens; its knockouts and patching block, read from the sweeps)."""
     n, depth = config.num_blocks, config.depth
-    blocks = common.parse_blocks(blocks_spec, n)
+    blocks = cli.parse_blocks(blocks_spec, n)
     ks = sorted(set(blocks) | {0, n})
-    if headline is None:
-        headline = min(n - 1, round(STUDY_COLOUR_BLOCK * n / STUDY_BLOCKS))
-    if not 0 <= headline < n:
-        raise ValueError(f"--headline-block {headline}: this model has blocks 0..{n - 1}")
-    headline = min(blocks, key=lambda b: (abs(b - headline), b))
-    positions = list(common.POSITIONS)
+    study_block = study.block(study.PATCH_BLOCK["colour"], config)
+    if study_block not in blocks:
+        raise ValueError(f"--blocks {blocks_spec}: include block {study_block}, the study's colour block here")
+    positions = list(POSITIONS)
     out = {
-        "headline_block": headline,
-        "lens": {"blocks": blocks, "positions": positions, "source_steps": source_steps},
+        "study_block": study_block,
+        "study_lens": study.plan(config, "colour", kind, None)["lens"],
+        "lens": {"blocks": blocks, "positions": positions, "source_steps": source_steps, "form": "input",
+                 "target_steps": None},
         "knockout": {"settings": [*knockout.MAIN_SETTINGS, *knockout.OTHER_SETTINGS, "ref->text+ref->image"],
                      "layers": ["all", f":{depth}", f"{depth}:"], "sweep": list(knockout.MAIN_SETTINGS),
-                     "sweep_from": ks},
+                     "sweep_from": ks, "sweep_mode": "suffix", "window": 3},
         "drop": {"blocks": ks, "check_removal": [ks[len(ks) // 2]]},
-        "patching": {"blocks": blocks, "positions": positions, "pairs": patching.pair_file(pairs)},
+        "patching": {"blocks": blocks, "positions": positions, "pairs": patching.pair_file(pairs), "mode": "replace"},
     }
     if source_steps < 1:
         raise ValueError("--source-steps must be at least 1")
     lens.validate(out["lens"], config)
+    lens.validate(out["study_lens"], config)
     knockout.validate(out["knockout"], config)
     drop.validate(out["drop"], config)
     patching.validate(out["patching"], config)
     return out
 
 
-def _rates(run_path: Path, prefix: str) -> dict[str, Mapping]:
-    path = run_path / f"{prefix}-pass-rates.csv"
-    with open(path, newline="", encoding="utf-8") as f:
-        return {r["setting"]: r for r in csv.DictReader(f)}
-
-
-def summary_rows(run_path: Path, s: Mapping) -> list[dict]:
-    """This run's headline pass rates ({experiment, this run, study}) in the study's order."""
-    b = s["headline_block"]
-    tables = {prefix: _rates(run_path, prefix) for prefix in ("lens", "knockout", "patching")}
-    # (what, experiment, setting in its pass-rate table, reading of the rate, the study's number)
-    lines = [(f"T2I Lens, block {b}: reference colour present", "lens", f"all b{b}", "", STUDY["lens"]),
-             (f"T2I Lens padding-only, block {b}", "lens", f"padding b{b}", "", STUDY["lens_padding"]),
-             (f"T2I Lens content-only, block {b}", "lens", f"content b{b}", "", STUDY["lens_content"])]
-    lines += [(f"Knockout {e} (all blocks)", "knockout", f"{e} @ all", "kept" if e == "ref->image" else "lost",
-               STUDY[e]) for e in knockout.MAIN_SETTINGS]
-    lines += [(f"I2I->I2I patching {p}, block {b}: transferred", "patching", f"{p} b{b}", "", STUDY[f"patch_{p}"])
-              for p in common.POSITIONS]
-    rows = []
-    for what, prefix, setting, reading, study in lines:
-        r = tables[prefix].get(setting)
-        here = None
-        if r is not None:
-            value = 1 - float(r["rate"]) if reading == "lost" else float(r["rate"])
-            here = f"{value:.0%}{' ' + reading if reading else ''} (n = {r['n']})"
-        rows.append({"experiment": what, "this run": here, "study": study})
-    return rows
-
-
 def summary_note(kind: str) -> str:
-    note = f"Colour threshold: CIEDE2000 {common.THRESHOLD:g}. The study scored with a VLM judge on klein-9B."
+    note = (f"Colour threshold: CIEDE2000 {tables.THRESHOLD:g}. Rates follow the study's rules, relative to a "
+            f"control (lens: {tables.RULES['present']}; knockout lost: {tables.RULES['lost']}; patching: "
+            f"{tables.RULES['transferred']}); 'absolute' asks the output alone. The study scored with a VLM judge "
+            "on klein-9B.")
     if kind == "organism":
         note += (" A model organism's routing is known by construction (docs/organisms.md): `direct` was trained "
                  "plainly, `text-routed` with the reference cut from the image and from the text content positions "
-                 "in every block, so it can reach the image only through the text padding positions.")
+                 "in every block, so it can reach the image only through the text padding positions. The diagonal "
+                 "T2I Lens's target runs the organism's own steps rather than the study's one: an organism draws no "
+                 "shape or colour in one Euler step of its linear schedule.")
     return note
 
 
-def summary_table(run_path: Path, s: Mapping, kind: str) -> report.Table:
-    """This run's pass rates next to the study's colour-bucket numbers."""
-    return report.Table(title="This run against the study (colour bucket)", columns=["experiment", "this run", "study"],
-                        rows=summary_rows(run_path, s), note=summary_note(kind))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,55 +125,68 @@ class Outcome:
     run_path: Path
     report: Path
     settings: Mapping
+    config: object  # the model's Flux2Config
 
 
 def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str) -> Outcome:
     """The five experiments on `args.model`, into the run folder `out`."""
     try:
-        spec = common.task_spec(args)
+        spec = cli.task_spec(args)
         model, model_record = models.load(args)
-        settings = plan(model.config, args.blocks, args.source_steps, args.headline_block, args.pairs)
-        config = {**common.base_config(args, model, model_record), "experiment": NAME, "settings": settings}
+        kind = model_record["kind"]
+        if args.study:
+            settings = study.plan(model.config, args.bucket, kind, patching.pair_file(args.pairs))
+        else:
+            settings = plan(model.config, args.blocks, args.source_steps, kind, args.pairs)
+        config = {**cli.base_config(args, model, model_record), "experiment": NAME, "settings": settings}
     except (ValueError, KeyError, FileNotFoundError) as e:
         parser.error(str(e))
-    timer = common.Timer()
-    kind = model_record["kind"]
-    with common.open_run_folder(out, config) as run:
-        ctx = common.open_context(args, model, run)
+    start = time.perf_counter()
+    with cli.open_run_folder(out, config) as run:
+        ctx = cli.open_context(args, model, run)
+        ctx.judged_property = settings.get("property", "colour")
         try:
-            found = common.load_tasks(spec, run)
-            patching.resolve_pairs(ctx, found, settings["patching"])  # a bad pair file fails before any work
+            found = cli.load_tasks(spec, run)
+            if "patching" in settings:  # a bad pair file fails before any work
+                patching.resolve_pairs(ctx, found, settings["patching"])
         except (ValueError, KeyError) as e:
             parser.error(str(e))
         sections = lens.run(ctx, found, settings["lens"], "lens")
-        sections += knockout.run(ctx, found, settings["knockout"], "knockout")
-        sections += drop.run(ctx, found, settings["drop"], "drop")
-        sections += patching.run(ctx, found, settings["patching"], "patching")
+        if "study_lens" in settings:
+            sections += lens.run(ctx, found, settings["study_lens"], "study-lens")
+        for name, module in (("knockout", knockout), ("drop", drop), ("patching", patching)):
+            if name in settings:
+                sections += module.run(ctx, found, settings[name], name)
         intro = report.Section("Setup", [
-            report.Text(f"{common.describe_model(ctx)}\n\n{len(found)} tasks: "
-                        f"{', '.join(t.task_id for t in found)}. This invocation took {timer.seconds():.0f} s"
+            report.Text(f"{ctx.describe()}\n\n{len(found)} tasks: "
+                        f"{', '.join(t.task_id for t in found)}. This invocation took "
+                        f"{time.perf_counter() - start:.0f} s"
                         f"{' (resumed)' if run.resumed else ''}."),
-            summary_table(run.path, settings, kind)])
+            study.table(run.path, settings, model.config, summary_note(kind))])
         path = report.write_run_report(run, f"{TITLE}: {model_record['name']}", [intro, *sections])
-        run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": timer.seconds(),
+        run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
                            "resumed": run.resumed})
     print(f"report: {path}")
-    return Outcome(name=models.name(args.model), kind=kind, run_path=run.path, report=path, settings=settings)
+    return Outcome(name=models.name(args.model), kind=kind, run_path=run.path, report=path, settings=settings,
+                   config=model.config)
 
 
 def comparison_report(folder: Path, outcomes: Sequence[Outcome]) -> Path:
     """`folder/report.html`: the models' headline pass rates side by side, then their sweep plots."""
     rows = {}
     for o in outcomes:
-        for r in summary_rows(o.run_path, o.settings):
-            rows.setdefault(r["experiment"], {"experiment": r["experiment"], "study": r["study"]})[o.name] = r["this run"]
+        for r in study.rows(o.run_path, o.settings):
+            rows.setdefault(r["cell"], {"cell": r["cell"], "study": r["study"], "rule": r["rule"]})[o.name] = \
+                r["this run"]
     names = [o.name for o in outcomes]
     kinds = {o.kind for o in outcomes}
-    table = report.Table(title="Pass rates side by side", columns=["experiment", *names, "study"],
-                         rows=list(rows.values()), note=summary_note(kinds.pop() if len(kinds) == 1 else "mixed"))
+    table = report.Table(title="The study's table: its cells beside each model's",
+                         columns=["cell", "study", *names, "rule"],
+                         rows=list(rows.values()), note=f"{study.mapping_note(outcomes[0].config)} "
+                         f"{summary_note(kinds.pop() if len(kinds) == 1 else 'mixed')}")
     links = report.Text("Each model's full report (grids, tables, every setting): " + "; ".join(
         f"{o.name}: {o.report.relative_to(folder.resolve()).as_posix()}" for o in outcomes) + ".")
-    sections = [report.Section("Headline numbers", [table, links])]
+    sections = [report.Section("The study's cells", [table, links])]
     plots = {}
     for o in outcomes:
         for png in sorted((o.run_path / "plots").glob("*.png")):
@@ -214,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.run_all", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    common.add_arguments(parser, out_default="runs/main", model_default=DEFAULT_MODELS,
+    cli.add_arguments(parser, out_default="runs/main", model_default=DEFAULT_MODELS,
                          colour_defaults=COLOUR_SUBSETS)
     args = parser.parse_args(argv)
     specs = [m.strip() for m in args.model.split(",") if m.strip()]
@@ -227,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(names)) != len(names):
         parser.error(f"--model {args.model}: the models need different names (their run folders are --out/<name>)")
     folder = Path(args.out).resolve()
-    outcomes = [run_model(parser, _with_model(args, m), str(folder / common.slug(name)))
+    outcomes = [run_model(parser, _with_model(args, m), str(folder / cli.slug(name)))
                 for m, name in zip(specs, names)]
     path = comparison_report(folder, outcomes)
     print(f"report: {path}")

@@ -12,11 +12,8 @@ values, masks, knockout tables) and runs them as `jax.vmap` over one compiled sa
 `chunk` cells per call (the last chunk padded by repeating its last cell, so every call has the
 same shape and reuses the same program), then decodes the whole chunk with the VAE in one batch.
 
-The model is a FLUX.2 `fluxjax.pipeline.Flux2Model` or any object with the same experiment
-interface (`organisms.experiment_model.OrganismModel`): `config`, `params`, `options`,
-`encode_prompts`, `reference_tokens`, `image_grid`, `decode`, `sigmas` and `with_cuts` (the
-interventions every call must carry, e.g. an organism's routing cuts). `backend(model)` gives that
-interface for a `Flux2Model`.
+The model is a FLUX.2 `fluxjax.pipeline.Flux2Model` or any `experiments.backend.ModelBackend`
+(`organisms.experiment_model.OrganismModel`).
 
 Axes as in `fluxjax.numerics`; V is the sweep axis.
 """
@@ -31,48 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax import images as imagelib
-from fluxjax import pipeline
+from experiments.backend import backend
 from fluxjax import sampler as samplerlib
 from fluxjax.interventions import Capture, Captures, Interventions, stack
 from fluxjax.layout import TokenLayout
 
 
-class PipelineBackend:
-    """The experiment interface of a FLUX.2 model folder: its VAE, text encoder and schedule."""
-
-    def __init__(self, model: pipeline.Flux2Model):
-        self.model = model
-        self.config, self.params, self.options = model.config, model.params, model.options
-
-    def encode_prompts(self, prompts):
-        return pipeline.encode_prompts(self.model, prompts)
-
-    def reference_tokens(self, references):
-        return pipeline.reference_tokens(self.model, references)
-
-    def image_grid(self, height: int, width: int) -> tuple[int, int]:
-        return imagelib.image_grid(height, width)
-
-    def decode(self, latents, height: int, width: int) -> np.ndarray:
-        """Packed latents [B, N_img, P] -> uint8 pixels [B, H, W, 3] (diffusers' postprocess)."""
-        return np.asarray(pipeline.decode_pixels(self.model.vae_params, self.model.vae_config, latents, height,
-                                                  width))
-
-    def sigmas(self, num_steps: int):
-        return None  # the FLUX.2 schedule of the image's token count
-
-    def with_cuts(self, layout, content_mask, interventions):
-        return interventions
-
-    @property
-    def multiple_of(self) -> int:
-        return imagelib.MULTIPLE_OF
-
-
-def backend(model):
-    """The experiment interface of `model` (a `Flux2Model`, or a model that has it already)."""
-    return PipelineBackend(model) if isinstance(model, pipeline.Flux2Model) else model
+# Text positions of a substitution: the names of the command line and the token groups they cover.
+POSITIONS = {"all": "text", "padding": "text[padding]", "content": "text[content]"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -88,6 +51,10 @@ class Edit:
     height: int  # output pixels (multiples of 16)
     width: int
     uncond: jax.Array | None = None  # [1, T, C] empty-prompt embeddings, for guidance "cfg" only
+
+    def text_mask(self, positions: str) -> np.ndarray:
+        """bool [1, T]: the text positions named by `positions`, a key of POSITIONS."""
+        return self.layout.text_mask(POSITIONS[positions], self.content_mask)
 
 
 def prepare(model, text, *, reference=None, seed: int, height: int, width: int, uncond=None) -> Edit:

@@ -16,13 +16,22 @@ A task file holds one JSON object a line (blank lines are skipped):
                      or: the reference is generated from `source_caption` with seed `ref_seed`
     source, metadata optional, free-form (metadata a JSON object)
 
-Relative paths resolve against `root` (by default the folder holding the task file): the study's
-own files name paths relative to its repository root, so pass that root for them. Fields the
+Relative paths resolve against `root`. By default that is the nearest folder, from the task
+file's own upwards, in which the file's first relative reference path exists: the study's files
+name paths relative to its repository root (`data/solid_colors/solid_red`), so a task file lying
+inside a checkout of the study's repository reads unchanged, with no root given. Fields the
 format does not know are ignored. A user's own images and instructions work the same way: write
-a tasks.jsonl that points at them.
+a tasks.jsonl that points at them. Several task files read together (`read_task_files`) must not
+share task ids.
 
 Pair files (I2I -> I2I patching) hold two task ids a line, source then target, separated by a tab
-(any whitespace is accepted); blank lines and lines starting with '#' are skipped.
+(any whitespace is accepted); blank lines and lines starting with '#' are skipped. The ids may
+come from any of the task files read together (e.g. style -> real pairs between the study's
+`style` and `manual` buckets).
+
+The colour bucket's pairs follow the study's rule (`colour_pairs`): within each object every
+ordered pair of distinct colours (colours in alphabetical order), the n-th such pair taking the
+source from seed slot i = n mod 5 and the target from slot (i + 1) mod 5: 8 x 7 x 8 = 448 pairs.
 
 The colour bucket (8 colours x 8 objects x 5 seeds) is generated here, never downloaded:
 
@@ -207,24 +216,26 @@ def read_tasks(path: str | os.PathLike, *, root: str | os.PathLike | None = None
                check_files: bool = True) -> list[Task]:
     """Every task of a tasks.jsonl file, in file order; ids must be unique.
 
-    root: the folder relative reference paths start from (default: the file's folder).
+    root: the folder relative reference paths start from (default: `find_root`).
     check_files: require every reference image to exist.
     """
     path = Path(path)
-    root = path.parent if root is None else Path(root)
     tasks, seen = [], {}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise TaskFileError(f"cannot read task file {path}: {e.strerror}") from None
+    entries = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        where = lambda field=None, n=number: _where(path, n, field)  # noqa: E731
         try:
-            entry = json.loads(line)
+            entries.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise TaskFileError(f"{where()}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise TaskFileError(f"{_where(path, number)}: not valid JSON ({e.msg} at column {e.colno})") from None
+    root = find_root(path, [e for _, e in entries]) if root is None else Path(root)
+    for number, entry in entries:
+        where = lambda field=None, n=number: _where(path, n, field)  # noqa: E731
         task = parse_task(entry, root=root, check_files=check_files, where=where)
         if task.task_id in seen:
             raise TaskFileError(f"{where('task_id')}: id {task.task_id!r} already used on line {seen[task.task_id]}")
@@ -232,6 +243,41 @@ def read_tasks(path: str | os.PathLike, *, root: str | os.PathLike | None = None
         tasks.append(task)
     if not tasks:
         raise TaskFileError(f"{path} holds no tasks")
+    return tasks
+
+
+def find_root(path: Path, entries: Sequence[Any]) -> Path:
+    """The folder a task file's relative reference paths start from: the nearest of the file's folder
+    and its ancestors in which the first relative reference path exists (the file's folder if none)."""
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        if isinstance(entry.get("real_ref_dir"), str) and isinstance(entry.get("real_ref_name"), str):
+            parts = (entry["real_ref_dir"], entry["real_ref_name"])
+        elif isinstance(entry.get("source_image_path"), str):
+            parts = (entry["source_image_path"],)
+        else:
+            continue
+        if Path(os.path.expanduser(parts[0])).is_absolute():
+            continue
+        for folder in (path.parent, *path.resolve().parent.parents):
+            base = _resolve(folder, *parts)
+            if base.is_file() or any(base.with_name(base.name + x).is_file() for x in REFERENCE_SUFFIXES):
+                return folder
+        break
+    return path.parent
+
+
+def read_task_files(paths: Sequence[str | os.PathLike], *, root: str | os.PathLike | None = None,
+                    check_files: bool = True) -> list[Task]:
+    """The tasks of several task files, in order; an id may appear in only one of them."""
+    tasks, origin = [], {}
+    for path in paths:
+        for task in read_tasks(path, root=root, check_files=check_files):
+            if task.task_id in origin:
+                raise TaskFileError(f"task id {task.task_id!r} is in both {origin[task.task_id]} and {path}")
+            origin[task.task_id] = path
+            tasks.append(task)
     return tasks
 
 
@@ -301,6 +347,32 @@ def parse_colour_task_id(task_id: str) -> tuple[str, str, int] | None:
     """(colour, object, seed) of a colour-bucket id, or None for any other id."""
     m = _COLOUR_ID.match(task_id)
     return None if m is None else (m.group(1), m.group(2), int(m.group(3)))
+
+
+def colour_pairs(found: Sequence[Task]) -> list[tuple[Task, Task]]:
+    """The study's colour-bucket pairs among `found`: per object (in order of appearance), every
+    ordered pair of distinct colours (alphabetical), the n-th taking the source from the n-th seed slot
+    (cyclically) and the target from the next one. With the whole bucket (slots 0..4) this is the
+    study's 448-pair file; on a subset the slots are the seeds present, so one seed pairs with itself."""
+    by_id = {}
+    for t in found:
+        parsed = parse_colour_task_id(t.task_id)
+        if parsed is not None:
+            by_id[parsed] = t
+    objects = list(dict.fromkeys(obj for _, obj, _ in by_id))
+    pairs = []
+    for obj in objects:
+        colours = sorted({c for c, o, _ in by_id if o == obj})
+        seeds = sorted({s for _, o, s in by_id if o == obj})
+        directed = [(a, b) for a in colours for b in colours if a != b]
+        for n, (a, b) in enumerate(directed):
+            i, j = seeds[n % len(seeds)], seeds[(n + 1) % len(seeds)]
+            if (a, obj, i) in by_id and (b, obj, j) in by_id:
+                pairs.append((by_id[a, obj, i], by_id[b, obj, j]))
+    if not pairs:
+        raise ValueError("no colour-bucket pairs among these tasks (a pair needs two colours of one object); "
+                         "give --pairs")
+    return pairs
 
 
 def _check_subset(kind: str, values: Sequence, known: Sequence) -> tuple:
@@ -389,8 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="reference and output size in pixels (default 1024; small for tiny models)")
     add_colour_subset_arguments(gen)
     check = sub.add_parser("check", help="read a task file (and a pair file) and report what it holds")
-    check.add_argument("tasks", type=Path)
-    check.add_argument("--root", type=Path, help="folder relative paths start from (default: the file's)")
+    check.add_argument("tasks", type=Path, nargs="+")
+    check.add_argument("--root", type=Path, help="folder relative paths start from (default: found, see above)")
     check.add_argument("--pairs", type=Path, help="a pair file to check against the tasks")
     args = parser.parse_args(argv)
     try:
@@ -398,8 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = write_colour_bucket(args.folder, size=args.size, **colour_subset_from_args(args))
             print(f"wrote {len(read_tasks(path))} tasks to {path}")
         else:
-            tasks = read_tasks(args.tasks, root=args.root)
-            print(f"{args.tasks}: {len(tasks)} tasks")
+            tasks = read_task_files(args.tasks, root=args.root)
+            print(f"{', '.join(map(str, args.tasks))}: {len(tasks)} tasks")
             if args.pairs:
                 print(f"{args.pairs}: {len(read_pairs(args.pairs, tasks))} pairs")
     except (ValueError, KeyError) as e:

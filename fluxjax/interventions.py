@@ -62,7 +62,9 @@ def is_per_step(node) -> bool:
 
 @struct.dataclass
 class Substitution:
-    """Replace the text stream at `site` where `mask` is True: new = where(mask, value, current).
+    """Write the text stream at `site` where `mask` is True: new = where(mask, value + keep * current,
+    current). keep = 0 replaces (patching); keep = 1 adds `value` (additive patching, value = the
+    source's activation minus the target's). keep is a value, so changing it does not recompile.
 
     A batch axis of 1 is shared by every sample. Build it with `substitution`.
     """
@@ -70,6 +72,7 @@ class Substitution:
     site: jax.Array  # int32 []: BLOCK0_INPUT or a global block index
     value: jax.Array  # [B or 1, T, D]
     mask: jax.Array  # bool [B or 1, T]
+    keep: jax.Array  # float32 []: the weight of the current activations
 
 
 @struct.dataclass
@@ -224,8 +227,9 @@ def _unwrap(x):
     return (True, x.value) if is_per_step(x) else (False, x)
 
 
-def substitution(site, value, mask=None) -> Substitution:
-    """A text-stream substitution at `site`; mask None replaces every position.
+def substitution(site, value, mask=None, keep=0.0) -> Substitution:
+    """A text-stream substitution at `site`; mask None replaces every position; keep 1.0 adds `value`
+    to the current activations instead of replacing them.
 
     value: [B, T, D] or [T, D] (shared by the batch); mask: bool [B, T] or [T], e.g.
     `layout.text_mask('text[padding]', content_mask)` for padding-only patching. For a sampler run,
@@ -252,7 +256,7 @@ def substitution(site, value, mask=None) -> Substitution:
     if not site_steps and site.ndim == 0 and _is_concrete(site) and int(site) < BLOCK0_INPUT:
         raise ValueError(f"substitution site {int(site)}: use -1 (input of block 0) or a block index")
     return Substitution(site=PerStep(site) if site_steps else site, value=PerStep(value) if value_steps else value,
-                        mask=PerStep(mask) if mask_steps else mask)
+                        mask=PerStep(mask) if mask_steps else mask, keep=jnp.asarray(keep, jnp.float32))
 
 
 def stack(items: Sequence):
@@ -370,10 +374,10 @@ def check_knockout(allowed, groups, layout: TokenLayout | None = None):
 
 def substitute(substitutions: Sequence[Substitution], h, site):
     """The text stream h [B, T, D] at `site` (an int, or a traced block index) after every
-    substitution at that site, in order: new = where(mask, value, current)."""
+    substitution at that site, in order: new = where(mask, value + keep * current, current)."""
     for sub in substitutions:
         hit = (sub.site == site) & sub.mask[..., None]
-        h = jnp.where(hit, sub.value.astype(h.dtype), h)
+        h = jnp.where(hit, sub.value.astype(h.dtype) + sub.keep.astype(h.dtype) * h, h)
     return h
 
 

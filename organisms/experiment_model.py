@@ -1,7 +1,7 @@
 """An organism as a model of the experiment commands (`python -m experiments.*`).
 
-`OrganismModel` gives the experiments what `fluxjax.pipeline.Flux2Model` gives them for a FLUX.2
-folder: the transformer (config, params), the sampler options, and the ways in and out (prompt
+`OrganismModel` implements `experiments.backend.ModelBackend`: it gives the experiments what a FLUX.2
+folder gives them: the transformer (config, params), the sampler options, and the ways in and out (prompt
 encoding, reference encoding, decoding), here the organism's word tokenizer and text encoder and
 the patch codec. Two things differ from a FLUX.2 folder and are applied here, so every experiment
 runs the organism as it was trained:

@@ -20,7 +20,7 @@ from PIL import Image
 
 pytest.importorskip("torch")
 
-from experiments import common, drop, knockout, lens, patching, run_all, runs, sweep  # noqa: E402
+from experiments import cli, drop, knockout, lens, patching, run_all, runs, sweep  # noqa: E402
 
 PIXEL_TOL = 1  # max |difference| on 0..255 between two computations of one image (module docstring)
 
@@ -69,7 +69,9 @@ def check_report(out: Path, prefix: str, grid_names, plots=()):
         assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"plots/{name}.png" in html
     rates = read_csv(out / f"{prefix}-pass-rates.csv")
-    assert rates and all(0.0 <= float(r["rate"]) <= 1.0 for r in rates)
+    assert rates and all(0.0 <= float(r["rate_absolute"]) <= 1.0 for r in rates)
+    judged = [r for r in rates if r["judge"]]  # control rows have an absolute rate only
+    assert judged and all(r["rate"] == "" or 0.0 <= float(r["rate"]) <= 1.0 for r in judged)
     return rates
 
 
@@ -81,15 +83,16 @@ def test_lens(folder, cache, tmp_path):
     out = tmp_path / "lens"
     assert lens.main(argv(folder, cache, out, "--blocks", "1,3", "--positions", "all", "padding", "content")) == 0
     rates = check_report(out, "lens", TASKS, ["lens-colour-distance", "lens-pass-rate"])
-    assert [r["setting"] for r in rates] == ["baseline edit", "t2i_clean", "all b1", "all b3", "padding b1",
-                                            "padding b3", "content b1", "content b3"]
+    assert [r["setting"] for r in rates] == ["baseline edit", "t2i_clean", "unconditional (empty prompt)", "all b1",
+                                            "all b3", "padding b1", "padding b3", "content b1", "content b3"]
     rows = read_csv(out / "lens-metrics.csv")
-    assert len(rows) == 2 * 8 and all(float(r["colour_de"]) >= 0 for r in rows)
+    assert len(rows) == 2 * 9 and all(float(r["colour_de"]) >= 0 for r in rows)
     cell = out / "outputs" / "lens" / TASKS[0]
     # Content-only and all-position lenses of one block read different text streams.
     assert np.abs(image(cell / "all-b1.png") - image(cell / "content-b1.png")).max() > 0
     config = json.loads((out / "config.json").read_text())
-    assert config["settings"] == {"blocks": [1, 3], "positions": ["all", "padding", "content"], "source_steps": 1}
+    assert config["settings"] == {"blocks": [1, 3], "positions": ["all", "padding", "content"], "source_steps": 1,
+                                  "form": "input", "target_steps": None}
 
 
 def test_knockout(folder, cache, tmp_path):
@@ -131,7 +134,8 @@ def test_patching(folder, cache, tmp_path):
     assert patching.main(argv(folder, cache, out, "--blocks", "0,4", "--positions", "all", "content")) == 0
     check_report(out, "patching", [f"{a}__{b}" for a, b in (TASKS, TASKS[::-1])],
                  ["patching-transfer-rate", "patching-margin"])
-    assert (out / "tasks" / "pairs.tsv").read_text() == f"{TASKS[0]}\t{TASKS[1]}\n{TASKS[1]}\t{TASKS[0]}\n"
+    # The study's rule on one seed: colours in alphabetical order, blue -> red first.
+    assert (out / "tasks" / "pairs.tsv").read_text() == f"{TASKS[1]}\t{TASKS[0]}\n{TASKS[0]}\t{TASKS[1]}\n"
     cell = out / "outputs" / "patching" / f"{TASKS[0]}__{TASKS[1]}"
     target_edit = image(out / "outputs" / "baselines" / TASKS[1] / "edit.png")
     # The text stream after the last block is read by nothing; at block 0 the source's stream changes the edit.
@@ -164,7 +168,7 @@ def test_run_all_writes_every_experiment_and_one_report(folder, cache, tmp_path)
     out = tmp_path / "main"
     assert run_all.main(argv(folder, cache, out)) == 0
     html = (out / "report.html").read_text()
-    for title in ("This run against the study", lens.TITLE, knockout.TITLE, drop.TITLE, patching.TITLE):
+    for title in ("The study's table, colour bucket", lens.TITLE, knockout.TITLE, drop.TITLE, patching.TITLE):
         assert html_escape(title, quote=False) in html
     for prefix, names in (("lens", TASKS), ("knockout", TASKS), ("drop", TASKS),
                           ("patching", [f"{TASKS[0]}__{TASKS[1]}", f"{TASKS[1]}__{TASKS[0]}"])):
@@ -173,7 +177,8 @@ def test_run_all_writes_every_experiment_and_one_report(folder, cache, tmp_path)
     config = json.loads((out / "config.json").read_text())
     assert config["settings"]["lens"]["blocks"] == [0, 1, 2, 3, 4]
     assert config["settings"]["knockout"]["layers"] == ["all", ":2", "2:"]
-    assert config["settings"]["headline_block"] == 3  # block 17 of 32 at the same relative depth of 5
+    assert config["settings"]["study_block"] == 3  # global block 17 of 32 at the same relative depth of 5
+    assert config["settings"]["study_lens"]["form"] == "diagonal"
     # The baselines are computed once and shared by the four experiments.
     assert sorted(p.name for p in (out / "outputs" / "baselines").iterdir()) == sorted(TASKS)
 
@@ -292,18 +297,18 @@ def test_plain_sweep_run_equals_pipeline_generate(folder, cache):
 def test_names_blocks_and_colour_pairs():
     from experiments import tasks as tasklib
 
-    assert common.slug("ref->text[padding]") == "ref-to-text.padding"
-    assert [common.slug(s) for s in (":3", "3:", "1:3", "0,2", "all")] == ["to3", "3to", "1to3", "0_2", "all"]
-    assert common.parse_blocks("all", 5) == [0, 1, 2, 3, 4]
-    assert common.parse_blocks("3:", 5) == [3, 4] and common.parse_blocks("4,0", 5) == [0, 4]
+    assert cli.slug("ref->text[padding]") == "ref-to-text.padding"
+    assert [cli.slug(s) for s in (":3", "3:", "1:3", "0,2", "all")] == ["to3", "3to", "1to3", "0_2", "all"]
+    assert cli.parse_blocks("all", 5) == [0, 1, 2, 3, 4]
+    assert cli.parse_blocks("3:", 5) == [3, 4] and cli.parse_blocks("4,0", 5) == [0, 4]
     with pytest.raises(ValueError, match="out of range"):
-        common.parse_blocks("7", 5)
+        cli.parse_blocks("7", 5)
     found = tasklib.colour_bucket(["red", "green", "blue"], ["mug", "hat"], [0])
-    pairs = [(a.task_id, b.task_id) for a, b in patching.colour_pairs(found)]
+    pairs = [(a.task_id, b.task_id) for a, b in tasklib.colour_pairs(found)]
     assert ("solid_red_mug_s0", "solid_green_mug_s0") in pairs and ("solid_blue_hat_s0", "solid_red_hat_s0") in pairs
-    assert len(pairs) == 6 and all(a.split("_")[2] == b.split("_")[2] and a != b for a, b in pairs)
+    assert len(pairs) == 12 and all(a.split("_")[2] == b.split("_")[2] and a != b for a, b in pairs)
     with pytest.raises(ValueError, match="no colour-bucket pairs"):
-        patching.colour_pairs(found[:1])
+        tasklib.colour_pairs(found[:1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +322,7 @@ def test_run_all_on_both_organisms_puts_them_side_by_side(tmp_path):
     assert run_all.main(["--model", "direct,text-routed", "--colours", "red,blue", "--objects", "circle",
                          "--blocks", "1,3", "--no-progress", "--out", str(out)]) == 0
     html = (out / "report.html").read_text()
-    assert "Pass rates side by side" in html and "direct/report.html" in html and "text-routed/report.html" in html
+    assert "The study's table" in html and "direct/report.html" in html and "text-routed/report.html" in html
     for name in ("direct", "text-routed"):
         config = json.loads((out / name / "config.json").read_text())
         assert config["model"]["kind"] == "organism"
@@ -341,3 +346,16 @@ def test_organism_models_refuse_what_they_cannot_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         lens.main(["--model", "direct", "--dtype", "bfloat16", "--no-progress", "--out", str(tmp_path / "b")])
     assert "organisms run in float32" in capsys.readouterr().err
+
+
+def test_both_model_kinds_implement_the_backend_interface(folder, cache):
+    from experiments.backend import ModelBackend, PipelineBackend, backend
+    from fluxjax import pipeline
+    from organisms.experiment_model import OrganismModel, committed
+
+    organism = OrganismModel.load(committed("direct"))
+    assert isinstance(organism, ModelBackend) and backend(organism) is organism
+    wrapped = backend(pipeline.load_model(folder, cache=cache, progress=False))
+    assert isinstance(wrapped, PipelineBackend) and isinstance(wrapped, ModelBackend)
+    with pytest.raises(TypeError, match="not an experiment model"):
+        backend(object())

@@ -1,0 +1,279 @@
+"""The command line of the experiment commands: the options every command takes, what they mean for
+the run config, and the one `run_command` every experiment's `main` is.
+
+Every command (`python -m experiments.lens`, `.knockout`, `.drop`, `.patching`, `.run_all`) takes
+
+    --model NAME|PATH  what to run: `direct` or `text-routed`, the committed model organisms
+                     (small FLUX.2 editors whose routing is known; see experiments.models;
+                     default text-routed, run_all runs both); an organism folder; or a FLUX.2
+                     model folder in the diffusers layout (e.g. FLUX.2-klein-9B/)
+    --tasks FILE..   task files in the study's format (see experiments.tasks), read unchanged from a
+                     checkout of the study's repository; without them, the
+                     colour bucket (or the subset --colours/--objects/--seeds) is generated into the
+                     run folder at --size pixels (32 for organisms, whose objects are their shapes;
+                     else 1024)
+    --out runs/NAME  the run folder (experiments.runs): resumable, never overwritten
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments import models, report, runs, tasks as tasklib
+from experiments.context import Context
+
+# ---------------------------------------------------------------------------------------------
+# names
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a setting or block spec: 'ref->text[padding]' -> 'ref-to-text.padding',
+    ':3' -> 'to3' (blocks before 3), '3:' -> '3to' (blocks from 3 on), '0,2' -> '0_2'."""
+    out = (text.replace("->", "-to-").replace("[", ".").replace("]", "").replace(":", "to").replace(",", "_")
+           .replace(" ", ""))
+    out = re.sub(r"[^A-Za-z0-9._=+-]", "-", out)
+    if not out or not out[0].isalnum():
+        out = "x" + out
+    return out
+
+
+def parse_blocks(spec: str, num_blocks: int) -> list[int]:
+    """'all', 'a:b' / ':k' / 'k:', one block 'k', or a list 'a,b,c' -> sorted block indices."""
+    from fluxjax.interventions import block_indices
+
+    spec = spec.strip()
+    if "," in spec:
+        return block_indices([int(s) for s in spec.split(",") if s.strip()], num_blocks)
+    if spec == "all" or ":" in spec:
+        return block_indices(spec, num_blocks)
+    return block_indices(int(spec), num_blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def add_block_arguments(group, default_help: str) -> None:
+    """--block / --blocks / --sweep: the blocks an experiment intervenes at."""
+    group.add_argument("--block", type=int, default=None, help=f"one block k ({default_help})")
+    group.add_argument("--blocks", default=None, help="several blocks: 'all', 'a:b', ':k', 'k:' or 'a,b,c'")
+    group.add_argument("--sweep", action="store_true", help="every block: a block sweep (same as --blocks all)")
+
+
+def blocks_from_args(args: argparse.Namespace, num_blocks: int, default: int) -> list[int]:
+    if sum([args.block is not None, args.blocks is not None, bool(args.sweep)]) > 1:
+        raise ValueError("give one of --block, --blocks and --sweep")
+    if args.sweep:
+        return list(range(num_blocks))
+    if args.blocks is not None:
+        return parse_blocks(args.blocks, num_blocks)
+    return parse_blocks(str(default if args.block is None else args.block), num_blocks)
+
+
+def sweep_settings(args: argparse.Namespace, config) -> dict:
+    """The blocks (--block/--blocks/--sweep; default the last double block, the study's style cell) and
+    text positions (--positions) of a substitution sweep."""
+    return {"blocks": blocks_from_args(args, config.num_blocks, config.depth - 1),
+            "positions": list(dict.fromkeys(args.positions))}
+
+
+def check_blocks_and_positions(what: str, s: Mapping, config) -> None:
+    """Refuse a sweep's settings whose `blocks` or text `positions` this model does not have."""
+    from experiments.sweep import POSITIONS
+
+    if not s["blocks"] or any(not 0 <= b < config.num_blocks for b in s["blocks"]):
+        raise ValueError(f"{what} blocks {s['blocks']}: this model has blocks 0..{config.num_blocks - 1}")
+    if set(s["positions"]) - set(POSITIONS) or not s["positions"]:
+        raise ValueError(f"{what} positions {s['positions']}: choose among {list(POSITIONS)}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_default: str = models.DEFAULT_MODEL,
+                  colour_defaults: Mapping[str, tuple[str, str, str]] | None = None) -> None:
+    """The model, task and run-folder options every experiment command takes.
+
+    colour_defaults: per model kind ('organism', 'folder'), the default (colours,
+    objects, seeds) of the generated colour bucket, each comma-separated (missing: the whole
+    bucket; an organism's objects are its shapes)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=model_default,
+                   help=f"'direct' or 'text-routed' (the committed model organisms), an organism folder, "
+                        f"or a FLUX.2 model folder in the diffusers layout"
+                        f"{'; several, comma-separated, run one after another' if ',' in model_default else ''} "
+                        f"(default {model_default})")
+    g.add_argument("--cache", default=None,
+                   help="conversion and text-encoding cache (default: $FLUXJAX_CACHE or "
+                        "~/.cache/fluxjax)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="transformer dtype (default: the checkpoint's)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="denoising steps of every edit (default: the model's; 4 for [klein] distilled)")
+    g.add_argument("--chunk", type=int, default=None,
+                   help=f"sweep cells per vmapped compiled call (default {models.TINY_CHUNK} for organisms, "
+                        f"{models.FOLDER_CHUNK} for a model folder; 0: a whole sweep at once; lower it if "
+                        f"memory runs out)")
+    g.add_argument("--attn-impl", choices=("xla", "blocked", "cudnn", "pallas"), default=None,
+                   help="attention implementation (default: measured per backend, see docs/attention.md: "
+                        "'blocked' on CPU, 'cudnn' on GPU, 'pallas' on TPU)")
+    t = parser.add_argument_group("tasks")
+    t.add_argument("--tasks", type=Path, nargs="+", default=None,
+                   help="task files (tasks.jsonl) in the study's format, their ids distinct (default: the generated "
+                        "colour bucket)")
+    t.add_argument("--root", type=Path, default=None,
+                   help="folder relative reference paths in --tasks start from (default: the nearest folder, from "
+                        "each file's upwards, where they exist: the study's repository root for its files)")
+    t.add_argument("--ids", default=None, help="comma-separated task ids to run (default: all)")
+    t.add_argument("--limit", type=int, default=None, help="run at most this many tasks")
+    parser.set_defaults(colour_defaults=dict(colour_defaults or {}))
+    t.add_argument("--colours", default=None, help=f"colour bucket: comma-separated colours of "
+                   f"{','.join(tasklib.COLOURS)} (default: {_default_help(colour_defaults, 0)})")
+    t.add_argument("--objects", default=None, help=f"colour bucket: comma-separated objects of "
+                   f"{','.join(tasklib.OBJECTS)}, or for organisms their shapes (default: "
+                   f"{_default_help(colour_defaults, 1)})")
+    t.add_argument("--seeds", default=None, help=f"colour bucket: comma-separated seeds among 0..4 (default: "
+                   f"{_default_help(colour_defaults, 2)})")
+    t.add_argument("--size", type=int, default=None,
+                   help=f"the generated colour bucket's reference and output size (default "
+                        f"{models.default_size('organism')} for organisms, {models.REAL_SIZE} for a model folder)")
+    r = parser.add_argument_group("run")
+    r.add_argument("--out", default=out_default, help=f"run folder (default {out_default}); an existing one "
+                   "with the same configuration is resumed, one with another configuration is never reused "
+                   "(the run goes to NAME-2, ...)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _default_help(defaults: Mapping[str, tuple] | None, i: int) -> str:
+    parts = [f"{v[i]} for {k}" for k, v in (defaults or {}).items()]
+    if len(parts) < 2:  # not every kind ('organism', 'folder') has a default
+        parts.append("all otherwise" if parts else "all")
+    return "; ".join(parts)
+
+
+def colour_subset(args: argparse.Namespace, model_kind: str) -> dict:
+    """The colour bucket subset of --colours/--objects/--seeds, defaults by model kind."""
+    known = models.objects(model_kind)
+    every = (",".join(tasklib.COLOURS), ",".join(known), ",".join(map(str, tasklib.SEEDS)))
+    defaults = args.colour_defaults.get(model_kind, every)
+    given = argparse.Namespace(**{name: value if value is not None else default for name, value, default in
+                                  zip(("colours", "objects", "seeds"), (args.colours, args.objects, args.seeds),
+                                      defaults)})
+    subset = tasklib.colour_subset_from_args(given)
+    tasklib.colour_bucket(**subset, known_objects=known, size=1)  # refuses unknown names before the model loads
+    return {**subset, "known_objects": list(known)}
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def task_spec(args: argparse.Namespace) -> dict:
+    """The run config's record of where the tasks come from."""
+    ids = None if args.ids is None else [s.strip() for s in args.ids.split(",") if s.strip()]
+    if args.tasks is not None:
+        files = []
+        for given in args.tasks:
+            path = Path(given).resolve()
+            if not path.is_file():
+                raise ValueError(f"--tasks {given}: no such file")
+            files.append({"file": str(path), "sha256": file_sha256(path)})
+        root = None if args.root is None else str(Path(args.root).resolve())
+        return {"files": files, "root": root, "ids": ids, "limit": args.limit}
+    kind = models.kind(args.model)
+    size = args.size if args.size is not None else models.default_size(kind)
+    return {"colour_bucket": {**colour_subset(args, kind), "size": size}, "ids": ids, "limit": args.limit}
+
+
+def load_tasks(spec: Mapping[str, Any], run: runs.RunFolder) -> list[tasklib.Task]:
+    """The tasks of `spec` (see `task_spec`); a generated bucket is written to `<run>/tasks/`."""
+    if "files" in spec:
+        for f in spec["files"]:
+            if file_sha256(Path(f["file"])) != f["sha256"]:
+                raise ValueError(f"{f['file']} changed since this run folder was made; start a new run (--out)")
+        found = tasklib.read_task_files([f["file"] for f in spec["files"]], root=spec["root"])
+    else:
+        bucket = spec["colour_bucket"]
+        path = tasklib.write_colour_bucket(run.path / "tasks", bucket["colours"], bucket["objects"], bucket["seeds"],
+                                           size=bucket["size"], known_objects=bucket["known_objects"])
+        found = tasklib.read_tasks(path)
+    found = tasklib.select(found, spec["ids"], spec["limit"])
+    generated = [t.task_id for t in found if t.reference is None]
+    if generated:
+        raise ValueError(f"tasks {', '.join(generated[:5])}{' ...' if len(generated) > 5 else ''} have no reference "
+                         "image (ref_seed + source_caption); these experiments need one: give real_ref_dir + "
+                         "real_ref_name or source_image_path")
+    return found
+
+
+def sampler_options(model, steps: int | None):
+    """The model's sampler options with --steps applied."""
+    return model.options if steps is None else dataclasses.replace(model.options, num_steps=int(steps))
+
+
+def chunk_size(args: argparse.Namespace) -> int | None:
+    if args.chunk is None:
+        return models.default_chunk(models.kind(args.model))
+    if args.chunk < 0:
+        raise ValueError(f"--chunk {args.chunk}: give a positive number of cells, or 0 for a whole sweep at once")
+    return args.chunk or None
+
+
+def open_context(args: argparse.Namespace, model, run: runs.RunFolder) -> Context:
+    """The context of one invocation: the model, the open run folder and the sampling options asked for."""
+    return Context(model=model, run=run, options=sampler_options(model, args.steps), chunk=chunk_size(args),
+                   attn_impl=args.attn_impl, show_progress=not args.no_progress)
+
+
+def base_config(args: argparse.Namespace, model, model_record: Mapping) -> dict:
+    """The parts of a run config every experiment shares (what changes the outputs)."""
+    options = sampler_options(model, args.steps)
+    return {"model": dict(model_record), "tasks": task_spec(args),
+            "sampler": {"num_steps": options.num_steps, "guidance": options.guidance,
+                        "guidance_scale": options.guidance_scale},
+            "chunk": chunk_size(args), "attn_impl": args.attn_impl}
+
+
+def open_run_folder(out: str, config: Mapping) -> runs.RunFolder:
+    path = Path(out)
+    return runs.open_run(path.parent if str(path.parent) else Path("."), path.name, config)
+
+
+def run_command(module, argv: Sequence[str] | None = None) -> int:
+    """main() of an experiment module: parse, load the model, open the run folder, run, report.
+
+    module provides NAME, TITLE, __doc__, add_arguments(parser), settings(args, config) -> dict
+    (the run config's settings), validate(settings, config) (raises ValueError for bad ones) and
+    run(ctx, tasks, settings, prefix) -> list of report sections.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{module.NAME}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    add_arguments(parser, out_default=f"runs/{module.NAME}")
+    args = parser.parse_args(argv)
+    try:
+        spec = task_spec(args)
+        model, model_record = models.load(args)
+        settings = module.settings(args, model.config)
+        module.validate(settings, model.config)
+        config = {**base_config(args, model, model_record), "experiment": module.NAME, "settings": settings}
+    except (ValueError, KeyError) as e:
+        parser.error(str(e))
+    start = time.perf_counter()
+    with open_run_folder(args.out, config) as run:
+        ctx = open_context(args, model, run)
+        try:
+            found = load_tasks(spec, run)
+        except (ValueError, KeyError) as e:
+            parser.error(str(e))
+        sections = [report.Section("Setup", [report.Text(ctx.describe() + f"\n\n{len(found)} tasks.")])]
+        sections += module.run(ctx, found, config["settings"], module.NAME)
+        path = report.write_run_report(run, f"{module.TITLE}: {model_record['name']}", sections)
+        run.write_summary({"experiment": module.NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
+                           "resumed": run.resumed})
+    print(f"report: {path}")
+    return 0

@@ -1,0 +1,174 @@
+"""The context every experiment works in: the model, the open run folder, the sampling choices, and
+the task baselines shared by every experiment of a run folder.
+
+A task's baseline edits live in the cell `baselines/<task_id>`:
+
+    reference.png       the reference image as given
+    edit.png            the edit: instruction + reference, the task's noise seed
+    t2i.png             text-to-image: the instruction, no reference, the task's seed
+    t2i-next-seed.png   text-to-image with seed + 1: the T2I Lens's `t2i_clean`
+
+Cells are computed by `Context.cells`, the one place a run's work is skipped on resume or done
+and marked complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from experiments import models, runs, tasks as tasklib
+from fluxjax import metrics
+
+
+
+@dataclasses.dataclass
+class Context:
+    """The model, the open run folder and the sampling choices of one invocation."""
+
+    model: Any  # fluxjax.pipeline.Flux2Model
+    run: runs.RunFolder
+    options: Any  # fluxjax.sampler.SamplerOptions of every edit
+    chunk: int | None = models.TINY_CHUNK
+    attn_impl: str | None = None
+    show_progress: bool = True
+    judged_property: str = "colour"  # the reference property its rows are about (their `property`)
+    _texts: dict = dataclasses.field(default_factory=dict)
+    _steps: Any = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.model.config.num_blocks
+
+    def describe(self) -> str:
+        """The model and sampling, one paragraph for a report's setup section."""
+        cfg = self.model.config
+        return (f"Model: {self.run.config['model']['name']} ({cfg.depth} double + {cfg.depth_single_blocks} single "
+                f"blocks = {cfg.num_blocks}, hidden {cfg.hidden_size}, {self.run.config['model']['dtype']}); "
+                f"{self.options.num_steps} denoising steps, guidance {self.options.guidance}. Blocks are numbered "
+                f"globally, double blocks first (0..{cfg.depth - 1}).")
+
+    # text and edits ---------------------------------------------------------------------------
+    def text(self, prompt: str):
+        """A one-prompt TextConditioning (encoded once; the encoder caches on disk too)."""
+        if prompt not in self._texts:
+            from experiments.sweep import backend
+
+            self._texts[prompt] = backend(self.model).encode_prompts([prompt])
+        return self._texts[prompt]
+
+    def edit(self, prompt: str, reference, seed: int, height: int, width: int):
+        """A prepared edit (`experiments.sweep.Edit`): the prompt, an optional reference, the seed's noise."""
+        from experiments import sweep
+
+        uncond = self.text("") if self.model.options.guidance == "cfg" else None
+        return sweep.prepare(self.model, self.text(prompt), reference=reference, seed=seed % 2**32, height=height,
+                             width=width, uncond=uncond)
+
+    # sampling, with the steps progress bar ------------------------------------------------------
+    def _advance(self, options, calls: int = 1):
+        if self._steps is not None:
+            self._steps.update(options.num_steps * calls)
+
+    def sample(self, edit, interventions=None, capture=None, options=None):
+        """One sampler call: (pixels uint8 [1, H, W, 3], captures or None)."""
+        from experiments import sweep
+
+        options = options or self.options
+        out = sweep.run(self.model, edit, options, interventions, capture, attn_impl=self.attn_impl)
+        self._advance(options)
+        return out
+
+    def sweep(self, edit, cells: Sequence, options=None) -> np.ndarray:
+        """Every cell's image from vmapped compiled calls: uint8 [V, H, W, 3]."""
+        from experiments import sweep
+
+        options = options or self.options
+        out = sweep.sweep(self.model, edit, options, cells, chunk=self.chunk, attn_impl=self.attn_impl)
+        size = len(cells) if self.chunk is None else min(self.chunk, len(cells))
+        self._advance(options, -(-len(cells) // size))
+        return out
+
+    # cells --------------------------------------------------------------------------------------
+    def cells(self, desc: str, prefix: str, jobs: Mapping[str, Callable[[runs.Cell], Mapping]]) -> list[dict]:
+        """Run `jobs` ({name: compute}) as the cells `<prefix>/<name>`, in order; complete cells are skipped.
+        Returns the metrics rows of every record (its "rows"), in order.
+
+        compute(cell) writes the cell's files and returns its record; the cell is then marked
+        complete. Bars: one for the jobs (tasks), one nested for the denoising steps.
+        """
+        keys = [f"{prefix}/{name}" for name in jobs]
+        pending = set(self.run.pending(keys))
+        bar = runs.progress(desc=desc, unit="task", total=len(jobs), initial=len(jobs) - len(pending),
+                            enabled=None if self.show_progress else False)
+        outer_steps = self._steps
+        self._steps = runs.progress(desc="  denoising", unit="step", nested=True,
+                                    enabled=None if self.show_progress else False)
+        try:
+            for key, compute in zip(keys, jobs.values()):
+                if key in pending:
+                    self.complete(key, compute)
+                    bar.update()
+            return [row for key in keys for row in self.run.cell(key).record().get("rows", ())]
+        finally:
+            self._steps.close()
+            self._steps = outer_steps
+            bar.close()
+
+    def complete(self, key: str, compute: Callable[[runs.Cell], Mapping]) -> dict:
+        """The record of cell `key`, computing and completing the cell unless it is already complete."""
+        cell = self.run.cell(key)
+        if cell.done:
+            return cell.record()
+        record = dict(compute(cell))
+        cell.finish(record)
+        return record
+
+    # baselines ------------------------------------------------------------------------------------
+    def baselines(self, task: tasklib.Task) -> dict[str, np.ndarray]:
+        """The task's baseline images (uint8 [H, W, 3]): reference, edit, t2i, t2i-next-seed."""
+        key = f"baselines/{task.task_id}"
+
+        def compute(cell: runs.Cell) -> dict:
+            reference = load_reference(task)
+            cell.write_image("reference.png", reference)
+            edit = self.edit(task.instruction, task.reference, task.seed, task.height, task.width)
+            cell.write_image("edit.png", self.sample(edit)[0][0])
+            t2i = self.edit(task.instruction, None, task.seed, task.height, task.width)
+            cell.write_image("t2i.png", self.sample(t2i)[0][0])
+            t2i_next = self.edit(task.instruction, None, task.seed + 1, task.height, task.width)
+            cell.write_image("t2i-next-seed.png", self.sample(t2i_next)[0][0])
+            return {"reference_lab": list(metrics.reference_colour(reference))}
+
+        self.complete(key, compute)
+        cell = self.run.cell(key)
+        return {name: np.asarray(cell.load_image(f"{name}.png"))
+                for name in ("reference", "edit", "t2i", "t2i-next-seed")}
+
+    def file(self, cell: runs.Cell, name: str) -> str:
+        """A cell file's path relative to the run folder, as a judge bundle names it."""
+        return (cell.path / name).relative_to(self.run.path).as_posix()
+
+    def baseline_file(self, task: tasklib.Task, name: str) -> str:
+        """A baseline image's path relative to the run folder: name is reference, edit, t2i or t2i-next-seed."""
+        return self.file(self.run.cell(f"baselines/{task.task_id}"), f"{name}.png")
+
+    def against_edit(self, task: tasklib.Task, cell: runs.Cell, output: str) -> list[tuple[str, str]]:
+        """The bundle of a lost / kept question: the reference, the baseline edit, the cell's `output`."""
+        return [("reference", self.baseline_file(task, "reference")),
+                ("baseline edit", self.baseline_file(task, "edit")), ("output", self.file(cell, output))]
+
+    def reference_lab(self, task: tasklib.Task) -> tuple[float, float, float]:
+        self.baselines(task)
+        return tuple(self.run.cell(f"baselines/{task.task_id}").record()["reference_lab"])
+
+
+def load_reference(task: tasklib.Task) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(task.reference) as im:
+        return np.asarray(im.convert("RGB"))
+

@@ -1,0 +1,142 @@
+"""The study's table, cell for cell: which experiment, setting, block, step count and rule produced
+each of its numbers, where our runs put the same cell, and how a model's blocks map to its 32.
+
+`plan(config, bucket, kind)` gives the settings of exactly the study's cells of one bucket
+(`python -m experiments.run_all --study`); `rows(run_path, settings)` reads a run's pass rates
+back into the study's table, each of our cells beside the study's number with n and the rule.
+
+The study's cells (Ge et al. 2026, FLUX.2 [klein] 9B, 32 blocks, 4 steps; the protocol notes in
+docs/experiments.md):
+
+    colour    the T2I Lens in its diagonal form at global block 17, one step, against a one-step
+              t2i_clean; the four knockouts in every block; I2I -> I2I patching at block 17 with
+              its 448 pairs, all / padding / content positions
+    style     the T2I Lens (input form: block 7 fed to block 0, four steps), all / padding /
+    identity  content; the four knockouts in every block; patching at block 7
+    add       the T2I Lens at block 7 ("generic reference information")
+    remove
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from pathlib import Path
+
+from experiments import knockout, report, tables
+from experiments.sweep import POSITIONS
+
+STUDY_DOUBLE, STUDY_SINGLE = 8, 24  # klein-9B: 8 double-stream then 24 single-stream blocks
+LENS_BLOCK = {"colour": 17, "style": 7, "identity": 7, "add": 7, "remove": 7}
+PATCH_BLOCK = {"colour": 17, "style": 7, "identity": 7}
+PROPERTY = {"colour": "colour", "style": "style", "identity": "identity", "add": "reference", "remove": "reference"}
+BUCKETS = tuple(LENS_BLOCK)
+
+# The study's numbers: {bucket: {cell: number}}, cells named as in `cells`.
+NUMBERS = {
+    "colour": {"lens all": "100 %", "ref->text": "86 % lost", "ref->text[padding]": "70 % lost",
+               "ref->text[content]": "5 % lost", "ref->image": "87 % kept", "patching all": "92 %",
+               "patching padding": "85 %", "patching content": "0.4 %"},
+    "style": {"lens all": "92 %", "lens padding": "80 %", "lens content": "44 %", "ref->text": "97 % lost",
+              "ref->text[padding]": "63 % lost", "ref->text[content]": "28 % lost", "ref->image": "84 % kept",
+              "patching all": "88 %", "patching padding": "82 %", "patching content": "3 %"},
+    "identity": {"lens all": "0 % (a different person)", "ref->text": "46 % lost", "ref->text[padding]": "17 % lost",
+                 "ref->text[content]": "8 % lost", "ref->image": "23 % kept", "patching all": "0.7 %",
+                 "patching padding": "0 %", "patching content": "0.4 %"},
+    "add": {"lens all": "76.8 %"},
+    "remove": {"lens all": "69.0 %"},
+}
+
+
+def block(study_block: int, config) -> int:
+    """The model's block in the study block's place: a double block keeps its share of the double
+    blocks (double block 7, the last, stays the last), a single block its share of the single ones
+    (global 17, single block 9 of 24, goes to the same relative depth). The identity on klein-9B."""
+    if study_block < STUDY_DOUBLE:
+        return round(study_block * (config.depth - 1) / (STUDY_DOUBLE - 1))
+    share = (study_block - STUDY_DOUBLE) / (STUDY_SINGLE - 1)
+    return config.depth + round(share * (config.depth_single_blocks - 1))
+
+
+def mapping_note(config) -> str:
+    """How this model's blocks stand for the study's."""
+    if (config.depth, config.depth_single_blocks) == (STUDY_DOUBLE, STUDY_SINGLE):
+        return "This model has the study's 32 blocks; every cell is at the study's block."
+    return (f"This model has {config.depth} double + {config.depth_single_blocks} single blocks = "
+            f"{config.num_blocks}, the study's klein-9B 8 + 24 = 32. The study's double block 7 (the last double "
+            f"block) is block {block(7, config)} here; its global block 17 (single block 9 of 24) is block "
+            f"{block(17, config)}, the single block at the same relative depth. The knockouts cut every block, as "
+            "the study's.")
+
+
+def plan(config, bucket: str, kind: str, pairs: Mapping | None) -> dict:
+    """The settings of the study's cells of `bucket` on a model of `config` ('organism' or 'folder')."""
+    if bucket not in BUCKETS:
+        raise ValueError(f"--bucket {bucket}: choose among {list(BUCKETS)}")
+    diagonal = bucket == "colour"
+    out = {"study": bucket, "property": PROPERTY[bucket], "lens": {
+        "blocks": [block(LENS_BLOCK[bucket], config)], "positions": list(POSITIONS), "source_steps": 1,
+        "form": "diagonal" if diagonal else "input",
+        # One step as the study's colour cell; an organism draws no shape or colour in one Euler step of
+        # its linear schedule, so there the target keeps the organism's own steps (the report says so).
+        "target_steps": (1 if kind == "folder" else None) if diagonal else None}}
+    if bucket in PATCH_BLOCK:
+        out["knockout"] = {"settings": list(knockout.MAIN_SETTINGS), "layers": ["all"], "sweep": [], "sweep_from": [],
+                           "sweep_mode": "suffix", "window": 3}
+        out["patching"] = {"blocks": [block(PATCH_BLOCK[bucket], config)], "positions": list(POSITIONS),
+                           "pairs": pairs, "mode": "replace"}
+    return out
+
+
+def cells(s: Mapping) -> list[tuple[str, str, str, str]]:
+    """(cell, what, run table prefix, setting) of the study's table for settings `s` (a --study plan, or
+    a sweep plan holding `study_lens`, run under the prefix study-lens, and the study's block)."""
+    bucket = s.get("study", "colour")
+    lens_prefix = "lens" if "study" in s else "study-lens"
+    lens_s = s["lens"] if "study" in s else s["study_lens"]
+    k = lens_s["blocks"][0]
+    form = f"{lens_s['form']} form, block {k}"
+    out = [(f"lens {p}", f"T2I Lens, {p} positions ({form})", lens_prefix, f"{p} b{k}") for p in POSITIONS]
+    if bucket in PATCH_BLOCK:
+        out += [(e, f"Knockout {e}, every block", "knockout", f"{e} @ all") for e in knockout.MAIN_SETTINGS]
+        b = s["patching"]["blocks"][0] if "study" in s else s["study_block"]
+        out += [(f"patching {p}", f"I2I -> I2I patching, {p} positions, block {b}", "patching", f"{p} b{b}")
+                for p in POSITIONS]
+    return out
+
+
+def _rates(run_path: Path, prefix: str) -> dict[str, Mapping]:
+    path = run_path / f"{prefix}-pass-rates.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        return {r["setting"]: r for r in csv.DictReader(f)}
+
+
+def rows(run_path: Path, s: Mapping) -> list[dict]:
+    """The study's table for this run: {cell, study, this run, absolute, rule} in the study's order."""
+    bucket = s.get("study", "colour")
+    found = {}
+    out = []
+    for cell, what, prefix, setting in cells(s):
+        found.setdefault(prefix, _rates(run_path, prefix))
+        r = found[prefix].get(setting)
+        here = absolute = rule = None
+        if r is not None:
+            excluded = f", {r['excluded']} excluded" if int(r["excluded"]) else ""
+            here = f"{'n/a' if r['rate'] == '' else format(float(r['rate']), '.0%')} (n = {r['n']}{excluded})"
+            absolute = f"{float(r['rate_absolute']):.0%} (n = {r['n_absolute']})"
+            rule = f"{r['judge']}: {tables.RULES[r['judge']]}"
+        out.append({"cell": what, "study": NUMBERS[bucket].get(cell, "-"), "this run": here, "absolute": absolute,
+                    "rule": rule})
+    return out
+
+
+def table(run_path: Path, s: Mapping, config, note: str = "") -> report.Table:
+    bucket = s.get("study", "colour")
+    return report.Table(
+        title=f"The study's table, {bucket} bucket: its cells beside ours",
+        columns=["cell", "study", "this run", "absolute", "rule"], rows=rows(run_path, s),
+        note=f"{mapping_note(config)} 'this run': the study's rule, relative to its control; 'absolute': the output "
+             f"alone. Our verdicts are the automatic colour metric (CIEDE2000 {tables.THRESHOLD:g}); the study's, "
+             f"a VLM judge (run experiments.judge for ours). {note}".strip())
