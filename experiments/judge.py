@@ -217,17 +217,14 @@ class Verdict:
     status: str = "ok"  # "ok", "error" or "unparseable"
 
 
-_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
-
-
 def parse_answer(text: str) -> tuple[bool, str] | None:
-    """(yes?, reason) from a reply holding one JSON object (a Markdown fence around it is
-    tolerated); None when no verdict can be read from it."""
-    match = _OBJECT.search(text or "")
-    if match is None:
+    """(yes?, reason) from a reply whose first JSON value is the answer object (text around it, such
+    as a Markdown fence, is ignored); None when no verdict can be read from it."""
+    start = (text or "").find("{")
+    if start < 0:
         return None
     try:
-        obj = json.loads(match.group(0))
+        obj, _ = json.JSONDecoder().raw_decode(text, start)
     except ValueError:
         return None
     if not isinstance(obj, dict):
@@ -568,7 +565,7 @@ def read_verdicts(run_path: str | os.PathLike, who: str) -> dict[tuple[str, str]
     run_path = Path(run_path).resolve()
     if who == METRIC:
         return {(it.group, it.entity): it.metric for it in items(run_path) if not it.excluded and it.metric is not None}
-    folder = run_path / JUDGE_DIR / judge_slug(who)
+    folder = run_path / JUDGE_DIR / judge_slug(judges.name_of(who))
     if not folder.is_dir():
         raise FileNotFoundError(f"no verdicts of {who} in {run_path}: run python -m experiments.judge {run_path} "
                                 f"--judge {who} first")

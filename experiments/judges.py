@@ -344,6 +344,16 @@ def _answer(verdict: bool, reason: str) -> Reply:
 # specs
 
 
+def name_of(spec: str) -> str:
+    """The name a spec's judge goes by (its verdict folder and cache key), without building it."""
+    kind, _, rest = spec.partition(":")
+    if kind == "anthropic":
+        return f"anthropic:{rest.partition('@')[0]}"
+    if kind == "hf":
+        return f"hf:{Path(rest).expanduser().resolve()}"
+    return spec
+
+
 def make_judge(spec: str, *, retry: Retry = Retry(), max_tokens: int = MAX_TOKENS) -> Judge:
     """The judge a spec names (see the module docstring)."""
     kind, sep, rest = spec.partition(":")
