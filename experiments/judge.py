@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import math
@@ -345,14 +346,21 @@ def _cells(run_path: Path) -> Iterable[runs.Cell]:
             yield cell
 
 
-def prompt(run_path: Path, item: Item, questions: Questions) -> Prompt:
+def prompt(run_path: Path, item: Item, questions: Questions, hashes: dict[Path, str] | None = None) -> Prompt:
+    """The judge's prompt for a row; `hashes` caches the images' SHA-256 across rows (a reference
+    image appears in many bundles)."""
     q = questions.get(item.experiment, item.property, item.kind)
+    run_path, hashes = Path(run_path).resolve(), {} if hashes is None else hashes
     images = []
     for label, (_, rel) in zip(q.labels, item.bundle):
         path = (run_path / rel).resolve()
-        if run_path.resolve() not in path.parents:
+        if run_path not in path.parents:
             raise ContractError(f"bundle image {rel} lies outside the run folder")
-        images.append(ImageFile(label=label, data=path.read_bytes(), media_type=judges.media_type(path)))
+        if not path.is_file():
+            raise ContractError(f"bundle image {rel} of {item.entity} ({item.group}) does not exist")
+        if path not in hashes:
+            hashes[path] = ImageFile.of(label, path).sha256
+        images.append(ImageFile(label, path, hashes[path], judges.media_type(path)))
     return Prompt(system=questions.system, images=tuple(images), question=q.question, kind=item.kind,
                   property=item.property)
 
@@ -413,17 +421,42 @@ class Outcome:
     verdicts: dict[str, dict[str, Verdict]]  # group -> entity -> verdict
 
 
+def select(found: Sequence[Item], patterns: Sequence[str] = (), limit: int | None = None) -> list[Item]:
+    """The rows to ask about: those whose "experiment/property-kind/setting" matches one of the glob
+    patterns (all when none is given), at most `limit` per setting (the first ones, in cell order);
+    rows excluded by the relative rule are never asked."""
+    kept, count = [], {}
+    for it in found:
+        if it.excluded:
+            continue
+        name = f"{it.experiment}/{it.property}-{it.kind}/{it.setting}"
+        if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        count[it.group] = count.get(it.group, 0) + 1
+        if limit is None or count[it.group] <= limit:
+            kept.append(it)
+    return kept
+
+
 def score(run_path: str | os.PathLike, judge: Judge, *, questions: Questions = QUESTIONS,
-          cache: str | os.PathLike | None = None, concurrency: int = 1,
-          show_progress: bool | None = None, argv: Sequence[str] | None = None) -> Outcome:
-    """Judge every judged row of a run folder (see the module docstring); writes the verdict
-    files, the rates and the report page into the folder, which is locked meanwhile."""
+          cache: str | os.PathLike | None = None, concurrency: int = 1, patterns: Sequence[str] = (),
+          limit: int | None = None, dry_run: bool = False, show_progress: bool | None = None,
+          argv: Sequence[str] | None = None) -> Outcome:
+    """Judge every judged row of a run folder (see the module docstring); writes the verdict files,
+    the rates and the report page into the folder, which is locked meanwhile.
+
+    patterns, limit: ask only about the rows `select` keeps; the outputs still cover every row,
+    those neither asked nor in the cache counted as not asked. dry_run: count the calls that would
+    be made (Outcome.calls), call and write nothing."""
     run_path = Path(run_path).resolve()
     try:
         config = json.loads((run_path / runs.CONFIG_FILE).read_text())
     except (OSError, ValueError):
         raise runs.RunError(f"{run_path} is not a run folder (no readable {runs.CONFIG_FILE})") from None
     found = items(run_path)
+    chosen = {(it.group, it.entity) for it in select(found, patterns, limit)}
+    if not chosen:
+        raise ContractError(f"no judged row of {run_path} matches {' '.join(patterns)}")
     run = runs.open_run(run_path.parent, run_path.name, config, on_conflict="refuse",
                         argv=list(argv) if argv is not None else None)
     try:
@@ -431,18 +464,22 @@ def score(run_path: str | os.PathLike, judge: Judge, *, questions: Questions = Q
         slug = judge_slug(judge.name)
         verdicts: dict[str, dict[str, Verdict]] = {}
         todo: dict[str, tuple[Prompt, list[Item]]] = {}  # cache key -> prompt, the rows it answers
+        hashes: dict[Path, str] = {}
         cached = 0
         for item in found:
             if item.excluded or (judge.properties is not None and item.property not in judge.properties):
                 continue
-            p = prompt(run_path, item, questions)
+            p = prompt(run_path, item, questions, hashes)
             key = Cache.key(judge.name, p)
             hit = store.get(key)
             if hit is not None:
                 verdicts.setdefault(item.group, {})[item.entity] = hit
                 cached += 1
-            else:  # identical bundles under one question are asked once
+            elif (item.group, item.entity) in chosen:  # identical bundles under one question are asked once
                 todo.setdefault(key, (p, []))[1].append(item)
+        if dry_run:
+            return Outcome(judge=judge.name, folder=run_path / JUDGE_DIR / slug, calls=len(todo), cached=cached,
+                           rates=[], verdicts={})
         lock = threading.Lock()
         bar = runs.progress(desc=f"judging ({judge.name})", unit="verdict", total=len(todo),
                             enabled=None if show_progress else False)
@@ -483,7 +520,8 @@ def _write(run: runs.RunFolder, found: Sequence[Item], judge: Judge, verdicts: M
            folder: Path, *, calls: int, cached: int) -> list[dict]:
     rel = folder.relative_to(run.path).as_posix()
     groups: dict[str, list[Item]] = {}
-    for item in found:
+    for item in sorted(found, key=lambda it: EXPERIMENTS.index(it.experiment) if it.experiment in EXPERIMENTS
+                       else len(EXPERIMENTS)):  # the study's order; within one experiment, the cells' order
         groups.setdefault(item.group, []).append(item)
     rates = []
     for group, members in groups.items():
@@ -503,6 +541,7 @@ def _write(run: runs.RunFolder, found: Sequence[Item], judge: Judge, verdicts: M
             "experiment": first.experiment, "property": first.property, "kind": first.kind, "setting": first.setting,
             "rows": len(members), "excluded": sum(it.excluded for it in members),
             "not_applicable": 0 if applicable else sum(not it.excluded for it in members),
+            "not_asked": sum(applicable and not it.excluded and it.entity not in mine for it in members),
             "errors": sum(v.status == "error" for v in mine.values()),
             "unparseable": sum(v.status == "unparseable" for v in mine.values()),
             "judged": len(judged), "passed": sum(v.passed for _, v in judged),
@@ -513,8 +552,8 @@ def _write(run: runs.RunFolder, found: Sequence[Item], judge: Judge, verdicts: M
             "file": group if applicable else "",
         })
     run.write_derived(f"{rel}/pass-rates.csv", rows_to_csv(rates))
-    totals = {k: sum(r[k] for r in rates) for k in ("rows", "excluded", "not_applicable", "errors", "unparseable",
-                                                     "judged", "passed")}
+    totals = {k: sum(r[k] for r in rates) for k in ("rows", "excluded", "not_applicable", "not_asked", "errors",
+                                                     "unparseable", "judged", "passed")}
     run.write_derived(f"{rel}/summary.json", runs.canonical_json(
         {"judge": judge.name, "calls": calls, "cached": cached, **totals}, indent=2) + "\n")
     _report(run, judge.name, rel, rates, totals)
@@ -522,13 +561,14 @@ def _write(run: runs.RunFolder, found: Sequence[Item], judge: Judge, verdicts: M
 
 
 def _report(run: runs.RunFolder, name: str, rel: str, rates: Sequence[Mapping], totals: Mapping) -> Path:
-    columns = ["experiment", "property", "kind", "setting", "rows", "excluded", "errors", "unparseable", "judged",
-               "passed", "judge_rate", "metric_rate", "both", "agreement", "kappa"]
+    columns = ["experiment", "property", "kind", "setting", "rows", "excluded", "not_asked", "errors", "unparseable",
+               "judged", "passed", "judge_rate", "metric_rate", "both", "agreement", "kappa"]
     pct = {"judge_rate": "{:.1%}", "metric_rate": "{:.1%}", "agreement": "{:.1%}", "kappa": "{:.3f}"}
     sections = [report.Section("Judge", [report.Text(
         f"Judge: {name}. Every judged row of the run folder, scored with one yes/no question over its bundle of "
         f"labelled images. Rows: {totals['rows']}; excluded by the relative rule (the baseline edit already misses "
-        f"the property): {totals['excluded']}; not scored by this judge: {totals['not_applicable']}; errors: "
+        f"the property): {totals['excluded']}; not scored by this judge: {totals['not_applicable']}; not asked "
+        f"(left out by --select or --limit): {totals['not_asked']}; errors: "
         f"{totals['errors']}; unparseable answers: {totals['unparseable']}; judged: {totals['judged']}, of which "
         f"{totals['passed']} passed.\n\nErrors and unparseable answers are left out of the rates. The metric's rate "
         "is the automatic verdict of the same rows; agreement and Cohen's kappa are over the rows both scored "
@@ -615,6 +655,11 @@ def _score_main(argv: Sequence[str]) -> int:
     p.add_argument("--attempts", type=int, default=judges.Retry.attempts, help="calls per question on rate limits "
                    "and server errors, the first included")
     p.add_argument("--max-tokens", type=int, default=judges.MAX_TOKENS, help="the answer's token budget")
+    p.add_argument("--select", nargs="+", default=(), metavar="GLOB",
+                   help="judge only the rows whose experiment/property-kind/setting matches one of these "
+                        "(e.g. 'knockout/*/ref->text @ all' 'lens/colour-present/*')")
+    p.add_argument("--limit", type=int, default=None, help="at most this many rows per setting (a smoke test)")
+    p.add_argument("--dry-run", action="store_true", help="print the number of judge calls needed, make none")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     questions = QUESTIONS if args.questions is None else load_questions(args.questions)
@@ -622,13 +667,17 @@ def _score_main(argv: Sequence[str]) -> int:
         judge = judges.make_judge(args.judge, retry=judges.Retry(attempts=args.attempts), max_tokens=args.max_tokens)
         concurrency = 1 if isinstance(judge, (judges.HFJudge, judges.ColourJudge)) else args.concurrency
         out = score(args.run, judge, questions=questions, cache=args.cache, concurrency=concurrency,
+                    patterns=args.select, limit=args.limit, dry_run=args.dry_run,
                     show_progress=not args.no_progress, argv=["experiments.judge", *argv])
     except (ContractError, JudgeAuthError, runs.RunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(f"{out.judge}: {out.calls} calls to make, {out.cached} verdicts in the cache")
+        return 0
     print(f"{out.judge}: {out.calls} calls, {out.cached} verdicts from the cache; verdicts in {out.folder}")
     for r in out.rates:
-        print(f"  {r['experiment']:<9} {r['property']}-{r['kind']:<12} {r['setting']:<32} judge "
+        print(f"  {r['experiment']:<9} {r['property'] + '-' + r['kind']:<21} {r['setting']:<32} judge "
               f"{_fmt(r['judge_rate'], '.1%'):>6} (n={r['judged']}, errors {r['errors']}, unparseable "
               f"{r['unparseable']}, excluded {r['excluded']})  metric {_fmt(r['metric_rate'], '.1%'):>6}")
     return 0

@@ -62,24 +62,33 @@ class _Transient(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ImageFile:
-    """One image of a bundle: its label as shown to the judge, and the file's bytes."""
+    """One image of a bundle: its label as shown to the judge, and its file (read when asked, so a
+    run folder's thousands of bundles are never all in memory)."""
 
     label: str
-    data: bytes
+    path: Path
+    sha256: str  # of the file's bytes: the cache key's part
     media_type: str  # e.g. "image/png"
 
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+    @classmethod
+    def of(cls, label: str, path: str | os.PathLike) -> "ImageFile":
+        path = Path(path)
+        return cls(label, path, hashlib.sha256(path.read_bytes()).hexdigest(), media_type(path))
+
+    def data(self) -> bytes:
+        data = self.path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise JudgeError(f"{self.path} changed while it was being judged; rerun")
+        return data
 
     def pil(self):
         from PIL import Image
 
-        with Image.open(io.BytesIO(self.data)) as im:
+        with Image.open(io.BytesIO(self.data())) as im:
             return im.convert("RGB")
 
     def base64(self) -> str:
-        return base64.b64encode(self.data).decode("ascii")
+        return base64.b64encode(self.data()).decode("ascii")
 
 
 MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",

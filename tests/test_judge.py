@@ -229,6 +229,58 @@ def test_a_folder_without_the_contract_fails_clearly(tmp_path):
     assert judge.main([str(run.path), "--judge", "colour", "--no-progress"]) == 2
 
 
+def test_the_command_line_scores_and_agrees(tmp_path, capsys):
+    run_path = build_run(tmp_path)
+    assert judge.main([str(run_path), "--judge", "colour", "--no-progress"]) == 0
+    assert f"colour: {judged_rows(run_path, colour_only=True)} calls, 0 verdicts from the cache" in capsys.readouterr().out
+    assert judge.main(["agree", str(run_path), "colour", "metric", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["overall"]["kappa"] == 1.0 and all(f["agreement"] == 1.0 for f in result["files"])
+    assert judge.main(["agree", str(run_path), "anthropic:not-run", "metric"]) == 2
+    assert "run python -m experiments.judge" in capsys.readouterr().err
+
+
+def test_select_limit_and_dry_run_choose_what_is_asked(tmp_path):
+    run_path = build_run(tmp_path)
+    n = judged_rows(run_path, colour_only=True)
+    j = Counting(judges.ColourJudge())
+    assert judge.score(run_path, j, dry_run=True).calls == n and j.calls == 0
+    assert not (run_path / "judge" / "colour").exists()
+    knockout = judge.score(run_path, j, patterns=["knockout/*"], limit=2)
+    assert j.calls == knockout.calls == 4  # two settings, two rows each
+    asked = {r["setting"]: (r["judged"], r["not_asked"]) for r in knockout.rates if r["property"] == "colour"}
+    assert asked == {"lens b3": (0, 4), "ref->text @ all": (2, 1), "ref->image @ all": (2, 1), "all b3": (0, 3)}
+    rest = judge.score(run_path, j)
+    assert rest.calls == n - 4 and rest.cached == 4 and sum(r["not_asked"] for r in rest.rates) == 0
+    with pytest.raises(judge.ContractError, match="matches"):
+        judge.score(run_path, j, patterns=["nothing/*"])
+
+
+class Counting:
+    """A judge that counts its calls."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.name, self.properties = inner.name, inner.properties
+
+    def ask(self, prompt):
+        self.calls += 1
+        return self.inner.ask(prompt)
+
+
+def test_identical_bundles_are_asked_once(tmp_path):
+    run_path = build_run(tmp_path)
+    cell = runs.Cell(path=run_path / "outputs" / "knockout" / "solid_red_ball_s0", key="knockout/solid_red_ball_s0")
+    record = json.loads((cell.path / runs.DONE_FILE).read_text())
+    twin = dict(record["record"]["rows"][0], setting="ref->text @ :4")  # the same images in another setting
+    record["record"]["rows"].append(twin)
+    (cell.path / runs.DONE_FILE).write_text(json.dumps(record))
+    j = Counting(judges.ColourJudge())
+    out = judge.score(run_path, j)
+    assert j.calls == out.calls == judged_rows(run_path, colour_only=True) - 1
+    assert sum(r["judged"] for r in out.rates if r["property"] == "colour") == judged_rows(run_path, True)
+
+
 # ---------------------------------------------------------------------------------------------
 # API judges against local servers
 
@@ -430,6 +482,21 @@ def test_the_anthropic_judge_needs_its_key(monkeypatch):
         judges.make_judge("anthropic:m")
     with pytest.raises(ValueError, match="openai:MODEL@URL"):
         judges.make_judge("openai:m")
+
+
+@pytest.mark.parametrize("server", ["anthropic"], indirect=True)
+def test_a_questions_file_reaches_the_judge(server, tmp_path, monkeypatch):
+    run_path = build_run(tmp_path)
+    path = tmp_path / "questions.json"
+    path.write_text(json.dumps({"system": "Other rules; reply in JSON.", "questions": {"lens/style/present": {
+        "labels": ["Image 1: ref", "Image 2: plain", "Image 3: lens"], "question": "Is Image 3 stylised?"}}}))
+    judge.score(run_path, api_judge(server, monkeypatch), questions=judge.load_questions(path))
+    assert server.problems == []
+    bodies = [body for _, _, body in server.requests]
+    assert all(b["system"] == "Other rules; reply in JSON." for b in bodies)
+    asked = [[c["text"] for c in b["messages"][0]["content"] if c["type"] == "text"] for b in bodies]
+    assert sum(t == ["Image 1: ref", "Image 2: plain", "Image 3: lens", "Is Image 3 stylised?"] for t in asked) \
+        == len(STYLE_TASKS)
 
 
 # ---------------------------------------------------------------------------------------------
