@@ -499,6 +499,20 @@ def test_a_questions_file_reaches_the_judge(server, tmp_path, monkeypatch):
         == len(STYLE_TASKS)
 
 
+def test_an_unreachable_server_is_retried_then_recorded_as_errors(tmp_path, monkeypatch):
+    gone = FakeServer("openai")
+    gone.stop()  # nothing listens on its port any more
+    run_path = build_run(tmp_path)
+    out = judge.score(run_path, api_judge(gone, monkeypatch, attempts=2), patterns=["lens/*"])
+    lens = [r for r in out.rates if r["experiment"] == "lens"]
+    assert sum(r["errors"] for r in lens) == out.calls == 4 + len(STYLE_TASKS)
+    assert all(r["judged"] == 0 and r["judge_rate"] is None for r in lens)
+    rows = [r for rs in verdict_files(out.folder).values() for r in rs]
+    assert all(r["pass"] == "" and "APIConnectionError" in r["reason"] and "gave up after 2" in r["reason"]
+               for r in rows)
+    assert not list((run_path / "judge" / "cache").rglob("*.json"))  # errors are asked again next time
+
+
 # ---------------------------------------------------------------------------------------------
 # cache and resume
 
