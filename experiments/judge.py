@@ -406,11 +406,14 @@ def _write(run: runs.RunFolder, found: Sequence[Item], judge: Judge, verdicts: M
                                                      "unparseable", "judged", "passed")}
     run.write_derived(f"{rel}/summary.json", runs.canonical_json(
         {"judge": judge.name, "calls": calls, "cached": cached, **totals}, indent=2) + "\n")
-    _report(run, judge.name, rel, rates, totals)
+    both = [(it.metric, mine.passed) for it in found if (mine := verdicts.get(it.group, {}).get(it.entity))
+            is not None and mine.passed is not None and it.metric is not None and not it.excluded]
+    _report(run, judge.name, rel, rates, totals, kappa_and_agreement(both))
     return rates
 
 
-def _report(run: runs.RunFolder, name: str, rel: str, rates: Sequence[Mapping], totals: Mapping) -> Path:
+def _report(run: runs.RunFolder, name: str, rel: str, rates: Sequence[Mapping], totals: Mapping,
+            overall: Mapping) -> Path:
     columns = ["experiment", "property", "kind", "setting", "rows", "excluded", "not_asked", "errors", "unparseable",
                "judged", "passed", "judge_rate", "metric_rate", "both", "agreement", "kappa"]
     pct = {"judge_rate": "{:.1%}", "metric_rate": "{:.1%}", "agreement": "{:.1%}", "kappa": "{:.3f}"}
@@ -422,7 +425,9 @@ def _report(run: runs.RunFolder, name: str, rel: str, rates: Sequence[Mapping], 
         f"{totals['errors']}; unparseable answers: {totals['unparseable']}; judged: {totals['judged']}, of which "
         f"{totals['passed']} passed.\n\nErrors and unparseable answers are left out of the rates. The metric's rate "
         "is the automatic verdict of the same rows; agreement and Cohen's kappa are over the rows both scored "
-        f"(kappa is empty when both are constant). Verdict files: {rel}/<experiment>/<property>-<kind>/<setting>.csv.")])]
+        f"(kappa is empty when both are constant). Overall, on the {overall['n']} rows both scored: agreement "
+        f"{_fmt(overall['agreement'], '.1%')}, kappa {_fmt(overall['kappa'], '.3f')}.\n\n"
+        f"Verdict files: {rel}/<experiment>/<property>-<kind>/<setting>.csv.")])]
     for experiment in dict.fromkeys(r["experiment"] for r in rates):
         mine = [r for r in rates if r["experiment"] == experiment]
         sections.append(report.Section(f"{experiment}: judge and metric per setting", [

@@ -218,6 +218,7 @@ def test_colour_judge_reproduces_the_metric_exactly(tmp_path):
     assert all(r["model"] == "colour" and r["pass"] in ("0", "1") for rs in files.values() for r in rs)
     html = (run_path / "judge-colour.html").read_text()
     assert "knockout: judge and metric per setting" in html and "ref-&gt;image @ all" in html
+    assert "agreement 100.0%, kappa 1.000" in html
     assert judge.main(["agree", str(run_path), "colour", "metric"]) == 0
 
 
@@ -521,8 +522,9 @@ def test_an_unreachable_server_is_retried_then_recorded_as_errors(tmp_path, monk
 def test_judging_twice_makes_no_calls_the_second_time(server, tmp_path, monkeypatch):
     run_path = build_run(tmp_path)
     j = api_judge(server, monkeypatch)
-    first = judge.score(run_path, j)
-    assert first.calls == len(server.requests) == judged_rows(run_path)
+    first = judge.score(run_path, j, concurrency=4)
+    assert first.calls == len(server.requests) == judged_rows(run_path) and server.problems == []
+    assert sum(r["judged"] for r in first.rates) == first.calls
     before = verdict_files(first.folder)
     second = judge.score(run_path, j)
     assert second.calls == 0 and second.cached == first.calls and len(server.requests) == first.calls
@@ -551,6 +553,7 @@ def test_a_killed_judging_run_resumes(server, tmp_path):
     finally:
         proc.kill()
         proc.wait(30)
+    assert KEY.encode() not in proc.stderr.read()
     server.release.set()
     cached = sorted((run_path / "judge" / "cache").rglob("*.json"))
     assert len(cached) == done_before_kill
