@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import judges, report, runs
+from experiments.common import slug
 from experiments.judge_questions import (EXPERIMENTS, KINDS_OF, PROPERTIES, QUESTIONS, SYSTEM,  # noqa: F401
                                         ContractError, Question, Questions, load_questions, parse_answer)
 from experiments.judges import IMAGES_PER_KIND, ImageFile, Judge, JudgeAuthError, JudgeError, Prompt
@@ -128,13 +129,7 @@ class Item:
     @property
     def group(self) -> str:
         """The verdict file of the row, relative to the judge's folder."""
-        return f"{self.experiment}/{self.property}-{self.kind}/{_slug(self.setting)}.csv"
-
-
-def _slug(text: str) -> str:
-    from experiments.common import slug
-
-    return slug(text)
+        return f"{self.experiment}/{self.property}-{self.kind}/{slug(self.setting)}.csv"
 
 
 def _entity(row: Mapping) -> str:
@@ -311,7 +306,7 @@ def score(run_path: str | os.PathLike, judge: Judge, *, questions: Questions = Q
                         argv=list(argv) if argv is not None else None)
     try:
         store = Cache(cache if cache is not None else run_path / JUDGE_DIR / "cache")
-        slug = judge_slug(judge.name)
+        folder = run_path / JUDGE_DIR / judge_slug(judge.name)
         verdicts: dict[str, dict[str, Verdict]] = {}
         todo: dict[str, tuple[Prompt, list[Item]]] = {}  # cache key -> prompt, the rows it answers
         hashes: dict[Path, str] = {}
@@ -328,7 +323,7 @@ def score(run_path: str | os.PathLike, judge: Judge, *, questions: Questions = Q
             elif (item.group, item.entity) in chosen:  # identical bundles under one question are asked once
                 todo.setdefault(key, (p, []))[1].append(item)
         if dry_run:
-            return Outcome(judge=judge.name, folder=run_path / JUDGE_DIR / slug, calls=len(todo), cached=cached,
+            return Outcome(judge=judge.name, folder=folder, calls=len(todo), cached=cached,
                            rates=[], verdicts={})
         lock = threading.Lock()
         bar = runs.progress(desc=f"judging ({judge.name})", unit="verdict", total=len(todo),
@@ -354,7 +349,6 @@ def score(run_path: str | os.PathLike, judge: Judge, *, questions: Questions = Q
                         f.result()
         finally:
             bar.close()
-        folder = run_path / JUDGE_DIR / slug
         rates = _write(run, found, judge, verdicts, folder, calls=len(todo), cached=cached)
         return Outcome(judge=judge.name, folder=folder, calls=len(todo), cached=cached, rates=rates,
                        verdicts=verdicts)
