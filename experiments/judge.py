@@ -63,7 +63,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +151,8 @@ REQUIRED = ("experiment", "property", "judge", "bundle", "setting", "pass", "pas
 def items(run_path: Path) -> list[Item]:
     """The judged rows of every complete cell, in cell order; ContractError when rows lack the
     fields a judge needs (e.g. a folder written before the experiments recorded them)."""
-    rows = [r for cell in _cells(run_path) for r in cell.record().get("rows", [])]
+    view = runs.RunFolder(path=Path(run_path), config={}, resumed=True)  # read only: no lock needed
+    rows = [r for cell in view.cells() for r in cell.record().get("rows", [])]
     if not rows:
         raise ContractError(f"{run_path} holds no complete cell with metrics rows; run an experiment first")
     if not any("judge" in r for r in rows) or not any("bundle" in r for r in rows):
@@ -181,14 +182,6 @@ def items(run_path: Path) -> list[Item]:
         seen.add((item.group, item.entity))
         out.append(item)
     return out
-
-
-def _cells(run_path: Path) -> Iterable[runs.Cell]:
-    root = run_path / runs.OUTPUTS_DIR
-    for marker in sorted(root.rglob(runs.DONE_FILE)):
-        cell = runs.Cell(path=marker.parent, key=marker.parent.relative_to(root).as_posix())
-        if cell.done:
-            yield cell
 
 
 def prompt(run_path: Path, item: Item, questions: Questions, hashes: dict[Path, str] | None = None) -> Prompt:
