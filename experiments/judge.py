@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import csv
 import dataclasses
 import fnmatch
 import hashlib
@@ -393,9 +394,9 @@ def _write(run: runs.RunFolder, found: Sequence[Item], judge: Judge, verdicts: M
                                                      "unparseable", "judged", "passed")}
     run.write_derived(f"{rel}/summary.json", runs.canonical_json(
         {"judge": judge.name, "calls": calls, "cached": cached, **totals}, indent=2) + "\n")
-    both = [(it.metric, mine.passed) for it in found if (mine := verdicts.get(it.group, {}).get(it.entity))
-            is not None and mine.passed is not None and it.metric is not None and not it.excluded]
-    _report(run, judge.name, rel, rates, totals, kappa_and_agreement(both))
+    pairs = [(it.metric, v.passed) for it in found if (v := verdicts.get(it.group, {}).get(it.entity)) is not None
+             and v.passed is not None and it.metric is not None and not it.excluded]
+    _report(run, judge.name, rel, rates, totals, kappa_and_agreement(pairs))
     return rates
 
 
@@ -451,8 +452,6 @@ def read_verdicts(run_path: str | os.PathLike, who: str) -> dict[tuple[str, str]
     if not folder.is_dir():
         raise FileNotFoundError(f"no verdicts of {who} in {run_path}: run python -m experiments.judge {run_path} "
                                 f"--judge {who} first")
-    import csv
-
     out = {}
     for path in sorted(folder.rglob("*.csv")):
         if path.name == "pass-rates.csv":
