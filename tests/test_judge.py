@@ -453,6 +453,7 @@ def test_api_judge_retries_excludes_and_counts(server, tmp_path, monkeypatch):
     assert out.calls == n and out.cached == 0
     total = {k: sum(r[k] for r in out.rates) for k in ("errors", "unparseable", "judged", "passed", "excluded")}
     assert total["errors"] == 3 and total["unparseable"] == 1 and total["judged"] == n - 4
+    assert total["excluded"] == 2  # the task whose baseline edit misses its colour, in both knockout settings: never sent
     files = verdict_files(out.folder)
     rows = [r for rs in files.values() for r in rs]
     assert len(rows) == n
