@@ -1,108 +1,561 @@
-"""A yes/no judge over labelled images, for scoring experiments the way the study did.
+"""Scoring a run folder as the study scored it: a binary judge per row, over labelled images.
 
-The study scored every cell with a binary VLM judge: a bundle of 2-4 labelled images and one
-yes/no question. Plug any client in as a `Judge`, a callable
+    python -m experiments.judge RUN_FOLDER --judge anthropic:claude-opus-4-7
+    python -m experiments.judge RUN_FOLDER --judge openai:Qwen/Qwen2.5-VL-7B-Instruct@http://localhost:8000/v1
+    python -m experiments.judge RUN_FOLDER --judge hf:/models/some-vlm
+    python -m experiments.judge RUN_FOLDER --judge colour          # the colour metric as a judge
+    python -m experiments.judge agree RUN_FOLDER anthropic:claude-opus-4-7 metric
 
-    judge(question: str, images: list[tuple[str, PIL.Image.Image]]) -> bool
+Which rows are judged: every metrics row of a complete cell (DONE.json `record["rows"]`) whose
+`judge` field names a question kind. The experiments write, per row, `experiment` (lens,
+knockout, drop, patching), `property` (colour, style, identity, reference), `judge` (the kind:
+present, lost, kept, transferred; None for control rows), `bundle` ([label, path relative to the
+run folder] in the order shown to the judge), `setting`, `task` or `pair`, and the automatic
+metric's `pass` (relative rule; None when excluded) and `pass_absolute`. A row is excluded by the
+relative rule (the baseline edit already misses the property) when `pass` is None while
+`pass_absolute` is not; it stays excluded here, counted but never judged. The study instead showed
+the judge every knockout bundle and let the question's "compared with Image 2" carry the baseline;
+this project keeps one rule for the metric and the judge so the two can be compared row by row.
 
-and ask it with `ask(judge, QUESTIONS[name], images)`. Nothing here calls a network or needs a
-judge: the automatic metrics in `experiments.metrics` work without one.
+The kinds (what a "yes" means):
+    present      Image 3 shows Image 1's property and Image 2 does not (T2I Lens: reference,
+                 t2i_clean, lens output)
+    lost         Image 1's property, shown by Image 2, is absent from Image 3 (reference, baseline
+                 edit, intervened edit)
+    kept         Image 3, like Image 2, still shows Image 1's property (same bundle)
+    transferred  Image 4 takes Image 1's property rather than Image 2's (source reference, target
+                 reference, target edit, patched target edit)
 
-The questions below are this project's plain wording of the questions the study asked for each
-experiment (what is shown, and what a "yes" means); they are not the study's exact prompt text.
+Questions: one system instruction and a question per experiment x property x kind (`QUESTIONS`
+in experiments.judge_questions, this project's own wording); `--questions FILE` replaces any of
+them (JSON, see `load_questions`).
+The judge answers with one JSON object, {"answer": "yes" | "no", "reason": "..."}
+({"pass": 0 | 1, ...} is read too); anything else is unparseable.
+
+Outputs, in RUN_FOLDER/judge/<judge slug>/:
+    <experiment>/<property>-<kind>/<setting slug>.csv
+        one row per entity (task or source__target pair): entity_id, pass (1, 0, or empty on an
+        error or an unparseable answer), reason (prefixed ERROR: or PARSE_ERROR: then), model,
+        input_tokens, output_tokens: the study's verdict file columns
+    pass-rates.csv   per experiment, property, kind and setting: rows, excluded, errors,
+                     unparseable, judged, passed, the judge's rate, the metric's rate, and their
+                     agreement and Cohen's kappa on the entities both scored
+    summary.json     the same counts in total, the calls made and the verdicts read from the cache
+and RUN_FOLDER/judge-<judge slug>.html, the report page. Errors and unparseable answers are
+excluded from the rate and counted, never a pass or a fail.
+
+Cache and resume: each verdict is stored as it arrives (RUN_FOLDER/judge/cache unless --cache),
+keyed by the judge's name, the system text, the labels, the question and the SHA-256 of every
+image file, so a rerun asks nothing already answered and a killed run resumes where it stopped.
+Errors and unparseable answers are not cached: a rerun asks again (as the study retried them).
 """
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
+import csv
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
-from PIL import Image
+from experiments import judges, report, runs
+from experiments.common import slug
+from experiments.judge_questions import (EXPERIMENTS, KINDS_OF, PROPERTIES, QUESTIONS, SYSTEM,  # noqa: F401
+                                        ContractError, Question, Questions, load_questions, parse_answer)
+from experiments.judges import IMAGES_PER_KIND, ImageFile, Judge, JudgeAuthError, JudgeError, Prompt
+from fluxjax.files import atomic_write_text
+from fluxjax.metrics import rows_to_csv
+
+VERDICT_COLUMNS = ("entity_id", "pass", "reason", "model", "input_tokens", "output_tokens")
+METRIC = "metric"  # the agreement tool's name for the rows' own automatic verdicts
+JUDGE_DIR = "judge"
 
 
-@runtime_checkable
-class Judge(Protocol):
-    def __call__(self, question: str, images: list[tuple[str, Image.Image]]) -> bool: ...
+# ---------------------------------------------------------------------------------------------
+# answers
 
 
 @dataclasses.dataclass(frozen=True)
-class JudgeQuestion:
-    """A yes/no question about images given in the order of `labels`."""
-
-    name: str
-    labels: tuple[str, ...]
-    question: str
-
-
-def _q(name: str, labels: Sequence[str], question: str) -> JudgeQuestion:
-    return JudgeQuestion(name, tuple(f"Image {i + 1}: {label}" for i, label in enumerate(labels)), question)
+class Verdict:
+    passed: bool | None  # None: an error or an unparseable answer
+    reason: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    status: str = "ok"  # "ok", "error" or "unparseable"
 
 
-_LENS = ("the reference image given to the edit",
-         "text-to-image baseline: the instruction alone, no reference",
-         "text-to-image from an empty prompt, with the edit's text-token activations patched in")
-_KNOCKOUT = ("the reference image",
-             "the baseline edit with this reference",
-             "the same edit with some attention from the reference blocked")
-_PATCHING = ("the source edit's reference",
-             "the target edit's reference",
-             "the target edit, unchanged",
-             "the target edit with the source edit's text-token activations patched in")
-
-QUESTIONS: Mapping[str, JudgeQuestion] = {q.name: q for q in (
-    # T2I Lens (and its padding-only / content-only variants): does the reference property appear?
-    _q("lens_colour_present", _LENS,
-       "Compared with Image 2, does Image 3 show the main colour of Image 1? Answer yes only if that "
-       "colour is clearly present in Image 3 and not in Image 2."),
-    _q("lens_style_present", _LENS,
-       "Compared with Image 2, is Image 3 drawn in a style like that of Image 1 (illustrated, cartoon or "
-       "otherwise not photographic), anywhere in the picture?"),
-    _q("lens_identity_different", _LENS,
-       "Is the person in Image 3 a different individual from the person in Image 1 (different face, hair "
-       "or build)? Answer yes if a viewer would call them different people."),
-    # Attention knockout: is the property lost (ref->text) or kept (ref->image)?
-    _q("knockout_colour_lost", _KNOCKOUT,
-       "Compared with Image 2, has Image 3 lost the main colour of Image 1? Answer yes if that colour is "
-       "largely gone from Image 3."),
-    _q("knockout_colour_kept", _KNOCKOUT,
-       "Does Image 3, like Image 2, still show the main colour of Image 1?"),
-    _q("knockout_style_lost", _KNOCKOUT,
-       "Compared with Image 2, has Image 3 lost the style of Image 1 and become more photographic?"),
-    _q("knockout_style_kept", _KNOCKOUT,
-       "Does Image 3, like Image 2, still look drawn in the style of Image 1, anywhere in the picture?"),
-    _q("knockout_identity_lost", _KNOCKOUT,
-       "Compared with Image 2, has Image 3 lost the identity of the person in Image 1, i.e. is the person "
-       "in Image 3 recognisably a different individual?"),
-    _q("knockout_identity_kept", _KNOCKOUT,
-       "Is the person in Image 3 still the same individual as the person in Image 1?"),
-    # I2I -> I2I patching: did the source's property transfer into the target edit?
-    _q("patching_colour_transfer", _PATCHING,
-       "Compared with Image 3, has Image 4 taken on the main colour of Image 1 instead of that of Image 2?"),
-    _q("patching_style_transfer", _PATCHING,
-       "Compared with Image 3, has Image 4 moved towards the style of Image 1 (illustrated, cartoon or "
-       "otherwise not photographic)?"),
-    _q("patching_identity_transfer", _PATCHING,
-       "Compared with Image 3, does the person in Image 4 now look like the person in Image 1 rather than "
-       "the person in Image 2?"),
-)}
+def ask(judge: Judge, prompt: Prompt) -> Verdict:
+    """One judge call, with errors and unparseable answers recorded rather than raised
+    (JudgeAuthError is raised: every later call would fail the same way)."""
+    try:
+        reply = judge.ask(prompt)
+    except JudgeAuthError:
+        raise
+    except JudgeError as e:
+        return Verdict(None, f"ERROR: {e}", status="error")
+    parsed = parse_answer(reply.text)
+    if parsed is None:
+        return Verdict(None, f"PARSE_ERROR: {reply.text[:200]!r}", reply.input_tokens, reply.output_tokens,
+                       status="unparseable")
+    return Verdict(parsed[0], parsed[1], reply.input_tokens, reply.output_tokens)
 
 
-def ask(judge: Judge, question: JudgeQuestion, images: Sequence[Image.Image]) -> bool:
-    """Ask `judge` one question about `images` (in the order of `question.labels`)."""
-    if len(images) != len(question.labels):
-        raise ValueError(f"question {question.name!r} is about {len(question.labels)} images "
-                         f"({'; '.join(question.labels)}), got {len(images)}")
-    for label, image in zip(question.labels, images):
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"{label}: expected a PIL image, got {type(image).__name__}")
-    verdict = judge(question.question, list(zip(question.labels, images)))
-    if not isinstance(verdict, bool):
-        raise TypeError(f"the judge must answer True or False, got {verdict!r}; parse the client's reply "
-                        "into a bool inside the judge")
-    return verdict
+# ---------------------------------------------------------------------------------------------
+# rows and bundles
 
 
-def ask_all(judge: Judge, question: JudgeQuestion, bundles: Iterable[Sequence[Image.Image]]) -> list[bool]:
-    """One verdict per bundle of images."""
-    return [ask(judge, question, images) for images in bundles]
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One judged row of the run folder."""
+
+    experiment: str
+    property: str
+    kind: str
+    setting: str
+    entity: str
+    bundle: tuple[tuple[str, str], ...]  # (label given by the experiment, path in the run folder)
+    metric: bool | None  # the row's automatic verdict (relative rule)
+    excluded: bool  # excluded by the relative rule: never judged
+
+    @property
+    def group(self) -> str:
+        """The verdict file of the row, relative to the judge's folder."""
+        return f"{self.experiment}/{self.property}-{self.kind}/{slug(self.setting)}.csv"
+
+
+def _entity(row: Mapping) -> str:
+    value = row.get("task", row.get("pair"))
+    if isinstance(value, (list, tuple)):
+        return "__".join(map(str, value))
+    if value is None:
+        raise ContractError(f"row {_show(row)} names no 'task' or 'pair'")
+    return str(value)
+
+
+def _show(row: Mapping) -> str:
+    return json.dumps({k: row.get(k) for k in ("experiment", "setting", "task", "pair") if k in row})
+
+
+REQUIRED = ("experiment", "property", "judge", "bundle", "setting", "pass", "pass_absolute")
+
+
+def items(run_path: Path) -> list[Item]:
+    """The judged rows of every complete cell, in cell order; ContractError when rows lack the
+    fields a judge needs (e.g. a folder written before the experiments recorded them)."""
+    view = runs.RunFolder(path=Path(run_path), config={}, resumed=True)  # read only: no lock needed
+    rows = [r for cell in view.cells() for r in cell.record().get("rows", [])]
+    if not rows:
+        raise ContractError(f"{run_path} holds no complete cell with metrics rows; run an experiment first")
+    if not any("judge" in r for r in rows) or not any("bundle" in r for r in rows):
+        raise ContractError(
+            f"the rows of {run_path} carry no 'judge' or 'bundle' field: the folder was written by experiments "
+            "that predate the judge contract (experiment, property, judge, bundle, pass, pass_absolute per row). "
+            "Rerun the experiments with the current code into a new run folder.")
+    out, seen = [], set()
+    for r in rows:
+        if r.get("judge") is None:
+            continue  # a control row: not judged
+        absent = [k for k in REQUIRED if k not in r]
+        if absent:
+            raise ContractError(f"row {_show(r)} lacks {', '.join(absent)}")
+        kind, experiment = r["judge"], r["experiment"]
+        if kind not in IMAGES_PER_KIND:
+            raise ContractError(f"row {_show(r)}: judge {kind!r} is not one of {', '.join(IMAGES_PER_KIND)}")
+        bundle = tuple((str(label), str(path)) for label, path in r["bundle"])
+        if len(bundle) != IMAGES_PER_KIND[kind]:
+            raise ContractError(f"row {_show(r)}: a {kind!r} bundle holds {IMAGES_PER_KIND[kind]} images, "
+                                f"got {len(bundle)}")
+        item = Item(experiment=str(experiment), property=str(r["property"]), kind=kind, setting=str(r["setting"]),
+                    entity=_entity(r), bundle=bundle, metric=None if r["pass"] is None else bool(r["pass"]),
+                    excluded=r["pass"] is None and r["pass_absolute"] is not None)
+        if (item.group, item.entity) in seen:
+            raise ContractError(f"two rows score {item.entity} in {item.group}; settings must name rows uniquely")
+        seen.add((item.group, item.entity))
+        out.append(item)
+    return out
+
+
+def prompt(run_path: Path, item: Item, questions: Questions, hashes: dict[Path, str] | None = None) -> Prompt:
+    """The judge's prompt for a row; `hashes` caches the images' SHA-256 across rows (a reference
+    image appears in many bundles)."""
+    q = questions.get(item.experiment, item.property, item.kind)
+    run_path, hashes = Path(run_path).resolve(), {} if hashes is None else hashes
+    images = []
+    for label, (_, rel) in zip(q.labels, item.bundle):
+        path = (run_path / rel).resolve()
+        if run_path not in path.parents:
+            raise ContractError(f"bundle image {rel} lies outside the run folder")
+        if not path.is_file():
+            raise ContractError(f"bundle image {rel} of {item.entity} ({item.group}) does not exist")
+        if path not in hashes:
+            hashes[path] = ImageFile.of(label, path).sha256
+        images.append(ImageFile(label, path, hashes[path], judges.media_type(path)))
+    return Prompt(system=questions.system, images=tuple(images), question=q.question, kind=item.kind,
+                  property=item.property)
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+class Cache:
+    """Verdicts on disk, one small JSON file each, written atomically as they arrive."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    @staticmethod
+    def key(judge_name: str, p: Prompt) -> str:
+        content = {"judge": judge_name, "system": p.system, "labels": [im.label for im in p.images],
+                   "images": [im.sha256 for im in p.images], "question": p.question}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> Verdict | None:
+        try:
+            data = json.loads(self._path(key).read_text())
+        except (OSError, ValueError):
+            return None
+        return Verdict(bool(data["pass"]), data["reason"], data["input_tokens"], data["output_tokens"])
+
+    def put(self, key: str, v: Verdict) -> None:
+        if v.passed is None:
+            raise ValueError("only verdicts are cached; errors and unparseable answers are asked again")
+        atomic_write_text(self._path(key), json.dumps({"pass": v.passed, "reason": v.reason,
+                                                       "input_tokens": v.input_tokens,
+                                                       "output_tokens": v.output_tokens}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def judge_slug(name: str) -> str:
+    """A folder name for a judge: its name made safe, with a short hash when that lost anything."""
+    safe = re.sub(r"[^A-Za-z0-9._=+-]+", "-", name).strip("-")
+    if safe != name:
+        safe = f"{safe[:60].strip('-')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return safe if safe[:1].isalnum() else "x" + safe
+
+
+@dataclasses.dataclass
+class Outcome:
+    judge: str
+    folder: Path  # RUN/judge/<slug>
+    calls: int  # judge calls made by this invocation
+    cached: int  # verdicts read from the cache
+    rates: list[dict]
+    verdicts: dict[str, dict[str, Verdict]]  # group -> entity -> verdict
+
+
+def select(found: Sequence[Item], patterns: Sequence[str] = (), limit: int | None = None) -> list[Item]:
+    """The rows to ask about: those whose "experiment/property-kind/setting" matches one of the glob
+    patterns (all when none is given), at most `limit` per setting (the first ones, in cell order);
+    rows excluded by the relative rule are never asked."""
+    kept, count = [], {}
+    for it in found:
+        if it.excluded:
+            continue
+        name = f"{it.experiment}/{it.property}-{it.kind}/{it.setting}"
+        if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        count[it.group] = count.get(it.group, 0) + 1
+        if limit is None or count[it.group] <= limit:
+            kept.append(it)
+    return kept
+
+
+def score(run_path: str | os.PathLike, judge: Judge, *, questions: Questions = QUESTIONS,
+          cache: str | os.PathLike | None = None, concurrency: int = 1, patterns: Sequence[str] = (),
+          limit: int | None = None, dry_run: bool = False, show_progress: bool | None = None,
+          argv: Sequence[str] | None = None) -> Outcome:
+    """Judge every judged row of a run folder (see the module docstring); writes the verdict files,
+    the rates and the report page into the folder, which is locked meanwhile.
+
+    patterns, limit: ask only about the rows `select` keeps; the outputs still cover every row,
+    those neither asked nor in the cache counted as not asked. dry_run: count the calls that would
+    be made (Outcome.calls), call and write nothing."""
+    run_path = Path(run_path).resolve()
+    try:
+        config = json.loads((run_path / runs.CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        raise runs.RunError(f"{run_path} is not a run folder (no readable {runs.CONFIG_FILE})") from None
+    found = items(run_path)
+    chosen = {(it.group, it.entity) for it in select(found, patterns, limit)}
+    if not chosen:
+        raise ContractError(f"no judged row of {run_path} matches {' '.join(patterns)}")
+    run = runs.open_run(run_path.parent, run_path.name, config, on_conflict="refuse",
+                        argv=list(argv) if argv is not None else None)
+    try:
+        store = Cache(cache if cache is not None else run_path / JUDGE_DIR / "cache")
+        folder = run_path / JUDGE_DIR / judge_slug(judge.name)
+        verdicts: dict[str, dict[str, Verdict]] = {}
+        todo: dict[str, tuple[Prompt, list[Item]]] = {}  # cache key -> prompt, the rows it answers
+        hashes: dict[Path, str] = {}
+        cached = 0
+        for item in found:
+            if item.excluded or (judge.properties is not None and item.property not in judge.properties):
+                continue
+            p = prompt(run_path, item, questions, hashes)
+            key = Cache.key(judge.name, p)
+            hit = store.get(key)
+            if hit is not None:
+                verdicts.setdefault(item.group, {})[item.entity] = hit
+                cached += 1
+            elif (item.group, item.entity) in chosen:  # identical bundles under one question are asked once
+                todo.setdefault(key, (p, []))[1].append(item)
+        if dry_run:
+            return Outcome(judge=judge.name, folder=folder, calls=len(todo), cached=cached,
+                           rates=[], verdicts={})
+        lock = threading.Lock()
+        bar = runs.progress(desc=f"judging ({judge.name})", unit="verdict", total=len(todo),
+                            enabled=None if show_progress else False)
+
+        def one(key: str):
+            p, answered = todo[key]
+            v = ask(judge, p)
+            if v.passed is not None:
+                store.put(key, v)
+            with lock:
+                for item in answered:
+                    verdicts.setdefault(item.group, {})[item.entity] = v
+                bar.update()
+
+        try:
+            if concurrency <= 1:
+                for key in todo:
+                    one(key)
+            else:
+                with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+                    for f in [pool.submit(one, key) for key in todo]:
+                        f.result()
+        finally:
+            bar.close()
+        rates = _write(run, found, judge, verdicts, folder, calls=len(todo), cached=cached)
+        return Outcome(judge=judge.name, folder=folder, calls=len(todo), cached=cached, rates=rates,
+                       verdicts=verdicts)
+    finally:
+        run.close()
+
+
+def _rate(passed: int, n: int) -> float | None:
+    return passed / n if n else None
+
+
+def _write(run: runs.RunFolder, found: Sequence[Item], judge: Judge, verdicts: Mapping[str, Mapping[str, Verdict]],
+           folder: Path, *, calls: int, cached: int) -> list[dict]:
+    rel = folder.relative_to(run.path).as_posix()
+    groups: dict[str, list[Item]] = {}
+    for item in sorted(found, key=lambda it: EXPERIMENTS.index(it.experiment) if it.experiment in EXPERIMENTS
+                       else len(EXPERIMENTS)):  # the study's order; within one experiment, the cells' order
+        groups.setdefault(item.group, []).append(item)
+    rates = []
+    for group, members in groups.items():
+        first = members[0]
+        applicable = judge.properties is None or first.property in judge.properties
+        mine = verdicts.get(group, {})
+        rows = [{"entity_id": it.entity, "pass": "" if v.passed is None else int(v.passed), "reason": v.reason,
+                 "model": judge.name, "input_tokens": v.input_tokens, "output_tokens": v.output_tokens}
+                for it in members if (v := mine.get(it.entity)) is not None]
+        if applicable:
+            run.write_derived(f"{rel}/{group}", rows_to_csv(rows, VERDICT_COLUMNS))
+        judged = [(it, mine[it.entity]) for it in members if it.entity in mine and mine[it.entity].passed is not None]
+        metric = [it for it in members if not it.excluded and it.metric is not None]
+        both = [(it.metric, v.passed) for it, v in judged if it.metric is not None]
+        agreement = kappa_and_agreement(both)
+        rates.append({
+            "experiment": first.experiment, "property": first.property, "kind": first.kind, "setting": first.setting,
+            "rows": len(members), "excluded": sum(it.excluded for it in members),
+            "not_applicable": 0 if applicable else sum(not it.excluded for it in members),
+            "not_asked": sum(applicable and not it.excluded and it.entity not in mine for it in members),
+            "errors": sum(v.status == "error" for v in mine.values()),
+            "unparseable": sum(v.status == "unparseable" for v in mine.values()),
+            "judged": len(judged), "passed": sum(v.passed for _, v in judged),
+            "judge_rate": _rate(sum(v.passed for _, v in judged), len(judged)),
+            "metric_n": len(metric), "metric_passed": sum(it.metric for it in metric),
+            "metric_rate": _rate(sum(it.metric for it in metric), len(metric)),
+            "both": len(both), "agreement": agreement["agreement"], "kappa": agreement["kappa"],
+            "file": group if applicable else "",
+        })
+    run.write_derived(f"{rel}/pass-rates.csv", rows_to_csv(rates))
+    totals = {k: sum(r[k] for r in rates) for k in ("rows", "excluded", "not_applicable", "not_asked", "errors",
+                                                     "unparseable", "judged", "passed")}
+    run.write_derived(f"{rel}/summary.json", runs.canonical_json(
+        {"judge": judge.name, "calls": calls, "cached": cached, **totals}, indent=2) + "\n")
+    pairs = [(it.metric, v.passed) for it in found if (v := verdicts.get(it.group, {}).get(it.entity)) is not None
+             and v.passed is not None and it.metric is not None and not it.excluded]
+    _report(run, judge.name, rel, rates, totals, kappa_and_agreement(pairs))
+    return rates
+
+
+def _report(run: runs.RunFolder, name: str, rel: str, rates: Sequence[Mapping], totals: Mapping,
+            overall: Mapping) -> Path:
+    columns = ["experiment", "property", "kind", "setting", "rows", "excluded", "not_asked", "errors", "unparseable",
+               "judged", "passed", "judge_rate", "metric_rate", "both", "agreement", "kappa"]
+    pct = {"judge_rate": "{:.1%}", "metric_rate": "{:.1%}", "agreement": "{:.1%}", "kappa": "{:.3f}"}
+    sections = [report.Section("Judge", [report.Text(
+        f"Judge: {name}. Every judged row of the run folder, scored with one yes/no question over its bundle of "
+        f"labelled images. Rows: {totals['rows']}; excluded by the relative rule (the baseline edit already misses "
+        f"the property): {totals['excluded']}; not scored by this judge: {totals['not_applicable']}; not asked "
+        f"(left out by --select or --limit): {totals['not_asked']}; errors: "
+        f"{totals['errors']}; unparseable answers: {totals['unparseable']}; judged: {totals['judged']}, of which "
+        f"{totals['passed']} passed.\n\nErrors and unparseable answers are left out of the rates. The metric's rate "
+        "is the automatic verdict of the same rows; agreement and Cohen's kappa are over the rows both scored "
+        f"(kappa is empty when both are constant). Overall, on the {overall['n']} rows both scored: agreement "
+        f"{_fmt(overall['agreement'], '.1%')}, kappa {_fmt(overall['kappa'], '.3f')}.\n\n"
+        f"Verdict files: {rel}/<experiment>/<property>-<kind>/<setting>.csv.")])]
+    for experiment in dict.fromkeys(r["experiment"] for r in rates):
+        mine = [r for r in rates if r["experiment"] == experiment]
+        sections.append(report.Section(f"{experiment}: judge and metric per setting", [
+            report.Table(title=f"{experiment}", columns=columns, rows=mine, formats=pct)]))
+    code = json.loads((run.path / runs.CODE_VERSION_FILE).read_text())
+    return run.write_derived(f"{JUDGE_DIR}-{judge_slug(name)}.html",
+                             report.render_html(run.path, f"Judge verdicts: {name}", sections, code=code))
+
+
+# ---------------------------------------------------------------------------------------------
+# agreement
+
+
+def kappa_and_agreement(pairs: Sequence[tuple[bool, bool]]) -> dict[str, Any]:
+    """Raw agreement and Cohen's kappa of paired binary verdicts (kappa None when both raters are
+    constant and equal, where chance agreement is 1 and kappa is undefined; None for no pairs)."""
+    n = len(pairs)
+    if n == 0:
+        return {"n": 0, "agreement": None, "kappa": None}
+    po = sum(a == b for a, b in pairs) / n
+    pa, pb = sum(a for a, _ in pairs) / n, sum(b for _, b in pairs) / n
+    pe = pa * pb + (1 - pa) * (1 - pb)
+    kappa = None if math.isclose(pe, 1.0) else (po - pe) / (1 - pe)
+    return {"n": n, "agreement": po, "kappa": kappa}
+
+
+def read_verdicts(run_path: str | os.PathLike, who: str) -> dict[tuple[str, str], bool]:
+    """(verdict file, entity) -> pass, for a judge's verdict files in the run folder or, for
+    who == "metric", the rows' own automatic verdicts (excluded rows left out)."""
+    run_path = Path(run_path).resolve()
+    if who == METRIC:
+        return {(it.group, it.entity): it.metric for it in items(run_path) if not it.excluded and it.metric is not None}
+    folder = run_path / JUDGE_DIR / judge_slug(judges.name_of(who))
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no verdicts of {who} in {run_path}: run python -m experiments.judge {run_path} "
+                                f"--judge {who} first")
+    out = {}
+    for path in sorted(folder.rglob("*.csv")):
+        if path.name == "pass-rates.csv":
+            continue
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row["pass"] in ("0", "1"):
+                    out[(path.relative_to(folder).as_posix(), row["entity_id"])] = row["pass"] == "1"
+    return out
+
+
+def agreement(run_path: str | os.PathLike, a: str, b: str) -> dict[str, Any]:
+    """Agreement and kappa between two judges (or a judge and "metric") per verdict file and overall,
+    on the entities both scored."""
+    va, vb = read_verdicts(run_path, a), read_verdicts(run_path, b)
+    shared = sorted(va.keys() & vb.keys())
+    per_file: dict[str, list[tuple[bool, bool]]] = {}
+    for key in shared:
+        per_file.setdefault(key[0], []).append((va[key], vb[key]))
+    return {"a": a, "b": b, "n_a": len(va), "n_b": len(vb),
+            "files": [{"file": f, **kappa_and_agreement(p)} for f, p in per_file.items()],
+            "overall": kappa_and_agreement([(va[k], vb[k]) for k in shared]),
+            "disagreements": [{"file": k[0], "entity": k[1], a: va[k], b: vb[k]} for k in shared if va[k] != vb[k]]}
+
+
+def _fmt(x: float | None, f: str) -> str:
+    return "n/a" if x is None else format(x, f)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _score_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.judge", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="the run folder to score")
+    p.add_argument("--judge", required=True, help="anthropic:MODEL, openai:MODEL@URL, hf:PATH or colour")
+    p.add_argument("--questions", default=None, help="a JSON file of questions replacing the project's own")
+    p.add_argument("--cache", default=None, help="the verdict cache folder (default: RUN/judge/cache)")
+    p.add_argument("--concurrency", type=int, default=4, help="judge calls in flight at once (default 4)")
+    p.add_argument("--attempts", type=int, default=judges.Retry.attempts, help="calls per question on rate limits "
+                   "and server errors, the first included")
+    p.add_argument("--max-tokens", type=int, default=judges.MAX_TOKENS, help="the answer's token budget")
+    p.add_argument("--select", nargs="+", default=(), metavar="GLOB",
+                   help="judge only the rows whose experiment/property-kind/setting matches one of these "
+                        "(e.g. 'knockout/*/ref->text @ all' 'lens/colour-present/*')")
+    p.add_argument("--limit", type=int, default=None, help="at most this many rows per setting (a smoke test)")
+    p.add_argument("--dry-run", action="store_true", help="print the number of judge calls needed, make none")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    questions = QUESTIONS if args.questions is None else load_questions(args.questions)
+    try:
+        judge = judges.make_judge(args.judge, retry=judges.Retry(attempts=args.attempts), max_tokens=args.max_tokens)
+        concurrency = 1 if isinstance(judge, (judges.HFJudge, judges.ColourJudge)) else args.concurrency
+        out = score(args.run, judge, questions=questions, cache=args.cache, concurrency=concurrency,
+                    patterns=args.select, limit=args.limit, dry_run=args.dry_run,
+                    show_progress=not args.no_progress, argv=["experiments.judge", *argv])
+    except (ContractError, JudgeAuthError, runs.RunError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"{out.judge}: {out.calls} calls to make, {out.cached} verdicts in the cache")
+        return 0
+    print(f"{out.judge}: {out.calls} calls, {out.cached} verdicts from the cache; verdicts in {out.folder}")
+    for r in out.rates:
+        print(f"  {r['experiment']:<9} {r['property'] + '-' + r['kind']:<21} {r['setting']:<32} judge "
+              f"{_fmt(r['judge_rate'], '.1%'):>6} (n={r['judged']}, errors {r['errors']}, unparseable "
+              f"{r['unparseable']}, excluded {r['excluded']})  metric {_fmt(r['metric_rate'], '.1%'):>6}")
+    return 0
+
+
+def _agree_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.judge agree",
+                                description="Agreement and Cohen's kappa between two judges' verdicts on one run "
+                                            "folder; 'metric' names the rows' automatic verdicts.")
+    p.add_argument("run")
+    p.add_argument("a", help="a judge spec (as given to --judge) or 'metric'")
+    p.add_argument("b", help="a judge spec or 'metric'")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+    try:
+        result = agreement(args.run, args.a, args.b)
+    except (ContractError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for f in result["files"]:
+        print(f"  {f['file']:<60} n={f['n']:<5} agreement {_fmt(f['agreement'], '.1%'):>6} "
+              f"kappa {_fmt(f['kappa'], '.3f')}")
+    o = result["overall"]
+    print(f"overall: {o['n']} shared verdicts, agreement {_fmt(o['agreement'], '.1%')}, "
+          f"kappa {_fmt(o['kappa'], '.3f')} ({args.a} vs {args.b})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["agree"]:
+        return _agree_main(argv[1:])
+    return _score_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

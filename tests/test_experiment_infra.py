@@ -1,4 +1,4 @@
-"""The experiments' infrastructure: tasks, run folders, metrics, judge, grids and reports."""
+"""The experiments' infrastructure: tasks, run folders, metrics, grids and reports."""
 
 import itertools
 import json
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import grids, judge, report, runs, tasks
+from experiments import grids, report, runs, tasks
 from fluxjax import files, metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -525,38 +525,6 @@ def test_pass_rates_as_csv(tmp_path):
     assert rows[1] == "ref->text,colour lost,15.0000,3,2,0.6667"
     with pytest.raises(TypeError, match="must be a bool"):
         metrics.pass_rates([{"setting": "s", "pass": 1}], criterion="c", threshold=None)
-
-
-# ---------------------------------------------------------------------------------------------
-# judge
-
-
-def test_a_fake_judge_plugs_in():
-    calls = []
-
-    def colour_judge(question, images):  # stands in for a VLM client
-        calls.append((question, [label for label, _ in images]))
-        reference, _, lens = (np.asarray(im) for _, im in images)
-        return metrics.colour_error(lens, metrics.reference_colour(reference)) <= metrics.COLOUR_MATCH_DE00
-
-    assert isinstance(colour_judge, judge.Judge)
-    q = judge.QUESTIONS["lens_colour_present"]
-    red = Image.fromarray(tasks.flat_image(tasks.COLOURS["red"], 32))
-    red_ball = np.full((32, 32, 3), 240, np.uint8)
-    red_ball[8:24, 8:24] = tasks.COLOURS["red"]
-    blue_ball = red_ball.copy()
-    blue_ball[8:24, 8:24] = tasks.COLOURS["blue"]
-    verdicts = judge.ask_all(colour_judge, q, [(red, Image.fromarray(blue_ball), Image.fromarray(red_ball)),
-                                               (red, Image.fromarray(red_ball), Image.fromarray(blue_ball))])
-    assert verdicts == [True, False]
-    assert calls[0] == (q.question, list(q.labels)) and q.labels[0].startswith("Image 1: ")
-    with pytest.raises(ValueError, match="about 3 images"):
-        judge.ask(colour_judge, q, [red])
-    with pytest.raises(TypeError, match="True or False"):
-        judge.ask(lambda question, images: "yes", q, [red, red, red])
-    for question in judge.QUESTIONS.values():  # each asks about the intervened (last) image, and only
-        mentioned = {int(n) for n in re.findall(r"Image (\d)", question.question)}  # about images shown
-        assert len(question.labels) in mentioned and mentioned <= set(range(1, len(question.labels) + 1))
 
 
 # ---------------------------------------------------------------------------------------------
