@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import judges, report, runs
-from experiments.common import slug
+from experiments.cli import slug
 from experiments.judge_questions import (EXPERIMENTS, KINDS_OF, PROPERTIES, QUESTIONS, SYSTEM,  # noqa: F401
                                         ContractError, Question, Questions, load_questions, parse_answer)
 from experiments.judges import IMAGES_PER_KIND, ImageFile, Judge, JudgeAuthError, JudgeError, Prompt

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import common, judge, judges, runs
+from experiments import cli, judge, judges, runs
 from experiments.tasks import flat_image
 from fluxjax import metrics
 
@@ -207,12 +207,12 @@ def test_colour_judge_reproduces_the_metric_exactly(tmp_path):
     assert result["overall"]["agreement"] == 1.0 and result["overall"]["kappa"] == 1.0
     assert result["disagreements"] == []
     files = verdict_files(out.folder)
-    slug = common.slug
+    slug = cli.slug
     assert set(files) == {f"lens/colour-present/{slug('lens b3')}.csv",
                           f"knockout/colour-lost/{slug('ref->text @ all')}.csv",
                           f"knockout/colour-kept/{slug('ref->image @ all')}.csv",
                           f"patching/colour-transferred/{slug('all b3')}.csv"}
-    rows = files[f"patching/colour-transferred/{common.slug('all b3')}.csv"]
+    rows = files[f"patching/colour-transferred/{cli.slug('all b3')}.csv"]
     assert list(rows[0]) == list(judge.VERDICT_COLUMNS)
     assert sorted(r["entity_id"] for r in rows) == sorted(f"{s}__{t}" for s, t, _ in PAIRS)
     assert all(r["model"] == "colour" and r["pass"] in ("0", "1") for rs in files.values() for r in rs)
@@ -570,9 +570,6 @@ def test_a_killed_judging_run_resumes(server, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=judge.ContractError,
-                   reason="the experiments do not yet record the judge contract (experiment, property, judge, "
-                          "bundle, pass, pass_absolute per row); remove this marker once they do")
 def test_colour_judge_reproduces_the_main_jobs_metric(tmp_path):
     """On the committed organisms' main-job run folders, the colour metric wrapped as a judge gives
     the metric's own verdict on every judged row, so its pass rates are the metric's exactly and
