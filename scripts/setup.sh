@@ -13,5 +13,5 @@ fi
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q "torch==2.13.0"
-"$venv/bin/python" -m pip install -q -e "$root[reference,experiments,test]"
+"$venv/bin/python" -m pip install -q -e "$root[reference,experiments,judge,test]"
 echo "$want" > "$stamp"
