@@ -86,7 +86,7 @@ def example_interventions(config, layout, rng, dtype=jnp.float32):
 
 def jax_program(config, capture):
     def fwd(params, img, txt, t, img_ids, txt_ids, iv):
-        return fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids, interventions=iv, capture=capture)
+        return fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids, interventions=iv, capture=capture)[0]
 
     return jax.jit(fwd)
 

@@ -132,11 +132,12 @@ def fluxjax_calls(params, setup: Setup, txt, noise, refs, sigmas):
     options = fluxjax.SamplerOptions(num_steps=STEPS, guidance="none")
     model_in = jnp.concatenate([noise, refs], axis=1)
     t = jnp.full((1,), 0.5, noise.dtype)
-    fwd = jax.jit(lambda p, x, c, t: fluxjax.forward(p, config, x, c, t, img_ids, txt_ids, attn_impl=setup.attn_impl))
+    fwd = jax.jit(lambda p, x, c, t: fluxjax.forward(p, config, x, c, t, img_ids, txt_ids,
+                                                     attn_impl=setup.attn_impl)[0])
 
     def sample():
         return jax.block_until_ready(fluxjax.sample(params, config, options, txt, txt_ids, img_ids, noise=noise,
-                                                    refs=refs, sigmas=sigmas, attn_impl=setup.attn_impl))
+                                                    refs=refs, sigmas=sigmas, attn_impl=setup.attn_impl)[0])
 
     def forward():
         return jax.block_until_ready(fwd(params, model_in, txt, t))
@@ -277,7 +278,7 @@ def intervention_rows(params, setup: Setup, host, reps: int, say) -> dict:
     knock = fluxjax.Interventions(knockout=fluxjax.knockout(config, layout, content_mask(layout), "ref->text"))
 
     def fwd(p, x, c, t, iv):
-        return fluxjax.forward(p, config, x, c, t, img_ids, txt_ids, interventions=iv, attn_impl=setup.attn_impl)
+        return fluxjax.forward(p, config, x, c, t, img_ids, txt_ids, interventions=iv, attn_impl=setup.attn_impl)[0]
 
     rows, fns = {}, {}
     for name, iv in (("plain", None), ("knockout ref->text", knock)):
@@ -320,7 +321,7 @@ def parity(model, params, setup: Setup, host, sigmas, device, say) -> dict:
     def ours(iv):
         return np.asarray(jax.jit(lambda p: fluxjax.forward(
             p, config, model_in, jx["txt"], jnp.full((1,), t, dtype), img_ids, txt_ids, interventions=iv,
-            attn_impl=setup.attn_impl))(params), np.float32)
+            attn_impl=setup.attn_impl)[0])(params), np.float32)
 
     @torch.no_grad()
     def theirs(**kwargs):
@@ -524,7 +525,7 @@ def check_shapes(setup: Setup) -> dict:
     options = fluxjax.SamplerOptions(num_steps=STEPS, guidance="none")
     sigmas = flux2_sigmas(layout.n_img, STEPS)
     out = jax.eval_shape(lambda p, c, n, r: fluxjax.sample(p, config, options, c, layout.txt_ids(), layout.img_ids(),
-                                                           noise=n, refs=r, sigmas=sigmas), params, txt, noise, refs)
+                                                           noise=n, refs=r, sigmas=sigmas)[0], params, txt, noise, refs)
     assert out.shape == noise.shape and out.dtype == dtype, out
     nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
 

@@ -69,14 +69,7 @@ def forward_flops(config: fluxjax.Flux2Config, layout: fluxjax.TokenLayout, drop
 
 
 def random_params(config, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def draw(path, sds):
-        z = rng.standard_normal(sds.shape).astype(np.float32)
-        is_norm = any(getattr(k, "name", None) in ("query_norm", "key_norm") for k in path)
-        return jnp.asarray(1 + 0.1 * z if is_norm else z / np.sqrt(sds.shape[-2], dtype=np.float32))
-
-    return jax.tree_util.tree_map_with_path(draw, fluxjax.param_shapes(config))
+    return fluxjax.init_params(config, jax.random.key(seed))
 
 
 def main(argv=None):
@@ -120,7 +113,7 @@ def main(argv=None):
     value = jnp.asarray(rng.standard_normal((1, layout.n_txt, config.hidden_size), np.float32))
 
     def fwd(params, img, txt, t, iv):
-        return fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids, interventions=iv)
+        return fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids, interventions=iv)[0]
 
     def sweep(params, img, txt, t, ivs):
         return jax.vmap(lambda iv: fwd(params, img, txt, t, iv))(ivs)
