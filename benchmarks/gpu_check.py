@@ -167,16 +167,22 @@ def diffusers_model(config, torch_dtype, device, seed: int = 0):
     `torch_dtype` (no full-precision copy ever exists), filled like `fluxjax_params`."""
     import torch
 
-    model = meta_model(config, torch_dtype).to_empty(device=device).eval()
+    return randomized(meta_model(config, torch_dtype).to_empty(device=device).eval(), device, seed)
+
+
+def randomized(module, device, seed: int):
+    """`module` with every weight drawn on `device`: vectors 1 + N(0, 0.1^2), matrices N(0, 1/fan_in)."""
+    import torch
+
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for _, p in model.named_parameters():
+        for p in module.parameters():
             p.normal_(generator=g)
             if p.ndim == 1:
                 p.mul_(0.1).add_(1.0)
             else:
                 p.mul_(p.shape[1] ** -0.5)
-    return model
+    return module
 
 
 def diffusers_calls(model, setup: Setup, txt, noise, refs, sigmas, device):
@@ -366,16 +372,7 @@ def build_real_folder(path, device, seed: int = 0) -> str:
                 module = make()
         finally:
             torch.set_default_dtype(default)
-        module = module.to_empty(device=device).eval()
-        g = torch.Generator(device=device).manual_seed(seed)
-        with torch.no_grad():
-            for p in module.parameters():
-                p.normal_(generator=g)
-                if p.ndim == 1:
-                    p.mul_(0.1).add_(1.0)
-                else:
-                    p.mul_(p.shape[1] ** -0.5)
-        return module
+        return randomized(module.to_empty(device=device).eval(), device, seed)
 
     transformer = diffusers_model(fluxjax.FLUX2_KLEIN_9B, torch.bfloat16, device, seed)
     vae = AutoencoderKLFlux2().to(device=device, dtype=torch.bfloat16).eval()

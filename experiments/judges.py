@@ -207,6 +207,15 @@ class _ApiJudge:
             raise type(e)(_scrub(str(e), self._secrets)) from None
 
 
+def _interleaved(prompt: Prompt, image_part) -> list[dict]:
+    """A message's content parts: each image's label then the image (`image_part`, the service's
+    form of it), then the question."""
+    content: list[dict] = []
+    for image in prompt.images:
+        content += [{"type": "text", "text": image.label}, image_part(image)]
+    return content + [{"type": "text", "text": prompt.question}]
+
+
 class AnthropicJudge(_ApiJudge):
     service, key_variable = "Anthropic API", "ANTHROPIC_API_KEY"
 
@@ -222,12 +231,8 @@ class AnthropicJudge(_ApiJudge):
         self._client = anthropic.Anthropic(api_key=key, base_url=base_url, max_retries=0, timeout=timeout)
 
     def _once(self, prompt: Prompt) -> Reply:
-        content: list[dict] = []
-        for image in prompt.images:
-            content.append({"type": "text", "text": image.label})
-            content.append({"type": "image", "source": {"type": "base64", "media_type": image.media_type,
-                                                        "data": image.base64()}})
-        content.append({"type": "text", "text": prompt.question})
+        content = _interleaved(prompt, lambda image: {
+            "type": "image", "source": {"type": "base64", "media_type": image.media_type, "data": image.base64()}})
         r = self._client.messages.create(model=self.model, max_tokens=self.max_tokens, system=prompt.system,
                                          messages=[{"role": "user", "content": content}])
         text = "".join(block.text for block in r.content if block.type == "text")
@@ -247,12 +252,8 @@ class OpenAIJudge(_ApiJudge):
         self._client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=timeout)
 
     def _once(self, prompt: Prompt) -> Reply:
-        content: list[dict] = []
-        for image in prompt.images:
-            content.append({"type": "text", "text": image.label})
-            content.append({"type": "image_url",
-                            "image_url": {"url": f"data:{image.media_type};base64,{image.base64()}"}})
-        content.append({"type": "text", "text": prompt.question})
+        content = _interleaved(prompt, lambda image: {
+            "type": "image_url", "image_url": {"url": f"data:{image.media_type};base64,{image.base64()}"}})
         r = self._client.chat.completions.create(
             model=self.model, max_tokens=self.max_tokens,
             messages=[{"role": "system", "content": prompt.system}, {"role": "user", "content": content}])
