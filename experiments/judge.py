@@ -153,16 +153,18 @@ def items(run_path: Path) -> list[Item]:
     """The judged rows of every complete cell, in cell order; ContractError when rows lack the
     fields a judge needs (e.g. a folder written before the experiments recorded them)."""
     view = runs.RunFolder(path=Path(run_path), config={}, resumed=True)  # read only: no lock needed
-    rows = [r for cell in view.cells() for r in cell.record().get("rows", [])]
+    # (the cells' prefix, row): one folder may hold an experiment under several prefixes (run_all's
+    # `lens` sweep and its study lens, `study-lens`); their settings are told apart by the prefix
+    rows = [(cell.key.split("/")[0], r) for cell in view.cells() for r in cell.record().get("rows", [])]
     if not rows:
         raise ContractError(f"{run_path} holds no complete cell with metrics rows; run an experiment first")
-    if not any("judge" in r for r in rows) or not any("bundle" in r for r in rows):
+    if not any("judge" in r for _, r in rows) or not any("bundle" in r for _, r in rows):
         raise ContractError(
             f"the rows of {run_path} carry no 'judge' or 'bundle' field: the folder was written by experiments "
             "that predate the judge contract (experiment, property, judge, bundle, pass, pass_absolute per row). "
             "Rerun the experiments with the current code into a new run folder.")
     out, seen = [], set()
-    for r in rows:
+    for prefix, r in rows:
         if r.get("judge") is None:
             continue  # a control row: not judged
         absent = [k for k in REQUIRED if k not in r]
@@ -175,7 +177,8 @@ def items(run_path: Path) -> list[Item]:
         if len(bundle) != IMAGES_PER_KIND[kind]:
             raise ContractError(f"row {_show(r)}: a {kind!r} bundle holds {IMAGES_PER_KIND[kind]} images, "
                                 f"got {len(bundle)}")
-        item = Item(experiment=str(experiment), property=str(r["property"]), kind=kind, setting=str(r["setting"]),
+        setting = str(r["setting"]) if prefix == experiment else f"{prefix} {r['setting']}"
+        item = Item(experiment=str(experiment), property=str(r["property"]), kind=kind, setting=setting,
                     entity=_entity(r), bundle=bundle, metric=None if r["pass"] is None else bool(r["pass"]),
                     excluded=r["pass"] is None and r["pass_absolute"] is not None)
         if (item.group, item.entity) in seen:
