@@ -578,7 +578,7 @@ def test_colour_judge_reproduces_the_main_jobs_metric(tmp_path):
 
     out = tmp_path / "main"
     assert run_all.main(["--model", "direct,text-routed", "--colours", "red,blue", "--objects", "circle",
-                         "--blocks", "1", "--no-progress", "--out", str(out)]) == 0
+                         "--blocks", "3", "--no-progress", "--out", str(out)]) == 0
     for name in ("direct", "text-routed"):
         run_path = out / name
         result = judge.score(run_path, judges.ColourJudge())
