@@ -67,8 +67,14 @@ def cases(quick: bool) -> list[Case]:
     deep = dataclasses.replace(k9, hidden_size=256, num_heads=2, context_in_dim=768)
     deep_grid = (8, 8) if quick else (16, 16)
     n_txt = 128 if quick else 512
-    return [Case("mid", mid, fluxjax.TokenLayout(n_txt, grid, (grid,))),
-            Case("deep", deep, fluxjax.TokenLayout(n_txt, deep_grid, (deep_grid,)), interventions=True)]
+    out = [Case("mid", mid, fluxjax.TokenLayout(n_txt, grid, (grid,))),
+           Case("deep", deep, fluxjax.TokenLayout(n_txt, deep_grid, (deep_grid,)), interventions=True)]
+    if not quick:
+        # A shape nothing was tuned on: hidden 768 (6 heads), 1,952 tokens (512 + 720 + 720).
+        held = dataclasses.replace(k9, hidden_size=768, num_heads=6, context_in_dim=2304, depth=3,
+                                   depth_single_blocks=6)
+        out.append(Case("held-out", held, fluxjax.TokenLayout(n_txt, (24, 30), ((24, 30),))))
+    return out
 
 
 def example_interventions(config, layout, rng, dtype=jnp.float32):

@@ -84,3 +84,22 @@ def test_real_readers_work_here():
     assert out == sum(range(10000)) and wall >= 0
     side = g.verdict()["sides"]["sum"]
     assert side["calls"] == 1 and side["others_share"] >= 0
+
+
+def test_components_benchmark_runs_and_reads_xla_dot_types(tmp_path):
+    """The per-component benchmark end to end at a tiny shape (figures flagged, not a result), and
+    its reading of the element type XLA:CPU computes a bf16 dot in."""
+    import json
+
+    from benchmarks import components
+
+    stem = tmp_path / "components"
+    assert components.main(["--hidden", "64", "--heads", "1", "--text", "8", "--image", "8", "--ref", "8",
+                            "--layers", "2", "--reps", "1", "--allow-busy", "--wait-quiet", "0", "--out", str(stem)]) == 0
+    record = json.loads(stem.with_suffix(".json").read_text())
+    components_seen = {r["component"] for r in record["rows"]}
+    assert {"dense fp32", "dense bf16", "attention", "elementwise"} <= components_seen
+    assert all(r["median_s"] > 0 for r in record["rows"])
+    types = record["notes"]["bf16 dot element types in XLA:CPU's optimised program"]
+    assert types and set(types) <= {"bf16", "f32"}
+    assert components.bf16_dot_types("%d = f32[4,8]{1,0} dot(%a, %b)\n%e = bf16[2]{0} dot(%c, %d)") == {"bf16": 1, "f32": 1}
