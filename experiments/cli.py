@@ -115,9 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
     g.add_argument("--steps", type=int, default=None,
                    help="denoising steps of every edit (default: the model's; 4 for [klein] distilled)")
     g.add_argument("--chunk", type=int, default=None,
-                   help=f"sweep cells per vmapped compiled call (default {models.TINY_CHUNK} for organisms, "
-                        f"{models.FOLDER_CHUNK} for a model folder; 0: a whole sweep at once; lower it if "
-                        f"memory runs out)")
+                   help=f"sweep cells per vmapped compiled call (default {models.TINY_CHUNK} for organisms; for a "
+                        f"model folder as many as the accelerator's free memory holds, {models.FOLDER_CHUNK} on "
+                        f"CPU; 0: a whole sweep at once)")
     g.add_argument("--attn-impl", choices=("xla", "blocked", "cudnn", "pallas"), default=None,
                    help="attention implementation (default: measured per backend, see docs/attention.md: "
                         "'blocked' on CPU, 'cudnn' on GPU, 'pallas' on TPU)")
@@ -215,7 +215,8 @@ def sampler_options(model, steps: int | None):
     return model.options if steps is None else dataclasses.replace(model.options, num_steps=int(steps))
 
 
-def chunk_size(args: argparse.Namespace) -> int | None:
+def chunk_size(args: argparse.Namespace):
+    """Cells per sweep call: an int, None (a whole sweep) or `experiments.sweep.AutoChunk`."""
     if args.chunk is None:
         return models.default_chunk(models.kind(args.model))
     if args.chunk < 0:
@@ -235,7 +236,11 @@ def base_config(args: argparse.Namespace, model, model_record: Mapping) -> dict:
     return {"model": dict(model_record), "tasks": task_spec(args),
             "sampler": {"num_steps": options.num_steps, "guidance": options.guidance,
                         "guidance_scale": options.guidance_scale},
-            "chunk": chunk_size(args), "attn_impl": args.attn_impl}
+            "chunk": _chunk_record(chunk_size(args)), "attn_impl": args.attn_impl}
+
+
+def _chunk_record(chunk):
+    return chunk if chunk is None or isinstance(chunk, int) else f"auto (fallback {chunk.fallback})"
 
 
 def open_run_folder(out: str, config: Mapping) -> runs.RunFolder:

@@ -87,8 +87,9 @@ class Context:
         from experiments import sweep
 
         options = options or self.options
-        out = sweep.sweep(self.model, edit, options, cells, chunk=self.chunk, attn_impl=self.attn_impl)
-        size = len(cells) if self.chunk is None else min(self.chunk, len(cells))
+        chunk = sweep.fitting_chunk(self.model, edit, options, cells, self.chunk, self.attn_impl)
+        out = sweep.sweep(self.model, edit, options, cells, chunk=chunk, attn_impl=self.attn_impl)
+        size = len(cells) if chunk is None else min(chunk, len(cells))
         self._advance(options, -(-len(cells) // size))
         return out
 

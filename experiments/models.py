@@ -23,8 +23,8 @@ from experiments import tasks as tasklib
 
 DEFAULT_MODEL = "text-routed"
 REAL_SIZE = 1024  # the study's size
-# Sweep cells per vmapped compiled call: all of an organism's sweep at once; two for a model folder,
-# as a 1024 x 1024 klein-9B cell with a knockout mask holds about 10 GB of attention logits ('xla').
+# Sweep cells per vmapped compiled call: all of an organism's sweep at once; for a model folder as many
+# as the accelerator's memory holds (measured per program), two where the device reports no memory (CPU).
 TINY_CHUNK, FOLDER_CHUNK = 8, 2
 
 
@@ -67,8 +67,12 @@ def default_size(model_kind: str) -> int:
     return REAL_SIZE
 
 
-def default_chunk(model_kind: str) -> int:
-    return FOLDER_CHUNK if model_kind == "folder" else TINY_CHUNK
+def default_chunk(model_kind: str):
+    """Organisms: all of a sweep's cells at once. A model folder: as many cells per call as the
+    accelerator's free memory holds (`experiments.sweep.AutoChunk`), FOLDER_CHUNK on a CPU."""
+    from experiments.sweep import AutoChunk
+
+    return AutoChunk(fallback=FOLDER_CHUNK) if model_kind == "folder" else TINY_CHUNK
 
 
 def load(args: argparse.Namespace):

@@ -103,13 +103,77 @@ def _sample_many(params, txt, txt_ids, img_ids, noise, refs, uncond, interventio
     return jax.vmap(one)(interventions)
 
 
+MEMORY_HEADROOM = 0.8  # share of the device's free memory a chunk's program may plan to use (the VAE decode,
+#                        fragmentation and XLA's own estimates take the rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoChunk:
+    """Chunk size chosen from the device's free memory (`fitting_chunk`); `fallback` cells per call
+    where the device does not report its memory (CPU)."""
+    fallback: int
+
+
+def device_free_bytes(device=None) -> int | None:
+    """Bytes the device can still allocate, or None where it does not say (XLA:CPU)."""
+    stats = (device or jax.devices()[0]).memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
+def cells_that_fit(program_bytes, free_bytes: int, n_cells: int, headroom: float = MEMORY_HEADROOM) -> int:
+    """The most cells per call (1 to n_cells) whose program fits in `headroom` of `free_bytes`.
+
+    program_bytes(v): the compiled program's temporaries + outputs for v cells. The cost per cell
+    is read from v = 1 and v = 2 (XLA plans memory per program, so it is linear in v but for a
+    fixed part)."""
+    one, two = program_bytes(1), program_bytes(2)
+    per_cell = max(two - one, 1)
+    fixed = one - per_cell
+    return int(max(1, min(n_cells, (headroom * free_bytes - fixed) // per_cell)))
+
+
+_FITTED: dict = {}
+
+
+def fitting_chunk(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence[Interventions],
+                  chunk, attn_impl: str | None = None, free_bytes: int | None = None) -> int | None:
+    """Cells per call for `sweep`: an int or None as given, or for an `AutoChunk` the most cells whose
+    compiled program fits in the device's free memory (each structure and shape measured once, by
+    compiling the program for one and two cells and reading XLA's memory plan)."""
+    if not isinstance(chunk, AutoChunk):
+        return chunk
+    free = device_free_bytes() if free_bytes is None else free_bytes
+    if free is None:
+        return chunk.fallback
+    model = backend(model)
+    cells = [model.with_cuts(edit.layout, edit.content_mask, iv) for iv in cells]
+    structure = jax.tree.structure(cells[0])
+    key = (model.config, options, attn_impl, structure, edit.txt.shape, edit.noise.shape, len(cells), free,
+           tuple((a.shape, a.dtype) for a in jax.tree.leaves(cells[0])))
+    if key not in _FITTED:
+        def program_bytes(v):
+            compiled = _sample_many.lower(
+                model.params, edit.txt, jnp.asarray(edit.txt_ids), jnp.asarray(edit.layout.img_ids()), edit.noise,
+                edit.refs, edit.uncond, stack([cells[0]] * v), model.sigmas(options.num_steps), config=model.config,
+                options=options, attn_impl=attn_impl).compile()
+            mem = compiled.memory_analysis()
+            return int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
+
+        _FITTED[key] = cells_that_fit(program_bytes, free, len(cells))
+    return _FITTED[key]
+
+
 def sweep(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence[Interventions], *,
           chunk: int | None = None, attn_impl: str | None = None) -> np.ndarray:
     """Every cell's image, as vmapped calls of one compiled sampler: uint8 [V, H, W, 3].
 
     cells: interventions of one pytree structure (a sweep varies values only). chunk: cells per
-    call (None: all at once); bounds memory on large models.
+    call (None: all at once; an `AutoChunk`: as many as fit the device, `fitting_chunk`); bounds
+    memory on large models.
     """
+    chunk = fitting_chunk(model, edit, options, cells, chunk, attn_impl)
     model = backend(model)
     cells = [model.with_cuts(edit.layout, edit.content_mask, iv) for iv in cells]
     if not cells:

@@ -14,6 +14,7 @@ import json
 from html import escape as html_escape
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -276,6 +277,22 @@ def test_a_vmapped_block_sweep_equals_one_call_per_block(folder, cache):
     swept = sweep.sweep(model, target, options, cells)
     alone = np.stack([sweep.run(model, target, options, c)[0][0] for c in cells])
     assert np.abs(swept.astype(np.int16) - alone).max() <= PIXEL_TOL
+
+    # Cells per call chosen from the device's memory: XLA's plan for one and two cells, against a budget.
+    auto = sweep.AutoChunk(fallback=3)
+    if sweep.device_free_bytes() is None:  # XLA:CPU
+        assert sweep.fitting_chunk(model, target, options, cells, auto) == 3
+    assert sweep.fitting_chunk(model, target, options, cells, auto, free_bytes=1 << 40) == len(cells)
+    assert sweep.fitting_chunk(model, target, options, cells, auto, free_bytes=1) == 1
+    assert np.abs(sweep.sweep(model, target, options, cells, chunk=auto).astype(np.int16) - swept).max() <= PIXEL_TOL
+
+
+def test_cells_that_fit_reads_the_cost_per_cell_from_one_and_two_cells():
+    program_bytes = lambda v: 100 + 50 * v  # fixed 100 bytes, 50 per cell
+    assert sweep.cells_that_fit(program_bytes, free_bytes=1000, n_cells=64, headroom=0.8) == (800 - 100) // 50
+    assert sweep.cells_that_fit(program_bytes, free_bytes=1000, n_cells=5, headroom=0.8) == 5
+    assert sweep.cells_that_fit(program_bytes, free_bytes=10, n_cells=5, headroom=0.8) == 1
+    assert sweep.device_free_bytes(jax.devices("cpu")[0]) is None  # XLA:CPU reports no memory: the fallback
 
 
 def test_plain_sweep_run_equals_pipeline_generate(folder, cache):
