@@ -62,11 +62,12 @@ import numpy as np  # noqa: E402
 
 import fluxjax  # noqa: E402
 from benchmarks import common  # noqa: E402
+from benchmarks.gpu_models import build_real_folder, diffusers_model, fluxjax_params, meta_model, shared_params  # noqa: E402
+from benchmarks.gpu_rehearsal import STEPS, rehearsal  # noqa: E402
 from fluxjax.schedule import flux2_sigmas  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's data sheets.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H200 NVL": 835.0, "H200": 989.4}
-STEPS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,30 +103,6 @@ def peak_tflops(device_name: str) -> tuple[str, float] | None:
     return None
 
 
-# --- fluxjax -------------------------------------------------------------------------------------
-
-
-def _is_norm(path) -> bool:
-    return any(getattr(k, "name", None) in ("query_norm", "key_norm") for k in path)
-
-
-def fluxjax_params(config, dtype, seed: int = 0):
-    """Random params made on the default device, one leaf at a time, drawn directly in `dtype`
-    (as `init_params`: matrices N(0, 1/fan_in), norm weights 1 + N(0, 0.1^2)); peak memory is the
-    params plus one leaf's temporaries."""
-    shapes = fluxjax.param_shapes(config, dtype)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-
-    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-    def draw(key, shape, dt, norm):
-        z = jax.random.normal(key, shape, dt)
-        return 1 + 0.1 * z if norm else z * jnp.asarray(1 / math.sqrt(shape[-2]), dt)
-
-    out = [draw(k, s.shape, jnp.dtype(dtype), _is_norm(p)) for (p, s), k in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
 def fluxjax_calls(params, setup: Setup, txt, noise, refs, sigmas):
     config, layout = setup.config, setup.layout
     txt_ids, img_ids = jnp.asarray(layout.txt_ids()), jnp.asarray(layout.img_ids())
@@ -143,46 +120,6 @@ def fluxjax_calls(params, setup: Setup, txt, noise, refs, sigmas):
         return jax.block_until_ready(fwd(params, model_in, txt, t))
 
     return sample, forward
-
-
-# --- diffusers -----------------------------------------------------------------------------------
-
-
-def meta_model(config, torch_dtype):
-    """Flux2Transformer2DModel of `config` on the meta device (shapes only), parameters in `torch_dtype`."""
-    import torch
-    from diffusers import Flux2Transformer2DModel
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype)
-    try:
-        with torch.device("meta"):
-            return Flux2Transformer2DModel(**common.reference_helpers().diffusers_kwargs(config))
-    finally:
-        torch.set_default_dtype(default)
-
-
-def diffusers_model(config, torch_dtype, device, seed: int = 0):
-    """A Flux2Transformer2DModel built on the meta device and materialised on `device` in
-    `torch_dtype` (no full-precision copy ever exists), filled like `fluxjax_params`."""
-    import torch
-
-    return randomized(meta_model(config, torch_dtype).to_empty(device=device).eval(), device, seed)
-
-
-def randomized(module, device, seed: int):
-    """`module` with every weight drawn on `device`: vectors 1 + N(0, 0.1^2), matrices N(0, 1/fan_in)."""
-    import torch
-
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(generator=g)
-            if p.ndim == 1:
-                p.mul_(0.1).add_(1.0)
-            else:
-                p.mul_(p.shape[1] ** -0.5)
-    return module
 
 
 def diffusers_calls(model, setup: Setup, txt, noise, refs, sigmas, device):
@@ -217,34 +154,6 @@ def diffusers_calls(model, setup: Setup, txt, noise, refs, sigmas, device):
         return sync(predict(noise, 0.5))
 
     return sample, forward
-
-
-# --- shared weights, interventions, parity ----------------------------------------------------------
-
-
-def shared_params(model, config, dtype):
-    """fluxjax weights converted from the diffusers model's own state dict (one random state for both
-    sides), leaf by leaf: each stacked leaf crosses the host once and lives on the default device."""
-    import ml_dtypes
-    import torch
-
-    from fluxjax.conversion.transformer import leaves_from_state
-
-    state = model.state_dict()
-
-    class Host(dict):  # tensors as numpy on demand (bfloat16 through ml_dtypes: numpy has no bfloat16)
-        def __getitem__(self, key):
-            t = state[key].detach()
-            if t.dtype == torch.bfloat16:
-                return t.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-            return t.cpu().numpy()
-
-    host = Host({k: None for k in state})
-    host.dtypes = {k: np.dtype(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16 else np.dtype(str(v.dtype)[6:])
-                   for k, v in state.items()}  # torch.float32 -> float32
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    leaves = [jnp.asarray(leaf, dtype) for _, leaf in leaves_from_state(host, config, "diffusers", shapes=shapes)]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fluxjax.param_shapes(config)), leaves)
 
 
 def content_mask(layout):
@@ -345,163 +254,6 @@ def parity(model, params, setup: Setup, host, sigmas, device, say) -> dict:
     out[f"{STEPS}-step edit (latents)"] = rel_err(np.asarray(fj_sample(), np.float32), df_sample().float().cpu().numpy())
     say("parity (relative L2, shared weights): " + ", ".join(f"{k} {v:.2e}" for k, v in out.items()))
     return out
-
-
-# --- the rehearsal: the study's cells through experiments.run_all -----------------------------------
-
-QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
-                rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
-
-
-def build_real_folder(path, device, seed: int = 0) -> str:
-    """A random FLUX.2 [klein] 9B-sized model folder in the diffusers layout, built on `device` in
-    bfloat16: the klein-9B transformer, the FLUX.2 VAE, a Qwen3 text encoder of Qwen3-8B's shapes and
-    the offline tokenizer of the tiny folder (its small vocabulary indexes Qwen3's table)."""
-    import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from flux2ref.folder import qwen3_tokenizer
-
-    def on_device(make):  # built on the meta device, materialised on `device` in bfloat16, filled
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device("meta"):
-                module = make()
-        finally:
-            torch.set_default_dtype(default)
-        return randomized(module.to_empty(device=device).eval(), device, seed)
-
-    transformer = diffusers_model(fluxjax.FLUX2_KLEIN_9B, torch.bfloat16, device, seed)
-    vae = AutoencoderKLFlux2().to(device=device, dtype=torch.bfloat16).eval()
-    text = on_device(lambda: Qwen3ForCausalLM(Qwen3Config(**QWEN3_8B)))
-    text.model.rotary_emb.__init__(text.config, device=device)  # its buffer was made on the meta device
-    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae,
-                              text_encoder=text, tokenizer=qwen3_tokenizer(), transformer=transformer,
-                              is_distilled=True)
-    pipe.save_pretrained(path, safe_serialization=True)
-    del pipe, transformer, vae, text
-    return str(path)
-
-
-class _Instrumented:
-    """Wraps each experiment's `run` to record its wall time, XLA compile time (jax.monitoring's
-    backend-compile events) and the device's peak memory after it."""
-
-    def __init__(self):
-        self.rows, self._compile = {}, 0.0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self._compile += duration
-
-    def wrap(self, module):
-        run = module.run
-
-        def timed_run(ctx, found, settings, name, *a, **kw):
-            c0, t0 = self._compile, time.perf_counter()
-            with common.PeakRSS() as rss:
-                out = run(ctx, found, settings, name, *a, **kw)
-            stats = jax.devices()[0].memory_stats() or {}
-            self.rows[name] = {"wall_s": time.perf_counter() - t0, "compile_s": self._compile - c0,
-                               "device_peak_bytes_so_far": stats.get("peak_bytes_in_use"),
-                               "host_rss_increase_bytes": rss.bytes}
-            return out
-
-        module.run = timed_run
-        return run
-
-
-def count_cells(run_path, name) -> int:
-    """Images the experiment wrote (one per cell) under outputs/<name>/ of the run folder."""
-    from pathlib import Path
-
-    return sum(1 for _ in (Path(run_path) / "outputs" / name).rglob("*.png"))
-
-
-def diffusers_cell_cost(folder, size: int, device, tdtype, say) -> dict:
-    """One study-style cell: a `Flux2KleinPipeline` call (4 steps, the reference image, a ref->text
-    knockout through attention processors that add the mask in every block). Timed warm."""
-    import torch
-    from diffusers import Flux2KleinPipeline
-    from diffusers.models.transformers import transformer_flux2 as tf
-    from PIL import Image
-
-    pipe = Flux2KleinPipeline.from_pretrained(folder, torch_dtype=tdtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    masks, state = {}, {}
-
-    def mask_for(n_txt, n_stream):  # [text | image | reference], reference as large as the image
-        key = (n_txt, n_stream)
-        if key not in masks:
-            L, n_img = n_txt + n_stream, n_stream // 2
-            m = torch.ones((1, 1, L, L), dtype=torch.bool, device=device)
-            m[:, :, :n_txt, n_txt + n_img:] = False
-            masks[key] = m
-        return masks[key]
-
-    class Double(tf.Flux2AttnProcessor):
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-            state["n_txt"] = encoder_hidden_states.shape[1]
-            mask = mask_for(state["n_txt"], hidden_states.shape[1])
-            return super().__call__(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
-
-    class Single(tf.Flux2ParallelSelfAttnProcessor):
-        def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
-            mask = mask_for(state["n_txt"], hidden_states.shape[1] - state["n_txt"])
-            return super().__call__(attn, hidden_states, mask, image_rotary_emb)
-
-    for b in pipe.transformer.transformer_blocks:
-        b.attn.set_processor(Double())
-    for b in pipe.transformer.single_transformer_blocks:
-        b.attn.set_processor(Single())
-    reference = Image.new("RGB", (size, size), (200, 30, 30))
-
-    def call():
-        out = pipe(image=reference, prompt="draw a ball in this color", height=size, width=size,
-                   num_inference_steps=STEPS, generator=torch.Generator(device=device).manual_seed(0),
-                   output_type="np").images
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    first, _ = common.timed(call)
-    warm, _ = common.timed(call)
-    say(f"diffusers, one cell (Flux2KleinPipeline, {STEPS} steps, {size}px, knockout mask): first {first:.2f} s, "
-        f"warm {warm:.2f} s")
-    del pipe
-    return {"first_call_s": first, "per_cell_s": warm}
-
-
-def rehearsal(folder, out_dir, size: int, device, tdtype, dtype_name: str, blocks: str, say) -> dict:
-    """`experiments.run_all --blocks <blocks>` for one colour task, per experiment wall / compile /
-    memory, and the same number of cells at the study's one-diffusers-call-per-cell cost."""
-    from experiments import drop, knockout, lens, patching, run_all
-
-    inst = _Instrumented()
-    originals = {m: inst.wrap(m) for m in (lens, knockout, drop, patching)}
-    t0 = time.perf_counter()
-    try:
-        run_all.main(["--model", str(folder), "--out", str(out_dir), "--blocks", blocks, "--colours", "red,green",
-                      "--objects", "ball", "--seeds", "0", "--size", str(size), "--dtype", dtype_name,
-                      "--no-progress"])
-    finally:
-        for m, run in originals.items():
-            m.run = run
-    total = time.perf_counter() - t0
-    for name, row in inst.rows.items():
-        row["cells"] = count_cells(out_dir, name)
-    cells = sum(r["cells"] for r in inst.rows.values())
-    say("rehearsal: " + "; ".join(f"{n} {r['wall_s']:.1f} s (compile {r['compile_s']:.1f} s, {r['cells']} cells)"
-                                  for n, r in inst.rows.items()) + f"; total {total:.1f} s")
-    cost = diffusers_cell_cost(str(folder), size, device, tdtype, say)
-    study_way = cells * cost["per_cell_s"]
-    return {"experiments": inst.rows, "total_s": total, "cells": cells, "diffusers": cost,
-            "study_way_s": study_way, "ratio_to_study_way": total / study_way if study_way else None,
-            "ratio_goal": "<= 0.5x"}
 
 
 # --- the run -------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ commit only is counted apart.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -27,7 +27,7 @@ def test_tiny_sections_before_the_rehearsal(tmp_path):
 def test_tiny_rehearsal_end_to_end(tmp_path):
     record = gpu_check.main(["--tiny", "--reps", "1", "--sections", "rehearsal", "--work", str(tmp_path)])
     r = record["rehearsal"]
-    assert set(r["experiments"]) == {"lens", "knockout", "drop", "patching"}
+    assert set(r["experiments"]) == {"lens", "study-lens", "knockout", "drop", "patching"}  # run_all's experiments
     assert all(x["cells"] > 0 and x["wall_s"] > 0 for x in r["experiments"].values())
     assert r["diffusers"]["per_cell_s"] > 0 and r["ratio_to_study_way"] > 0
     assert (tmp_path / "run" / "report.html").exists()
