@@ -119,7 +119,14 @@ def knocked(tmp_path_factory):
             "both ref->text": ("--knockout", "ref->text", "--knockout-on", "both"),
             "source ref->text[content]": ("--knockout", "ref->text[content]", "--knockout-on", "source"),
             "target text->image": ("--knockout", "text->image", "--knockout-on", "target")}
-    return {name: _lens(root / f"run{i}", *extra) for i, (name, extra) in enumerate(runs.items())}
+    out, real = {}, sweep._sample_many
+    with pytest.MonkeyPatch.context() as mp:
+        for i, (name, extra) in enumerate(runs.items()):
+            seen = []
+            mp.setattr(sweep, "_sample_many", lambda *a, seen=seen, **k: seen.append(1) or real(*a, **k))
+            out[name] = _lens(root / f"run{i}", *extra)
+            assert len(seen) == 1  # 3 position groups x 2 blocks, the knockout in every cell: one call
+    return out
 
 
 def test_a_knockout_on_the_source_cuts_the_route_into_the_kept_text(knocked, grids):
