@@ -283,6 +283,8 @@ def _describe(ctx: Context, s: Mapping) -> str:
 def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     """Every task's lens cell, then the tables, plots, grids and report sections."""
     validate(s, ctx.model.config)
+    if s.get("position_range") is not None:  # within this model's text positions, before any work
+        parse_positions(s["position_range"], np.shape(ctx.text("").embeds)[1])
     rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
     single = [r for r in rows if r.get("position") is not None]
     rows = [r for r in rows if r.get("position") is None]
