@@ -159,3 +159,13 @@ def test_a_lens_knockout_is_refused_without_its_side_or_with_a_missing_group(tmp
         with pytest.raises(SystemExit):
             lens.main([*base, *extra, "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_heatmap_draws_a_grid_with_missing_cells_and_refuses_a_misshapen_one():
+    from experiments import report
+
+    png = report.heatmap_plot([0, 1, 2], ["0 (padding)", "1 (content)"], [[0.0, None, 1.0], [0.5, 0.5, None]],
+                              colour_label="share passing", vmin=0.0, vmax=1.0, num_double_blocks=2)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="2 rows x 3 blocks"):
+        report.heatmap_plot([0, 1, 2], ["a", "b"], [[0.0, 1.0]], colour_label="x")
