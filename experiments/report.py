@@ -1,10 +1,11 @@
 """Block-sweep plots and the one HTML report per run.
 
 `sweep_plot` draws a metric against the block (x: global block index, double blocks first; one
-line per setting) and returns PNG bytes, drawn with matplotlib's Agg canvas directly (no pyplot,
-so no global backend state). `render_html` lays out sections of text, tables and figures as a
-single self-contained page: figures are referenced by paths relative to the run folder (and must
-lie inside it), the style sheet is inline, so the folder can be copied or zipped and still reads.
+line per setting), `heatmap_plot` a metric over rows (e.g. text positions) x blocks; both return
+PNG bytes, drawn with matplotlib's Agg canvas directly (no pyplot, so no global backend state).
+`render_html` lays out sections of text, tables and figures as a single self-contained page:
+figures are referenced by paths relative to the run folder (and must lie inside it), the style
+sheet is inline, so the folder can be copied or zipped and still reads.
 """
 
 from __future__ import annotations
@@ -64,6 +65,45 @@ def sweep_plot(blocks: Sequence[int], series: Mapping[str, Sequence[float | None
         ax.set_xticks(blocks if len(blocks) <= 16 else blocks[::2])
     ax.grid(True, color="0.88", linewidth=0.6)
     ax.legend(fontsize=8, frameon=False, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def heatmap_plot(blocks: Sequence[int], rows: Sequence[str], values: Sequence[Sequence[float | None]], *,
+                 colour_label: str, title: str = "", xlabel: str = "block (global index)", ylabel: str = "text position",
+                 cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
+                 num_double_blocks: int | None = None) -> bytes:
+    """PNG bytes of a grid of values, a row per `rows` label and a column per block; None is blank.
+
+    num_double_blocks: a line between the double-stream and the single-stream blocks.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    blocks, rows = list(blocks), list(rows)
+    grid = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    if grid.shape != (len(rows), len(blocks)):
+        raise ValueError(f"a heatmap of {len(rows)} rows x {len(blocks)} blocks got values of shape {grid.shape}")
+    fig = Figure(figsize=(min(3.0 + 0.35 * len(blocks), 14.0), min(2.0 + 0.2 * len(rows), 30.0)), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax,
+                      interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=colour_label, fraction=0.05)
+    step = max(1, len(blocks) // 16)
+    ax.set_xticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]])
+    step = max(1, len(rows) // 64)
+    ax.set_yticks(range(0, len(rows), step), rows[::step], fontsize=7)
+    if num_double_blocks is not None and blocks[0] < num_double_blocks <= blocks[-1]:
+        ax.axvline(blocks.index(min(b for b in blocks if b >= num_double_blocks)) - 0.5, color="0.5",
+                   linewidth=1.5)  # double | single blocks
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=11)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})

@@ -15,6 +15,10 @@ docs/experiments.md):
     identity  content; the four knockouts in every block; patching at block 7
     add       the T2I Lens at block 7 ("generic reference information")
     remove
+
+The study also ran cells outside its table: the lens one content token or one position at a
+time, and the lens with a knockout on the source, the target or both. They are options of
+`experiments.lens` (--per-position, --knockout / --knockout-on); --study does not run them.
 """
 
 from __future__ import annotations

@@ -228,5 +228,12 @@ def plot(run: runs.RunFolder, name: str, blocks: Sequence[int], series: Mapping,
     return report.Figure(path=path, caption=caption)
 
 
+def heatmap(run: runs.RunFolder, name: str, blocks: Sequence[int], rows: Sequence[str],
+            values: Sequence[Sequence[float | None]], caption: str, **kwargs) -> report.Figure:
+    """A (rows x blocks) heatmap saved as `plots/<name>.png`, as a report figure."""
+    path = run.write_derived(f"plots/{name}.png", report.heatmap_plot(blocks, rows, values, **kwargs))
+    return report.Figure(path=path, caption=caption)
+
+
 def de_caption(row: Mapping) -> str:
     return f"dE {row['colour_de']:.1f}"
