@@ -34,8 +34,10 @@ def main(argv=None) -> int:
         "interventions": lambda: interventions.main(
             ["--hidden", "128", "--heads", "1", "--image", "8", "8", "--ref", "8", "8", "--text", "64", "--reps", "1",
              "--out", "benchmarks/results/interventions-quick.json", "--allow-busy", "--wait-quiet", "0"] if quick else []),
-        "sampler": lambda: sampler.main(["--repeats", "1"] if quick else []),
-        "vae": lambda: vae.main(["--sizes", "64", "--reps", "1", "--out", "benchmarks/results/vae-quick"]
+        "sampler": lambda: sampler.main(["--repeats", "1", "--allow-busy", "--wait-quiet", "0", "--out",
+                                           "benchmarks/results/sampler-quick"] if quick else []),
+        "vae": lambda: vae.main(["--sizes", "64", "--reps", "1", "--allow-busy", "--wait-quiet", "0", "--out",
+                                 "benchmarks/results/vae-quick"]
                                 if quick else []),
     }
     for name, run in plan.items():

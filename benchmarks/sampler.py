@@ -7,8 +7,10 @@ reference with its (tiny random) VAE on every call; that part is timed on its ow
 for the sampler-only ratio (fluxjax gets the reference tokens precomputed).
 
 Compile time is reported apart from steady-state time; runs alternate between the two sides.
+Only from a quiet machine (`benchmarks.common.LoadGuard`); `--allow-busy` flags the figures.
+Writes <out>.json and <out>.md.
 
-    python -m benchmarks.sampler [--repeats 5]
+    python -m benchmarks.sampler [--repeats 5] [--out benchmarks/results/sampler]
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import argparse
 import dataclasses
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -55,7 +56,17 @@ def build(seed: int = 0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/sampler)")
+    parser.add_argument("--allow-busy", action="store_true", help="write figures from a busy machine, flagged")
+    parser.add_argument("--wait-quiet", type=float, default=120.0, help="seconds to wait for the load average to fall")
     args = parser.parse_args(argv)
+
+    from benchmarks import common
+
+    guard = common.LoadGuard()
+    if guard.wait_quiet(args.wait_quiet) > guard.load_limit and not args.allow_busy:
+        raise common.MachineBusy(f"1-minute load average {guard.load_before:.2f} above {guard.load_limit:.2f}: not "
+                                 "measuring on a busy machine (--allow-busy measures and flags the figures)")
 
     import PIL.Image
     import torch
@@ -86,7 +97,9 @@ def main(argv=None):
     def run_vae():
         return images.reference_tokens([ref], encode)
 
-    def timed(fn):
+    def timed(fn, name=None):
+        if name is not None:
+            return guard.measure(name, fn)[0]
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
@@ -98,17 +111,33 @@ def main(argv=None):
     first_jax, first_torch = timed(run_jax), timed(run_torch)
     print(f"first call: fluxjax {first_jax:.2f} s (trace + compile + run), diffusers {first_torch:.2f} s")
     jx, tc, vae = [], [], []
-    for _ in range(args.repeats):
-        jx.append(timed(run_jax))
-        tc.append(timed(run_torch))
-        vae.append(timed(run_vae))
+    for r in range(args.repeats):
+        for name in (("fluxjax", "diffusers") if r % 2 == 0 else ("diffusers", "fluxjax")):
+            (jx if name == "fluxjax" else tc).append(timed(run_jax if name == "fluxjax" else run_torch, name))
+        vae.append(timed(run_vae, "reference encode"))
     j, t, v = statistics.median(jx), statistics.median(tc), statistics.median(vae)
     print(f"steady state, median of {args.repeats}: fluxjax {j:.3f} s, diffusers pipeline {t:.3f} s "
           f"(of which reference preprocessing + VAE encode {v:.3f} s)")
     print(f"fluxjax compile, first call minus steady state: {first_jax - j:.2f} s")
     print(f"ratio diffusers / fluxjax: {t / j:.2f}x (whole pipeline call), {(t - v) / j:.2f}x (sampler only)")
-    got = np.asarray(run_jax())
+    got = np.asarray(run_jax()[0])
     print(f"sanity: fluxjax latents finite: {bool(np.isfinite(got).all())}, shape {got.shape}")
+    machine = guard.enforce(args.allow_busy)
+    record = {"environment": common.environment(), "machine": machine, "repeats": args.repeats,
+              "first_call_s": {"fluxjax": first_jax, "diffusers": first_torch},
+              "steady_s": {"fluxjax": jx, "diffusers": tc, "reference encode": vae},
+              "fluxjax_over_diffusers": {"pipeline": j / t, "sampler only": j / (t - v)}}
+    md = "\n".join(x for x in [
+        "# 4-step [klein] edit: fluxjax vs Flux2KleinPipeline", "", common.busy_banner(machine),
+        f"{record['environment']['cpu']}, load average before {machine['load_before']:.2f}; hidden {CONFIG.hidden_size}, "
+        f"{CONFIG.depth}+{CONFIG.depth_single_blocks} blocks, {N_TXT} + {layout.n_img} + {layout.n_ref} tokens, float32; "
+        f"medians of {args.repeats} alternating rounds.", "",
+        common.markdown_table(["", "fluxjax", "diffusers", "fluxjax / diffusers"], [
+            ["whole call (s)", f"{j:.3f}", f"{t:.3f}", f"{j / t:.2f}"],
+            ["sampler only (s; diffusers minus its reference encode)", f"{j:.3f}", f"{t - v:.3f}", f"{j / (t - v):.2f}"],
+            ["first call (s)", f"{first_jax:.2f}", f"{first_torch:.2f}", ""]])] if x is not None)
+    paths = common.write_report(args.out or common.RESULTS_DIR / "sampler", record, md)
+    print("wrote", *paths)
 
 
 if __name__ == "__main__":

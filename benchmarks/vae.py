@@ -16,7 +16,9 @@ Both sides get the same weights (diffusers randomised, converted by fluxjax's co
   size just before it, i.e. the activations and workspace the call needs on top of the weights.
   For fluxjax, XLA's own compiled memory analysis (temporaries + output) is reported next to it.
 
-Prints a Markdown table and writes `<out>.json` and `<out>.md`.
+Prints a Markdown table and writes `<out>.json` and `<out>.md`. Only from a quiet machine
+(`benchmarks.common.LoadGuard`: the load average before, others' CPU time during every timed call);
+`--allow-busy` writes the figures flagged as not a result.
 """
 
 from __future__ import annotations
@@ -154,11 +156,18 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
 
-def run(sizes: list[int], reps: int, out: str) -> dict:
+def run(sizes: list[int], reps: int, out: str, allow_busy: bool = False, wait_quiet: float = 120.0) -> dict:
     import jax
     import torch
 
     import diffusers
+
+    from benchmarks import common
+
+    guard = common.LoadGuard()
+    if guard.wait_quiet(wait_quiet) > guard.load_limit and not allow_busy:
+        raise common.MachineBusy(f"1-minute load average {guard.load_before:.2f} above {guard.load_limit:.2f}: not "
+                                 "measuring on a busy machine (--allow-busy measures and flags the figures)")
 
     with tempfile.TemporaryDirectory() as tmp:
         from safetensors.torch import save_file
@@ -177,9 +186,7 @@ def run(sizes: list[int], reps: int, out: str) -> dict:
                 for r in range(reps):
                     order = ("fluxjax", "diffusers") if r % 2 == 0 else ("diffusers", "fluxjax")
                     for name in order:
-                        t0 = time.perf_counter()
-                        sides[name].call(op, size, xs[name])
-                        times[name].append(time.perf_counter() - t0)
+                        times[name].append(guard.measure(name, lambda: sides[name].call(op, size, xs[name]))[0])
                 mem = {name: _memory(name, op, size, weights) for name in sides}
                 row = dict(op=op, size=size, rel_l2_vs_diffusers=rel,
                            fluxjax_s=statistics.median(times["fluxjax"]),
@@ -194,7 +201,9 @@ def run(sizes: list[int], reps: int, out: str) -> dict:
                 rows.append(row)
                 print(f"{op} {size}: fluxjax {row['fluxjax_s']:.2f}s, diffusers {row['diffusers_s']:.2f}s", flush=True)
 
+    machine = guard.enforce(allow_busy)
     result = dict(
+        machine=machine,
         benchmark="FLUX.2 autoencoder (FLUX2_VAE, random fp32 weights, batch 1)",
         device=f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} logical cores",
         load_average_at_end=os.getloadavg(),
@@ -216,8 +225,12 @@ def run(sizes: list[int], reps: int, out: str) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [
-        f"{result['benchmark']}; {result['device']}; torch threads {result['torch_threads']}; "
+    from benchmarks import common
+
+    banner = common.busy_banner(result.get("machine"))
+    load = result.get("machine", {}).get("load_before")
+    lines = ([banner, ""] if banner else []) + [
+        f"{result['benchmark']}; {result['device']}; load average before {load if load is None else round(load, 2)}; torch threads {result['torch_threads']}; "
         f"jax {result['versions']['jax']}, torch {result['versions']['torch']}, "
         f"diffusers {result['versions']['diffusers']}; median of {result['reps']} alternated reps.",
         "",
@@ -242,13 +255,15 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vae"))
+    parser.add_argument("--allow-busy", action="store_true", help="write figures from a busy machine, flagged")
+    parser.add_argument("--wait-quiet", type=float, default=120.0, help="seconds to wait for the load average to fall")
     parser.add_argument("--worker", nargs=4, metavar=("SIDE", "OP", "SIZE", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         side, op, size, weights = args.worker
         print(json.dumps(_worker(side, op, int(size), weights)))
         return
-    run(args.sizes, args.reps, args.out)
+    run(args.sizes, args.reps, args.out, args.allow_busy, args.wait_quiet)
 
 
 if __name__ == "__main__":
