@@ -231,3 +231,39 @@ def test_discard_keeps_a_folder_with_work_in_it(tmp_path):
         run.discard()
     assert not (tmp_path / "new").exists()
     assert json.loads((tmp_path / "exp" / runs.CONFIG_FILE).read_text()) == CONFIG
+
+
+# --- end to end, on an organism -------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_command_repairs_a_deleted_and_a_flipped_file_to_the_bytes_of_an_undamaged_run(tmp_path, capsys):
+    """drop on the direct organism: delete a baseline image, flip a byte of a result image (same
+    size); --verify lists both, one rerun recomputes both cells (a line each) to the bytes of the
+    undamaged run, and the next rerun has nothing to do."""
+    args = ["--model", "direct", "--colours", "red", "--objects", "circle", "--seeds", "0", "--block", "3",
+            "--no-progress"]
+    run = tmp_path / "run"
+    assert drop.main([*args, "--out", str(run)]) == 0
+    clean = tmp_path / "clean"
+    shutil.copytree(run, clean)
+    task = "solid_red_circle_s0"
+    (run / "outputs" / "baselines" / task / "edit.png").unlink()
+    flip(run / "outputs" / "drop" / task / "mask-k3.png")
+    capsys.readouterr()
+
+    assert drop.main(["--verify", "--out", str(run)]) == 1
+    listed = capsys.readouterr().out
+    assert f"damaged cell baselines/{task}: edit.png missing" in listed
+    assert f"damaged cell drop/{task}: mask-k3.png damaged" in listed
+
+    assert drop.main([*args, "--out", str(run)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "computing it again" in line]
+    assert len(said) == 2, said
+
+    def cells(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "outputs").rglob("*"))
+                if p.is_file()}
+
+    assert cells(run) == cells(clean)
+    assert drop.main([*args, "--out", str(run)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
