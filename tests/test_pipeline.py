@@ -216,3 +216,19 @@ def test_an_incomplete_folder_is_refused_before_anything_is_converted(folder, tm
         pipeline.load_model(partial, cache=str(cache), text_encoder=text_encoder, progress=False)
     assert "\n" not in str(err.value)
     assert not cache.exists()  # nothing converted
+
+
+def test_a_bad_source_leaves_no_cache_entry_lock_or_temporary(folder, tmp_path):
+    import shutil
+
+    from fluxjax.checkpoint import CheckpointError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    os.truncate(weights, os.path.getsize(weights) // 2)
+    cache = tmp_path / "cache"
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors") as err:
+        pipeline.load_model(broken, cache=str(cache), text_encoder=False, progress=False)
+    assert "\n" not in str(err.value)
+    assert os.listdir(cache / "native") == []
