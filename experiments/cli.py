@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -143,8 +145,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
                         f"{models.default_size('organism')} for organisms, {models.REAL_SIZE} for a model folder)")
     r = parser.add_argument_group("run")
     r.add_argument("--out", default=out_default, help=f"run folder (default {out_default}); an existing one "
-                   "with the same configuration is resumed, one with another configuration is never reused "
-                   "(the run goes to NAME-2, ...)")
+                   "with the same configuration is resumed (damaged cells are computed again), anything else "
+                   "that exists there is refused")
+    r.add_argument("--verify", action="store_true",
+                   help="compute nothing: check every finished cell of --out against the sizes and hashes it was "
+                        "written with, list what is damaged or unfinished, exit 1 if anything is damaged")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -244,8 +249,51 @@ def _chunk_record(chunk):
 
 
 def open_run_folder(out: str, config: Mapping) -> runs.RunFolder:
+    """The run folder --out for `config`: created, or resumed if it holds the same config; anything
+    else there is refused (RunError)."""
     path = Path(out)
-    return runs.open_run(path.parent if str(path.parent) else Path("."), path.name, config)
+    return runs.open_run(path.parent if str(path.parent) else Path("."), path.name, config, on_conflict="refuse")
+
+
+def fail(parser: argparse.ArgumentParser, message: str) -> None:
+    """Exit with status 2 and one line naming the problem (no usage text, no traceback)."""
+    parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
+
+
+def check_out(out: str | Path, experiment: str) -> None:
+    """Refuse, before any model loads, an --out that cannot be this experiment's run folder: a
+    file, a folder that is not a run folder (and not empty), a run folder of another command, one
+    another process is working in, or a place this process cannot write (ValueError, one line)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a run folder; choose another --out")
+    if path.is_dir() and any(path.iterdir()):
+        try:
+            config = json.loads((path / runs.CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            raise ValueError(f"--out {out}: exists and is not a run folder (no readable {runs.CONFIG_FILE}); "
+                             "choose another --out") from None
+        other = config.get("experiment") if isinstance(config, dict) else None
+        if other != experiment:
+            raise ValueError(f"--out {out}: holds a run of `{other}`, not `{experiment}`; choose another --out")
+        try:
+            runs.check_not_in_use(path)
+        except runs.RunError as e:
+            raise ValueError(f"--out {out}: {e}") from None
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable; choose another --out")
+
+
+def verify_folders(folders: Sequence[Path]) -> int:
+    """--verify: check each run folder, print what is damaged or unfinished -> exit status (1: damage)."""
+    status = 0
+    for folder in folders:
+        check = runs.check_run(folder)
+        for line in check.lines():
+            print(line)
+        status = status or (0 if check.ok else 1)
+    return status
 
 
 def run_command(module, argv: Sequence[str] | None = None) -> int:
@@ -260,6 +308,12 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
     module.add_arguments(parser)
     add_arguments(parser, out_default=f"runs/{module.NAME}")
     args = parser.parse_args(argv)
+    if args.verify:
+        return verify_folders([Path(args.out)])
+    try:
+        check_out(args.out, module.NAME)
+    except ValueError as e:
+        fail(parser, str(e))
     try:
         spec = task_spec(args)
         model, model_record = models.load(args)
@@ -269,16 +323,31 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
     except (ValueError, KeyError) as e:
         parser.error(str(e))
     start = time.perf_counter()
-    with open_run_folder(args.out, config) as run:
+    with open_run(parser, args.out, config) as run:
+        done = run.nothing_to_do() if run.resumed else None
+        if done is not None:
+            print(f"{run.path}: nothing to do: finished by this code, {done} cells intact; report: "
+                  f"{run.path / 'report.html'}")
+            return 0
         ctx = open_context(args, model, run)
         try:
             found = load_tasks(spec, run)
         except (ValueError, KeyError) as e:
-            parser.error(str(e))
+            run.discard()
+            fail(parser, str(e))
         sections = [report.Section("Setup", [report.Text(ctx.describe() + f"\n\n{len(found)} tasks.")])]
         sections += module.run(ctx, found, config["settings"], module.NAME)
         path = report.write_run_report(run, f"{module.TITLE}: {model_record['name']}", sections)
         run.write_summary({"experiment": module.NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
                            "resumed": run.resumed})
+        run.mark_finished()
     print(f"report: {path}")
     return 0
+
+
+def open_run(parser: argparse.ArgumentParser, out: str, config: Mapping) -> runs.RunFolder:
+    """`open_run_folder`, a refusal (another config, in use, not writable) ending the command in one line."""
+    try:
+        return open_run_folder(out, config)
+    except (runs.RunError, OSError) as e:
+        fail(parser, f"--out {out}: {e}")

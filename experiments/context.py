@@ -8,8 +8,8 @@ A task's baseline edits live in the cell `baselines/<task_id>`:
     t2i.png             text-to-image: the instruction, no reference, the task's seed
     t2i-next-seed.png   text-to-image with seed + 1: the T2I Lens's `t2i_clean`
 
-Cells are computed by `Context.cells`, the one place a run's work is skipped on resume or done
-and marked complete.
+Cells are computed by `Context.cells` and `Context.complete`, the one place a run's work is
+skipped on resume (complete and intact, `runs.RunFolder.intact`) or done and marked complete.
 """
 
 from __future__ import annotations
@@ -122,10 +122,10 @@ class Context:
     def complete(self, key: str, compute: Callable[[runs.Cell], Mapping]) -> dict:
         """The record of cell `key`, computing and completing the cell unless it is already complete."""
         cell = self.run.cell(key)
-        if cell.done:
+        if self.run.intact(key):
             return cell.record()
         record = dict(compute(cell))
-        cell.finish(record)
+        self.run.finish(cell, record)
         return record
 
     # baselines ------------------------------------------------------------------------------------

@@ -142,7 +142,13 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
     except (ValueError, KeyError, FileNotFoundError) as e:
         parser.error(str(e))
     start = time.perf_counter()
-    with cli.open_run_folder(out, config) as run:
+    with cli.open_run(parser, out, config) as run:
+        done = run.nothing_to_do() if run.resumed else None
+        if done is not None:
+            path = run.path / "report.html"
+            print(f"{run.path}: nothing to do: finished by this code, {done} cells intact; report: {path}")
+            return Outcome(name=models.name(args.model), kind=kind, run_path=run.path, report=path,
+                           settings=settings, config=model.config)
         ctx = cli.open_context(args, model, run)
         ctx.judged_property = settings.get("property", "colour")
         try:
@@ -150,7 +156,8 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
             if "patching" in settings:  # a bad pair file fails before any work
                 patching.resolve_pairs(ctx, found, settings["patching"])
         except (ValueError, KeyError) as e:
-            parser.error(str(e))
+            run.discard()
+            cli.fail(parser, str(e))
         sections = lens.run(ctx, found, settings["lens"], "lens")
         if "study_lens" in settings:
             sections += lens.run(ctx, found, settings["study_lens"], "study-lens")
@@ -166,6 +173,7 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
         path = report.write_run_report(run, f"{TITLE}: {model_record['name']}", [intro, *sections])
         run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
                            "resumed": run.resumed})
+        run.mark_finished()
     print(f"report: {path}")
     return Outcome(name=models.name(args.model), kind=kind, run_path=run.path, report=path, settings=settings,
                    config=model.config)
@@ -207,12 +215,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = [m.strip() for m in args.model.split(",") if m.strip()]
     if not specs:
         parser.error("--model: name at least one model")
-    if len(specs) == 1:
-        run_model(parser, _with_model(args, specs[0]), args.out)
-        return 0
     names = [models.name(m) for m in specs]
     if len(set(names)) != len(names):
         parser.error(f"--model {args.model}: the models need different names (their run folders are --out/<name>)")
+    outs = [args.out] if len(specs) == 1 else [str(Path(args.out) / cli.slug(name)) for name in names]
+    if args.verify:
+        return cli.verify_folders([Path(out) for out in outs])
+    try:
+        if len(specs) > 1 and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: is a file; with several models --out is a folder of run folders")
+        for out in outs:
+            cli.check_out(out, NAME)
+    except ValueError as e:
+        cli.fail(parser, str(e))
+    if len(specs) == 1:
+        run_model(parser, _with_model(args, specs[0]), args.out)
+        return 0
     folder = Path(args.out).resolve()
     outcomes = [run_model(parser, _with_model(args, m), str(folder / cli.slug(name)))
                 for m, name in zip(specs, names)]

@@ -8,28 +8,37 @@ Each invocation of an experiment works inside one run folder:
         invocations/0001.json, 0002.json, ...   one record per invocation (time, host, argv, code version)
         outputs/<cell key>/  one folder per cell (e.g. outputs/<task_id>/knockout/ref-text)
             ...files...      written atomically
-            DONE.json        written last: the cell's record and the size of every file it holds
+            DONE.json        written last: the cell's record and the size and sha256 of every file it holds
         summary.json, *.csv, grids/, plots/, report.html
                              derived from the cells; rebuilt (atomically) at the end of each invocation
+        finished.json        the code and the cells of the last invocation that ran to its end: a rerun
+                             of the same code whose cells are all intact has nothing to do
         run.lock             held by the invocation working in the folder
 
 Resume: a cell whose DONE.json exists and whose listed files are all present with their sizes is
-complete and is skipped; anything else is recomputed (a kill can leave partial files behind but
-never a DONE.json before them). Nothing is overwritten: a complete cell refuses new writes, and a
-folder whose config differs from the one asked for is never reused (`open_run` refuses, or moves
-on to `<name>-2`, `<name>-3`, ...). Every file goes through `atomic_write_bytes`: written to a
-hidden temporary file in the same folder, flushed and fsynced, then renamed over the target with
-`os.replace`, so a reader sees the old file or the new one, never a torn one.
+complete (`Cell.done`); anything else is recomputed (a kill can leave partial files behind but
+never a DONE.json before them). Once per invocation each complete cell is also checked against
+the content hashes in its DONE.json (`RunFolder.intact`): a cell whose files are missing or
+damaged loses its DONE.json and is recomputed like an unfinished one, with one line on stderr
+saying so. `check_run` checks a whole folder without changing anything (`--verify`).
+
+Nothing is overwritten: a complete cell refuses new writes, and a folder whose config differs from
+the one asked for is never reused (`open_run` refuses, or moves on to `<name>-2`, `<name>-3`,
+...). Every file goes through `atomic_write_bytes`: written to a hidden temporary file in the same
+folder, flushed and fsynced, then renamed over the target with `os.replace`, so a reader sees the
+old file or the new one, never a torn one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,7 +51,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fluxjax.files import TMP_MARK, atomic_directory, atomic_write_bytes, atomic_write_text
+from fluxjax.files import (TMP_MARK, LockHeld, acquire_lock, atomic_directory, atomic_write_bytes,
+                           atomic_write_text, lock_holder)
 
 CONFIG_FILE = "config.json"
 CODE_VERSION_FILE = "code_version.json"
@@ -50,6 +60,7 @@ INVOCATIONS_DIR = "invocations"
 OUTPUTS_DIR = "outputs"
 LOCK_FILE = "run.lock"
 DONE_FILE = "DONE.json"
+FINISHED_FILE = "finished.json"  # derived: the code and the cells of the last invocation that ran to its end
 
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
@@ -164,6 +175,21 @@ def check_key(key: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _listed(entry) -> tuple[int | None, str | None]:
+    """(size, sha256) of a DONE.json file entry: {"size", "sha256"}, or a bare size (older folders)."""
+    if isinstance(entry, dict):
+        return entry.get("size"), entry.get("sha256")
+    return entry, None
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """One unit of work in a run: a folder of output files completed by a DONE.json written last."""
@@ -171,17 +197,50 @@ class Cell:
     path: Path
     key: str
 
+    def _files(self) -> dict | None:
+        """The files DONE.json lists (None: no readable DONE.json)."""
+        try:
+            files = json.loads((self.path / DONE_FILE).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return files if isinstance(files, dict) else None
+
     @property
     def done(self) -> bool:
-        marker = self.path / DONE_FILE
-        if not marker.is_file():
-            return False
-        try:
-            files = json.loads(marker.read_text())["files"]
-        except (ValueError, KeyError):
-            return False
-        return all((self.path / name).is_file() and (self.path / name).stat().st_size == size
-                   for name, size in files.items())
+        """DONE.json is there and every file it lists has its size (cheap; `problems` checks contents)."""
+        files = self._files()
+        return files is not None and all(
+            (self.path / name).is_file() and (self.path / name).stat().st_size == _listed(entry)[0]
+            for name, entry in files.items())
+
+    @property
+    def marked(self) -> bool:
+        """A DONE.json is there, readable or not: the cell was finished once."""
+        return (self.path / DONE_FILE).exists()
+
+    def problems(self) -> list[str]:
+        """What is wrong with a finished cell's files, one phrase each (empty: intact).
+
+        Each file DONE.json lists must be there with its size and sha256 (older DONE.json files
+        recorded sizes only; those are checked by size)."""
+        files = self._files()
+        if files is None:
+            return [f"{DONE_FILE} unreadable"]
+        out = []
+        for name, entry in files.items():
+            size, digest = _listed(entry)
+            target = self.path / name
+            if not target.is_file():
+                out.append(f"{name} missing")
+            elif target.stat().st_size != size:
+                out.append(f"{name} has {target.stat().st_size} bytes, not {size}")
+            elif digest is not None and sha256_file(target) != digest:
+                out.append(f"{name} damaged (content differs from {DONE_FILE})")
+        return out
+
+    def reopen(self) -> None:
+        """Forget that the cell was finished (its DONE.json goes), so it is computed again."""
+        (self.path / DONE_FILE).unlink(missing_ok=True)
 
     def record(self) -> dict:
         """The record given to `finish` (e.g. metrics); raises if the cell is not complete."""
@@ -223,11 +282,11 @@ class Cell:
         return np.load(self.file(name), allow_pickle=False)
 
     def finish(self, record: Mapping[str, Any] | None = None) -> None:
-        """Mark the cell complete: every file now in its folder is listed, with its size, in DONE.json."""
+        """Mark the cell complete: every file now in its folder is listed, with its size and sha256, in DONE.json."""
         if self.done:
             raise RunError(f"cell {self.key} is already complete")
         self.path.mkdir(parents=True, exist_ok=True)
-        files = {p.name: p.stat().st_size for p in sorted(self.path.iterdir())
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(self.path.iterdir())
                  if p.is_file() and p.name != DONE_FILE and TMP_MARK not in p.name}
         atomic_write_json(self.path / DONE_FILE, {"files": files, "record": dict(record or {})})
 
@@ -244,14 +303,41 @@ class RunFolder:
     config: dict
     resumed: bool
     _lock: Path | None = None
+    _checked: set = dataclasses.field(default_factory=set)  # cells found intact by this invocation
 
     def cell(self, key: str) -> Cell:
         rel = check_key(key)
         return Cell(path=self.path / OUTPUTS_DIR / rel, key=str(rel))
 
+    def intact(self, key: str) -> bool:
+        """Whether cell `key` is complete with undamaged files (hashed once per invocation).
+
+        A finished cell whose files are missing or damaged is reopened (its DONE.json removed, so
+        it is computed again without refusing its own writes), with one line on stderr saying so.
+        """
+        cell = self.cell(key)
+        if cell.key in self._checked:
+            if cell.done:
+                return True
+            self._checked.discard(cell.key)
+        if not cell.marked:
+            return False
+        problems = cell.problems()
+        if problems:
+            print(f"{self.path.name}: cell {cell.key}: {'; '.join(problems)}; computing it again", file=sys.stderr)
+            cell.reopen()
+            return False
+        self._checked.add(cell.key)
+        return True
+
     def pending(self, keys: Iterable[str]) -> list[str]:
-        """The keys, in order, whose cells are not complete."""
-        return [k for k in keys if not self.cell(k).done]
+        """The keys, in order, whose cells are not complete and intact (damaged ones are reopened)."""
+        return [k for k in keys if not self.intact(k)]
+
+    def finish(self, cell: Cell, record: Mapping[str, Any] | None = None) -> None:
+        """Mark `cell` complete (`Cell.finish`); it counts as checked for the rest of this invocation."""
+        cell.finish(record)
+        self._checked.add(cell.key)
 
     def cells(self) -> Iterator[Cell]:
         """Every complete cell, in key order."""
@@ -276,6 +362,34 @@ class RunFolder:
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         return self.write_derived("summary.json", canonical_json(summary, indent=2) + "\n")
 
+    def mark_finished(self) -> Path:
+        """Record that an invocation ran to its end: the code that ran it and every cell it used."""
+        return self.write_derived(FINISHED_FILE, canonical_json(
+            {"code_version": code_version(), "cells": sorted(self._checked)}, indent=2) + "\n")
+
+    def nothing_to_do(self) -> int | None:
+        """The number of cells, if an invocation of this code already finished this folder and
+        every cell it used is still intact (all checked now); else None: there is work to do."""
+        try:
+            finished = json.loads((self.path / FINISHED_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(finished, dict) or finished.get("code_version") != code_version():
+            return None
+        keys = finished.get("cells")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            return None
+        return len(keys) if not self.pending(keys) else None
+
+    def discard(self) -> None:
+        """Remove a folder this invocation created and did no work in (input that failed validation),
+        so that the corrected rerun can use its name; a resumed folder is kept."""
+        if self.resumed or any(self.cells()):
+            self.close()
+            return
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
     def close(self):
         if self._lock is not None:
             self._lock.unlink(missing_ok=True)
@@ -288,37 +402,24 @@ class RunFolder:
         self.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _in_use(folder: Path, holder: dict) -> RunError:
+    return RunError(f"run folder {folder} is in use by process {holder.get('pid')} on {holder.get('host')}; "
+                    f"wait for it, or delete {folder / LOCK_FILE} if that process is gone")
 
 
 def _acquire_lock(folder: Path) -> Path:
-    lock = folder / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
-                    and not _pid_alive(holder["pid"]):
-                lock.unlink(missing_ok=True)  # left by a process that was killed: take over
-                continue
-            raise RunError(f"run folder {folder} is in use by process {holder.get('pid')} on "
-                           f"{holder.get('host')}; wait for it, or delete {lock} if that process is gone")
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return lock
-    raise RunError(f"could not take the lock {lock}")
+    try:
+        return acquire_lock(folder / LOCK_FILE)
+    except LockHeld as e:
+        raise _in_use(folder, e.holder) from None
+
+
+def check_not_in_use(folder: str | os.PathLike) -> None:
+    """Refuse (RunError) a run folder another live process holds; a cheap check before loading a model."""
+    folder = Path(folder)
+    holder = lock_holder(folder / LOCK_FILE)
+    if holder is not None:
+        raise _in_use(folder.resolve(), holder)
 
 
 def _read_config(folder: Path) -> dict | None:
@@ -335,6 +436,10 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _differences(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix.rstrip('.') or '<config>'}: {a!r} in the folder, {b!r} asked for"]
+
+
+def _empty_dir(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())
 
 
 def _create(folder: Path, config: dict) -> bool:
@@ -368,7 +473,7 @@ def open_run(root: str | os.PathLike, name: str, config: Mapping[str, Any], *,
     root = Path(root).resolve()  # absolute, so paths built from it never depend on the working directory
     for k in range(1, 10_000):
         folder = root / (name if k == 1 else f"{name}-{k}")
-        if not folder.exists() and _create(folder, config):
+        if (not folder.exists() or _empty_dir(folder)) and _create(folder, config):
             return _enter(folder, config, resumed=False, argv=argv)
         existing = _read_config(folder)
         if existing == config:
@@ -377,9 +482,10 @@ def open_run(root: str | os.PathLike, name: str, config: Mapping[str, Any], *,
             if existing is None:
                 raise RunError(f"{folder} exists but is not a run folder (no readable {CONFIG_FILE}); "
                                "choose another run name or root")
-            diff = "\n  ".join(_differences(existing, config))
-            raise RunError(f"{folder} holds a run with a different config; its outputs are kept. "
-                           f"Choose another run name, or rerun with the folder's config. Differences:\n  {diff}")
+            diff = _differences(existing, config)
+            more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+            raise RunError(f"{folder} holds a run with a different config ({'; '.join(diff[:3])}{more}); its "
+                           f"outputs are kept: choose another run folder, or rerun with the folder's config")
     raise RunError(f"no free run folder name for {name!r} under {root}")
 
 
@@ -403,6 +509,66 @@ def _enter(folder: Path, config: dict, resumed: bool, argv: list[str] | None) ->
         lock.unlink(missing_ok=True)
         raise
     return RunFolder(path=folder, config=config, resumed=resumed, _lock=lock)
+
+
+# ---------------------------------------------------------------------------------------------
+# checking a whole folder
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderCheck:
+    """What `check_run` found: problems of the folder itself, damaged finished cells, unfinished ones."""
+
+    path: Path
+    problems: list[str]  # the folder's own files (config.json, code_version.json)
+    damaged: dict[str, list[str]]  # finished cell key -> what is wrong with its files
+    unfinished: list[str]  # cells with files but no DONE.json (a killed invocation; resuming completes them)
+    intact: int  # finished cells whose files all match their DONE.json
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.damaged
+
+    def lines(self) -> list[str]:
+        """One line per problem, damaged cell and unfinished cell, then a one-line verdict."""
+        out = [f"{self.path}: {p}" for p in self.problems]
+        out += [f"{self.path}: damaged cell {key}: {'; '.join(what)}" for key, what in self.damaged.items()]
+        out += [f"{self.path}: unfinished cell {key} (a rerun completes it)" for key in self.unfinished]
+        verdict = ("intact" if self.ok else f"DAMAGED ({len(self.damaged)} cells, {len(self.problems)} folder "
+                   f"problems; a rerun of the same command recomputes damaged cells)")
+        out.append(f"{self.path}: {verdict}: {self.intact} finished cells intact, {len(self.damaged)} damaged, "
+                   f"{len(self.unfinished)} unfinished")
+        return out
+
+
+def check_run(folder: str | os.PathLike) -> FolderCheck:
+    """Check a run folder without changing it: its config and every finished cell's files
+    (present, sizes and sha256 as DONE.json lists them)."""
+    folder = Path(folder).resolve()
+    problems = []
+    if not folder.is_dir():
+        return FolderCheck(folder, ["no such run folder"], {}, [], 0)
+    for name in (CONFIG_FILE, CODE_VERSION_FILE):
+        try:
+            json.loads((folder / name).read_text())
+        except (OSError, ValueError) as e:
+            problems.append(f"{name} unreadable ({type(e).__name__}): not a run folder, or damaged")
+    root = folder / OUTPUTS_DIR
+    damaged, unfinished, intact = {}, [], 0
+    if not root.is_dir():
+        problems.append(f"{OUTPUTS_DIR}/ missing")
+    else:
+        for sub in sorted(p for p in root.rglob("*") if p.is_dir()):
+            cell = Cell(path=sub, key=sub.relative_to(root).as_posix())
+            if cell.marked:
+                what = cell.problems()
+                if what:
+                    damaged[cell.key] = what
+                else:
+                    intact += 1
+            elif any(p.is_file() and TMP_MARK not in p.name for p in sub.iterdir()):
+                unfinished.append(cell.key)
+    return FolderCheck(folder, problems, damaged, unfinished, intact)
 
 
 # ---------------------------------------------------------------------------------------------

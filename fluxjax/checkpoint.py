@@ -26,15 +26,29 @@ peak is about twice the largest parameter.
 
 Writing never leaves a half-written directory behind: everything goes into a temporary sibling
 that is renamed into place at the end (`fluxjax.files.atomic_directory`).
+
+Every tree carries its checksums (`CHECKSUMS_FILE` inside the Orbax directory): the sha256 of each
+array's bytes (stored dtype, C order), taken from the arrays as they are saved, and the size and
+sha256 of every file Orbax wrote. `read_tree` checks the files' sizes and the small files' hashes
+before Orbax opens anything (so a deleted or truncated file is named instead of failing deep in
+TensorStore), then each restored array against its checksum; a mismatch names the array and the
+damaged file. A tree written before checksums existed is refused until they are added
+(`add_checksums`, or `python -m fluxjax.checkpoint add-checksums DIR`) by someone who trusts it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import ctypes
 import dataclasses
+import hashlib
 import json
+import logging
 import os
+import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +66,10 @@ CONFIG_FILE = "fluxjax_transformer.json"
 PARAMS_DIR = "params"
 CHUNK_BYTES = 64 << 20  # storage chunks; a sharded restore reads only the chunks its shards touch
 GROUP_BYTES = 256 << 20  # parameters gathered per partial save
+CHECKSUMS_FILE = "fluxjax_checksums.json"  # inside a tree's Orbax directory
+CHECKSUMS_FORMAT = "fluxjax-checksums"
+SMALL_FILE_BYTES = 1 << 20  # files up to this size (Orbax's metadata, manifests) are hashed before every load
+DAMAGED = "the checkpoint is damaged; make it again from its source (convert, download or train it again)"
 
 
 class CheckpointError(ValueError):
@@ -122,11 +140,13 @@ def write_tree(directory: str | os.PathLike, leaves: Iterable[tuple[str, object]
     """
     directory = os.path.abspath(os.fspath(directory))
     dtype, group, size, scalars, arriving = None, {}, 0, {}, iter(leaves)
+    sums = {}
     for want, shape in expected:
         name, array = next(arriving, (None, None))
         if name != want or tuple(np.shape(array)) != shape:
             got = "nothing" if name is None else f"parameter {name!r} {tuple(np.shape(array))}"
             raise CheckpointError(f"{directory}: {got} arrived where {want!r} {shape} was expected")
+        sums[name] = array_checksum(array)  # of the bytes as given, before Orbax sees them
         if one_dtype:
             if dtype is None:
                 dtype = np.dtype(array.dtype)
@@ -153,6 +173,7 @@ def write_tree(directory: str | os.PathLike, leaves: Iterable[tuple[str, object]
     if scalars:
         _save_group(directory, scalars, shard_axes=())
     ocp.partial.finalize(directory)
+    _write_checksums(directory, sums)
     return dtype
 
 
@@ -167,25 +188,195 @@ def read_tree(directory: str | os.PathLike, like, *, dtype=None, shardings=None,
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: missing; the checkpoint is incomplete")
+    sums = read_checksums(directory)
+    changed = check_files(directory, sums)
+    if any("d" not in Path(name).parts[:-1] for name in changed):  # metadata: never handed to Orbax damaged
+        raise _damage(directory, sums, "a metadata file; not handed to Orbax", changed)
     try:
-        stored = flatten(ocp.metadata(directory).metadata)
+        with _quiet_orbax():
+            stored = flatten(ocp.metadata(directory).metadata)
     except Exception as e:  # orbax raises assorted types for a damaged directory
-        raise CheckpointError(f"{directory}: unreadable Orbax metadata ({type(e).__name__}: {e})") from None
+        raise _damage(directory, sums, f"unreadable Orbax metadata ({_first_line(e)})") from None
     expected = expected_leaves(like)
     _check_names({name: m.shape for name, m in stored.items()}, expected, directory, what)
+    missing = [name for name, _ in expected if name not in sums["arrays"]]
+    if missing:
+        raise CheckpointError(f"{os.path.join(directory, CHECKSUMS_FILE)}: no checksum for array {missing[0]!r}; "
+                              f"{DAMAGED}")
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, like)
     else:
         _check_shardings(shardings, like)
-    abstract = [jax.ShapeDtypeStruct(shape, stored[name].dtype if dtype is None else jnp.dtype(dtype), sharding=s)
+    abstract = [jax.ShapeDtypeStruct(shape, stored[name].dtype, sharding=s)  # stored dtype: verified, then cast
                 for (name, shape), s in zip(expected, jax.tree_util.tree_leaves(
                     shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)))]
     try:
-        tree = ocp.load(directory, nest(zip((name for name, _ in expected), abstract)))
+        with _quiet_orbax():
+            flat = flatten(ocp.load(directory, nest(zip((name for name, _ in expected), abstract))))
     except Exception as e:
-        raise CheckpointError(f"{directory}: restoring the params failed ({type(e).__name__}: {e})") from None
-    return from_named(flatten(tree), like)
+        raise _damage(directory, sums, f"restoring the params failed ({_first_line(e)})") from None
+    _verify_arrays(directory, sums, flat)
+    if changed:  # a changed data file no restored array shows (e.g. an index node): still damaged
+        raise _damage(directory, sums, "a data file", changed)
+    if dtype is not None:
+        for name in flat:  # one leaf at a time, so only one uncast copy is alive at once
+            flat[name] = flat[name].astype(jnp.dtype(dtype))
+    return from_named(flat, like)
+
+
+# ---------------------------------------------------------------------------------------------
+# checksums
+
+
+def array_checksum(array) -> str:
+    """sha256 of an array's bytes in its own dtype, C order (the shape and dtype are recorded apart)."""
+    array = np.ascontiguousarray(np.asarray(array))
+    return hashlib.sha256(array.reshape(-1).view(np.uint8)).hexdigest()
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tree_files(directory: str) -> list[str]:
+    """Every file of an Orbax directory but the checksums file, as sorted relative POSIX paths."""
+    root = Path(directory)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and p.name != CHECKSUMS_FILE)
+
+
+def _hash_files(directory: str, names: Iterable[str]) -> dict[str, str]:
+    names = list(names)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:  # hashlib frees the GIL
+        return dict(zip(names, pool.map(lambda n: file_checksum(os.path.join(directory, n)), names)))
+
+
+def _write_checksums(directory: str, arrays: dict[str, str]) -> None:
+    names = _tree_files(directory)
+    hashes = _hash_files(directory, names)
+    files = {n: {"size": os.path.getsize(os.path.join(directory, n)), "sha256": hashes[n]} for n in names}
+    with open(os.path.join(directory, CHECKSUMS_FILE), "w") as f:
+        json.dump({"format": CHECKSUMS_FORMAT, "format_version": 1, "arrays": arrays, "files": files}, f, indent=1)
+
+
+def read_checksums(directory: str | os.PathLike) -> dict:
+    """The checksums a tree was written with; CheckpointError saying what to do if absent or unreadable."""
+    directory = os.fspath(directory)
+    where = os.path.join(directory, CHECKSUMS_FILE)
+    if not os.path.isfile(where):
+        raise CheckpointError(f"{where}: missing, so {directory} cannot be verified (written by an older fluxjax, "
+                              f"or damaged); if you trust its contents, add checksums with `python -m "
+                              f"fluxjax.checkpoint add-checksums {directory}`, else {DAMAGED.split('; ')[1]}")
+    sums = read_json(where)
+    ok = (isinstance(sums, dict) and sums.get("format") == CHECKSUMS_FORMAT and isinstance(sums.get("arrays"), dict)
+          and isinstance(sums.get("files"), dict)
+          and all(isinstance(v, dict) and isinstance(v.get("size"), int) for v in sums["files"].values()))
+    if not ok:
+        raise CheckpointError(f"{where}: not a {CHECKSUMS_FORMAT} file; {DAMAGED}")
+    return sums
+
+
+def check_files(directory: str | os.PathLike, sums: dict, *, full: bool = False) -> list[str]:
+    """Every file the checksums list is present with its size (CheckpointError naming the first
+    that is not) -> the small files (all of them if `full`) whose content differs."""
+    directory = os.fspath(directory)
+    for name, want in sums["files"].items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: missing; {DAMAGED}")
+        size = os.path.getsize(path)
+        if size != want["size"]:
+            raise CheckpointError(f"{path}: {size} bytes, written with {want['size']} (truncated or changed); "
+                                  f"{DAMAGED}")
+    small = [n for n, want in sums["files"].items() if full or want["size"] <= SMALL_FILE_BYTES]
+    return [name for name, digest in _hash_files(directory, small).items() if digest != sums["files"][name]["sha256"]]
+
+
+def verify_tree(directory: str | os.PathLike) -> None:
+    """Check every file of a tree against its checksums (sizes and full content) without loading it."""
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: missing; the checkpoint is incomplete")
+    sums = read_checksums(directory)
+    changed = check_files(directory, sums, full=True)
+    if changed:
+        raise _damage(directory, sums, "checked without loading", changed)
+
+
+def _damaged_files(directory: str, sums: dict) -> list[str]:
+    hashes = _hash_files(directory, sums["files"])
+    return [name for name, digest in hashes.items() if digest != sums["files"][name]["sha256"]]
+
+
+def _damage(directory: str, sums: dict, what: str, bad: list[str] | None = None) -> CheckpointError:
+    bad = _damaged_files(directory, sums) if bad is None else bad
+    where = os.path.join(directory, bad[0]) if bad else directory
+    more = f" (and {len(bad) - 1} more damaged files)" if len(bad) > 1 else ""
+    return CheckpointError(f"{where}: content differs from its checksum{more} ({what}); {DAMAGED}" if bad
+                           else f"{directory}: {what}; {DAMAGED}")
+
+
+def _verify_arrays(directory: str, sums: dict, flat: dict) -> None:
+    """Each restored array against its checksum; arrays this process cannot see whole (multi-process
+    shardings) are covered by checking every file's content instead."""
+    visible = [n for n, x in flat.items() if getattr(x, "is_fully_addressable", True)]
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = dict(zip(visible, pool.map(lambda n: array_checksum(flat[n]), visible)))
+    bad = [n for n in visible if digests[n] != sums["arrays"][n]]
+    if bad:
+        files = _damaged_files(directory, sums)
+        culprit = (f"damaged file {os.path.join(directory, files[0])}" if files
+                   else f"the files match {CHECKSUMS_FILE}, so the checksums themselves were changed")
+        more = f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{directory}: array {bad[0]!r}{more} differs from the checksum written with it "
+                              f"({culprit}); {DAMAGED}")
+    if len(visible) < len(flat):
+        changed = check_files(directory, sums, full=True)
+        if changed:
+            raise _damage(directory, sums, "a data file", changed)
+
+
+def add_checksums(directory: str | os.PathLike) -> None:
+    """Write the checksums of a tree saved without them (its arrays and files as they are now).
+
+    Only for a tree whose contents you trust: from here on, any change to it is refused on load.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(os.path.join(directory, CHECKSUMS_FILE)):
+        raise CheckpointError(f"{os.path.join(directory, CHECKSUMS_FILE)}: already exists; verify the tree instead")
+    try:
+        with _quiet_orbax():
+            stored = flatten(ocp.metadata(directory).metadata)
+            cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+            abstract = nest((n, jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu)) for n, m in stored.items())
+            flat = flatten(ocp.load(directory, abstract))
+    except Exception as e:
+        raise CheckpointError(f"{directory}: cannot be restored ({_first_line(e)}); {DAMAGED}") from None
+    _write_checksums(directory, {n: array_checksum(x) for n, x in flat.items()})
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax and absl log tracebacks of a failed restore at ERROR; the CheckpointError says it in one line."""
+    loggers = [logging.getLogger(n) for n in ("absl", "orbax", "orbax.checkpoint")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _check_shardings(shardings, like) -> None:
@@ -342,3 +533,24 @@ def load_transformer(path: str | os.PathLike, dtype=None, shardings: ShardingsAr
     params = read_tree(os.path.join(path, PARAMS_DIR), param_shapes(config), dtype=dtype, shardings=shardings,
                        what=f"config in {CONFIG_FILE}")
     return config, params
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fluxjax.checkpoint add-checksums DIR...` (trees or native checkpoint folders)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2 or argv[0] != "add-checksums":
+        sys.stderr.write("usage: python -m fluxjax.checkpoint add-checksums DIR...  (an Orbax tree written by "
+                         "fluxjax, or a native checkpoint folder holding params/)\n")
+        return 2
+    for given in argv[1:]:
+        tree = os.path.join(given, PARAMS_DIR) if os.path.isdir(os.path.join(given, PARAMS_DIR)) else given
+        try:
+            add_checksums(tree)
+        except CheckpointError as e:
+            sys.stderr.write(f"{e}\n")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,8 +10,11 @@ sibling folder renamed into place when complete.
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,3 +80,84 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------------------------------------
+# locks and stale temporaries
+
+
+class LockHeld(RuntimeError):
+    """The lock file is held by a live process; `holder` is what it wrote ({"pid", "host"})."""
+
+    def __init__(self, lock: Path, holder: dict):
+        self.lock, self.holder = lock, holder
+        super().__init__(f"{lock} is held by process {holder.get('pid')} on {holder.get('host')}; wait for it, "
+                         f"or delete {lock} if that process is gone")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_holder(lock: str | os.PathLike) -> dict | None:
+    """Who holds the lock file `lock` ({"pid", "host"}), or None if it is free or its holder is dead.
+
+    A holder is dead when it ran on this host and its pid no longer exists (a killed process)."""
+    try:
+        holder = json.loads(Path(lock).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        holder = {}
+    if not isinstance(holder, dict):
+        holder = {}
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+            and not pid_alive(holder["pid"]):
+        return None
+    return holder
+
+
+def acquire_lock(lock: str | os.PathLike) -> Path:
+    """Create the lock file `lock` holding this process's pid and host, atomically (O_EXCL).
+
+    A lock left by a dead process of this host is taken over; a live holder raises LockHeld.
+    Release it with `lock.unlink()`.
+    """
+    lock = Path(lock)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock_holder(lock)
+            if holder is None:
+                lock.unlink(missing_ok=True)  # left by a process that was killed: take over
+                continue
+            raise LockHeld(lock, holder) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise LockHeld(lock, {})
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings (`temporary_sibling`) of `path` -> what was removed.
+
+    Call it only while holding the lock that every writer of `path` takes: then no temporary of
+    `path` can belong to a live writer, and each one is left by a writer that was killed.
+    """
+    path = Path(path)
+    removed = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}{TMP_MARK}*"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed

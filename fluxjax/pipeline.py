@@ -6,10 +6,13 @@
     result.images[0].save("out.png")
 
 `load_model` reads a model folder as users download it (diffusers layout: `transformer/`, `vae/`,
-`text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json`). On first use it converts the
-transformer and the VAE into native fluxjax checkpoints in a cache (`$FLUXJAX_CACHE`, default
-`~/.cache/fluxjax`), keyed by the source files' names, sizes and modification times, and reuses
-them afterwards. The text encoder runs in PyTorch through Hugging Face transformers
+`text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json`), checking that every part it needs
+is there before converting anything. On first use it converts the transformer and the VAE into
+native fluxjax checkpoints in a cache (`$FLUXJAX_CACHE`, default `~/.cache/fluxjax`), keyed by the
+source files' names, sizes and modification times, and reuses them afterwards. A cache entry is
+written under a lock file (`<entry>.lock`); whoever holds it removes the temporaries a killed
+conversion left behind. An entry that fails its checksums on load is converted again, with one
+warning line (logger `fluxjax.pipeline`). The text encoder runs in PyTorch through Hugging Face transformers
 (`fluxjax.text`); its encodings are cached on disk per prompt.
 
 `generate` follows diffusers' `Flux2KleinPipeline` / `Flux2Pipeline`: references preprocessed and
@@ -23,9 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
+import logging
 import os
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +47,16 @@ from fluxjax.checkpoint import load_transformer
 from fluxjax.conversion.convert import convert_transformer
 from fluxjax.conversion.vae import convert_vae
 from fluxjax.config import Flux2Config
+from fluxjax.files import LockHeld, acquire_lock, remove_stale_temporaries
 from fluxjax.interventions import Capture, Captures, Interventions
 from fluxjax.layout import TokenLayout
 from fluxjax.params import Flux2Weights
 from fluxjax.vae_checkpoint import load_vae
 
 DEFAULT_SIZE = 1024  # diffusers: default_sample_size 128 x vae_scale_factor 8
+LOCK_POLL_SECONDS = 0.5  # how often a process waiting for another's conversion looks again
+
+log = logging.getLogger(__name__)
 
 # model_index.json `_class_name` -> (text encoder kind, sampler options)
 PIPELINES = {
@@ -105,24 +116,92 @@ def _read_json(path: str) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def native_component(folder: str, component: str, *, cache: str | None = None, progress: bool = True) -> str:
+# what a model folder must hold (any one of each tuple), per part
+_TRANSFORMER_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+REQUIRED = {
+    "transformer": [("transformer/config.json",), tuple(f"transformer/{n}" for n in _TRANSFORMER_FILES)],
+    "vae": [("vae/config.json",), ("vae/diffusion_pytorch_model.safetensors",)],
+    "text": [("text_encoder/config.json",), ("tokenizer",)],
+}
+
+
+def check_model_folder(folder: str | os.PathLike, text_encoder: bool = True) -> None:
+    """Raise FileNotFoundError naming every part `load_model` needs that `folder` lacks."""
+    folder = os.fspath(folder)
+    parts = ["transformer", "vae"] + (["text"] if text_encoder else [])
+    missing = [alternatives[0] for part in parts for alternatives in REQUIRED[part]
+               if not any(os.path.exists(os.path.join(folder, a)) for a in alternatives)]
+    if missing:
+        raise FileNotFoundError(f"{folder}: not a complete FLUX.2 model folder, missing {', '.join(missing)} (the "
+                                f"diffusers layout has model_index.json, transformer/, vae/, text_encoder/ and "
+                                f"tokenizer/)")
+
+
+def native_component(folder: str, component: str, *, cache: str | None = None, progress: bool = True,
+                     reconvert: bool = False) -> str:
     """Path of the native checkpoint of `folder/component` ("transformer" or "vae"), converting
-    it on first use, and again when the cached one was written in an older format version.
-    Conversion writes to a temporary directory renamed into place, so an interrupted conversion
-    leaves no half-written cache entry."""
+    it on first use, again when the cached one was written in an older format version, and when
+    `reconvert` (a damaged entry). Conversion writes to a temporary directory renamed into place,
+    so an interrupted conversion leaves no half-written cache entry; it runs holding the entry's
+    lock file, so temporaries found then were left by a killed conversion and are removed."""
     src = os.path.join(folder, component)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src} is missing: the model folder has no {component}/ subfolder")
     dst = os.path.join(cache if cache is not None else cache_root(), "native", f"{component}-{_fingerprint(src)}")
     config_file, version = ((checkpoint.CONFIG_FILE, checkpoint.FORMAT_VERSION) if component == "transformer"
                             else (vae_checkpoint.CONFIG_FILE, vae_checkpoint.FORMAT_VERSION))
-    if _stored_version(os.path.join(dst, config_file)) != version:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if not reconvert and _stored_version(os.path.join(dst, config_file)) == version:
+        _clean_orphans(dst)
+        return dst
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    lock = _wait_for_lock(dst + ".lock")
+    try:
+        remove_stale_temporaries(dst)
+        if not reconvert and _stored_version(os.path.join(dst, config_file)) == version:
+            return dst  # converted by the process we waited for
+        if os.path.lexists(dst) and not checkpoint.is_checkpoint(dst, config_file):
+            shutil.rmtree(dst)  # a cache entry too damaged to be recognised: ours to replace
         if component == "transformer":
             convert_transformer(src, dst, progress=progress, overwrite=True)
         else:
             convert_vae(src, dst, overwrite=True)
+    finally:
+        lock.unlink(missing_ok=True)
     return dst
+
+
+def _clean_orphans(dst: str) -> None:
+    """Remove the temporaries a killed conversion of `dst` left, if no live process holds its lock."""
+    if not glob.glob(glob.escape(os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}")) + ".tmp-*"):
+        return
+    try:
+        lock = acquire_lock(dst + ".lock")
+    except LockHeld:
+        return  # a conversion is running: its temporary is alive
+    try:
+        remove_stale_temporaries(dst)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _wait_for_lock(path: str):
+    """Take the lock file `path`, waiting while another live process converts the same entry."""
+    while True:
+        try:
+            return acquire_lock(path)
+        except LockHeld:
+            time.sleep(LOCK_POLL_SECONDS)
+
+
+def _load_cached(folder: str, component: str, load, *, cache: str | None, progress: bool):
+    """load(path) of the cached native checkpoint of `folder/component`; an entry that fails its
+    checks (checksums, missing files) is converted again, with one warning line."""
+    path = native_component(folder, component, cache=cache, progress=progress)
+    try:
+        return load(path)
+    except checkpoint.CheckpointError as e:
+        log.warning("%s", f"damaged conversion cache entry, converting {os.path.join(folder, component)} again: {e}")
+    return load(native_component(folder, component, cache=cache, progress=progress, reconvert=True))
 
 
 def _stored_version(config_file: str) -> int | None:
@@ -148,11 +227,13 @@ def load_model(folder: str | os.PathLike, *, dtype=None, cache: str | None = Non
     """
     folder = os.fspath(folder)
     index = _read_json(os.path.join(folder, "model_index.json"))
-    cls = index.get("_class_name")
+    cls = index.get("_class_name") if isinstance(index, dict) else None
     if cls not in PIPELINES:
         raise ValueError(f"{folder}/model_index.json names pipeline {cls!r}; fluxjax loads {sorted(PIPELINES)}")
-    config, params = load_transformer(native_component(folder, "transformer", cache=cache, progress=progress), dtype)
-    vae_config, vae_params = load_vae(native_component(folder, "vae", cache=cache, progress=progress))
+    check_model_folder(folder, text_encoder)
+    config, params = _load_cached(folder, "transformer", lambda p: load_transformer(p, dtype), cache=cache,
+                                  progress=progress)
+    vae_config, vae_params = _load_cached(folder, "vae", load_vae, cache=cache, progress=progress)
     if options is None:
         if cls == "Flux2Pipeline":
             options = samplerlib.DEV

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Float
 
+from fluxjax.config import as_tuple, type_problems
 from fluxjax.init import init_tree
 from fluxjax.numerics import attention
 
@@ -67,12 +68,16 @@ class VAEConfig:
     mid_block_add_attention: bool = True
 
     def __post_init__(self):
+        for name in ("block_out_channels", "decoder_block_out_channels", "patch_size"):
+            object.__setattr__(self, name, as_tuple(getattr(self, name)))
+        problems = type_problems(self)
+        if problems:
+            raise ValueError("invalid VAEConfig: " + "; ".join(problems))
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
         if self.decoder_block_out_channels is not None:
             object.__setattr__(self, "decoder_block_out_channels",
                                tuple(int(c) for c in self.decoder_block_out_channels))
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
-        problems = []
         for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")

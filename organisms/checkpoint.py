@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 import fluxjax
-from fluxjax.checkpoint import check_destination, config_to_json, expected_leaves, read_tree, write_tree
+from fluxjax.checkpoint import check_destination, config_to_json, expected_leaves, read_json, read_tree, write_tree
 from fluxjax.files import atomic_directory
 from fluxjax.trees import named_leaves
 from organisms import codec
@@ -56,9 +56,12 @@ def load_organism(path: str | os.PathLike) -> tuple[Organism, OrganismParams]:
     if not meta_file.is_file():
         raise FileNotFoundError(f"{meta_file}: missing; {path} is not an organism folder "
                                 f"(train one with `python -m organisms.train`)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    meta = read_json(meta_file)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{meta_file}: not a {FORMAT} v{FORMAT_VERSION} file")
+    missing = [k for k in ("name", "cuts", "encoder", "vocab", "patch", "sampler_steps") if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_file}: key {missing[0]!r} missing; the organism folder is damaged")
     if meta["vocab"] != list(VOCAB):
         raise ValueError(f"{meta_file}: the organism was trained with another vocabulary than organisms.text.VOCAB")
     if meta["patch"] != codec.PATCH:
@@ -67,7 +70,10 @@ def load_organism(path: str | os.PathLike) -> tuple[Organism, OrganismParams]:
     if meta.get("cut_blocks") != "all":
         raise ValueError(f"{meta_file}: cuts in blocks {meta.get('cut_blocks')!r}; only 'all' is defined")
     config, transformer = fluxjax.load_transformer(path / "transformer")
-    organism = Organism(name=meta["name"], transformer=config, encoder=TextEncoderConfig(**meta["encoder"]),
-                        cuts=tuple(meta["cuts"]), sampler_steps=int(meta["sampler_steps"]))
+    try:
+        organism = Organism(name=meta["name"], transformer=config, encoder=TextEncoderConfig(**meta["encoder"]),
+                            cuts=tuple(meta["cuts"]), sampler_steps=int(meta["sampler_steps"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{meta_file}: {e}") from None
     encoder = read_tree(path / "text_encoder", encoder_shapes(organism.encoder), what="encoder in organism.json")
     return organism, OrganismParams(transformer=transformer, encoder=encoder)

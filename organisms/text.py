@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from fluxjax.config import type_problems
 from fluxjax.numerics import attention, layer_norm, linear, swiglu
 from organisms.data import COLOURS, SHAPES
 
@@ -73,10 +74,13 @@ class TextEncoderConfig:
     mlp_ratio: float = 2.0
 
     def __post_init__(self):
+        problems = type_problems(self)
+        if problems:
+            raise ValueError("invalid TextEncoderConfig: " + "; ".join(problems))
+        if min(self.vocab_size, self.length, self.width, self.num_layers, self.num_heads, self.mlp_ratio) <= 0:
+            raise ValueError(f"every encoder size must be positive, got {self}")
         if self.width % self.num_heads:
             raise ValueError(f"encoder width {self.width} is not divisible by num_heads {self.num_heads}")
-        if min(self.vocab_size, self.length, self.width, self.num_layers, self.num_heads) <= 0:
-            raise ValueError(f"every encoder size must be positive, got {self}")
 
     @property
     def mlp_hidden(self) -> int:

@@ -153,3 +153,82 @@ def test_bad_folder_errors(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     with pytest.raises(ValueError, match="StableDiffusionPipeline"):
         pipeline.load_model(tmp_path)
+
+
+# --- the conversion cache recovers by itself ---------------------------------------------------
+
+
+def _flip(path) -> None:
+    data = bytearray(open(path, "rb").read())
+    mid = len(data) // 2
+    data[mid:mid + 100] = bytes(b ^ 0xFF for b in data[mid:mid + 100])
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
+def _largest_file(folder: str) -> str:
+    files = [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names if not n.endswith(".json")]
+    return max(files, key=os.path.getsize)
+
+
+def test_a_damaged_cache_entry_is_converted_again_with_one_line(folder, loaded, tmp_path, caplog):
+    import jax
+
+    model, _, _ = loaded
+    cache = str(tmp_path / "cache")
+    entry = pipeline.native_component(folder, "transformer", cache=cache)
+    _flip(_largest_file(os.path.join(entry, "params")))
+    with caplog.at_level("WARNING", logger="fluxjax.pipeline"):
+        again = pipeline.load_model(folder, cache=cache, text_encoder=False, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fluxjax.pipeline"]
+    assert len(warnings) == 1 and "converting" in warnings[0] and "differs from the checksum" in warnings[0]
+    assert "\n" not in warnings[0]
+    for a, b in zip(jax.tree_util.tree_leaves(model.params), jax.tree_util.tree_leaves(again.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sorted(n for n in os.listdir(os.path.join(cache, "native")) if n.startswith(".")) == []
+
+
+def test_orphaned_temporaries_go_only_when_provably_stale(folder, tmp_path):
+    from fluxjax.files import acquire_lock
+
+    cache = str(tmp_path / "cache")
+    entry = pipeline.native_component(folder, "vae", cache=cache)
+    orphan = os.path.join(os.path.dirname(entry), f".{os.path.basename(entry)}.tmp-999999-deadbeef")
+    os.makedirs(os.path.join(orphan, "params"))
+    lock = acquire_lock(entry + ".lock")  # a live process (this one) holds the entry: its temporary may be alive
+    try:
+        pipeline.native_component(folder, "vae", cache=cache)
+        assert os.path.isdir(orphan)
+    finally:
+        lock.unlink()
+    pipeline.native_component(folder, "vae", cache=cache)  # nobody converts it now: the orphan is stale
+    assert not os.path.exists(orphan) and not os.path.exists(entry + ".lock")
+
+
+@pytest.mark.parametrize("missing, text_encoder", [("vae", False), ("text_encoder", True), ("tokenizer", True)])
+def test_an_incomplete_folder_is_refused_before_anything_is_converted(folder, tmp_path, missing, text_encoder):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(folder, partial, ignore=shutil.ignore_patterns(missing))
+    cache = tmp_path / "cache"
+    with pytest.raises(FileNotFoundError, match=f"missing {missing}") as err:
+        pipeline.load_model(partial, cache=str(cache), text_encoder=text_encoder, progress=False)
+    assert "\n" not in str(err.value)
+    assert not cache.exists()  # nothing converted
+
+
+def test_a_bad_source_leaves_no_cache_entry_lock_or_temporary(folder, tmp_path):
+    import shutil
+
+    from fluxjax.checkpoint import CheckpointError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    os.truncate(weights, os.path.getsize(weights) // 2)
+    cache = tmp_path / "cache"
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors") as err:
+        pipeline.load_model(broken, cache=str(cache), text_encoder=False, progress=False)
+    assert "\n" not in str(err.value)
+    assert os.listdir(cache / "native") == []
