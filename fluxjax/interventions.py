@@ -314,8 +314,7 @@ def substitution(site, value, mask=None, keep=0.0) -> Substitution:
     compiling, checks it against the model's blocks). value: [B, T, D] or [T, D] (shared by the
     batch), floating point of a dtype that casts into the model's without loss (checked by the
     forward); mask: bool [B, T] or [T], e.g. `layout.text_mask('text[padding]', content_mask)` for
-    padding-only patching; a given mask with no True position is refused (it would change nothing).
-    For a sampler run, site, value or mask may be `per_step(...)` of [S, ...] arrays (one slice per
+    padding-only patching. For a sampler run, site, value or mask may be `per_step(...)` of [S, ...] arrays (one slice per
     denoising step).
     """
     value_steps, value = _unwrap(value)
@@ -334,9 +333,6 @@ def substitution(site, value, mask=None, keep=0.0) -> Substitution:
     if mask is not None and _dtype_of(mask) != np.bool_:
         raise ValueError(f"substitution mask must be boolean, got {_dtype_of(mask)}; e.g. "
                          "layout.text_mask('text[padding]', content_mask)")
-    if mask is not None and _is_concrete(mask) and not np.any(np.asarray(mask)):
-        raise ValueError("substitution mask selects no text position, so the substitution would change nothing; "
-                         "give a mask with at least one True (or no substitution)")
     mask = jnp.ones((1, value.shape[-2]), bool) if mask is None else jnp.asarray(mask)
     mask = jnp.expand_dims(mask, int(mask_steps)) if mask.ndim - int(mask_steps) == 1 else mask
     if not _broadcasts_to(mask.shape[int(mask_steps):], value.shape[lead:-1]) and \
