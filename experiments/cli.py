@@ -29,7 +29,6 @@ from typing import Any
 
 from experiments import models, report, runs, tasks as tasklib
 from experiments.context import Context
-from fluxjax.images import MIN_SIDE  # the FLUX.2 pipelines' smallest reference side
 
 # ---------------------------------------------------------------------------------------------
 # names
@@ -203,6 +202,8 @@ def task_spec(args: argparse.Namespace) -> dict:
     kind = models.kind(args.model)
     size = args.size if args.size is not None else models.default_size(kind)
     if args.size is not None:
+        from fluxjax.images import MIN_SIDE  # the FLUX.2 pipelines' smallest reference side
+
         models.check_size(kind, size, size, f"--size {size}")
         if kind == "folder" and size < MIN_SIDE:
             raise ValueError(f"--size {size}: the colour bucket's references would be {size} px; a FLUX.2 model "
