@@ -546,3 +546,32 @@ def test_a_model_folder_refuses_what_it_cannot_read_before_loading(tmp_path, cap
     write_tasks(folder / "tiny.jsonl", [good_reference(folder, 64)], size=8)
     argv = ["--model", str(model_folder), "--no-progress", *[a.replace("{in}", str(folder)) for a in argv]]
     refuse_at_once(tmp_path, capsys, "knockout", argv, expect)
+
+
+ORGANISM_CASES = [
+    ("evaluate-not-an-organism", "evaluate", ["{in}", "--out", "{out}"], ["not a readable organism folder"]),
+    ("evaluate-block", "evaluate", ["{direct}", "--out", "{out}", "--block", "99", "--n", "0"],
+     [r"--block 99: the organism has blocks 0..", "--n 0"]),
+    ("evaluate-steps", "evaluate", ["{direct}", "--out", "{out}", "--steps", "0"], ["--steps 0"]),
+    ("train-sizes", "train", ["--organism", "direct", "--out", "{out}", "--steps", "0", "--batch-size", "-1"],
+     ["--steps 0", "--batch-size -1"]),
+]
+
+
+@pytest.mark.parametrize("command, argv, expect", [c[1:] for c in ORGANISM_CASES], ids=[c[0] for c in ORGANISM_CASES])
+def test_organism_commands_refuse_bad_arguments_before_loading(tmp_path, capsys, command, argv, expect):
+    from organisms.experiment_model import committed
+
+    (tmp_path / "inputs").mkdir()
+    out = tmp_path / "out"
+    argv = [a.replace("{in}", str(tmp_path / "inputs")).replace("{out}", str(out))
+            .replace("{direct}", str(committed("direct"))) for a in argv]
+    module = importlib.import_module(f"organisms.{command}")
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and "Traceback" not in err and len(lines) == len(expect), err
+    for line, pattern in zip(lines, expect):
+        assert re.search(pattern, line), (pattern, line)
+    assert not out.exists()
