@@ -575,3 +575,23 @@ def test_organism_commands_refuse_bad_arguments_before_loading(tmp_path, capsys,
     for line, pattern in zip(lines, expect):
         assert re.search(pattern, line), (pattern, line)
     assert not out.exists()
+
+
+def test_the_experiments_read_a_16_bit_reference_as_its_8_bit_version(tmp_path):
+    """The colour metrics' reference (experiments.context) and an organism's reference tokens."""
+    from experiments.context import load_reference
+    from experiments.tasks import Task
+    from organisms.experiment_model import OrganismModel, committed
+
+    grey = grey_gradient(32, 32)
+    paths = {}
+    for name, image in (("8", PIL.Image.fromarray(grey, mode="L")), ("16", sixteen_bit(grey, "I;16"))):
+        paths[name] = tmp_path / f"ref{name}.png"
+        image.save(paths[name])
+    with PIL.Image.open(paths["16"]) as im:
+        assert im.mode == "I;16"
+    pixels = {k: load_reference(Task(task_id="t", instruction="x", reference=p)).astype(int) for k, p in paths.items()}
+    assert np.abs(pixels["16"] - pixels["8"]).max() <= 1
+    organism = OrganismModel.load(committed("direct"))
+    tokens = {k: np.asarray(organism.reference_tokens([p])[0]) for k, p in paths.items()}
+    np.testing.assert_allclose(tokens["16"], tokens["8"], atol=2 / 255)  # one level in [-1, 1] pixel units
