@@ -242,7 +242,8 @@ def check_tasks(spec: Mapping[str, Any], model: models.Spec) -> list[tasklib.Tas
     for (width, height), ids in by_size.items():  # one line per size, not per task
         more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
         try:
-            models.check_size(model.kind, width, height, f"task{'s' if len(ids) > 1 else ''} {', '.join(ids[:3])}{more}")
+            tasks = f"task{'s' if len(ids) > 1 else ''} {', '.join(ids[:3])}{more}"
+            models.check_size(model.kind, width, height, tasks)
         except ValueError as e:
             problems.append(str(e))
     if "files" in spec:

@@ -314,8 +314,8 @@ def substitution(site, value, mask=None, keep=0.0) -> Substitution:
     compiling, checks it against the model's blocks). value: [B, T, D] or [T, D] (shared by the
     batch), floating point of a dtype that casts into the model's without loss (checked by the
     forward); mask: bool [B, T] or [T], e.g. `layout.text_mask('text[padding]', content_mask)` for
-    padding-only patching. For a sampler run, site, value or mask may be `per_step(...)` of [S, ...] arrays (one slice per
-    denoising step).
+    padding-only patching. For a sampler run, site, value or mask may be `per_step(...)` of [S, ...]
+    arrays (one slice per denoising step).
     """
     value_steps, value = _unwrap(value)
     _check_float_value(_dtype_of(value), "substitution value")

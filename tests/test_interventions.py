@@ -314,7 +314,8 @@ def test_changing_values_never_retraces(params, data):
     for i, (site, k_edges) in enumerate([(0, "ref->text"), (3, "ref->image"), (BLOCK0_INPUT, ["text->ref", "image->text"])]):
         content = rng.random((2, T)) < 0.5
         iv = fluxjax.Interventions(
-            substitutions=(fluxjax.substitution(site, rng.standard_normal((2, T, D), np.float32), rng.random((2, T)) < 0.5),),
+            substitutions=(fluxjax.substitution(site, rng.standard_normal((2, T, D), np.float32),
+                                                rng.random((2, T)) < 0.5),),
             knockout=fluxjax.knockout(TINY, LAYOUT, content, k_edges, blocks=["all", ":2", [1, 4]][i]))
         outs.append(f(params, data["img"], data["txt"], data["timestep"], iv)[0])
     assert len(traces) == 1
