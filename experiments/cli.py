@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +47,24 @@ def slug(text: str) -> str:
     return out
 
 
-def parse_blocks(spec: str, num_blocks: int) -> list[int]:
-    """'all', 'a:b' / ':k' / 'k:', one block 'k', or a list 'a,b,c' -> sorted block indices."""
+def parse_blocks(spec: str, num_blocks: int, option: str = "blocks") -> list[int]:
+    """'all', 'a:b' / ':k' / 'k:', one block 'k', or a list 'a,b,c' -> sorted block indices. A spec
+    that names a block the model lacks or selects none raises a ValueError naming `option` (e.g.
+    '--layers')."""
     from fluxjax.interventions import block_indices
 
-    spec = spec.strip()
-    if "," in spec:
-        return block_indices([int(s) for s in spec.split(",") if s.strip()], num_blocks)
-    if spec == "all" or ":" in spec:
-        return block_indices(spec, num_blocks)
-    return block_indices(int(spec), num_blocks)
+    text = str(spec).strip()
+    if "," in text:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not all(p.isdigit() for p in parts):
+            raise ValueError(f"{option} {text!r}: a list of blocks is whole numbers separated by commas, e.g. '0,3,7'")
+        return block_indices([int(p) for p in parts], num_blocks, what=option)
+    if text == "all" or ":" in text:
+        return block_indices(text, num_blocks, what=option)
+    if not text.isdigit():
+        raise ValueError(f"{option} {text!r}: give 'all', one block k, 'a:b', ':k', 'k:' or 'a,b,c' "
+                         f"(this model has blocks 0..{num_blocks - 1})")
+    return block_indices(int(text), num_blocks, what=option)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,8 +84,10 @@ def blocks_from_args(args: argparse.Namespace, num_blocks: int, default: int) ->
     if args.sweep:
         return list(range(num_blocks))
     if args.blocks is not None:
-        return parse_blocks(args.blocks, num_blocks)
-    return parse_blocks(str(default if args.block is None else args.block), num_blocks)
+        return parse_blocks(args.blocks, num_blocks, "--blocks")
+    if args.block is not None:
+        return parse_blocks(str(args.block), num_blocks, "--block")
+    return parse_blocks(str(default), num_blocks)
 
 
 def sweep_settings(args: argparse.Namespace, config) -> dict:
@@ -180,6 +191,8 @@ def file_sha256(path: Path) -> str:
 def task_spec(args: argparse.Namespace) -> dict:
     """The run config's record of where the tasks come from."""
     ids = None if args.ids is None else [s.strip() for s in args.ids.split(",") if s.strip()]
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: give a positive number of tasks")
     if args.tasks is not None:
         files = []
         for given in args.tasks:
@@ -187,11 +200,147 @@ def task_spec(args: argparse.Namespace) -> dict:
             if not path.is_file():
                 raise ValueError(f"--tasks {given}: no such file")
             files.append({"file": str(path), "sha256": file_sha256(path)})
+        if args.root is not None and not Path(args.root).is_dir():
+            raise ValueError(f"--root {args.root}: no such folder")
         root = None if args.root is None else str(Path(args.root).resolve())
         return {"files": files, "root": root, "ids": ids, "limit": args.limit}
     kind = models.kind(args.model)
     size = args.size if args.size is not None else models.default_size(kind)
+    if args.size is not None:
+        from fluxjax.images import MIN_SIDE  # the FLUX.2 pipelines' smallest reference side
+
+        models.check_size(kind, size, size, f"--size {size}")
+        if kind == "folder" and size < MIN_SIDE:
+            raise ValueError(f"--size {size}: the colour bucket's references would be {size} px; a FLUX.2 model "
+                             f"folder needs references of at least {MIN_SIDE} px")
     return {"colour_bucket": {**colour_subset(args, kind), "size": size}, "ids": ids, "limit": args.limit}
+
+
+def select_tasks(spec: Mapping[str, Any]) -> list[tasklib.Task]:
+    """The tasks `spec` (see `task_spec`) selects, read from its files or generated in memory; the
+    references are not checked here (`check_tasks`)."""
+    if "files" in spec:
+        found = tasklib.read_task_files([f["file"] for f in spec["files"]], root=spec["root"])
+    else:
+        b = spec["colour_bucket"]
+        found = tasklib.colour_bucket(b["colours"], b["objects"], b["seeds"], size=b["size"],
+                                      known_objects=b["known_objects"])
+    found = tasklib.select(found, spec["ids"], spec["limit"])
+    if not found:
+        raise ValueError("--ids selects no task")
+    generated = [t.task_id for t in found if t.reference is None and "files" in spec]
+    if generated:
+        raise ValueError(f"tasks {', '.join(generated[:5])}{' ...' if len(generated) > 5 else ''} have no reference "
+                         "image (ref_seed + source_caption); these experiments need one: give real_ref_dir + "
+                         "real_ref_name or source_image_path")
+    return found
+
+
+def check_tasks(spec: Mapping[str, Any], model: models.Spec) -> list[tasklib.Task]:
+    """The tasks of `spec`, each checked for `model`: its size, and its reference image (readable,
+    of a mode that holds a picture, large enough). Raises `InputErrors`, one line per problem."""
+    found = select_tasks(spec)
+    problems = []
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for task in found:
+        by_size.setdefault((task.width, task.height), []).append(task.task_id)
+    for (width, height), ids in by_size.items():  # one line per size, not per task
+        more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
+        try:
+            tasks = f"task{'s' if len(ids) > 1 else ''} {', '.join(ids[:3])}{more}"
+            models.check_size(model.kind, width, height, tasks)
+        except ValueError as e:
+            problems.append(str(e))
+    if "files" in spec:
+        for reference in dict.fromkeys(t.reference for t in found):
+            try:
+                models.check_reference(model.kind, reference)
+            except ValueError as e:
+                problems.append(str(e))
+    if problems:
+        raise InputErrors(problems)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# the one validation step of every command
+
+
+class InputErrors(ValueError):
+    """Several input problems at once, one message each."""
+
+    def __init__(self, messages: Sequence[str]):
+        super().__init__("; ".join(messages))
+        self.messages = list(messages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """One model's inputs, every one checked before anything is loaded or any run folder is made."""
+
+    model: models.Spec
+    tasks: dict  # the run config's task record (`task_spec`)
+    found: list  # the tasks it selects
+    settings: dict  # the run config's settings
+
+
+def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, model_values: Sequence[str],
+                 settings: Callable[[argparse.Namespace, models.Spec, list | None], dict]) -> list[Checked]:
+    """The one validation step every command runs before its first expensive step (loading a model)
+    and before any run folder is made: the general options, each model named (`models.inspect`:
+    nothing loads), the tasks and their reference images for that model, and the command's
+    `settings(args, model, tasks)` (blocks, edges, pairs...; tasks None when they could not be read)
+    against the model's architecture. Every problem found is printed as one line on stderr, and the
+    command exits with code 2; nothing has been written.
+    """
+    problems: list[str] = []
+
+    def attempt(check, *check_args):
+        try:
+            return check(*check_args)
+        except InputErrors as e:
+            problems.extend(e.messages)
+        except (ValueError, KeyError, OSError) as e:
+            problems.append(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
+        return None
+
+    attempt(check_general, args)
+    out = []
+    for value in model_values:
+        model = attempt(models.inspect, value, args.dtype)
+        if model is None:
+            continue
+        margs = argparse.Namespace(**{**vars(args), "model": value})
+        spec = attempt(task_spec, margs)
+        found = None if spec is None else attempt(check_tasks, spec, model)
+        chosen = attempt(settings, margs, model, found)
+        if spec is not None and found is not None and chosen is not None:
+            out.append(Checked(model=model, tasks=spec, found=found, settings=chosen))
+    if problems:
+        lines = list(dict.fromkeys(problems))  # one model's task problems repeat for the next
+        parser.exit(2, "".join(f"{parser.prog}: error: {line}\n" for line in lines))
+    return out
+
+
+def check_general(args: argparse.Namespace) -> None:
+    """The options every command takes that need no model: --steps, --chunk."""
+    problems = []
+    if args.steps is not None and args.steps < 1:
+        problems.append(f"--steps {args.steps}: give at least one denoising step")
+    if args.chunk is not None and args.chunk < 0:
+        problems.append(f"--chunk {args.chunk}: give a positive number of cells, or 0 for a whole sweep at once")
+    if problems:
+        raise InputErrors(problems)
+
+
+def command_settings(module, args: argparse.Namespace, model: models.Spec, found: list | None) -> dict:
+    """An experiment module's settings from the command line, validated against the model's
+    architecture, and (`module.check_tasks`, where it has one) against the tasks."""
+    chosen = module.settings(args, model.config)
+    module.validate(chosen, model.config)
+    if found is not None and hasattr(module, "check_tasks"):
+        module.check_tasks(chosen, found)
+    return chosen
 
 
 def load_tasks(spec: Mapping[str, Any], run: runs.RunFolder) -> list[tasklib.Task]:
@@ -235,10 +384,11 @@ def open_context(args: argparse.Namespace, model, run: runs.RunFolder) -> Contex
                    attn_impl=args.attn_impl, show_progress=not args.no_progress)
 
 
-def base_config(args: argparse.Namespace, model, model_record: Mapping) -> dict:
-    """The parts of a run config every experiment shares (what changes the outputs)."""
+def base_config(args: argparse.Namespace, model, model_record: Mapping, tasks: Mapping | None = None) -> dict:
+    """The parts of a run config every experiment shares (what changes the outputs); tasks: the
+    task record (`task_spec`) if already made."""
     options = sampler_options(model, args.steps)
-    return {"model": dict(model_record), "tasks": task_spec(args),
+    return {"model": dict(model_record), "tasks": dict(tasks) if tasks is not None else task_spec(args),
             "sampler": {"num_steps": options.num_steps, "guidance": options.guidance,
                         "guidance_scale": options.guidance_scale},
             "chunk": _chunk_record(chunk_size(args)), "attn_impl": args.attn_impl}
@@ -314,12 +464,12 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
         check_out(args.out, module.NAME)
     except ValueError as e:
         fail(parser, str(e))
+    [checked] = check_inputs(parser, args, [args.model], functools.partial(command_settings, module))
+    spec = checked.tasks
     try:
-        spec = task_spec(args)
         model, model_record = models.load(args)
-        settings = module.settings(args, model.config)
-        module.validate(settings, model.config)
-        config = {**base_config(args, model, model_record), "experiment": module.NAME, "settings": settings}
+        config = {**base_config(args, model, model_record, spec), "experiment": module.NAME,
+                  "settings": checked.settings}
     except (ValueError, KeyError) as e:
         parser.error(str(e))
     start = time.perf_counter()

@@ -168,8 +168,8 @@ class Context:
 
 
 def load_reference(task: tasklib.Task) -> np.ndarray:
-    from PIL import Image
+    """The task's reference image as uint8 RGB [H, W, 3], every PIL mode converted as the models read it."""
+    from fluxjax.images import load_image, to_rgb
 
-    with Image.open(task.reference) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(to_rgb(load_image(task.reference)))
 

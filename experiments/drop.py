@@ -66,8 +66,9 @@ def mask_form(config, layout, content_mask, k: int):
     """ref->image cut in blocks < k, every edge of the reference cut from block k on (the study's form)."""
     from fluxjax.interventions import Interventions, cut_reference, knockout
 
-    before = knockout(config, layout, content_mask, "ref->image", range(k))
-    return Interventions(knockout=before & cut_reference(config, layout, content_mask, k))
+    # k = 0 cuts nothing before, k = n nothing after: the sweep's ends, so both allow an empty range
+    before = knockout(config, layout, content_mask, "ref->image", range(k), allow_empty=True)
+    return Interventions(knockout=before & cut_reference(config, layout, content_mask, k, allow_empty=True))
 
 
 def removal_form(config, layout, content_mask, k: int):

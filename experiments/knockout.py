@@ -83,8 +83,18 @@ def settings(args, config) -> dict:
     n = config.num_blocks
     if args.sweep_mode not in SWEEP_MODES:
         raise ValueError(f"--sweep-mode {args.sweep_mode}: choose among {list(SWEEP_MODES)}")
+    problems = []
+    for layers in args.layers:
+        try:
+            cli.parse_blocks(layers, n, "--layers")
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise cli.InputErrors(problems)
+    if args.sweep is not None and not 1 <= args.window <= n:
+        raise ValueError(f"--window {args.window}: give a width of 1..{n} blocks")
     every = list(SWEEP_MODES[args.sweep_mode][1](n, args.window))
-    sweep_from = every if args.sweep_from is None else cli.parse_blocks(args.sweep_from, n + 1)
+    sweep_from = every if args.sweep_from is None else cli.parse_blocks(args.sweep_from, n + 1, "--sweep-from")
     out = {"settings": list(dict.fromkeys(args.settings)), "layers": list(dict.fromkeys(args.layers)),
            "sweep": list(dict.fromkeys(sweep or [])), "sweep_from": sweep_from if sweep else [],
            "sweep_mode": args.sweep_mode, "window": args.window}
@@ -107,7 +117,10 @@ def validate(s: Mapping, config) -> None:
         if not edges(setting):
             raise ValueError(f"knockout setting {setting!r} names no edge")
         for layers in s["layers"]:
-            knockout(config, layout, content, edges(setting), cli.parse_blocks(layers, config.num_blocks))
+            try:
+                knockout(config, layout, content, edges(setting), cli.parse_blocks(layers, config.num_blocks))
+            except ValueError as e:
+                raise ValueError(f"knockout setting {setting!r}, layers {layers!r}: {e}") from None
     mode, n, w = s["sweep_mode"], config.num_blocks, s["window"]
     if mode not in SWEEP_MODES or not 1 <= w <= n:
         raise ValueError(f"sweep mode {mode!r}, window {w}: choose a mode among {list(SWEEP_MODES)} and 1 <= W <= {n}")
@@ -125,8 +138,9 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
     edit = ctx.edit(task.instruction, task.reference, task.seed, task.height, task.width)
     n = ctx.num_blocks
 
-    def cut(setting, blocks):
-        table = knockout(ctx.model.config, edit.layout, edit.content_mask, edges(setting), blocks)
+    def cut(setting, blocks, allow_empty=False):
+        table = knockout(ctx.model.config, edit.layout, edit.content_mask, edges(setting), blocks,
+                         allow_empty=allow_empty)
         return Interventions(knockout=table)
 
     cells, meta = [], []
@@ -138,7 +152,7 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
     for setting in s["sweep"]:
         for k in s["sweep_from"]:
             blocks, label, file = sweep_cell(s, setting, k, n)
-            cells.append(cut(setting, blocks))
+            cells.append(cut(setting, blocks, allow_empty=True))  # k = n (suffix) or 0 (prefix): the plain edit
             meta.append(dict(setting=label, edges=setting, layers=f"{blocks.start}:{blocks.stop}", from_block=k,
                              sweep_mode=s["sweep_mode"], file=file))
     images = ctx.sweep(edit, cells)

@@ -15,9 +15,11 @@ The organism side is imported only when an organism is asked for.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from experiments import tasks as tasklib
 
@@ -73,6 +75,83 @@ def default_chunk(model_kind: str):
     from experiments.sweep import AutoChunk
 
     return AutoChunk(fallback=FOLDER_CHUNK) if model_kind == "folder" else TINY_CHUNK
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A --model value inspected without loading any weights: enough to check every setting."""
+
+    value: str  # as given on the command line
+    kind: str  # 'organism' or 'folder'
+    name: str
+    config: Any  # the transformer's Flux2Config
+
+
+def inspect(model: str, dtype: str | None = None) -> Spec:
+    """Check a --model value (and --dtype) and read its transformer's architecture, loading nothing:
+    an organism's organism.json, a model folder's model_index.json and transformer config (checked
+    against its tensors' shapes, read from the file headers). ValueError naming the value otherwise."""
+    from fluxjax.checkpoint import config_from_json
+
+    model_kind = kind(model)
+    if model_kind == "organism":
+        organisms = _organisms()
+        if dtype not in (None, "float32"):
+            raise ValueError(f"--dtype {dtype}: the organisms run in float32")
+        path = organisms.committed(model) if model in organisms.NAMES else Path(os.path.expanduser(model))
+        meta_file = path / "organism.json"
+        try:
+            meta = json.loads(meta_file.read_text())
+            config = config_from_json(dict(meta["transformer"]), str(meta_file))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--model {model}: {meta_file} is not a readable organism file ({e})") from None
+        return Spec(value=model, kind=model_kind, name=str(meta.get("name", path.name)), config=config)
+
+    from fluxjax import pipeline
+    from fluxjax.conversion.convert import open_source, resolve_config
+
+    folder = os.path.abspath(os.path.expanduser(model))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--model {model}: not a committed organism ({', '.join(_organisms().NAMES)}), an organism "
+                         "folder, or a FLUX.2 model folder in the diffusers layout (no such folder)")
+    index_file = os.path.join(folder, "model_index.json")
+    try:
+        with open(index_file) as f:
+            pipeline_class = json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"--model {model}: {index_file} is missing or unreadable ({e}); a FLUX.2 model folder in "
+                         "the diffusers layout has model_index.json, transformer/, vae/, text_encoder/ and "
+                         "tokenizer/") from None
+    if pipeline_class not in pipeline.PIPELINES:
+        raise ValueError(f"--model {model}: {index_file} names pipeline {pipeline_class!r}; fluxjax loads "
+                         f"{', '.join(sorted(pipeline.PIPELINES))}")
+    try:
+        config = resolve_config(open_source(os.path.join(folder, "transformer")))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {model}: {e}") from None
+    return Spec(value=model, kind=model_kind, name=Path(folder).name, config=config)
+
+
+def check_size(model_kind: str, width: int, height: int, what: str) -> None:
+    """Refuse an output size a model of this kind cannot draw; `what` names the task or option."""
+    if model_kind == "organism":
+        from organisms.data import SIZE
+
+        if (width, height) != (SIZE, SIZE):
+            raise ValueError(f"{what}: organisms draw {SIZE} x {SIZE} images, not {width} x {height}")
+    else:
+        from fluxjax.images import MULTIPLE_OF
+
+        if min(width, height) < MULTIPLE_OF:
+            raise ValueError(f"{what}: {width} x {height} is smaller than one {MULTIPLE_OF} px token")
+
+
+def check_reference(model_kind: str, path) -> None:
+    """Refuse a reference image a model of this kind cannot read: unreadable, of a mode that holds no
+    picture, or (a model folder) smaller than the FLUX.2 pipelines accept. One line naming the file."""
+    from fluxjax import images
+
+    images.open_reference(path, min_side=0 if model_kind == "organism" else images.MIN_SIDE)
 
 
 def load(args: argparse.Namespace):

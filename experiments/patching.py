@@ -74,6 +74,15 @@ def validate(s: Mapping, config) -> None:
         raise ValueError(f"patching mode {s['mode']!r}: choose among {list(MODES)}")
 
 
+def check_tasks(s: Mapping, found: Sequence[tasklib.Task]) -> None:
+    """Refuse, before anything runs, a pair file that does not fit the tasks, tasks that give no
+    colour pairs (one colour), and a pair whose edits differ in size."""
+    pairs = tasklib.read_pairs(s["pairs"]["file"], found) if s["pairs"] is not None else tasklib.colour_pairs(found)
+    for source, target in pairs:
+        if (source.width, source.height) != (target.width, target.height):
+            raise ValueError(f"pair {source.task_id} -> {target.task_id}: sizes differ; patched edits share the size")
+
+
 def pair_file_text(pairs: Sequence[tuple[tasklib.Task, tasklib.Task]]) -> str:
     return "".join(f"{s.task_id}\t{t.task_id}\n" for s, t in pairs)
 

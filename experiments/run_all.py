@@ -73,7 +73,7 @@ def plan(config, blocks_spec: str, source_steps: int, kind: str, pairs: Path | N
     """Every experiment's settings (the run config's `settings`): the sweeps, and the study's colour
     cells (its diagonal lens, prefix study-lens; its knockouts and patching block, read from the sweeps)."""
     n, depth = config.num_blocks, config.depth
-    blocks = cli.parse_blocks(blocks_spec, n)
+    blocks = cli.parse_blocks(blocks_spec, n, "--blocks")
     ks = sorted(set(blocks) | {0, n})
     study_block = study.block(study.PATCH_BLOCK["colour"], config)
     if study_block not in blocks:
@@ -128,17 +128,25 @@ class Outcome:
     config: object  # the model's Flux2Config
 
 
-def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str) -> Outcome:
-    """The five experiments on `args.model`, into the run folder `out`."""
+def settings_of(args: argparse.Namespace, model: models.Spec, found: list | None) -> dict:
+    """Every experiment's settings for one model (the run config's `settings`), checked against its
+    architecture and, when they could be read, the tasks (the patching pairs)."""
+    if args.study:
+        settings = study.plan(model.config, args.bucket, model.kind, patching.pair_file(args.pairs))
+    else:
+        settings = plan(model.config, args.blocks, args.source_steps, model.kind, args.pairs)
+    if found is not None and "patching" in settings:
+        patching.check_tasks(settings["patching"], found)
+    return settings
+
+
+def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str, checked: cli.Checked) -> Outcome:
+    """The five experiments on `args.model`, into the run folder `out`, with inputs already checked."""
+    spec, settings = checked.tasks, checked.settings
     try:
-        spec = cli.task_spec(args)
         model, model_record = models.load(args)
         kind = model_record["kind"]
-        if args.study:
-            settings = study.plan(model.config, args.bucket, kind, patching.pair_file(args.pairs))
-        else:
-            settings = plan(model.config, args.blocks, args.source_steps, kind, args.pairs)
-        config = {**cli.base_config(args, model, model_record), "experiment": NAME, "settings": settings}
+        config = {**cli.base_config(args, model, model_record, spec), "experiment": NAME, "settings": settings}
     except (ValueError, KeyError, FileNotFoundError) as e:
         parser.error(str(e))
     start = time.perf_counter()
@@ -228,12 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             cli.check_out(out, NAME)
     except ValueError as e:
         cli.fail(parser, str(e))
+    checked = cli.check_inputs(parser, args, specs, settings_of)  # every model, before any runs
     if len(specs) == 1:
-        run_model(parser, _with_model(args, specs[0]), args.out)
+        run_model(parser, _with_model(args, specs[0]), args.out, checked[0])
         return 0
     folder = Path(args.out).resolve()
-    outcomes = [run_model(parser, _with_model(args, m), str(folder / cli.slug(name)))
-                for m, name in zip(specs, names)]
+    outcomes = [run_model(parser, _with_model(args, m), str(folder / cli.slug(name)), c)
+                for m, name, c in zip(specs, names, checked)]
     path = comparison_report(folder, outcomes)
     print(f"report: {path}")
     return 0

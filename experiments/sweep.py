@@ -30,7 +30,7 @@ import numpy as np
 
 from experiments.backend import backend
 from fluxjax import sampler as samplerlib
-from fluxjax.interventions import Capture, Captures, Interventions, stack
+from fluxjax.interventions import Capture, Captures, Interventions, check_sites, stack
 from fluxjax.layout import TokenLayout
 
 
@@ -178,6 +178,8 @@ def sweep(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence
     cells = [model.with_cuts(edit.layout, edit.content_mask, iv) for iv in cells]
     if not cells:
         raise ValueError("a sweep needs at least one cell")
+    for iv in cells:  # inside the compiled sweep the sites are traced values
+        check_sites(iv, model.config)
     size = len(cells) if chunk is None else max(1, min(int(chunk), len(cells)))
     out = []
     for start in range(0, len(cells), size):

@@ -10,6 +10,15 @@ spec section 8.3), in their order:
 
 (BFL's own code caps a single reference at 2024^2 px instead; this module follows diffusers.)
 
+Image modes (`to_rgb`). diffusers converts every reference with PIL's `image.convert("RGB")`, and so
+does this module for every mode where that is right: RGB, L, 1, CMYK, YCbCr, P (the palette's
+colours), and the alpha modes RGBA, LA, PA, whose alpha channel is dropped, keeping the colours the
+file stores (diffusers' choice: no compositing onto a background). Where PIL's conversion is wrong,
+this module differs from diffusers: 16-bit greyscale (I;16, I;16B, I;16L, and I, PIL's mode for
+16-bit PNG greyscale) is scaled to 8 bits (round(v / 257)) before anything else, where PIL clips it
+at 255 and a mid grey (20000) becomes white. F (float) keeps PIL's convention, 0..255 (as
+diffusers). PIL opens a 16-bit RGB PNG as 8-bit RGB (its high bytes) by itself.
+
 Pixels are channels-last, [H, W, 3], like every image and latent in fluxjax (`fluxjax.vae`
 defines the latent layouts: grid, patchified, packed tokens). The VAE is a function argument:
 `encode(pixels)` maps [1, H, W, 3] float32 in [-1, 1] to the bn-normalised, patchified latent
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -34,8 +44,19 @@ MAX_AREA = 1024 * 1024
 MULTIPLE_OF = 16  # VAE downsampling 8 x patch 2
 
 
+# PIL errors of a file that is not a readable image: truncated or corrupt data, a format it cannot
+# decode, or a picture too large to decode safely.
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, PIL.Image.DecompressionBombError)
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _name(source) -> str:
+    return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "given as a PIL image"
+
+
 def load_image(source) -> PIL.Image.Image:
-    """A PIL image from a path or an already open image; unreadable files raise ValueError."""
+    """A PIL image from a path or an already open image, its pixels read (so a truncated file fails
+    here); a file that is missing or not a readable image raises one ValueError naming it."""
     if isinstance(source, PIL.Image.Image):
         return source
     if not isinstance(source, (str, os.PathLike)):
@@ -45,20 +66,63 @@ def load_image(source) -> PIL.Image.Image:
             image.load()
             return image
     except FileNotFoundError:
-        raise ValueError(f"reference image {os.fspath(source)!r} does not exist") from None
-    except (PIL.UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read reference image {os.fspath(source)!r} as an image: {err}") from err
+        raise ValueError(f"reference image {_name(source)} does not exist") from None
+    except (PIL.UnidentifiedImageError, *_UNREADABLE) as err:
+        reason = "empty file" if os.path.isfile(source) and os.path.getsize(source) == 0 else str(err)
+        raise ValueError(f"cannot read reference image {_name(source)} as an image ({reason})") from None
 
 
-def check_reference(image: PIL.Image.Image) -> None:
-    """Raise ValueError unless both sides are >= 64 px and the aspect ratio is <= 8."""
+def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit greyscale image as 8-bit greyscale (L): v becomes round(v / 257); any other mode
+    unchanged (module docstring)."""
+    if image.mode in SIXTEEN_BIT_GREY:
+        values = np.asarray(image, dtype=np.float64)
+        return PIL.Image.fromarray(np.round(np.clip(values, 0, 65535) / 257).astype(np.uint8), mode="L")
+    return image
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any PIL mode that holds a picture as 8-bit RGB (module docstring); ValueError for one that does not."""
+    image = to_8bit(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the palette's colours; PIL warns when going to RGB directly
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        pass
+    try:
+        return image.convert("RGBA").convert("RGB")
+    except ValueError:
+        raise ValueError(f"cannot convert an image of PIL mode {image.mode!r} to RGB") from None
+
+
+def check_reference(image: PIL.Image.Image, name: str | None = None) -> None:
+    """Raise ValueError unless both sides are >= 64 px and the aspect ratio is <= 8; `name` (the
+    file) is named in the message."""
     width, height = image.size
+    what = "reference image" + (f" {name}" if name else "")
     if width < MIN_SIDE or height < MIN_SIDE:
-        raise ValueError(f"reference image is {width}x{height}; both sides must be at least {MIN_SIDE} px")
+        raise ValueError(f"{what} is {width}x{height}; both sides must be at least {MIN_SIDE} px")
     ratio = max(width / height, height / width)
     if ratio > MAX_ASPECT_RATIO:
-        raise ValueError(f"reference image is {width}x{height} (aspect ratio {ratio:.1f}); "
+        raise ValueError(f"{what} is {width}x{height} (aspect ratio {ratio:.1f}); "
                          f"the ratio must be at most {MAX_ASPECT_RATIO}")
+
+
+def open_reference(source, *, min_side: int = MIN_SIDE) -> PIL.Image.Image:
+    """A reference image (path or PIL), read and checked before any model work: readable, of a mode
+    `to_rgb` converts, and (min_side > 0) the size the FLUX.2 pipelines accept (`check_reference`).
+    Every failure is one ValueError naming the file."""
+    image = load_image(source)
+    try:
+        to_rgb(image)
+    except ValueError as err:
+        raise ValueError(f"reference image {_name(source)}: {err}") from None
+    if min_side > 0:
+        check_reference(image, _name(source) if isinstance(source, (str, os.PathLike)) else None)
+    return image
 
 
 def cap_area(image: PIL.Image.Image, max_area: int = MAX_AREA) -> PIL.Image.Image:
@@ -84,9 +148,8 @@ def center_crop(image: PIL.Image.Image, multiple_of: int = MULTIPLE_OF) -> PIL.I
 
 def preprocess_reference(image, max_area: int = MAX_AREA, multiple_of: int = MULTIPLE_OF) -> np.ndarray:
     """A reference image (path or PIL) -> float32 pixels [H, W, 3] in [-1, 1], H and W multiples of 16."""
-    image = load_image(image)
-    check_reference(image)
-    image = center_crop(cap_area(image, max_area), multiple_of).convert("RGB")
+    image = to_8bit(open_reference(image))
+    image = to_rgb(center_crop(cap_area(image, max_area), multiple_of))
     return 2.0 * (np.asarray(image, dtype=np.float32) / 255.0) - 1.0
 
 

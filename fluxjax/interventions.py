@@ -26,7 +26,8 @@ Axis names as in `fluxjax.numerics`; V is a sweep axis added by `vmap`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,15 @@ class PerStep:
 
 def per_step(value) -> PerStep:
     """Mark `value` (an array or pytree of arrays, each [S, ...]) as one slice per sampler step."""
-    return PerStep(jax.tree_util.tree_map(jnp.asarray, value))
+    if not jax.config.jax_enable_x64 and any(_dtype_of(x) == np.float64 for x in jax.tree_util.tree_leaves(value)):
+        raise TypeError("per_step value is float64, which JAX stores as float32 (x64 is off): the cast would lose "
+                        "precision; cast it yourself, e.g. value.astype(np.float32)")
+    value = jax.tree_util.tree_map(jnp.asarray, value)
+    leaves = jax.tree_util.tree_leaves(value)
+    if not leaves or any(leaf.ndim == 0 or leaf.shape[0] == 0 for leaf in leaves):
+        raise ValueError(f"per_step needs arrays with a leading step axis [S, ...], S >= 1; got shapes "
+                         f"{[tuple(leaf.shape) for leaf in leaves]}")
+    return PerStep(value)
 
 
 def is_per_step(node) -> bool:
@@ -132,18 +141,26 @@ class Capture:
     image_tokens: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "text", tuple(int(s) for s in self.text))
-        object.__setattr__(self, "image", tuple(int(s) for s in self.image))
-        for name, sites in (("text", self.text), ("image", self.image)):
+        for name in ("text", "image"):
+            sites = getattr(self, name)
+            if isinstance(sites, (str, bytes, Mapping)) or not isinstance(sites, Iterable):
+                raise TypeError(f"Capture {name} must be a tuple of site indices (e.g. {name}=(3,)), got {sites!r}")
+            sites = tuple(static_index(s, f"capture {name} site") for s in sites)
             if len(set(sites)) != len(sites):
                 raise ValueError(f"capture {name} sites {sites} repeat a site; ask for each site once")
-        if self.image_tokens is not None and self.image_tokens <= 0:
-            raise ValueError(f"image_tokens must be positive or None, got {self.image_tokens}")
+            object.__setattr__(self, name, sites)
+        if self.image_tokens is not None:
+            tokens = static_index(self.image_tokens, "Capture image_tokens")
+            if tokens <= 0:
+                raise ValueError(f"Capture image_tokens must be positive or None, got {tokens}")
+            object.__setattr__(self, "image_tokens", tokens)
 
     def validate(self, config: Flux2Config):
-        for s in self.text + self.image:
-            if not BLOCK0_INPUT <= s < config.num_blocks:
-                raise ValueError(f"capture site {s} out of range [-1, {config.num_blocks - 1}]")
+        for name in ("text", "image"):
+            for s in getattr(self, name):
+                if not BLOCK0_INPUT <= s < config.num_blocks:
+                    raise ValueError(f"capture {name} site {s} out of range: this model's sites are -1 (input of "
+                                     f"block 0) and its blocks 0..{config.num_blocks - 1}")
 
 
 @struct.dataclass
@@ -160,6 +177,56 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def static_index(value, what: str) -> int:
+    """`value` as a Python int: an int, a numpy integer or a concrete integer array of one element;
+    bools, floats and anything else raise a TypeError naming `what`."""
+    if isinstance(value, (bool, np.bool_)) or np.dtype(getattr(value, "dtype", np.int32)) == np.bool_:
+        raise TypeError(f"{what} must be an integer, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {value!r}") from None
+
+
+def _dtype_of(x) -> np.dtype:
+    """The dtype an array-like has (or would have as a numpy array), without converting a jax array."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def _check_float_value(dtype, what: str) -> None:
+    """Refuse a non-floating value dtype (int, bool, complex): it would be cast into the stream silently."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{what} must be a floating-point array, got dtype {dtype}; cast it to the model's dtype "
+                        "yourself if that is what you mean")
+
+
+def _check_safe_cast(dtype, stream, what: str) -> None:
+    """Refuse a value whose dtype does not cast into the stream's without loss (e.g. float32 into a
+    bfloat16 stream, float16 into bfloat16): jnp.promote_types(value, stream) must be the stream's."""
+    if jnp.promote_types(dtype, stream) != jnp.dtype(stream):
+        raise TypeError(f"{what} is {dtype} but the model's text stream is {jnp.dtype(stream)}: the cast would "
+                        f"lose precision; cast the value to {jnp.dtype(stream)} yourself if the rounding is intended")
+
+
+def check_sites(iv: Interventions | None, config: Flux2Config) -> None:
+    """Raise a ValueError for a substitution whose site (concrete: given, not traced) is not one of
+    this model's: -1 or a block 0..num_blocks-1. The forward checks this when it is called outside
+    jit; under jit the site is a traced value (changing it does not recompile), so `fluxjax.sample`
+    and the experiments call this before compiling. Sites stacked for a sweep or per step are
+    checked element by element."""
+    if iv is None:
+        return
+    nb = config.num_blocks
+    for i, sub in enumerate(iv.substitutions):
+        site = sub.site.value if is_per_step(sub.site) else sub.site
+        if not _is_concrete(site):
+            continue
+        bad = [int(s) for s in np.unique(np.asarray(site)) if not BLOCK0_INPUT <= int(s) < nb]
+        if bad:
+            raise ValueError(f"substitution {i}: site {bad[0]} out of range: this model's sites are -1 (input of "
+                             f"block 0) and its blocks 0..{nb - 1}")
+
+
 def _broadcasts_to(shape, target) -> bool:
     try:
         return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
@@ -167,11 +234,14 @@ def _broadcasts_to(shape, target) -> bool:
         return False
 
 
-def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: int, n_txt: int, n_stream: int):
-    """Raise a ValueError that says what to fix if `iv` or `capture` do not fit this forward.
+def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: int, n_txt: int, n_stream: int,
+             dtype=None):
+    """Raise a ValueError (TypeError for a dtype) that says what to fix if `iv` or `capture` do not
+    fit this forward. Shapes, dtypes and static fields only, plus the sites where they are concrete.
 
     batch, n_txt, n_stream: B, T and N of the forward's inputs (the image stream N includes the
-    reference tokens).
+    reference tokens). dtype: the text stream's (the model's); substitution values must cast into
+    it without loss.
     """
     capture.validate(config)
     if any(is_per_step(n) for n in jax.tree_util.tree_leaves(iv, is_leaf=is_per_step)):
@@ -182,8 +252,16 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
         if np.ndim(sub.site) != 0:
             raise ValueError(f"substitution {i}: site must be a scalar, got shape {np.shape(sub.site)}; "
                              "to sweep sites, vmap over a stacked site array")
+        if not jnp.issubdtype(_dtype_of(sub.site), jnp.integer):
+            raise TypeError(f"substitution {i}: site must be an integer, got dtype {_dtype_of(sub.site)}")
         if _is_concrete(sub.site) and not BLOCK0_INPUT <= int(sub.site) < nb:
-            raise ValueError(f"substitution {i}: site {int(sub.site)} out of range [-1, {nb - 1}]")
+            raise ValueError(f"substitution {i}: site {int(sub.site)} out of range: this model's sites are -1 "
+                             f"(input of block 0) and its blocks 0..{nb - 1}")
+        _check_float_value(_dtype_of(sub.value), f"substitution {i}: value")
+        if dtype is not None:
+            _check_safe_cast(_dtype_of(sub.value), dtype, f"substitution {i}: value")
+        if _dtype_of(sub.mask) != np.bool_:
+            raise TypeError(f"substitution {i}: mask must be boolean, got dtype {_dtype_of(sub.mask)}")
         if np.ndim(sub.value) != 3 or not _broadcasts_to(np.shape(sub.value), (batch, n_txt, width)):
             raise ValueError(f"substitution {i}: value of shape {np.shape(sub.value)} does not fit the text stream "
                              f"[B, T, D] = {(batch, n_txt, width)} (a batch axis of 1 is shared)")
@@ -205,7 +283,8 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
     drop = iv.drop_reference
     if drop is not None:
         if not 0 <= drop.from_block <= nb:
-            raise ValueError(f"drop_reference from block {drop.from_block}: must be in [0, {nb}]")
+            raise ValueError(f"drop_reference from block {drop.from_block} out of range: give 0..{nb} (this model "
+                             f"has blocks 0..{nb - 1}; {nb}: the references leave after the last block)")
         if not 0 < drop.num_ref_tokens < n_stream:
             raise ValueError(f"drop_reference removes {drop.num_ref_tokens} tokens from an image stream of "
                              f"{n_stream}; build it from this forward's layout")
@@ -231,11 +310,18 @@ def substitution(site, value, mask=None, keep=0.0) -> Substitution:
     """A text-stream substitution at `site`; mask None replaces every position; keep 1.0 adds `value`
     to the current activations instead of replacing them.
 
-    value: [B, T, D] or [T, D] (shared by the batch); mask: bool [B, T] or [T], e.g.
-    `layout.text_mask('text[padding]', content_mask)` for padding-only patching. For a sampler run,
-    value or mask may be `per_step(...)` of [S, ...] arrays (one slice per denoising step).
+    site: -1 (BLOCK0_INPUT) or a block index, an integer (the forward, or `fluxjax.sample` before
+    compiling, checks it against the model's blocks). value: [B, T, D] or [T, D] (shared by the
+    batch), floating point of a dtype that casts into the model's without loss (checked by the
+    forward); mask: bool [B, T] or [T], e.g. `layout.text_mask('text[padding]', content_mask)` for
+    padding-only patching. For a sampler run, site, value or mask may be `per_step(...)` of [S, ...]
+    arrays (one slice per denoising step).
     """
     value_steps, value = _unwrap(value)
+    _check_float_value(_dtype_of(value), "substitution value")
+    if not jax.config.jax_enable_x64 and _dtype_of(value) == np.float64:
+        raise TypeError("substitution value is float64, which JAX stores as float32 (x64 is off): the cast would "
+                        "lose precision; cast the value yourself, e.g. value.astype(np.float32)")
     value = jnp.asarray(value)
     lead = int(value_steps)
     if value.ndim - lead not in (2, 3):
@@ -244,17 +330,26 @@ def substitution(site, value, mask=None, keep=0.0) -> Substitution:
                          f"got shape {value.shape}{hint}")
     value = jnp.expand_dims(value, lead) if value.ndim - lead == 2 else value
     mask_steps, mask = _unwrap(mask)
+    if mask is not None and _dtype_of(mask) != np.bool_:
+        raise ValueError(f"substitution mask must be boolean, got {_dtype_of(mask)}; e.g. "
+                         "layout.text_mask('text[padding]', content_mask)")
     mask = jnp.ones((1, value.shape[-2]), bool) if mask is None else jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        raise ValueError(f"substitution mask must be boolean, got {mask.dtype}")
     mask = jnp.expand_dims(mask, int(mask_steps)) if mask.ndim - int(mask_steps) == 1 else mask
     if not _broadcasts_to(mask.shape[int(mask_steps):], value.shape[lead:-1]) and \
             not _broadcasts_to(value.shape[lead:-1], mask.shape[int(mask_steps):]):
         raise ValueError(f"substitution mask {mask.shape} does not fit value {value.shape} without its last axis")
     site_steps, site = _unwrap(site)
+    if isinstance(site, (bool, np.bool_)) or not jnp.issubdtype(_dtype_of(site), jnp.integer):
+        raise TypeError(f"substitution site must be an integer (-1 or a block index), got {site!r}")
     site = jnp.asarray(site, jnp.int32)
-    if not site_steps and site.ndim == 0 and _is_concrete(site) and int(site) < BLOCK0_INPUT:
-        raise ValueError(f"substitution site {int(site)}: use -1 (input of block 0) or a block index")
+    if site.ndim != int(site_steps):
+        raise ValueError(f"substitution site must be a scalar{' per step' if site_steps else ''}, got shape "
+                         f"{site.shape}; to sweep sites, stack substitutions (fluxjax.interventions.stack)")
+    if _is_concrete(site) and site.size and int(site.min()) < BLOCK0_INPUT:
+        raise ValueError(f"substitution site {int(site.min())}: use -1 (input of block 0) or a block index")
+    keep_dtype = _dtype_of(keep)
+    if keep_dtype == np.bool_ or jnp.issubdtype(keep_dtype, jnp.complexfloating) or np.ndim(keep) != 0:
+        raise TypeError(f"substitution keep must be a real scalar (0.0 replaces, 1.0 adds), got {keep!r}")
     return Substitution(site=PerStep(site) if site_steps else site, value=PerStep(value) if value_steps else value,
                         mask=PerStep(mask) if mask_steps else mask, keep=jnp.asarray(keep, jnp.float32))
 
@@ -272,47 +367,78 @@ def stack(items: Sequence):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *items)
 
 
-def block_indices(blocks, num_blocks: int) -> list[int]:
-    """Blocks given as 'all', an int, 'a:b' / ':k' / 'k:' slices, a range or a list of ints."""
-    if blocks is None or blocks == "all":
+def block_indices(blocks, num_blocks: int, *, allow_empty: bool = False, what: str = "blocks") -> list[int]:
+    """Blocks given as 'all', an int, 'a:b' / ':k' / 'k:' slices, a range or a list of ints.
+
+    Raises a ValueError (TypeError for a bool, a float or another type) for a block the model does
+    not have, a range past its last block, and a spec that selects no block (an empty list, 'k:k',
+    '4:2'), unless allow_empty (a sweep's no-knockout end, e.g. range(n, n)). `what` names the
+    argument in messages.
+    """
+    last = f"the valid blocks are 0..{num_blocks - 1}"
+    if blocks is None or (isinstance(blocks, str) and blocks.strip() == "all"):
         out = list(range(num_blocks))
+    elif isinstance(blocks, (bool, np.bool_)):
+        raise TypeError(f"{what} {blocks!r}: a bool selects no block; give 'all', a block index, 'a:b', ':k', 'k:' "
+                        "or a list of block indices")
     elif isinstance(blocks, (int, np.integer)):
         out = [int(blocks)]
     elif isinstance(blocks, str):
         parts = blocks.split(":")
         if len(parts) != 2:
-            raise ValueError(f"block range {blocks!r}: use 'all', 'a:b', ':k' or 'k:'")
-        start, stop = (int(p) if p.strip() else None for p in parts)
-        if any(v is not None and v < 0 for v in (start, stop)):
-            raise ValueError(f"block range {blocks!r}: negative bounds are not allowed; count blocks from 0")
-        out = list(range(num_blocks))[slice(start, stop)]
-    elif isinstance(blocks, Iterable):
-        out = [int(b) for b in blocks]
+            raise ValueError(f"{what} {blocks!r}: use 'all', 'a:b', ':k' or 'k:'")
+        bounds = []
+        for p in parts:
+            p = p.strip()
+            if p and not p.lstrip("-").isdigit():
+                raise ValueError(f"{what} {blocks!r}: the bounds must be whole numbers, as in 'a:b', ':k' or 'k:'")
+            bounds.append(int(p) if p else None)
+        if any(v is not None and v < 0 for v in bounds):
+            raise ValueError(f"{what} {blocks!r}: negative bounds are not allowed; count blocks from 0")
+        start, stop = bounds[0] or 0, num_blocks if bounds[1] is None else bounds[1]
+        if start > num_blocks or stop > num_blocks:
+            raise ValueError(f"{what} {blocks!r} reaches past the last block: {last} (a range a:b stops at most at "
+                             f"{num_blocks})")
+        out = list(range(start, stop))
+    elif isinstance(blocks, Iterable) and not isinstance(blocks, (bytes, Mapping)):
+        out = [static_index(b, f"{what}: block index") for b in blocks]
     else:
-        raise TypeError(f"cannot read blocks from {blocks!r}")
+        raise TypeError(f"{what} {blocks!r}: give 'all', a block index, 'a:b', ':k', 'k:' or a list of block indices")
     bad = [b for b in out if not 0 <= b < num_blocks]
     if bad:
-        raise ValueError(f"blocks {bad} out of range: this model has blocks 0..{num_blocks - 1}")
+        raise ValueError(f"{what} {bad} out of range: {last}")
+    if not out and not allow_empty:
+        raise ValueError(f"{what} {blocks!r} select no block ({last}); a knockout that cuts nothing is no knockout")
     return sorted(set(out))
 
 
 def _parse_edge(setting: str, layout: TokenLayout):
+    if not isinstance(setting, str):
+        raise TypeError(f"edge setting {setting!r} must be a string 'A->B', e.g. 'ref->text'")
     if "->" not in setting:
         raise ValueError(f"edge setting {setting!r} must read 'A->B' (information from A to B), e.g. 'ref->text'")
     source, dest = (s.strip() for s in setting.split("->", 1))
     # "A -> B": queries in B may not attend to keys in A.
-    return layout.groups_of(dest), layout.groups_of(source)
+    q_groups, k_groups = layout.groups_of(dest), layout.groups_of(source)
+    if not q_groups or not k_groups:
+        raise ValueError(f"edge setting {setting!r} cuts nothing: this layout has no reference tokens")
+    return q_groups, k_groups
 
 
 def knockout(config: Flux2Config, layout: TokenLayout, content_mask, edges: str | Sequence[str],
-             blocks="all") -> Knockout:
+             blocks="all", *, allow_empty: bool = False) -> Knockout:
     """Build a knockout that cuts `edges` (e.g. 'ref->text' or ['ref->text', 'ref->image']) in `blocks`.
 
     content_mask: bool [B, T] or [T], True at the instruction's tokens. Raises if some query of
-    some sample would be left with no key to attend to in some block. Combine knockouts with
+    some sample would be left with no key to attend to in some block, and if the spec cuts nothing
+    (no edge, no block, an edge between groups the layout lacks) unless allow_empty: a sweep's
+    no-knockout cell (e.g. blocks k..n-1 at k = n), equal to no knockout. Combine knockouts with
     different block ranges with `&`.
     """
     edges = [edges] if isinstance(edges, str) else list(edges)
+    if not edges and not allow_empty:
+        raise ValueError("knockout edges name no edge, so the knockout would cut nothing; give at least one "
+                         "'A->B' (e.g. 'ref->text')")
     groups = layout.group_ids(content_mask)
     G = layout.num_groups
     cut = np.ones((G, G), bool)
@@ -322,7 +448,7 @@ def knockout(config: Flux2Config, layout: TokenLayout, content_mask, edges: str 
             for gk in k_groups:
                 cut[gq, gk] = False
     allowed = np.ones((config.num_blocks, G, G), bool)
-    for b in block_indices(blocks, config.num_blocks):
+    for b in block_indices(blocks, config.num_blocks, allow_empty=allow_empty, what="knockout blocks"):
         allowed[b] = cut
     check_knockout(allowed, groups, layout)
     return Knockout(allowed=jnp.asarray(allowed), groups=jnp.asarray(groups),
@@ -331,24 +457,37 @@ def knockout(config: Flux2Config, layout: TokenLayout, content_mask, edges: str 
 
 def allow_all(config: Flux2Config, layout: TokenLayout, content_mask) -> Knockout:
     """A knockout that cuts nothing (equals no knockout; useful as a sweep's baseline cell)."""
-    return knockout(config, layout, content_mask, [], blocks=[])
+    return knockout(config, layout, content_mask, [], blocks=[], allow_empty=True)
 
 
-def cut_reference(config: Flux2Config, layout: TokenLayout, content_mask, from_block: int) -> Knockout:
+def cut_reference(config: Flux2Config, layout: TokenLayout, content_mask, from_block: int, *,
+                  allow_empty: bool = False) -> Knockout:
     """Every edge into and out of the reference tokens cut from `from_block` on: the mask form of
     `drop_reference(layout, from_block)`. References still attend to each other, so no query goes
-    empty; the non-reference outputs equal the dropped form's."""
+    empty; the non-reference outputs equal the dropped form's.
+
+    from_block: 0..num_blocks-1; num_blocks (nothing cut: a sweep's never-dropped end) only with
+    allow_empty."""
+    if layout.num_refs == 0:
+        raise ValueError("cut_reference: this layout has no reference tokens to cut")
+    n = config.num_blocks
+    from_block = static_index(from_block, "cut_reference from_block")
+    if not 0 <= from_block <= n or (from_block == n and not allow_empty):
+        raise ValueError(f"cut_reference from_block {from_block} out of range: give 0..{n - 1} (this model has "
+                         f"{n} blocks; {n} cuts nothing, allowed only with allow_empty=True)")
     edges = [f"ref->{g}" for g in ("text", "image")] + [f"{g}->ref" for g in ("text", "image")]
-    return knockout(config, layout, content_mask, edges, blocks=range(from_block, config.num_blocks))
+    return knockout(config, layout, content_mask, edges, blocks=range(from_block, n), allow_empty=allow_empty)
 
 
 def drop_reference(layout: TokenLayout, from_block: int) -> DropReference:
-    """Remove the reference tokens from the sequence from block `from_block` on (0: never seen)."""
+    """Remove the reference tokens from the sequence from block `from_block` on (0: never seen;
+    num_blocks: after the last block, the forward checks the upper bound against its model)."""
     if layout.num_refs == 0:
         raise ValueError("this layout has no reference tokens to drop")
+    from_block = static_index(from_block, "drop_reference from_block")
     if from_block < 0:
-        raise ValueError(f"from_block must be >= 0, got {from_block}")
-    return DropReference(from_block=int(from_block), num_ref_tokens=layout.n_ref)
+        raise ValueError(f"drop_reference from_block must be >= 0 (0: the reference is never seen), got {from_block}")
+    return DropReference(from_block=from_block, num_ref_tokens=layout.n_ref)
 
 
 def check_knockout(allowed, groups, layout: TokenLayout | None = None):

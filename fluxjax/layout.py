@@ -13,6 +13,7 @@ substitution masks:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -29,8 +30,11 @@ class TokenLayout:
     ref_grids: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "img_grid", tuple(int(a) for a in self.img_grid))
-        object.__setattr__(self, "ref_grids", tuple(tuple(int(a) for a in g) for g in self.ref_grids))
+        object.__setattr__(self, "n_txt", _count(self.n_txt, "n_txt"))
+        object.__setattr__(self, "img_grid", _grid(self.img_grid, "img_grid"))
+        if isinstance(self.ref_grids, (str, bytes)) or not isinstance(self.ref_grids, Iterable):
+            raise TypeError(f"ref_grids must be a tuple of (rows, cols) grids, got {self.ref_grids!r}")
+        object.__setattr__(self, "ref_grids", tuple(_grid(g, f"ref_grids[{r}]") for r, g in enumerate(self.ref_grids)))
         if self.n_txt <= 0 or min(self.img_grid) <= 0 or any(min(g) <= 0 for g in self.ref_grids):
             raise ValueError(f"every token group needs a positive size, got {self}")
 
@@ -92,7 +96,10 @@ class TokenLayout:
 
         content_mask: bool [B, n_txt] (or [n_txt]), True at the instruction's tokens.
         """
-        content = np.asarray(content_mask, dtype=bool)
+        content = np.asarray(content_mask)
+        if content.dtype != np.bool_:
+            raise TypeError(f"content mask must be boolean (True at the instruction's tokens), got dtype "
+                            f"{content.dtype}")
         if content.ndim == 1:
             content = content[None]
         if content.ndim != 2 or content.shape[1] != self.n_txt:
@@ -142,6 +149,19 @@ class TokenLayout:
             hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")  # row-major: index = h W + w
             parts.append(np.stack([np.full(h * w, t), hh.ravel(), ww.ravel(), np.zeros(h * w)], axis=1))
         return np.concatenate(parts).astype(np.int32)
+
+
+def _count(value, what: str) -> int:
+    """An int (or numpy integer) as a Python int; bools, floats and the rest raise a TypeError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"TokenLayout {what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _grid(grid, what: str) -> tuple[int, int]:
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Iterable) or len(tuple(grid)) != 2:
+        raise TypeError(f"TokenLayout {what} must be a (rows, cols) pair of integers, got {grid!r}")
+    return tuple(_count(a, what) for a in grid)
 
 
 def key_segments(n_txt: int, length: int, num_groups: int, stream_counts: tuple[int, ...] | None = None):

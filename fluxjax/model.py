@@ -122,7 +122,7 @@ def forward(params: Flux2Weights, config: Flux2Config, img, txt, timestep, img_i
     """
     iv, cap = interventions or Interventions(), capture or Capture()
     n_txt = txt.shape[1]
-    validate(iv, cap, config, img.shape[0], n_txt, img.shape[1])
+    validate(iv, cap, config, img.shape[0], n_txt, img.shape[1], params.img_in.dtype)
     dtype = params.img_in.dtype
     vec = conditioning(params, config, scale_timestep(timestep, dtype),
                        None if guidance is None else scale_timestep(guidance, dtype))

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.config import Flux2Config
-from fluxjax.interventions import Capture, Captures, Interventions, is_per_step
+from fluxjax.interventions import Capture, Captures, Interventions, check_sites, is_per_step
 from fluxjax.model import forward
 from fluxjax.schedule import NUM_TRAIN_TIMESTEPS, flux2_sigmas
 
@@ -195,6 +195,7 @@ def sample(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids, i
         raise ValueError("guidance 'embedded' needs a model with a guidance embedder ([dev]); use 'none' or 'cfg'")
     noise, sigmas = start(params, config, options, txt, img_ids, refs, noise, seed, sigmas)
     check_step_axes(interventions, options.num_steps)
+    check_sites(interventions, config)  # before compiling: inside, a site is a traced value
     if capture is not None:
         capture.validate(config)
     return _denoise(params, noise, jnp.asarray(txt), jnp.asarray(txt_ids),

@@ -257,6 +257,25 @@ def sample_grid(rows: list[tuple[str, np.ndarray | None, np.ndarray, np.ndarray]
     return canvas
 
 
+def check_arguments(args: argparse.Namespace) -> list[str]:
+    """The problems of the command line, read from organism.json without loading the organism."""
+    problems = []
+    meta_file = Path(args.organism) / "organism.json"
+    try:
+        num_blocks = json.loads(meta_file.read_text())["transformer"]
+        num_blocks = int(num_blocks["depth"]) + int(num_blocks["depth_single_blocks"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problems.append(f"{args.organism}: not a readable organism folder ({meta_file}: {e})")
+        num_blocks = None
+    if num_blocks is not None and args.block is not None and not 0 <= args.block < num_blocks:
+        problems.append(f"--block {args.block}: the organism has blocks 0..{num_blocks - 1}")
+    if args.n < 1:
+        problems.append(f"--n {args.n}: give at least one example")
+    if args.steps is not None and args.steps < 1:
+        problems.append(f"--steps {args.steps}: give at least one sampler step")
+    return problems
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("organism", help="organism folder (the run folder's organism/)")
@@ -265,6 +284,9 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=None, help="patching / lens block (default: last double)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the organism's)")
     args = parser.parse_args(argv)
+    problems = check_arguments(args)
+    if problems:  # one line each, before anything loads or is written
+        parser.exit(2, "".join(f"{parser.prog}: error: {p}\n" for p in problems))
     organism, params = _load(args.organism)
     if args.steps is not None:
         organism = dataclasses.replace(organism, sampler_steps=args.steps)

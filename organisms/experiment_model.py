@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from fluxjax.images import load_image, to_rgb
 from fluxjax.text import TextConditioning, text_ids
 from organisms import codec
 from organisms.checkpoint import load_organism
@@ -85,8 +86,8 @@ class OrganismModel:
         """Reference images (PIL or paths, resized to 32 x 32) -> (tokens [1, N_ref, 48], grids, sizes)."""
         tokens, grids, sizes = [], [], []
         for ref in references:
-            image = ref if isinstance(ref, Image.Image) else Image.open(ref)
-            pixels = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+            image = to_rgb(load_image(ref))  # every PIL mode, 16-bit greyscale scaled (fluxjax.images)
+            pixels = np.asarray(image.resize((SIZE, SIZE), Image.Resampling.BICUBIC))
             tokens.append(codec.images_to_tokens(pixels[None])[0])
             grids.append(codec.grid(SIZE, SIZE))
             sizes.append((SIZE, SIZE))

@@ -353,6 +353,11 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     parser.add_argument("--checkpoint-every", type=int, default=TrainSettings.checkpoint_every)
     args = parser.parse_args(argv)
+    problems = [f"--{name.replace('_', '-')} {value}: give a positive number" for name, value in
+                (("steps", args.steps), ("batch_size", args.batch_size), ("checkpoint_every", args.checkpoint_every),
+                 ("minutes", args.minutes)) if value is not None and value <= 0]
+    if problems:  # one line each, before anything is written
+        parser.exit(2, "".join(f"{parser.prog}: error: {p}\n" for p in problems))
     s = TrainSettings(organism=ORGANISMS[args.organism], seed=args.seed, steps=args.steps,
                       batch_size=args.batch_size, checkpoint_every=args.checkpoint_every)
     result = train(args.out, s, minutes=args.minutes)

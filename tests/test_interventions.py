@@ -251,7 +251,7 @@ def mask_form(params, data):
     k is only a value of the knockout matrices here."""
     out = {}
     for k in range(NB + 1):
-        iv = fluxjax.Interventions(knockout=fluxjax.cut_reference(TINY, LAYOUT, CONTENT, k))
+        iv = fluxjax.Interventions(knockout=fluxjax.cut_reference(TINY, LAYOUT, CONTENT, k, allow_empty=k == NB))
         o, caps = run(params, data, interventions=iv, capture=CAP_DROP)
         out[k] = np.asarray(o)[:, :LAYOUT.n_img], caps
     return out
@@ -314,7 +314,8 @@ def test_changing_values_never_retraces(params, data):
     for i, (site, k_edges) in enumerate([(0, "ref->text"), (3, "ref->image"), (BLOCK0_INPUT, ["text->ref", "image->text"])]):
         content = rng.random((2, T)) < 0.5
         iv = fluxjax.Interventions(
-            substitutions=(fluxjax.substitution(site, rng.standard_normal((2, T, D)), rng.random((2, T)) < 0.5),),
+            substitutions=(fluxjax.substitution(site, rng.standard_normal((2, T, D), np.float32),
+                                                rng.random((2, T)) < 0.5),),
             knockout=fluxjax.knockout(TINY, LAYOUT, content, k_edges, blocks=["all", ":2", [1, 4]][i]))
         outs.append(f(params, data["img"], data["txt"], data["timestep"], iv)[0])
     assert len(traces) == 1

@@ -299,8 +299,8 @@ def test_one_compiled_program_across_seeds_and_values(models):
     mask = np.ones((2, 1, N_TXT), bool)
 
     def run(seed, value, scale):
-        iv = Interventions(substitutions=(substitution(5, per_step(np.full((2, 1, N_TXT, KLEIN.hidden_size), value,
-                                                                          np.float32)), per_step(mask)),))
+        iv = Interventions(substitutions=(substitution(KLEIN.num_blocks - 1, per_step(np.full(
+            (2, 1, N_TXT, KLEIN.hidden_size), value, np.float32)), per_step(mask)),))
         opts = dataclasses.replace(options, guidance_scale=scale)
         return fluxjax.sample(params, KLEIN, opts, txt, layout.txt_ids(), layout.img_ids(), seed=seed, refs=refs,
                               interventions=iv)[0]
@@ -344,7 +344,8 @@ def test_argument_errors(models):
         fluxjax.sample(*args, seed=0, refs=refs, interventions=bad)
     with pytest.raises(ValueError, match="per_step"):  # a step axis is never guessed from the rank
         substitution(1, np.zeros((2, 1, N_TXT, KLEIN.hidden_size), np.float32))
-    stepped = Interventions(substitutions=(substitution(1, per_step(np.zeros((2, 1, N_TXT, KLEIN.hidden_size)))),))
+    stepped = Interventions(substitutions=(substitution(1, per_step(np.zeros((2, 1, N_TXT, KLEIN.hidden_size),
+                                                                             np.float32))),))
     with pytest.raises(ValueError, match="PerStep"):  # one step's forward takes no per-step value
         fluxjax.forward(params, KLEIN, np.zeros((1, layout.n_image_stream, KLEIN.in_channels), np.float32), txt,
                         np.zeros(1, np.float32), layout.img_ids(), layout.txt_ids(), interventions=stepped)
