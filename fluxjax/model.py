@@ -16,8 +16,8 @@ from flax import struct
 
 from fluxjax.blocks import double_block, single_block
 from fluxjax.config import Flux2Config
-from fluxjax.interventions import (BLOCK0_INPUT, Capture, Captures, Interventions, begin_captures, block_segments,
-                                   layer_values, record_block, substitute, validate)
+from fluxjax.apply import begin_captures, block_segments, layer_values, record_block, substitute
+from fluxjax.interventions import BLOCK0_INPUT, Capture, Captures, Interventions, validate
 from fluxjax.numerics import linear, modulate, rope_tables, timestep_embedding
 from fluxjax.params import Flux2Weights, MLPEmbedder
 
