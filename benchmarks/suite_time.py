@@ -2,8 +2,8 @@
 
     python -m benchmarks.suite_time OLD_COMMIT [NEW_COMMIT] [--out benchmarks/results/suite_time]
 
-Checks both commits out into temporary worktrees and runs their default suites (`pytest`, the
-selection in each commit's pyproject) one test file at a time, alternating the commits file by file
+Checks both commits out into temporary worktrees and runs their default suites (`pytest -m "not
+slow"`, the default selection; older commits kept it in scripts/test.sh) one test file at a time, alternating the commits file by file
 (the order rotated each file), with this interpreter and each worktree alone on PYTHONPATH. Load that
 comes and goes then falls on both sides alike. Reported: the total time of the tests both commits
 have (same node id), each side's own total, and the slowest tests of each. A test present at one
@@ -40,8 +40,8 @@ def durations(junit: Path) -> dict[str, float]:
 def run_file(tree: Path, test_file: str, junit: Path) -> tuple[float, dict[str, float], int]:
     env = dict(os.environ, PYTHONPATH=str(tree))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                           test_file], cwd=tree, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider",
+                           f"--junitxml={junit}", test_file], cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     return wall, durations(junit) if junit.exists() else {}, proc.returncode
 
