@@ -33,8 +33,9 @@ A knockout during the lens (--knockout SETTING --knockout-on source|target|both,
 the study's --knockout-setting / --knockout-side): the edges of SETTING (as experiments.knockout
 --settings) are cut at every step in the source edit (the route into the kept activations), in
 the target run (its sweep cells and a control: the unconditional target under the knockout), or
-both. The target has no reference, so edges from `ref` cut nothing there; its text groups are the
-instruction's positions, as the source's (the study's).
+both. The target has no reference: with both, only the setting's edges between groups it has are
+cut there; --knockout-on target with reference edges alone is refused (it would cut nothing). Its
+text groups are the instruction's positions, as the source's (the study's).
 
 A sweep (--sweep or --blocks) captures every block in one source run and runs every
 (positions, block) cell, single positions included, as vmapped compiled calls of one program; it
@@ -138,11 +139,25 @@ def _check_knockout(s: Mapping, config) -> None:
         raise ValueError(f"knockout setting {s['knockout']!r} names no edge")
     blocks = cli.parse_blocks(s["knockout_layers"], config.num_blocks)
     content = np.array([True, True, False, False])
-    # Stand-in layouts with every token group present: the source (one reference) and the target (none).
-    sides = {"source": ((1, 1),), "target": ()}
-    for side, refs in sides.items():
-        if s["knockout_on"] in (side, "both"):
-            cut(config, TokenLayout(n_txt=4, img_grid=(1, 1), ref_grids=refs), content, edges, blocks)
+    source, target = (TokenLayout(n_txt=4, img_grid=(1, 1), ref_grids=refs) for refs in (((1, 1),), ()))
+    if _on(s, "source"):
+        cut(config, source, content, edges, blocks)
+    if _on(s, "target"):
+        present = _edges_in(target, edges)
+        if not present and s["knockout_on"] == "target":
+            raise ValueError(f"--knockout {s['knockout']} --knockout-on target cuts nothing: the target run has no "
+                             "reference; cut it on the source (--knockout-on source or both)")
+        if present:
+            cut(config, target, content, present, blocks)
+
+
+def _edges_in(layout, edges: Sequence[str]) -> list[str]:
+    """The edges whose two groups `layout` has (the target of the lens has no reference tokens)."""
+    def has(edge):
+        src, dst = (part.strip() for part in edge.split("->", 1))
+        return bool(layout.groups_of(src)) and bool(layout.groups_of(dst))
+
+    return [e for e in edges if has(e)]
 
 
 def parse_positions(spec: str, n_txt: int) -> list[int]:
@@ -179,10 +194,14 @@ def single_positions(s: Mapping, content_mask: np.ndarray) -> list[int]:
 
 
 def _knockout(ctx: Context, s: Mapping, edit):
-    """The lens knockout (a fluxjax Knockout) for `edit`'s layout and content mask."""
+    """The lens knockout (a fluxjax Knockout) for `edit`'s layout and content mask: the setting's edges
+    that the layout has (none of the reference's on the target), None if it has none of them."""
     from fluxjax.interventions import knockout as cut
 
-    return cut(ctx.model.config, edit.layout, edit.content_mask, knockout.edges(s["knockout"]),
+    edges = _edges_in(edit.layout, knockout.edges(s["knockout"]))
+    if not edges:
+        return None
+    return cut(ctx.model.config, edit.layout, edit.content_mask, edges,
                cli.parse_blocks(s["knockout_layers"], ctx.num_blocks))
 
 
@@ -275,8 +294,9 @@ def _describe(ctx: Context, s: Mapping) -> str:
         text += (f" Knockout: {s['knockout']} cut in blocks {s['knockout_layers']} at every step of "
                  f"{sides[s['knockout_on']]}.")
         if _on(s, "target"):
-            text += (" The target has no reference, so edges from ref cut nothing there; its text groups are the "
-                     "instruction's positions. Control: the unconditional target under the knockout.")
+            text += (" The target has no reference, so only the setting's other edges are cut there (with none, "
+                     "the target runs uncut); its text groups are the instruction's positions. Control: the "
+                     "unconditional target under the knockout.")
     return text
 
 
