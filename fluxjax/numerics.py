@@ -167,6 +167,12 @@ class KeyGroups:
         # a fused compare-and-reduce rather than an [L, L] gather (which XLA on CPU runs slowly)
         return jnp.any(may_read[:, :, None, :] & key_group[:, None, :, :], axis=-1)
 
+    def whole(self) -> "KeyGroups":
+        """The same table over one segment spanning every key (its mask still built per query tile):
+        the CPU's form, where one blocked pass is faster than a pass per segment."""
+        key_groups = tuple(sorted({g for _, _, gs in self.segments for g in gs}))
+        return self.replace(segments=((0, self.segments[-1][1], key_groups),))
+
     def check(self, length: int):
         """Raise if the segments do not tile [0, length) in order, each with at least one group."""
         at = 0
@@ -424,6 +430,8 @@ def _grouped_attention(q, k, v, kg: KeyGroups, partial):
             o, lse = partial(q, ks, vs, (reads, key_onehot))
         outs.append(o)
         lses.append(lse)
+    if len(kg.segments) == 1:  # one segment: already normalised over every key a query may read
+        return outs[0].astype(v.dtype)
     lse = jnp.stack(lses)  # [P, B, Lq, H]
     top = jnp.max(lse, axis=0)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
@@ -480,8 +488,9 @@ def attention(q, k, v, mask=None, implementation: str | None = None):
     if isinstance(mask, KeyGroups):
         if implementation == "xla":
             mask = mask.dense_mask()
-        else:
-            return _grouped_attention(q, k, v, mask, _PARTIALS[implementation])
+        else:  # blocked (CPU): one pass over all keys, measured faster than one per segment
+            groups = mask.whole() if implementation == "blocked" else mask
+            return _grouped_attention(q, k, v, groups, _PARTIALS[implementation])
     if implementation == "cudnn":
         m = None if mask is None else mask[:, None, :, :]
         return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
