@@ -112,8 +112,8 @@ def bf16_flag_sweep(n: int, d: int, o: int) -> list[dict]:
         env = dict(os.environ, XLA_FLAGS=flags)
         out = subprocess.run([sys.executable, "-c", _BF16_PROBE, str(n), str(d), str(o)], env=env,
                              capture_output=True, text=True, check=True)
-        rows.append({"XLA_FLAGS": flags or "(none)", **json.loads(out.stdout.strip().splitlines()[-1]),
-                     "gflops": 2.0 * n * d * o / json.loads(out.stdout.strip().splitlines()[-1])["median_s"] / 1e9})
+        probe = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({"XLA_FLAGS": flags or "(none)", **probe, "gflops": 2.0 * n * d * o / probe["median_s"] / 1e9})
     return rows
 
 

@@ -134,35 +134,34 @@ def cells_that_fit(program_bytes, free_bytes: int, n_cells: int, headroom: float
     return int(max(1, min(n_cells, (headroom * free_bytes - fixed) // per_cell)))
 
 
-_FITTED: dict = {}
+_PROGRAM_BYTES: dict = {}  # (program shape) -> XLA's planned bytes for one and for two cells
 
 
 def fitting_chunk(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence[Interventions],
                   chunk, attn_impl: str | None = None, free_bytes: int | None = None) -> int | None:
     """Cells per call for `sweep`: an int or None as given, or for an `AutoChunk` the most cells whose
-    compiled program fits in the device's free memory (each structure and shape measured once, by
-    compiling the program for one and two cells and reading XLA's memory plan)."""
+    compiled program fits in the device's free memory (XLA's memory plan of the program for one and
+    two cells, read once per program shape; the free memory is read at every call)."""
     if not isinstance(chunk, AutoChunk):
         return chunk
     free = device_free_bytes() if free_bytes is None else free_bytes
     if free is None:
         return chunk.fallback
     model = backend(model)
-    cells = [model.with_cuts(edit.layout, edit.content_mask, iv) for iv in cells]
-    structure = jax.tree.structure(cells[0])
-    key = (model.config, options, attn_impl, structure, edit.txt.shape, edit.noise.shape, len(cells), free,
-           tuple((a.shape, a.dtype) for a in jax.tree.leaves(cells[0])))
-    if key not in _FITTED:
+    cell = model.with_cuts(edit.layout, edit.content_mask, cells[0])  # every cell has its structure and shapes
+    key = (model.config, options, attn_impl, jax.tree.structure(cell), edit.txt.shape, edit.noise.shape,
+           tuple((a.shape, a.dtype) for a in jax.tree.leaves(cell)))
+    if key not in _PROGRAM_BYTES:
         def program_bytes(v):
             compiled = _sample_many.lower(
                 model.params, edit.txt, jnp.asarray(edit.txt_ids), jnp.asarray(edit.layout.img_ids()), edit.noise,
-                edit.refs, edit.uncond, stack([cells[0]] * v), model.sigmas(options.num_steps), config=model.config,
+                edit.refs, edit.uncond, stack([cell] * v), model.sigmas(options.num_steps), config=model.config,
                 options=options, attn_impl=attn_impl).compile()
             mem = compiled.memory_analysis()
             return int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
 
-        _FITTED[key] = cells_that_fit(program_bytes, free, len(cells))
-    return _FITTED[key]
+        _PROGRAM_BYTES[key] = (program_bytes(1), program_bytes(2))
+    return cells_that_fit(lambda v: _PROGRAM_BYTES[key][v - 1], free, len(cells))
 
 
 def sweep(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence[Interventions], *,
