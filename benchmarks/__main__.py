@@ -33,6 +33,7 @@ def main(argv=None) -> int:
             if quick else ["--xla-flags"]),
         "interventions": lambda: interventions.main(
             ["--hidden", "128", "--heads", "1", "--image", "8", "8", "--ref", "8", "8", "--text", "64", "--reps", "1",
+             "--attention-reps", "1", "--attention-calls", "1",
              "--out", "benchmarks/results/interventions-quick.json", "--allow-busy", "--wait-quiet", "0"] if quick else []),
         "sampler": lambda: sampler.main(["--repeats", "1", "--allow-busy", "--wait-quiet", "0", "--out",
                                            "benchmarks/results/sampler-quick"] if quick else []),

@@ -209,8 +209,8 @@ def _dense_attention(q, k, v, mask):
 def _heads_and_query_blocks(q, k, v, per_query, query_side, block: int = ATTENTION_QUERY_BLOCK):
     """Run per_query(q_i [B, Q, K], kt_h [B, K, S], v_h [B, S, K], *extras_i) one head at a time and,
     within a head, one block of queries at a time (nested `lax.map`), so the [B, H, Lq, S] logits
-    never exist at once. query_side: arrays [B, Lq, ...] blocked with the queries (padded with True
-    / ones). per_query returns arrays [B, Q, ...]; they come back as [B, Lq, H, ...].
+    never exist at once. query_side: arrays [B, Lq, ...] blocked with the queries (padded with True,
+    or -1, every bit set: a padding query reads every key). per_query returns arrays [B, Q, ...]; they come back as [B, Lq, H, ...].
 
     K is transposed once, outside the loops, so every dot in the loop is a plain [Q, K] x [K, S]
     and [Q, S] x [S, K] product on contiguous slices. The batch axis stays a batch axis of the
@@ -226,7 +226,7 @@ def _heads_and_query_blocks(q, k, v, per_query, query_side, block: int = ATTENTI
         return a.reshape(B, n, block, *a.shape[2:]).swapaxes(0, 1)
 
     qb = blocks(q, 0).transpose(3, 0, 1, 2, 4)  # [H, n, B, Q, K]
-    extras = tuple(blocks(a, True if a.dtype == jnp.bool_ else 1) for a in query_side)  # padded queries see all keys
+    extras = tuple(blocks(a, True if a.dtype == jnp.bool_ else -1) for a in query_side)  # padded queries see all keys
     kt = k.transpose(2, 0, 3, 1)  # [H, B, K, S]
     vh = v.transpose(2, 0, 1, 3)  # [H, B, S, K]
 
@@ -295,18 +295,25 @@ def _partial_blocked(q, k, v, group_mask=None, block: int = ATTENTION_QUERY_BLOC
     """`_partial_dense` one (head, query block) at a time (CPU): the mask of a multi-group segment is
     built per query block from the table rows, in cache, and never exists for all queries."""
     scale = q.shape[-1] ** -0.5
-    key_onehot = None if group_mask is None else group_mask[1]
+    query_side = ()
+    if group_mask is not None:  # each query's readable groups and each key's group as bit sets
+        reads, key_onehot = group_mask
+        if reads.shape[-1] > 31:
+            raise ValueError(f"the blocked kernel takes at most 31 key groups in a segment, got {reads.shape[-1]}")
+        bit = (1 << np.arange(reads.shape[-1])).astype(np.int32)
+        query_side = (jnp.sum(jnp.where(reads, bit, 0), axis=-1),)  # int32 [B, Lq]
+        key_bits = jnp.sum(jnp.where(key_onehot, bit, 0), axis=-1)  # int32 [B, S]
 
-    def per_query(q_i, kt_h, v_h, *reads_i):  # [B, Q, K], [B, K, S], [B, S, K], [B, Q, m]?
+    def per_query(q_i, kt_h, v_h, *reads_i):  # [B, Q, K], [B, K, S], [B, S, K], int32 [B, Q]?
         logits = jnp.einsum("bqk,bks->bqs", q_i, kt_h, preferred_element_type=jnp.float32) * scale
-        if reads_i:
-            logits = jnp.where(_may_read(reads_i[0], key_onehot), logits, -jnp.inf)
+        if reads_i:  # one AND per logit rather than m: the mask of the (head, query block), in cache
+            logits = jnp.where((reads_i[0][:, :, None] & key_bits[:, None, :]) != 0, logits, -jnp.inf)
         row_max = jnp.max(logits, axis=-1)
         p = jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0.0)[..., None])
         p_v = jnp.einsum("bqs,bsk->bqk", p.astype(v_h.dtype), v_h, preferred_element_type=jnp.float32)
         return _lse_and_normalised(p_v, jnp.sum(p, axis=-1), row_max)
 
-    return _heads_and_query_blocks(q, k, v, per_query, () if group_mask is None else (group_mask[0],), block)
+    return _heads_and_query_blocks(q, k, v, per_query, query_side, block)
 
 
 def _partial_cudnn(q, k, v, group_mask=None):
