@@ -1,13 +1,15 @@
 """The default test suite's time at two commits, test for test.
 
-    python -m benchmarks.suite_time OLD_COMMIT [NEW_COMMIT] [--out benchmarks/results/suite_time]
+    python -m benchmarks.suite_time OLD_COMMIT [NEW_COMMIT] [--files GLOB] [--out benchmarks/results/suite_time]
 
 Checks both commits out into temporary worktrees and runs their default suites (`pytest -m "not
 slow"`, the default selection; older commits kept it in scripts/test.sh) one test file at a time, alternating the commits file by file
 (the order rotated each file), with this interpreter and each worktree alone on PYTHONPATH. Load that
 comes and goes then falls on both sides alike. Reported: the total time of the tests both commits
-have (same node id), each side's own total, and the slowest tests of each. A test present at one
-commit only is counted apart.
+have (same node id), each side's own total, the slowest tests of each and the shared tests whose time
+changed most (every shared test's pair of times is in the JSON). A test present at one commit only
+is counted apart. `--files` restricts the run to the test files matching a glob (e.g.
+'tests/test_sharding.py').
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.suite_time", description=__doc__.splitlines()[0])
     ap.add_argument("old")
     ap.add_argument("new", nargs="?", default="HEAD")
+    ap.add_argument("--files", default="tests/test_*.py", help="glob of the test files to run (default: all)")
     ap.add_argument("--out", default=str(common.RESULTS_DIR / "suite_time"))
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
             trees[side] = Path(tmp) / side
             subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(trees[side]), rev], check=True)
         try:
-            files = {s: sorted(str(p.relative_to(t)) for p in (t / "tests").glob("test_*.py")) for s, t in trees.items()}
+            files = {s: sorted(str(p.relative_to(t)) for p in t.glob(args.files)) for s, t in trees.items()}
             all_files = sorted(set(files["old"]) | set(files["new"]))
             wall = {"old": 0.0, "new": 0.0}
             tests = {"old": {}, "new": {}}
@@ -86,16 +89,21 @@ def main(argv=None) -> int:
               "tests": {s: len(tests[s]) for s in tests}, "shared_tests": len(common_ids),
               "shared_tests_s": shared, "ratio_shared_new_over_old": shared["new"] / shared["old"] if shared["old"] else None,
               "total_tests_s": {s: sum(tests[s].values()) for s in tests}, "failures": failures,
-              "slowest": {s: sorted(tests[s].items(), key=lambda kv: -kv[1])[:15] for s in tests}}
+              "slowest": {s: sorted(tests[s].items(), key=lambda kv: -kv[1])[:15] for s in tests},
+              "shared_per_test_s": {k: [tests["old"][k], tests["new"][k]] for k in common_ids}}
+    changed = sorted(common_ids, key=lambda k: -abs(tests["new"][k] - tests["old"][k]))[:15]
     md = [f"# Default suite time: {args.old} -> {args.new}", "",
           f"Load average before {load_before[0]:.2f}, after {record['load_after'][0]:.2f}; "
-          f"{record['environment']['cpu']}, {record['environment']['cpu_count']} CPUs. Files alternated between the commits.", "",
+          f"{record['environment']['cpu']}, {record['environment']['cpu_count']} CPUs. Files ({args.files}) alternated "
+          "between the commits.", "",
           common.markdown_table(["", "old", "new", "new / old"], [
               ["tests run", record["tests"]["old"], record["tests"]["new"], ""],
               [f"the {len(common_ids)} tests both have (s)", f"{shared['old']:.0f}", f"{shared['new']:.0f}",
                f"{record['ratio_shared_new_over_old']:.2f}" if record["ratio_shared_new_over_old"] else "-"],
               ["all tests (s)", f"{record['total_tests_s']['old']:.0f}", f"{record['total_tests_s']['new']:.0f}", ""],
               ["pytest processes, wall (s)", f"{wall['old']:.0f}", f"{wall['new']:.0f}", ""]])]
+    md += ["", "Shared tests whose time changed most:", "", common.markdown_table(
+        ["test", "old (s)", "new (s)"], [[k, f"{tests['old'][k]:.1f}", f"{tests['new'][k]:.1f}"] for k in changed])]
     if failures["old"] or failures["new"]:
         md += ["", f"Files with failures: old {failures['old']}, new {failures['new']}"]
     common.write_report(args.out, record, "\n".join(md))
