@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--files", default="tests/test_*.py", help="glob of the test files to run (default: all)")
     ap.add_argument("--out", default=str(common.RESULTS_DIR / "suite_time"))
     args = ap.parse_args(argv)
+    args.old, args.new = (subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], check=True,
+                                         capture_output=True, text=True).stdout.strip() for rev in (args.old, args.new))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         trees = {}
