@@ -142,18 +142,30 @@ def quality(organism, n: int = 64, design: SceneDesign = DESIGN
 # routing
 
 
-def knockout(organism, setting: str, n: int = 64) -> PassRate:
-    """Share of colour tasks whose colour is lost with `setting` cut in every block ('none': baseline)."""
+def knockout(organism, setting: str, n: int = 64, from_block: int = 0) -> PassRate:
+    """Share of colour tasks whose colour is lost with `setting` cut in blocks from_block.. (every
+    block by default; 'none': baseline)."""
     org = _load(organism)
     examples, seeds = swatch_tasks(n)
     iv = None
     if setting != "none":
         _, content = tokenize([e.instruction for e in examples])
-        iv = fluxjax.Interventions(knockout=fluxjax.knockout(org[0].transformer, EDIT_LAYOUT, content, setting))
+        blocks = range(from_block, org[0].transformer.num_blocks)
+        iv = fluxjax.Interventions(knockout=fluxjax.knockout(org[0].transformer, EDIT_LAYOUT, content, setting,
+                                                             blocks=list(blocks)))
     out = _images(_run(org, examples, seeds, interventions=iv)[0])
     lost = [colour_error(o, _swatch_lab(e)) > COLOUR_MATCH_DE00 for o, e in zip(out, examples)]
     name = "no knockout (baseline)" if setting == "none" else f"knockout {setting}"
+    if from_block:
+        name += f" from block {from_block}"
     return _rate(name, "colour lost: CIEDE2000 to the swatch > 15", lost)
+
+
+def knockout_from_blocks(organism, setting: str, n: int = 64) -> list[PassRate]:
+    """The knockout of `setting` from block k to the last, for every k: where the route is read
+    (the block after which cutting it no longer loses the colour)."""
+    org = _load(organism)
+    return [knockout(org, setting, n, from_block=k) for k in range(org[0].transformer.num_blocks)]
 
 
 def patching_pairs(n: int) -> list[tuple[int, int]]:
@@ -271,6 +283,9 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
         problems.append(f"--block {args.block}: the organism has blocks 0..{num_blocks - 1}")
     if args.n < 1:
         problems.append(f"--n {args.n}: give at least one example")
+    for setting in filter(None, args.from_block_sweep.split(",")):
+        if setting.strip() not in KNOCKOUTS:
+            problems.append(f"--from-block-sweep {setting.strip()!r}: choose from {', '.join(KNOCKOUTS)}")
     if args.steps is not None and args.steps < 1:
         problems.append(f"--steps {args.steps}: give at least one sampler step")
     return problems
@@ -283,6 +298,9 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=64, help="held-out examples per measurement")
     parser.add_argument("--block", type=int, default=None, help="patching / lens block (default: last double)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the organism's)")
+    parser.add_argument("--from-block-sweep", default="", metavar="SETTINGS",
+                        help="comma-separated knockout settings to cut from block k on, for every k "
+                             "(e.g. 'ref->text[padding],ref->image')")
     args = parser.parse_args(argv)
     problems = check_arguments(args)
     if problems:  # one line each, before anything loads or is written
@@ -295,6 +313,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     rates, images = quality(org, args.n)
     rates += routing(org, args.n, args.block)
+    for setting in filter(None, args.from_block_sweep.split(",")):
+        rates += knockout_from_blocks(org, setting.strip(), args.n)
     write_pass_rates_csv(out / "pass_rates.csv", rates)
     (out / "pass_rates.json").write_text(json.dumps([dataclasses.asdict(r) | {"rate": r.rate} for r in rates],
                                                     indent=1))

@@ -80,6 +80,9 @@ class TrainSettings:
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     attn_impl: str = "xla"  # fastest here for these short sequences; a runtime choice, kept for determinism
+    # training regimes (docs/organisms.md, "Does the route emerge?"); none cuts an attention edge
+    t2i_first_steps: int = 0  # the first steps are text-to-image only (FLUX.2's order: T2I, then editing)
+    frozen_text_encoder: bool = False  # the text encoder keeps its initial weights (FLUX.2's is frozen)
 
     def __post_init__(self):
         if not 0 < self.n_t2i < self.batch_size:
@@ -87,13 +90,25 @@ class TrainSettings:
                              f"no edit example; every step needs both")
         if self.steps <= 0 or self.checkpoint_every <= 0 or self.warmup_steps >= self.steps:
             raise ValueError("need steps > warmup_steps >= 0 and checkpoint_every > 0")
+        if not 0 <= self.t2i_first_steps < self.steps:
+            raise ValueError(f"t2i_first_steps {self.t2i_first_steps} must be in [0, steps {self.steps})")
 
     @property
     def n_t2i(self) -> int:
         return round(self.batch_size * self.t2i_share)
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The settings as JSON; a regime setting left at its default is left out, so folders made
+        before the regimes existed (the committed organisms') still match and resume."""
+        out = json.loads(json.dumps(dataclasses.asdict(self)))
+        return {k: v for k, v in out.items() if k not in REGIME_DEFAULTS or v != REGIME_DEFAULTS[k]}
+
+    def all_t2i(self, step: int) -> bool:
+        """Step `step` holds text-to-image examples only."""
+        return step < self.t2i_first_steps
+
+
+REGIME_DEFAULTS = {"t2i_first_steps": 0, "frozen_text_encoder": False}
 
 
 @struct.dataclass
@@ -106,8 +121,14 @@ class TrainState:
 
 def optimizer(s: TrainSettings) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(0.0, s.peak_lr, s.warmup_steps, s.steps, s.peak_lr * s.end_lr_ratio)
-    return optax.chain(optax.clip_by_global_norm(s.clip_norm),
-                       optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=s.weight_decay))
+    adamw = optax.chain(optax.clip_by_global_norm(s.clip_norm),
+                        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=s.weight_decay))
+    if not s.frozen_text_encoder:
+        return adamw
+    # the encoder gets no update at all (no weight decay either); clipping sees the transformer's gradients only
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
+                                 lambda p: OrganismParams(transformer=jax.tree_util.tree_map(lambda _: "train", p.transformer),
+                                                          encoder=jax.tree_util.tree_map(lambda _: "frozen", p.encoder)))
 
 
 def init_state(s: TrainSettings) -> TrainState:
@@ -130,14 +151,20 @@ def _opt_init(params, *, s: TrainSettings):
 def make_batch(s: TrainSettings, step: int, design: SceneDesign = DESIGN) -> tuple[dict, object]:
     """The arrays of training step `step` and the edit forward's interventions (the organism's cuts).
 
-    design: the scenes' design (organisms.data.DESIGN; another one only for design probes)."""
-    n_t2i = s.n_t2i
+    design: the scenes' design (organisms.data.DESIGN; another one only for design probes). A step
+    of the text-to-image-first phase (`s.all_t2i(step)`) has no edit part (batch["edit"] is None).
+    """
+    n_t2i = s.batch_size if s.all_t2i(step) else s.n_t2i
     t2i = [train_example(s.seed, step, j, "t2i", design) for j in range(n_t2i)]
     edits = [train_example(s.seed, step, j, edit_kind(s.seed, step, j, s.p_swatch), design)
              for j in range(n_t2i, s.batch_size)]
     t2i_tokens, _ = tokenize([e.instruction for e in t2i])
-    edit_tokens, edit_content = tokenize([e.instruction for e in edits])
     t2i_x0 = codec.images_to_tokens(np.stack([e.target for e in t2i]))
+    if not edits:
+        (t2i_eps,), (t2i_t,) = train_noise(s.seed, step, (t2i_x0.shape,))
+        return {"t2i": {"x0": t2i_x0, "refs": None, "tokens": t2i_tokens, "eps": t2i_eps, "t": t2i_t},
+                "edit": None}, None
+    edit_tokens, edit_content = tokenize([e.instruction for e in edits])
     edit_x0 = codec.images_to_tokens(np.stack([e.target for e in edits]))
     (t2i_eps, edit_eps), (t2i_t, edit_t) = train_noise(s.seed, step, (t2i_x0.shape, edit_x0.shape))
     batch = {
@@ -162,6 +189,8 @@ def flow_loss(params, s: TrainSettings, part, interventions):
 
 def loss_fn(params, s: TrainSettings, batch, interventions):
     l_t2i = flow_loss(params, s, batch["t2i"], None)
+    if batch["edit"] is None:  # a text-to-image-only step; its edit loss is reported as NaN
+        return jnp.mean(l_t2i), (jnp.mean(l_t2i), jnp.full((), jnp.nan))
     l_edit = flow_loss(params, s, batch["edit"], interventions)
     return jnp.mean(jnp.concatenate([l_t2i, l_edit])), (jnp.mean(l_t2i), jnp.mean(l_edit))
 
@@ -352,14 +381,22 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=TrainSettings.steps, help="schedule length")
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     parser.add_argument("--checkpoint-every", type=int, default=TrainSettings.checkpoint_every)
+    regimes = parser.add_argument_group("training regimes (no attention edge is cut by any of them)")
+    regimes.add_argument("--t2i-first", type=int, default=0, metavar="STEPS",
+                         help="the first STEPS steps are text-to-image only; edits join after them")
+    regimes.add_argument("--frozen-text-encoder", action="store_true",
+                         help="train the transformer only; the text encoder keeps its initial weights")
     args = parser.parse_args(argv)
     problems = [f"--{name.replace('_', '-')} {value}: give a positive number" for name, value in
                 (("steps", args.steps), ("batch_size", args.batch_size), ("checkpoint_every", args.checkpoint_every),
                  ("minutes", args.minutes)) if value is not None and value <= 0]
+    if not 0 <= args.t2i_first < args.steps:
+        problems.append(f"--t2i-first {args.t2i_first}: give 0 <= STEPS < --steps {args.steps}")
     if problems:  # one line each, before anything is written
         parser.exit(2, "".join(f"{parser.prog}: error: {p}\n" for p in problems))
     s = TrainSettings(organism=ORGANISMS[args.organism], seed=args.seed, steps=args.steps,
-                      batch_size=args.batch_size, checkpoint_every=args.checkpoint_every)
+                      batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
+                      t2i_first_steps=args.t2i_first, frozen_text_encoder=args.frozen_text_encoder)
     result = train(args.out, s, minutes=args.minutes)
     state = "finished" if result.finished else "stopped by the time cap"
     print(f"{s.organism.name}: {result.steps_done}/{s.steps} steps, {state}; organism in {result.organism_dir}")

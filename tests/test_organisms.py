@@ -248,6 +248,56 @@ def test_run_folder_and_export(straight_run):
     assert not _same(params, fresh)  # the EMA moved away from the initial parameters
 
 
+# ---------------------------------------------------------------------------------------------
+# training regimes (no cuts): text-to-image first, frozen text encoder
+
+
+def test_text_to_image_first_steps_hold_no_edit():
+    s = dataclasses.replace(SETTINGS, organism=TINY_DIRECT, t2i_first_steps=4)
+    early, iv = make_batch(s, 3)
+    assert early["edit"] is None and iv is None and early["t2i"]["x0"].shape[0] == s.batch_size
+    late, _ = make_batch(s, 4)
+    assert late["edit"]["x0"].shape[0] == s.batch_size - s.n_t2i
+    plain, _ = make_batch(dataclasses.replace(s, t2i_first_steps=0), 4)
+    assert all(np.array_equal(late[p][k], plain[p][k]) for p in ("t2i", "edit") for k in ("x0", "tokens", "eps"))
+    # a regime left at its default is not written, so folders made before the regimes still resume
+    assert "t2i_first_steps" not in SETTINGS.to_json() and s.to_json()["t2i_first_steps"] == 4
+    with pytest.raises(ValueError, match="t2i_first_steps"):
+        dataclasses.replace(s, t2i_first_steps=s.steps)
+
+
+def test_regimes_train_without_cuts(tmp_path):
+    s = dataclasses.replace(SETTINGS, organism=TINY_DIRECT, steps=4, t2i_first_steps=2, frozen_text_encoder=True)
+    result = train(tmp_path / "run", s, progress=False)
+    rows = result.losses
+    assert [np.isnan(r["loss_edit"]) for r in rows] == [True, True, False, False]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["loss_t2i"]) for r in rows)
+    organism, params = load_organism(result.organism_dir)
+    assert organism.cuts == ()
+    fresh = init_organism(TINY_DIRECT, 0)
+    # frozen: not updated, not decayed (the exported EMA of a constant equals it up to rounding)
+    for got, init in zip(jax.tree_util.tree_leaves(params.encoder), jax.tree_util.tree_leaves(fresh.encoder)):
+        np.testing.assert_allclose(got, init, rtol=1e-6, atol=0)
+    assert not _same(params.transformer, fresh.transformer)
+    with pytest.raises(ValueError, match="other settings"):  # the regime is part of the folder's settings
+        train(tmp_path / "run", dataclasses.replace(s, frozen_text_encoder=False), progress=False)
+
+
+def test_knockout_from_block_k_cuts_only_the_later_blocks(monkeypatch):
+    from organisms import evaluate
+
+    seen = []
+    monkeypatch.setattr(evaluate, "_run", lambda org, examples, seeds, interventions=None, **_: seen.append(
+        interventions) or (jnp.zeros((len(examples), 64, codec.CHANNELS)), {}))
+    org = (TINY_DIRECT, init_organism(TINY_DIRECT, 0))
+    rates = evaluate.knockout_from_blocks(org, "ref->image", n=2)
+    assert [r.setting for r in rates] == ["knockout ref->image"] + [
+        f"knockout ref->image from block {k}" for k in range(1, TINY.num_blocks)]
+    for k, iv in enumerate(seen):
+        allowed = np.asarray(iv.knockout.allowed)
+        assert allowed[:k].all() and not allowed[k:].all(axis=(1, 2)).any()
+
+
 def test_patching_pairs_share_the_instruction_and_differ_in_colour():
     from organisms.evaluate import MIN_PAIR_DE00, _de, patching_pairs, swatch_tasks
 
