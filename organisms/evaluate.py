@@ -45,9 +45,8 @@ from fluxjax.metrics import (COLOUR_MATCH_DE00, PassRate, ciede2000, closer_to_s
 from organisms import codec
 from organisms.checkpoint import load_organism
 from organisms.data import COLOURS, DESIGN, Example, SceneDesign, heldout_examples
-from organisms.model import EDIT_LAYOUT, GRID, T2I_LAYOUT, Organism, OrganismParams, generate
+from organisms.model import GRID, Organism, OrganismParams, generate
 from organisms.shapes import classify
-from organisms.text import tokenize
 
 KNOCKOUTS = ("ref->image", "ref->text", "ref->text[padding]", "ref->text[content]")
 MODES = {"all": "text", "padding": "text[padding]", "content": "text[content]"}
@@ -72,7 +71,7 @@ def _run(org, examples, seeds, *, refs=True, interventions=None, capture=None, n
     """Sample the examples in one batch; returns (tokens, captures)."""
     organism, params = org
     if tokens is None:
-        tokens, content = tokenize([e.instruction for e in examples])
+        tokens, content = organism.tokenize([e.instruction for e in examples])
     else:
         tokens, content = tokens
     ref_tokens = jnp.asarray(codec.images_to_tokens(np.stack([e.reference for e in examples]))) if refs else None
@@ -149,9 +148,10 @@ def knockout(organism, setting: str, n: int = 64, from_block: int = 0) -> PassRa
     examples, seeds = swatch_tasks(n)
     iv = None
     if setting != "none":
-        _, content = tokenize([e.instruction for e in examples])
+        _, content = org[0].tokenize([e.instruction for e in examples])
         blocks = range(from_block, org[0].transformer.num_blocks)
-        iv = fluxjax.Interventions(knockout=fluxjax.knockout(org[0].transformer, EDIT_LAYOUT, content, setting,
+        iv = fluxjax.Interventions(knockout=fluxjax.knockout(org[0].transformer, org[0].layout(refs=True), content,
+                                                             setting,
                                                              blocks=list(blocks)))
     out = _images(_run(org, examples, seeds, interventions=iv)[0])
     lost = [colour_error(o, _swatch_lab(e)) > COLOUR_MATCH_DE00 for o, e in zip(out, examples)]
@@ -203,8 +203,8 @@ def patching(organism, mode: str = "padding", block: int | None = None, n: int =
     sources = [examples[s] for s, _ in pairs]
     targets = [examples[t] for _, t in pairs]
     _, caps = _run(org, sources, [seeds[s] for s, _ in pairs], capture=fluxjax.Capture(text=(block,)))
-    _, content = tokenize([e.instruction for e in targets])
-    mask = EDIT_LAYOUT.text_mask(MODES[mode], content)
+    _, content = org[0].tokenize([e.instruction for e in targets])
+    mask = org[0].layout(refs=True).text_mask(MODES[mode], content)
     sub = fluxjax.substitution(block, per_step(caps.text[:, 0]), mask)  # value [S, B, T, D]: one slice per step
     out = _images(_run(org, targets, [seeds[t] for _, t in pairs],
                        interventions=fluxjax.Interventions(substitutions=(sub,)))[0])
@@ -219,9 +219,9 @@ def lens(organism, mode: str = "all", block: int | None = None, n: int = 64) -> 
     block = default_block(org) if block is None else block
     examples, seeds = swatch_tasks(n)
     _, caps = _run(org, examples, seeds, capture=fluxjax.Capture(text=(block,)), num_steps=1)
-    _, content = tokenize([e.instruction for e in examples])
-    empty = tokenize([""] * n)
-    mask = T2I_LAYOUT.text_mask(MODES[mode], content)
+    _, content = org[0].tokenize([e.instruction for e in examples])
+    empty = org[0].tokenize([""] * n)
+    mask = org[0].layout(refs=False).text_mask(MODES[mode], content)
     sub = fluxjax.substitution(fluxjax.BLOCK0_INPUT, caps.text[0, 0], mask)  # the 1-step run's only step
     out = _images(_run(org, examples, _next_seeds(seeds), refs=False, tokens=empty,
                        interventions=fluxjax.Interventions(substitutions=(sub,)))[0])

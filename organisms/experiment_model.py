@@ -31,7 +31,6 @@ from organisms.checkpoint import load_organism
 from organisms.data import SIZE
 from organisms.model import ORGANISMS, SAMPLER, Organism, OrganismParams, organism_interventions, sigmas, \
     text_features
-from organisms.text import tokenize
 
 COMMITTED = Path(__file__).parent / "checkpoints"  # the committed organisms, one folder each
 NAMES = tuple(ORGANISMS)
@@ -77,7 +76,7 @@ class OrganismModel:
         return sigmas(num_steps)
 
     def encode_prompts(self, prompts) -> TextConditioning:
-        tokens, content = tokenize(list(prompts))
+        tokens, content = self.organism.tokenize(list(prompts))
         embeds = np.asarray(text_features(self.organism_params, self.organism, jnp.asarray(tokens)), np.float32)
         return TextConditioning(embeds=embeds, content_mask=content, txt_ids=text_ids(tokens.shape[1]),
                                 input_ids=tokens.astype(np.int64), attention_mask=np.ones(tokens.shape, np.int64))

@@ -78,6 +78,19 @@ class Organism:
             raise ValueError(f"the codec writes {codec.CHANNELS} channels per token, the transformer reads "
                              f"{self.transformer.in_channels}")
 
+    @property
+    def text_length(self) -> int:
+        """Text positions T (the encoder's length; TEXT_LENGTH unless a training regime changed it)."""
+        return self.encoder.length
+
+    def layout(self, refs: bool) -> TokenLayout:
+        """[text T | image 64] or, with a reference, [text T | image 64 | reference 64]."""
+        return TokenLayout(n_txt=self.text_length, img_grid=GRID, ref_grids=(GRID,) if refs else ())
+
+    def tokenize(self, instructions) -> tuple[np.ndarray, np.ndarray]:
+        """`organisms.text.tokenize` at this organism's text length."""
+        return tokenize(instructions, self.text_length)
+
 
 DIRECT = Organism("direct")
 TEXT_ROUTED = Organism("text-routed", cuts=("ref->image", "ref->text[content]"))
@@ -156,10 +169,6 @@ def text_features(params: OrganismParams, organism: Organism, tokens) -> jax.Arr
     return encode(params.encoder, organism.encoder, tokens)
 
 
-def layout_for(refs) -> TokenLayout:
-    return T2I_LAYOUT if refs is None else EDIT_LAYOUT
-
-
 def velocity(params: OrganismParams, organism: Organism, x, refs, tokens, t, interventions=None, capture=None,
              attn_impl: str | None = None):
     """(The predicted velocity [B, 64, 48] of the noisy tokens x at time t [B], Captures): training's
@@ -168,7 +177,7 @@ def velocity(params: OrganismParams, organism: Organism, x, refs, tokens, t, int
     refs: reference tokens [B, 64, 48] or None; interventions: built by `organism_interventions`
     for this layout (on the host: the knockout needs the concrete content mask).
     """
-    layout = layout_for(refs)
+    layout = organism.layout(refs is not None)
     img = x if refs is None else jnp.concatenate([x, refs], axis=1)
     out, captures = fluxjax.forward(params.transformer, organism.transformer, img,
                                     text_features(params, organism, tokens), t, layout.img_ids(), layout.txt_ids(),
@@ -186,7 +195,7 @@ def generate(params: OrganismParams, organism: Organism, tokens, content_mask, *
     `tokens` (e.g. the empty prompt's, for a lens run). num_steps: None for the organism's
     `sampler_steps`. Returns what `fluxjax.sample` returns: (tokens, captures).
     """
-    layout = layout_for(refs)
+    layout = organism.layout(refs is not None)
     if txt is None:
         txt = text_features(params, organism, tokens)
     iv = organism_interventions(organism, layout, content_mask, interventions)
@@ -200,7 +209,7 @@ def generate(params: OrganismParams, organism: Organism, tokens, content_mask, *
 def generate_images(params: OrganismParams, organism: Organism, instructions, references=None, *, seeds,
                     interventions: Interventions | None = None, num_steps: int | None = None) -> np.ndarray:
     """uint8 images [B, 32, 32, 3] for instructions and (optional) uint8 references [B, 32, 32, 3]."""
-    tokens, content = tokenize(list(instructions))
+    tokens, content = organism.tokenize(list(instructions))
     refs = None if references is None else jnp.asarray(codec.images_to_tokens(np.asarray(references)))
     out, _ = generate(params, organism, tokens, content, refs=refs, seed=np.asarray(seeds),
                       interventions=interventions, num_steps=num_steps)

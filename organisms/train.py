@@ -59,9 +59,8 @@ from fluxjax.trees import named_leaves
 from organisms import codec
 from organisms.checkpoint import save_organism
 from organisms.data import DESIGN, SceneDesign, edit_kind, train_example, train_noise
-from organisms.model import EDIT_LAYOUT, ORGANISMS, Organism, OrganismParams, init_organism, organism_interventions, \
+from organisms.model import ENCODER, ORGANISMS, Organism, OrganismParams, init_organism, organism_interventions, \
     velocity
-from organisms.text import tokenize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +108,7 @@ class TrainSettings:
 
 
 REGIME_DEFAULTS = {"t2i_first_steps": 0, "frozen_text_encoder": False}
+MIN_TEXT_LENGTH = 8  # the template tokens and the longest instruction ("draw a triangle in this color")
 
 
 @struct.dataclass
@@ -158,13 +158,13 @@ def make_batch(s: TrainSettings, step: int, design: SceneDesign = DESIGN) -> tup
     t2i = [train_example(s.seed, step, j, "t2i", design) for j in range(n_t2i)]
     edits = [train_example(s.seed, step, j, edit_kind(s.seed, step, j, s.p_swatch), design)
              for j in range(n_t2i, s.batch_size)]
-    t2i_tokens, _ = tokenize([e.instruction for e in t2i])
+    t2i_tokens, _ = s.organism.tokenize([e.instruction for e in t2i])
     t2i_x0 = codec.images_to_tokens(np.stack([e.target for e in t2i]))
     if not edits:
         (t2i_eps,), (t2i_t,) = train_noise(s.seed, step, (t2i_x0.shape,))
         return {"t2i": {"x0": t2i_x0, "refs": None, "tokens": t2i_tokens, "eps": t2i_eps, "t": t2i_t},
                 "edit": None}, None
-    edit_tokens, edit_content = tokenize([e.instruction for e in edits])
+    edit_tokens, edit_content = s.organism.tokenize([e.instruction for e in edits])
     edit_x0 = codec.images_to_tokens(np.stack([e.target for e in edits]))
     (t2i_eps, edit_eps), (t2i_t, edit_t) = train_noise(s.seed, step, (t2i_x0.shape, edit_x0.shape))
     batch = {
@@ -172,7 +172,7 @@ def make_batch(s: TrainSettings, step: int, design: SceneDesign = DESIGN) -> tup
         "edit": {"x0": edit_x0, "refs": codec.images_to_tokens(np.stack([e.reference for e in edits])),
                  "tokens": edit_tokens, "eps": edit_eps, "t": edit_t},
     }
-    return batch, organism_interventions(s.organism, EDIT_LAYOUT, edit_content)
+    return batch, organism_interventions(s.organism, s.organism.layout(refs=True), edit_content)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,6 +384,8 @@ def main(argv=None):
     regimes = parser.add_argument_group("training regimes (no attention edge is cut by any of them)")
     regimes.add_argument("--t2i-first", type=int, default=0, metavar="STEPS",
                          help="the first STEPS steps are text-to-image only; edits join after them")
+    regimes.add_argument("--text-length", type=int, default=ENCODER.length, metavar="T",
+                         help=f"text positions (default {ENCODER.length}): a longer text has more padding positions")
     regimes.add_argument("--frozen-text-encoder", action="store_true",
                          help="train the transformer only; the text encoder keeps its initial weights")
     args = parser.parse_args(argv)
@@ -392,9 +394,14 @@ def main(argv=None):
                  ("minutes", args.minutes)) if value is not None and value <= 0]
     if not 0 <= args.t2i_first < args.steps:
         problems.append(f"--t2i-first {args.t2i_first}: give 0 <= STEPS < --steps {args.steps}")
+    if args.text_length < MIN_TEXT_LENGTH:
+        problems.append(f"--text-length {args.text_length}: the longest instruction needs {MIN_TEXT_LENGTH} positions")
     if problems:  # one line each, before anything is written
         parser.exit(2, "".join(f"{parser.prog}: error: {p}\n" for p in problems))
-    s = TrainSettings(organism=ORGANISMS[args.organism], seed=args.seed, steps=args.steps,
+    organism = ORGANISMS[args.organism]
+    if args.text_length != organism.text_length:
+        organism = dataclasses.replace(organism, encoder=dataclasses.replace(organism.encoder, length=args.text_length))
+    s = TrainSettings(organism=organism, seed=args.seed, steps=args.steps,
                       batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
                       t2i_first_steps=args.t2i_first, frozen_text_encoder=args.frozen_text_encoder)
     result = train(args.out, s, minutes=args.minutes)

@@ -25,6 +25,7 @@ from organisms.model import (DIRECT, EDIT_LAYOUT, T2I_LAYOUT, TEXT_ROUTED, TRANS
 from organisms.shapes import classify
 from organisms.text import END, PAD, START, TEXT_LENGTH, TOKEN_IDS, detokenize, tokenize
 from organisms.train import TrainSettings, make_batch, train
+from organisms.train import main as train_main
 
 TINY = dataclasses.replace(TRANSFORMER, hidden_size=32, num_heads=2, axes_dim=(4, 4, 4, 4), depth=1,
                            depth_single_blocks=1)
@@ -281,6 +282,25 @@ def test_regimes_train_without_cuts(tmp_path):
     assert not _same(params.transformer, fresh.transformer)
     with pytest.raises(ValueError, match="other settings"):  # the regime is part of the folder's settings
         train(tmp_path / "run", dataclasses.replace(s, frozen_text_encoder=False), progress=False)
+
+
+def test_a_longer_text_runs_through_training_sampling_and_evaluation(tmp_path):
+    from organisms import evaluate
+
+    longer = dataclasses.replace(TINY_DIRECT, encoder=dataclasses.replace(TINY_DIRECT.encoder, length=48))
+    s = dataclasses.replace(SETTINGS, organism=longer, steps=3)
+    batch, _ = make_batch(s, 0)
+    assert batch["t2i"]["tokens"].shape == (s.n_t2i, 48) and batch["edit"]["tokens"].shape[1] == 48
+    result = train(tmp_path / "run", s, progress=False)
+    organism, params = load_organism(result.organism_dir)
+    assert organism.text_length == 48 and organism.layout(refs=True).n_txt == 48
+    org = (organism, params)
+    for rate in (evaluate.knockout(org, "ref->text[padding]", n=2), evaluate.lens(org, "padding", n=2),
+                 evaluate.patching(org, "padding", n=2)):
+        assert rate.n == 2
+    with pytest.raises(SystemExit):
+        train_main(["--organism", "direct", "--out", str(tmp_path / "short"), "--text-length", "7"])
+    assert not (tmp_path / "short").exists()
 
 
 def test_knockout_from_block_k_cuts_only_the_later_blocks(monkeypatch):
