@@ -303,6 +303,35 @@ def test_a_longer_text_runs_through_training_sampling_and_evaluation(tmp_path):
     assert not (tmp_path / "short").exists()
 
 
+def test_compare_puts_runs_side_by_side(tmp_path, capsys):
+    from organisms import compare
+    from organisms.evaluate import _rate
+
+    def run(name, settings, rates):
+        folder = tmp_path / name
+        (folder / "eval").mkdir(parents=True)
+        (folder / "train_settings.json").write_text(json.dumps(settings.to_json()))
+        (folder / "summary.json").write_text(json.dumps({"steps_done": 20, "steps": 20, "train_seconds": 90.0,
+                                                         "final_loss_mean_last_50": 0.5}))
+        (folder / "eval" / "pass_rates.json").write_text(json.dumps(
+            [dataclasses.asdict(r) | {"rate": r.rate} for r in rates]))
+        return f"{name}={folder}:{folder / 'eval'}"
+
+    plain = run("plain", SETTINGS, [_rate("knockout ref->text", "lost", [True, False])])
+    frozen = run("frozen", dataclasses.replace(SETTINGS, frozen_text_encoder=True),
+                 [_rate("knockout ref->text", "lost", [True, True]), _rate("lens all @ block 1", "shown", [False])])
+    assert compare.main([plain, frozen, "--out", str(tmp_path / "table.md")]) == 0
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    assert lines[0] == "| measure | plain | frozen |"
+    assert "| training regime | none (plain) | frozen_text_encoder = True |" in lines
+    assert "| routing cuts in training | ref->image, ref->text[content] | ref->image, ref->text[content] |" in lines
+    assert "| knockout ref->text | 1/2 = 50% | 2/2 = 100% |" in lines
+    assert "| lens all @ block 1 |  | 0/1 = 0% |" in lines
+    with pytest.raises(SystemExit):
+        compare.main([f"x={tmp_path}:{tmp_path}"])
+    assert "summary.json does not exist" in capsys.readouterr().err
+
+
 def test_knockout_from_block_k_cuts_only_the_later_blocks(monkeypatch):
     from organisms import evaluate
 
