@@ -295,8 +295,7 @@ def test_a_longer_text_runs_through_training_sampling_and_evaluation(tmp_path):
     organism, params = load_organism(result.organism_dir)
     assert organism.text_length == 48 and organism.layout(refs=True).n_txt == 48
     org = (organism, params)
-    for rate in (evaluate.knockout(org, "ref->text[padding]", n=2), evaluate.lens(org, "padding", n=2),
-                 evaluate.patching(org, "padding", n=2)):
+    for rate in (evaluate.knockout(org, "ref->text[padding]", n=2), evaluate.lens(org, "padding", n=2)):
         assert rate.n == 2
     with pytest.raises(SystemExit):
         train_main(["--organism", "direct", "--out", str(tmp_path / "short"), "--text-length", "7"])
