@@ -392,7 +392,7 @@ def main(argv=None):
     problems = [f"--{name.replace('_', '-')} {value}: give a positive number" for name, value in
                 (("steps", args.steps), ("batch_size", args.batch_size), ("checkpoint_every", args.checkpoint_every),
                  ("minutes", args.minutes)) if value is not None and value <= 0]
-    if not 0 <= args.t2i_first < args.steps:
+    if args.t2i_first < 0 or 0 < args.steps <= args.t2i_first:  # (a bad --steps is reported on its own)
         problems.append(f"--t2i-first {args.t2i_first}: give 0 <= STEPS < --steps {args.steps}")
     if args.text_length < MIN_TEXT_LENGTH:
         problems.append(f"--text-length {args.text_length}: the longest instruction needs {MIN_TEXT_LENGTH} positions")

@@ -557,6 +557,8 @@ ORGANISM_CASES = [
     ("evaluate-steps", "evaluate", ["{direct}", "--out", "{out}", "--steps", "0"], ["--steps 0"]),
     ("train-sizes", "train", ["--organism", "direct", "--out", "{out}", "--steps", "0", "--batch-size", "-1"],
      ["--steps 0", "--batch-size -1"]),
+    ("train-regimes", "train", ["--organism", "direct", "--out", "{out}", "--steps", "100", "--t2i-first", "100",
+                                "--text-length", "7"], ["--t2i-first 100", "--text-length 7"]),
 ]
 
 
