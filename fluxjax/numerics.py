@@ -210,7 +210,8 @@ def _heads_and_query_blocks(q, k, v, per_query, query_side, block: int = ATTENTI
     """Run per_query(q_i [B, Q, K], kt_h [B, K, S], v_h [B, S, K], *extras_i) one head at a time and,
     within a head, one block of queries at a time (nested `lax.map`), so the [B, H, Lq, S] logits
     never exist at once. query_side: arrays [B, Lq, ...] blocked with the queries (padded with True,
-    or -1, every bit set: a padding query reads every key). per_query returns arrays [B, Q, ...]; they come back as [B, Lq, H, ...].
+    or -1, every bit set: a padding query reads every key). per_query returns arrays [B, Q, ...];
+    they come back as [B, Lq, H, ...].
 
     K is transposed once, outside the loops, so every dot in the loop is a plain [Q, K] x [K, S]
     and [Q, S] x [S, K] product on contiguous slices. The batch axis stays a batch axis of the

@@ -58,7 +58,7 @@ from fluxjax.files import atomic_directory
 from fluxjax.trees import named_leaves
 from organisms import codec
 from organisms.checkpoint import save_organism
-from organisms.data import DESIGN, SceneDesign, edit_kind, train_example, train_noise
+from organisms.data import DESIGN, INSTRUCTIONS, SceneDesign, edit_kind, train_example, train_noise
 from organisms.model import ENCODER, ORGANISMS, Organism, OrganismParams, init_organism, organism_interventions, \
     velocity
 
@@ -108,7 +108,7 @@ class TrainSettings:
 
 
 REGIME_DEFAULTS = {"t2i_first_steps": 0, "frozen_text_encoder": False}
-MIN_TEXT_LENGTH = 8  # the template tokens and the longest instruction ("draw a triangle in this color")
+MIN_TEXT_LENGTH = 2 + max(len(t.split()) for t in INSTRUCTIONS.values())  # <start>, the longest instruction, <end>
 
 
 @struct.dataclass
