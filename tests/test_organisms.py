@@ -92,6 +92,7 @@ def test_scene_design_places_the_shapes():
     assert np.abs(anywhere - SIZE / 2).max() > 3.0
 
 
+@pytest.mark.slow  # 30 s on 2 cores, mostly compiling a variant's training step
 def test_design_sweep_runs_a_variant(tmp_path):
     from organisms import design_sweep
 

@@ -3,11 +3,13 @@
 import runpy
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 TOUR = Path(__file__).resolve().parent.parent / "docs" / "tour.py"
 
 
+@pytest.mark.slow  # 40 s on 2 cores; the experiments it walks through are tested in test_experiments.py
 def test_the_tour_runs_and_shows_a_grid_per_experiment():
     text = TOUR.read_text()
     assert text.startswith("# ---\n# jupyter:") and text.count("# %%") >= 10  # jupytext's percent format
