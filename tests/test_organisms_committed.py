@@ -25,7 +25,7 @@ import pytest
 
 from organisms import evaluate
 from organisms.checkpoint import load_organism
-from organisms.experiment_model import NAMES, committed
+from organisms.checkpoint import NAMES, committed
 from organisms.model import ORGANISMS
 from organisms.train import TrainSettings, train
 
