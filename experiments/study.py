@@ -35,6 +35,13 @@ LENS_BLOCK = {"colour": 17, "style": 7, "identity": 7, "add": 7, "remove": 7}
 PATCH_BLOCK = {"colour": 17, "style": 7, "identity": 7}
 PROPERTY = {"colour": "colour", "style": "style", "identity": "identity", "add": "reference", "remove": "reference"}
 BUCKETS = tuple(LENS_BLOCK)
+# The study's sample sizes per bucket and experiment (docs: the paper protocol): the colour bucket's
+# 320 tasks and 448 pairs; 450 style tasks and pairs; 90 identity tasks and 90 directed pairs x 5
+# prompts; the add and remove buckets' 789 and 726 tasks.
+STUDY_N = {"colour": {"lens": 320, "knockout": 320, "patching": 448},
+           "style": {"lens": 450, "knockout": 450, "patching": 450},
+           "identity": {"lens": 90, "knockout": 90, "patching": 450},
+           "add": {"lens": 789}, "remove": {"lens": 726}}
 
 # The study's numbers: {bucket: {cell: number}}, cells named as in `cells`.
 NUMBERS = {
@@ -128,12 +135,24 @@ def rows(run_path: Path, s: Mapping) -> list[dict]:
         here = absolute = rule = None
         if r is not None:
             excluded = f", {r['excluded']} excluded" if int(r["excluded"]) else ""
-            here = f"{'n/a' if r['rate'] == '' else format(float(r['rate']), '.0%')} (n = {r['n']}{excluded})"
-            absolute = f"{float(r['rate_absolute']):.0%} (n = {r['n_absolute']})"
+            asked = f" {r['judge']}" if r["judge"] in ("lost", "kept") else ""
+            here = f"{report.percent(r['rate'] or None)}{asked} (n = {r['n']}{excluded})"
+            if tables.caveat(r):
+                here = f"{here}: {tables.caveat(r, short=True)}"
+            absolute = f"{report.percent(r['rate_absolute'])} (n = {r['n_absolute']})"
             rule = f"{r['judge']}: {tables.RULES[r['judge']]}"
-        out.append({"cell": what, "study": NUMBERS[bucket].get(cell, "-"), "this run": here, "absolute": absolute,
+        out.append({"cell": what, "study": study_number(bucket, cell), "this run": here, "absolute": absolute,
                     "rule": rule})
     return out
+
+
+def study_number(bucket: str, cell: str) -> str:
+    """The study's number of a cell with its n, e.g. '86 % lost (n = 320)'; '-' where it reports none."""
+    number = NUMBERS[bucket].get(cell)
+    if number is None:
+        return "-"
+    experiment = "lens" if cell.startswith("lens") else "patching" if cell.startswith("patching") else "knockout"
+    return f"{number} (n = {STUDY_N[bucket][experiment]})"
 
 
 def table(run_path: Path, s: Mapping, config, note: str = "") -> report.Table:
@@ -141,6 +160,6 @@ def table(run_path: Path, s: Mapping, config, note: str = "") -> report.Table:
     return report.Table(
         title=f"The study's table, {bucket} bucket: its cells beside ours",
         columns=["cell", "study", "this run", "absolute", "rule"], rows=rows(run_path, s),
-        note=f"{mapping_note(config)} 'this run': the study's rule, relative to its control; 'absolute': the output "
-             f"alone. Our verdicts are the automatic colour metric (CIEDE2000 {tables.THRESHOLD:g}); the study's, "
+        note=f"{mapping_note(config)} 'study': its number and n (the paper protocol); 'this run': the study's rule, "
+             f"relative to its control; 'absolute': the output alone. Our verdicts are the automatic colour metric (CIEDE2000 {tables.THRESHOLD:g}); the study's, "
              f"a VLM judge (run experiments.judge for ours). {note}".strip())

@@ -97,6 +97,25 @@ def control_row(experiment: str, property: str, image: np.ndarray, colour_lab, b
             "control_de": None, "pass": None, "pass_absolute": bool(de <= THRESHOLD), **change(image, baseline)}
 
 
+# A knockout output that no longer shows the edit's scene is "destroyed": its colour verdict would
+# say "lost" of an image that lost everything. Destroyed: no object drawn (under NO_OBJECT of the image
+# stands out from its border colour; the organisms' objects cover 10-40 %), or a change against the
+# baseline edit more than DESTROYED_CHANGE times the text-to-image baseline's (the change of removing the
+# reference altogether; at least MIN_SPREAD of 255, so a model that ignores its reference is not
+# judged on noise). On the direct organism, text->image in every block fills the frame with the colour
+# (mean |diff| 73-87 against 23-31 for text-to-image).
+NO_OBJECT = 0.01
+DESTROYED_CHANGE = 2.0
+MIN_SPREAD = 10.0
+
+
+def destroyed(image: np.ndarray, edit_mad: float, t2i_mad: float) -> bool:
+    """Whether an intervened output is destroyed rather than edited (see NO_OBJECT): `edit_mad` its
+    mean |pixel difference| to the baseline edit, `t2i_mad` the text-to-image baseline's."""
+    no_object = metrics.foreground_share(image) < NO_OBJECT
+    return bool(no_object or edit_mad > DESTROYED_CHANGE * max(t2i_mad, MIN_SPREAD))
+
+
 def setting_means(rows: Sequence[Mapping], columns: Sequence[str], key: str = "setting") -> list[dict]:
     """Per-setting means of numeric columns (bools as rates), settings in first-seen order."""
     groups: dict[str, list[Mapping]] = {}
@@ -155,7 +174,25 @@ def pass_rates(rows: Sequence[Mapping]) -> list[dict]:
                     "rate": passed / len(judged) if judged else None,
                     "excluded": len(rs) - len(judged) if rs[0]["judge"] else 0, "n_absolute": len(rs),
                     "rate_absolute": float(np.mean([bool(r["pass_absolute"]) for r in rs]))})
+        if any("destroyed" in r for r in rs):  # knockout rows: what the rate does not say
+            out[-1]["trained_cut"] = all(bool(r.get("trained_cut")) for r in rs)
+            out[-1]["destroyed"] = sum(bool(r.get("destroyed")) for r in rs)
     return out
+
+
+def caveat(rate: Mapping, short: bool = False) -> str:
+    """What a pass-rate row (`pass_rates`, or its CSV row) is not a finding about: an edge the model
+    was trained without, or outputs destroyed rather than edited. Empty when nothing."""
+    if str(rate.get("trained_cut")) == "True":
+        return ("cut in training: not a finding" if short else
+                "cut in training: the model never used these edges, so this knockout cuts nothing (not a finding)")
+    destroyed = int(rate.get("destroyed") or 0)
+    if destroyed:
+        if short:
+            return f"{destroyed} of {rate['n_absolute']} images destroyed"
+        return (f"{destroyed} of {rate['n_absolute']} images destroyed (no object drawn, or changed over "
+                f"{DESTROYED_CHANGE:g}x the text-to-image baseline): lost with the image, not recoloured")
+    return ""
 
 
 def write_tables(run: runs.RunFolder, prefix: str, rows: Sequence[Mapping], columns: Sequence[str], *, text: str,
@@ -205,33 +242,54 @@ def baseline_panels(base: Mapping[str, np.ndarray], edit_row: Mapping, t2i_row: 
             grids.Panel("t2i baseline", base["t2i"], de_caption(t2i_row))]
 
 
+CONTROL = "control (not judged)"  # a control row's question in a rate table
+
+
 def rate_table(title: str, rates: Sequence[Mapping], note: str = "") -> report.Table:
-    """Both rules' rates per setting, each question's rules spelled out under the table."""
+    """Both rules' rates per setting, each question's rules spelled out under the table. A control
+    row (not judged) shows what it is and the share of its images with the colour, nothing more; a
+    knockout the rate does not describe says why in the `caveat` column."""
     judges = [j for j in dict.fromkeys(r["judge"] for r in rates) if j]
     rules = " ".join(f"{j}: {RULES[j]}; absolute: {ABSOLUTE_RULES[j]}." for j in judges)
-    return report.Table(title=title, rows=list(rates),
-                        columns=["setting", "judge", "n", "passed", "rate", "excluded", "rate_absolute"],
-                        formats={"rate": "{:.0%}", "rate_absolute": "{:.0%}"},
-                        note=(f"rate: the study's rule, relative to its control; rate_absolute: the output alone "
-                              f"(controls: the colour present), over n + excluded rows. {rules} {note}").strip())
+    shown = []
+    for r in rates:
+        if r["judge"]:
+            shown.append({**r, "caveat": caveat(r)})
+        else:
+            shown.append({"setting": r["setting"], "judge": CONTROL, "rate_absolute": r["rate_absolute"],
+                          "n_absolute": r["n_absolute"]})
+    columns = ["setting", "judge", "n", "passed", "rate", "excluded", "rate_absolute"]
+    if any(r.get("caveat") for r in shown):
+        columns.append("caveat")
+    return report.Table(title=title, rows=shown, columns=columns,
+                        formats={"rate": report.percent, "rate_absolute": report.percent},
+                        note=(f"rate: the study's rule, relative to its control, over n judged rows; rate_absolute: "
+                              f"the output alone, over n + excluded rows (a control: the share of its images "
+                              f"with the colour). {rules} {note}").strip())
 
 
 def means_table(title: str, means: Sequence[Mapping], columns: Sequence[str], note: str = "") -> report.Table:
-    formats = {c: "{:.0%}" if c == "pass_absolute" else "{:.2f}" for c in columns}
+    formats = {c: report.percent if c == "pass_absolute" else "{:.2f}" for c in columns}
     return report.Table(title=title, columns=["setting", "n", *columns], rows=list(means), formats=formats, note=note)
 
 
 def plot(run: runs.RunFolder, name: str, blocks: Sequence[int], series: Mapping, caption: str,
          **kwargs) -> report.Figure:
-    """A sweep plot saved as `plots/<name>.png`, as a report figure."""
+    """A sweep plot saved as `plots/<name>.png` (its title and caption beside it, `plots/<name>.json`, for
+    reports that gather plots from several runs), as a report figure."""
     path = run.write_derived(f"plots/{name}.png", report.sweep_plot(blocks, series, **kwargs))
+    run.write_derived(f"plots/{name}.json", runs.canonical_json({"title": kwargs.get("title", ""),
+                                                                 "caption": caption}) + "\n")
     return report.Figure(path=path, caption=caption)
 
 
 def heatmap(run: runs.RunFolder, name: str, blocks: Sequence[int], rows: Sequence[str],
             values: Sequence[Sequence[float | None]], caption: str, **kwargs) -> report.Figure:
-    """A (rows x blocks) heatmap saved as `plots/<name>.png`, as a report figure."""
+    """A (rows x blocks) heatmap saved as `plots/<name>.png` (title and caption in `plots/<name>.json`), as
+    a report figure."""
     path = run.write_derived(f"plots/{name}.png", report.heatmap_plot(blocks, rows, values, **kwargs))
+    run.write_derived(f"plots/{name}.json", runs.canonical_json({"title": kwargs.get("title", ""),
+                                                                 "caption": caption}) + "\n")
     return report.Figure(path=path, caption=caption)
 
 
