@@ -39,6 +39,21 @@ def _coincide(a: Sequence[float], b: Sequence[float]) -> bool:
                for x, y in zip(a, b))
 
 
+def line_styles(series: Mapping[str, Sequence[float | None]]) -> list[dict]:
+    """How `sweep_plot` draws each series: its own marker; a series that coincides with ones drawn
+    before it is shifted right (COINCIDE_SHIFT per earlier twin) and dashed, and its legend label
+    says which it coincides with, so that neither hides the other."""
+    out, drawn = [], []
+    for i, (name, values) in enumerate(series.items()):
+        ys = [float("nan") if v is None else float(v) for v in values]
+        same = [other for other, theirs in drawn if _coincide(ys, theirs)]
+        drawn.append((name, ys))
+        out.append({"name": name, "values": ys, "marker": MARKERS[i % len(MARKERS)],
+                    "shift": COINCIDE_SHIFT * len(same), "linestyle": "--" if same else "-",
+                    "label": f"{name} (coincides with {', '.join(same)})" if same else name})
+    return out
+
+
 def sweep_plot(blocks: Sequence[int], series: Mapping[str, Sequence[float | None]], *, ylabel: str,
                title: str = "", xlabel: str = "block (global index)", threshold: float | None = None,
                num_double_blocks: int | None = None, ylim: tuple[float, float] | None = None) -> bytes:
@@ -62,17 +77,10 @@ def sweep_plot(blocks: Sequence[int], series: Mapping[str, Sequence[float | None
     ax = fig.add_subplot()
     if num_double_blocks:
         ax.axvspan(-0.5, num_double_blocks - 0.5, color="0.93", zorder=0, label="double-stream blocks")
-    drawn: list[tuple[str, list[float]]] = []
-    for i, (name, values) in enumerate(series.items()):
-        ys = [float("nan") if v is None else float(v) for v in values]
-        same = [other for other, theirs in drawn if _coincide(ys, theirs)]
-        drawn.append((name, ys))
-        # A line that coincides with one drawn before is shifted right by a little and drawn dashed with
-        # its own marker, and its legend entry says so, so neither hides the other.
-        shift = COINCIDE_SHIFT * len(same)
-        ax.plot([b + shift for b in blocks], ys, marker=MARKERS[i % len(MARKERS)], markersize=4.5 if same else 3.5,
-                linewidth=1.6, linestyle="--" if same else "-",
-                label=f"{name} (coincides with {', '.join(same)})" if same else name)
+    for line in line_styles(series):
+        ax.plot([b + line["shift"] for b in blocks], line["values"], marker=line["marker"],
+                markersize=4.5 if line["shift"] else 3.5, linewidth=1.6, linestyle=line["linestyle"],
+                label=line["label"])
     if threshold is not None:
         ax.axhline(threshold, color="0.35", linestyle="--", linewidth=1.0, label=f"threshold {threshold:g}")
     ax.set_xlabel(xlabel)
