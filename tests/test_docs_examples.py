@@ -98,9 +98,9 @@ EXAMPLES = {
                             "data/colour/tasks.jsonl \\"): ("check", "a real klein 9B; the study's task files"),
     ("docs/experiments.md", '{"task_id": "my_mug", "instruction": "draw a mug in this color", "source_image_path": '
                             '"swatch.png", "width": 1024, "height": 1024}'): ("text", "a task line: read back"),
-    ("docs/experiments.md", "runs/main/direct: new run folder: model organism 'direct' (routing cuts in every block: "
-                            "none), 8 tasks, lens, study_lens, knockout, drop, patching"):
-        ("text", "a log excerpt: test_progress_lines... in test_experiments_progress.py checks these lines"),
+    ("docs/experiments.md", "/work/fluxjax/runs/main/direct: new run folder: model organism 'direct' (routing cuts in "
+                            "every block: none), 8 tasks, lens, study_lens, knockout, drop, patching"):
+        ("text", "a log excerpt of the main job: test_progress_lines.py checks such lines"),
     ("docs/experiments.md", "report.html                      the report: setup, tables, plots, grids, configuration"):
         ("text", "a listing of a run folder"),
     ("docs/experiments.md", "from experiments import sweep"): ("python", "test_experiments_sweep_example"),
