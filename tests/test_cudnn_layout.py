@@ -85,6 +85,7 @@ def test_sweep_under_vmap_equals_the_reference(qkv):
     q, k, v = qkv
     allowed, groups = _tables(CELLS)
     ref = jax.jit(jax.vmap(lambda a: _attend(q, k, v, a, groups, "xla")))(allowed)
+    jax.clear_caches()  # the kernel is traced anew (jax caches traces of equal shapes)
     SEEN.clear()
     out = jax.jit(jax.vmap(lambda a: _attend(q, k, v, a, groups, STAND_IN)))(allowed)
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= TOL
@@ -93,6 +94,7 @@ def test_sweep_under_vmap_equals_the_reference(qkv):
     assert [seen for seen in SEEN if seen[0] != B] == [(V * B, (V * B, 1, L, LAYOUT.n_txt))]
     qs = jnp.stack([q, 2 * q, -q])  # queries batched too: every segment's call folds
     ref = jax.jit(jax.vmap(lambda q, a: _attend(q, k, v, a, groups, "xla")))(qs, allowed)
+    jax.clear_caches()  # the kernel is traced anew (jax caches traces of equal shapes)
     SEEN.clear()
     out = jax.jit(jax.vmap(lambda q, a: _attend(q, k, v, a, groups, STAND_IN)))(qs, allowed)
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= TOL
@@ -107,6 +109,7 @@ def test_nested_vmap_and_batch_axis_not_first(qkv):
     allowed, groups = _tables(CELLS)
     grid = jnp.stack([allowed, allowed[::-1]])  # [2, V, G, G]
     ref = jax.jit(jax.vmap(jax.vmap(lambda a: _attend(q, k, v, a, groups, "xla"))))(grid)
+    jax.clear_caches()  # the kernel is traced anew (jax caches traces of equal shapes)
     SEEN.clear()
     out = jax.jit(jax.vmap(jax.vmap(lambda a: _attend(q, k, v, a, groups, STAND_IN))))(grid)
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= TOL
