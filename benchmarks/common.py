@@ -391,8 +391,9 @@ def environment() -> dict:
         env.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
         if torch.cuda.is_available():
             env["cuda_device"] = torch.cuda.get_device_name()
-    if "diffusers" in sys.modules:
-        env["diffusers"] = sys.modules["diffusers"].__version__
+    for name in ("diffusers", "transformers", "flax", "orbax.checkpoint"):
+        if name in sys.modules:
+            env[name] = getattr(sys.modules[name], "__version__", "?")
     return env
 
 

@@ -9,7 +9,8 @@ tokens, batch 1, bfloat16, attention by `numerics.default_implementation` (cuDNN
 each written as a row of DIR/gpu_check.jsonl the moment it ends (a killed command leaves every
 finished row; `benchmarks.common.RowLog`):
 
-  setup       device, versions, shapes
+  setup       device, versions, shapes; the imports of both commands (a failure is written, not
+              raised) and cuDNN's version
   weights     a random diffusers `Flux2Transformer2DModel` on the device, and fluxjax's weights
               converted from its state dict (one random state for both sides)
   compile     the plain forward and the knockout forward (ref->text cut in every block): compile
@@ -19,7 +20,8 @@ finished row; `benchmarks.common.RowLog`):
   released    diffusers' model deleted and torch's cache emptied (memory after)
   compile     the reference removal forwards: `cut_reference` (mask form) and `drop_reference`
               (removal form) from the middle block
-  steady      the four forwards alternated, --reps rounds: median times, and per intervention its
+  steady      the four forwards alternated, --reps rounds: median times (the plain forward's model
+              TFLOP/s and MFU against the GPU's dense bf16 peak), and per intervention its
               time and its XLA temporary bytes against the plain forward's (not totals: those
               include the same 17 GiB of weights, which makes any ratio ~1.00 by construction)
   sweep       a vmapped knockout sweep (`experiments.sweep._sample_many`, ref->text from block k
@@ -91,6 +93,26 @@ def peak_tflops(device_name: str) -> tuple[str, float] | None:
                 return key, PEAK_BF16_TFLOPS[key]
         return "H100 SXM", PEAK_BF16_TFLOPS["H100 SXM"]  # "NVIDIA H100 80GB HBM3"
     return None
+
+
+def preflight() -> dict:
+    """What both commands import, and cuDNN's version: a failure here is a row, not a crash, so that
+    command A finds what would stop command B before B's turn on the machine."""
+    found = {}
+    for name in ("diffusers", "transformers", "flax", "orbax.checkpoint", "matplotlib", "experiments.knockout",
+                 "experiments.context", "fluxjax.pipeline", "flux2ref.folder"):
+        try:
+            module = __import__(name, fromlist=["_"])
+            found[name] = getattr(module, "__version__", "ok")
+        except Exception as e:  # noqa: BLE001 - reported, the run goes on
+            found[name] = f"FAILED: {type(e).__name__}: {e}"
+    try:
+        from jax._src.lib import cuda_versions
+
+        found["cudnn"] = None if cuda_versions is None else cuda_versions.cudnn_get_version()
+    except Exception as e:  # noqa: BLE001
+        found["cudnn"] = f"FAILED: {type(e).__name__}: {e}"
+    return found
 
 
 def content_mask(layout):
@@ -256,7 +278,7 @@ def main(argv=None):
             dtype=setup.dtype, tokens=[layout.n_txt, layout.n_img, layout.n_ref], blocks=config.num_blocks,
             attention=fluxjax.numerics.default_implementation(dtype), peak_tflops=peak_tflops(device_name),
             flops_per_forward=common.forward_flops(config, layout.n_txt, layout.n_image_stream),
-            budget_s=args.budget_s, environment=common.environment())
+            budget_s=args.budget_s, imports=preflight(), environment=common.environment())
 
     rng = np.random.default_rng(0)
     host = {"txt": rng.standard_normal((1, layout.n_txt, config.context_in_dim), np.float32),
@@ -304,7 +326,8 @@ def main(argv=None):
             return finish(log, out)
         log.row("compile", forward=name, **forwards.compile(name, ivs[name]))
     if budget.allows(NEEDS_S["steady"]):
-        steady(forwards, args.reps, log)
+        steady(forwards, args.reps, log, flops=common.forward_flops(config, layout.n_txt, layout.n_image_stream),
+               peak=peak_tflops(device_name))
     else:
         skipped("steady")
     if budget.allows(NEEDS_S["sweep"]):
@@ -338,8 +361,10 @@ def parity(model, forwards: Forwards, setup: Setup, host, sigmas, device, log):
     return edit
 
 
-def steady(forwards: Forwards, reps: int, log):
-    """The compiled forwards alternated; each intervention's time and temporaries against plain's."""
+def steady(forwards: Forwards, reps: int, log, flops: float, peak):
+    """The compiled forwards alternated; each intervention's time and temporaries against plain's;
+    the plain forward's model TFLOP/s and MFU (FLOPs counted from the architecture, peak = the GPU
+    kind's dense bf16 tensor-core TFLOP/s)."""
     fns = {name: (lambda n=name: forwards.call(n)) for name in forwards.compiled}
     for fn in fns.values():  # one warm call each
         fn()
@@ -354,7 +379,9 @@ def steady(forwards: Forwards, reps: int, log):
                       "temp_bytes": xla.get("temp"),
                       "temp_vs_plain": xla["temp"] / plain_xla["temp"] if xla.get("temp") and plain_xla.get("temp")
                       else None}
-    return log.row("steady", reps=reps, forwards=rows, **common.device_memory())
+    tflops = flops / plain_s / 1e12
+    return log.row("steady", reps=reps, forwards=rows, plain_model_tflops=tflops,
+                   plain_mfu=None if peak is None else tflops / peak[1], **common.device_memory())
 
 
 def finish(log: common.RowLog, out: Path):

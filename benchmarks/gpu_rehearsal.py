@@ -25,9 +25,10 @@ Every step is a row of DIR/gpu_rehearsal.jsonl written when it ends (`benchmarks
 per sampler call and per sweep call of fluxjax (seconds, XLA compile seconds within it, device
 memory), per pipeline call of diffusers, each phase's totals, and `done` with the comparison:
 fluxjax's cells (the sweep calls, compile included) against the study's way for the same cells
-(diffusers' median seconds per call times the cells). Images go to DIR/run (PNG files of 1024 x
-1024: a few MB); no model is written anywhere. --budget-s (default 270 s) bounds the command: a
-phase stops taking cells when its time is up and says so, and the comparison uses what ran.
+(diffusers' median seconds per call times the cells). The experiment's files go to --work
+(default DIR/run: PNG files of 1024 x 1024, a few MB each); no model is written anywhere.
+--budget-s (default 270 s) bounds the command: a phase stops taking cells when its time is up and
+says so (cells it did not run get black images in the run folder), and the comparison uses what ran.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def fluxjax_phase(args, log: common.RowLog, budget: common.Budget) -> None:
     shapes = gpu_models.TINY if args.tiny else gpu_models.KLEIN_9B
     dtype = "float32" if args.tiny else "bfloat16"
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    work = Path(args.out) / "run"
+    work = Path(args.work or Path(args.out) / "run")
     found = task(work / "tasks", shapes.size)
     compiles = _Compiles()
 
@@ -160,7 +161,8 @@ def fluxjax_phase(args, log: common.RowLog, budget: common.Budget) -> None:
             for start in range(0, len(cells), self.chunk):
                 part = list(cells[start:start + self.chunk])
                 if not budget.allows(last_s):  # the next call takes about as long as the last
-                    log.row("sweep call", skipped=f"{budget.left():.0f} s left of --budget-s", cells_left=len(cells) - start)
+                    log.row("sweep call", skipped=f"{budget.left():.0f} s left of --budget-s",
+                            cells_left=len(cells) - start)
                     break
                 c0, t0 = compiles.seconds, time.perf_counter()
                 padded = part + [part[-1]] * (self.chunk - len(part))
@@ -187,9 +189,10 @@ def fluxjax_phase(args, log: common.RowLog, budget: common.Budget) -> None:
     finally:
         run.close()
     calls = [r for r in log.rows if r["step"] == "sweep call" and "seconds" in r]
+    planned = len(cell_specs(settings, shapes.transformer.num_blocks))
     log.row("fluxjax", seconds=time.perf_counter() - t0, compile_s=compiles.seconds - c0,
-            cells=sum(r["cells"] for r in calls), cells_planned=len(cell_specs(settings, shapes.transformer.num_blocks)),
-            sweep_calls=len(calls), sweep_seconds=sum(r["seconds"] for r in calls), **common.device_memory())
+            cells=sum(r["cells"] for r in calls), cells_planned=planned, sweep_calls=len(calls),
+            sweep_seconds=sum(r["seconds"] for r in calls), **common.device_memory())
 
 
 # --- the diffusers phase -------------------------------------------------------------------------
@@ -205,7 +208,7 @@ def diffusers_phase(args, log: common.RowLog, budget: common.Budget) -> None:
     shapes = gpu_models.TINY if args.tiny else gpu_models.KLEIN_9B
     dtype = getattr(torch, "float32" if args.tiny else "bfloat16")
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    found = task(Path(args.out) / "run" / "tasks", shapes.size)
+    found = task(Path(args.work or Path(args.out) / "run") / "tasks", shapes.size)
     t0 = time.perf_counter()
     pipe, text = gpu_models.diffusers_pipeline(shapes, device, dtype)
     log.row("pipeline", seconds=time.perf_counter() - t0,
@@ -286,7 +289,8 @@ PHASES = {"fluxjax": fluxjax_phase, "diffusers": diffusers_phase}
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU, float32")
-    ap.add_argument("--out", default="benchmarks/results/gpu-b", help="folder of gpu_rehearsal.jsonl, .md and run/")
+    ap.add_argument("--out", default="benchmarks/results/gpu-b", help="folder of gpu_rehearsal.jsonl and .md")
+    ap.add_argument("--work", default=None, help="folder of the experiment's run folder and task (default OUT/run)")
     ap.add_argument("--chunk", type=int, default=4, help="cells per vmapped sweep call (fixed: one program)")
     ap.add_argument("--diffusers-cells", type=int, default=0, help="pipeline calls of the study's way (0: every cell)")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="seconds the whole command may take")
@@ -302,19 +306,23 @@ def main(argv=None):
     log = common.RowLog(path, "B")
     shapes = gpu_models.TINY if args.tiny else gpu_models.KLEIN_9B
     settings = knockout_settings(shapes.transformer.num_blocks)
-    log.row("setup", shapes=shapes.name, size=shapes.size, text_tokens=shapes.n_txt, task=list(TASK), chunk=args.chunk,
-            cells=[cell_label(*c) for c in cell_specs(settings, shapes.transformer.num_blocks)],
+    log.row("setup", shapes=shapes.name, size=shapes.size, text_tokens=shapes.n_txt, task=list(TASK),
+            chunk=args.chunk, cells=[cell_label(*c) for c in cell_specs(settings, shapes.transformer.num_blocks)],
             budget_s=args.budget_s, environment=common.environment())
-    budget = common.Budget(args.budget_s)
+    budget = common.Budget(args.budget_s, scale=0.0 if args.tiny else 1.0)
     for phase in PHASES:
-        if not args.tiny and budget.left() < NEEDS_S[phase]:
-            log.row(phase, skipped=f"{budget.left():.0f} s left of --budget-s {args.budget_s:g}, {NEEDS_S[phase]} s needed")
+        if not budget.allows(NEEDS_S[phase]):
+            log.row(phase, skipped=f"{budget.left():.0f} s left of --budget-s {args.budget_s:g}, "
+                                   f"{NEEDS_S[phase]} s needed")
             continue
-        child = [sys.executable, "-m", "benchmarks.gpu_rehearsal", "--phase", phase, "--out", str(out), "--chunk",
-                 str(args.chunk), "--diffusers-cells", str(args.diffusers_cells),
-                 "--budget-s", f"{budget.left() - (NEEDS_S['diffusers'] if phase == 'fluxjax' else 0):.0f}"]
+        # the fluxjax phase leaves the diffusers phase its seconds
+        leave = NEEDS_S["diffusers"] * budget.scale if phase == "fluxjax" else 0
+        child = [sys.executable, "-m", "benchmarks.gpu_rehearsal", "--phase", phase, "--out", str(out),
+                 "--chunk", str(args.chunk), "--diffusers-cells", str(args.diffusers_cells),
+                 "--budget-s", f"{budget.left() - leave:.0f}"]
+        child += (["--work", args.work] if args.work else []) + (["--tiny"] if args.tiny else [])
         t0 = time.perf_counter()
-        status = subprocess.run(child + (["--tiny"] if args.tiny else []), env=_child_env()).returncode
+        status = subprocess.run(child, env=_child_env()).returncode
         log.reload()
         log.row("process", phase=phase, exit_status=status, seconds=time.perf_counter() - t0)
     return finish(log, out)

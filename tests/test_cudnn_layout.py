@@ -98,7 +98,8 @@ def test_sweep_under_vmap_equals_the_reference(qkv):
     SEEN.clear()
     out = jax.jit(jax.vmap(lambda q, a: _attend(q, k, v, a, groups, STAND_IN)))(qs, allowed)
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= TOL
-    assert [seen for seen in SEEN if seen[0] != B] == [(V * B, (V * B, 1, L, LAYOUT.n_txt)), (V * B, None), (V * B, None)]
+    folded = [(V * B, (V * B, 1, L, LAYOUT.n_txt)), (V * B, None), (V * B, None)]  # text, image, reference
+    assert [seen for seen in SEEN if seen[0] != B] == folded
     # the cells differ: a sweep that returned one cell V times would fail above
     assert np.abs(np.asarray(ref[0]) - np.asarray(ref[1])).max() > 100 * TOL
 
@@ -113,7 +114,8 @@ def test_nested_vmap_and_batch_axis_not_first(qkv):
     SEEN.clear()
     out = jax.jit(jax.vmap(jax.vmap(lambda a: _attend(q, k, v, a, groups, STAND_IN))))(grid)
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() <= TOL
-    assert (2 * len(CELLS) * CONTENT.shape[0], (2 * len(CELLS) * CONTENT.shape[0], 1, LAYOUT.total, LAYOUT.n_txt)) in SEEN
+    both = 2 * len(CELLS) * CONTENT.shape[0]  # the two vmapped axes folded into the batch
+    assert (both, (both, 1, LAYOUT.total, LAYOUT.n_txt)) in SEEN
     out = jax.jit(jax.vmap(lambda a: _attend(q, k, v, a, groups, STAND_IN), in_axes=1))(jnp.moveaxis(allowed, 0, 1))
     assert np.abs(np.asarray(out) - np.asarray(ref[0])).max() <= TOL
 
