@@ -283,6 +283,7 @@ class RowLog:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        row = json.loads(line)  # as a reader of the file sees it (tuples as lists)
         self.rows.append(row)
         shown = ", ".join(f"{k} {_short(v)}" for k, v in fields.items())
         print(f"[{row['t_s']:7.1f} s] {self.command} {step}: {shown}", flush=True)

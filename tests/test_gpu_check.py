@@ -47,7 +47,7 @@ def test_command_a_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_command_b_end_to_end(tmp_path):
-    rows = gpu_rehearsal.main(["--tiny", "--out", str(tmp_path)])
+    rows = gpu_rehearsal.main(["--tiny", "--diffusers-cells", "4", "--out", str(tmp_path)])
     assert rows == common.read_rows(tmp_path / "gpu_rehearsal.jsonl")
     cells = len(rows[0]["cells"])
     assert cells == 12
@@ -56,10 +56,11 @@ def test_command_b_end_to_end(tmp_path):
     sweeps = by("B/fluxjax", "sweep call")
     assert [r["cells"] for r in sweeps] == [4, 4, 4] and all(r["seconds"] > 0 for r in sweeps)
     assert by("B/fluxjax", "fluxjax")[0]["cells"] == cells
-    assert len(by("B/diffusers", "pipeline call")) == 1 + cells  # a warm-up, then one call per cell
+    assert len(by("B/diffusers", "pipeline call")) == 1 + 4  # a warm-up, then one call per cell asked for
     assert [r["exit_status"] for r in by("B", "process")] == [0, 0]
     done = rows[-1]
-    assert done["step"] == "done" and done["cells"] == cells and done["ratio"] > 0
+    assert by("B/diffusers", "diffusers")[0]["cells"] == 4
+    assert done["step"] == "done" and done["cells"] == cells and done["ratio"] > 0  # 4 calls' median x 12 cells
     assert done["seconds"] < gpu_rehearsal.BUDGET_S
     assert len(list((tmp_path / "run").rglob("knockout/**/*.png"))) >= cells  # the cells' images
 
