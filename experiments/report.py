@@ -28,37 +28,47 @@ from experiments.runs import CODE_VERSION_FILE, RunFolder, atomic_write_text
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-COINCIDE_SHIFT = 0.12  # blocks: how far right a line that coincides with an earlier one is drawn
+COINCIDE_SHIFT = 0.12  # blocks: how far right a line that overlaps an earlier one is drawn
+OVERLAP = 0.01  # lines closer than this share of the plot's y span everywhere are drawn on top of each other
 
 
-def _coincide(a: Sequence[float], b: Sequence[float]) -> bool:
-    """Whether two series would be drawn on top of each other (equal to 1e-9, gaps at the same blocks)."""
+def _close(a: Sequence[float], b: Sequence[float], tolerance: float) -> bool:
+    """Whether two series lie within `tolerance` of each other at every block (gaps at the same blocks)."""
     import math
 
-    return all((math.isnan(x) and math.isnan(y)) or (not math.isnan(x) and not math.isnan(y) and abs(x - y) <= 1e-9)
+    return all((math.isnan(x) and math.isnan(y)) or (not math.isnan(x) and not math.isnan(y) and abs(x - y) <= tolerance)
                for x, y in zip(a, b))
 
 
 def line_styles(series: Mapping[str, Sequence[float | None]]) -> list[dict]:
-    """How `sweep_plot` draws each series: its own marker; a series that coincides with ones drawn
-    before it is shifted right (COINCIDE_SHIFT per earlier twin) and dashed, and its legend label
-    says which it coincides with, so that neither hides the other."""
+    """How `sweep_plot` draws each series: its own marker; a series that lies on ones drawn before it
+    (equal: "coincides with"; within OVERLAP of the y span: "overlaps") is shifted right
+    (COINCIDE_SHIFT per earlier one) and dashed, and its legend label says which, so that neither
+    hides the other."""
+    import math
+
+    values = {name: [float("nan") if v is None else float(v) for v in vs] for name, vs in series.items()}
+    finite = [y for ys in values.values() for y in ys if not math.isnan(y)]
+    span = max(finite) - min(finite) if finite else 0.0
     out, drawn = [], []
-    for i, (name, values) in enumerate(series.items()):
-        ys = [float("nan") if v is None else float(v) for v in values]
-        same = [other for other, theirs in drawn if _coincide(ys, theirs)]
+    for i, (name, ys) in enumerate(values.items()):
+        equal = [other for other, theirs in drawn if _close(ys, theirs, 1e-9)]
+        near = [other for other, theirs in drawn if other not in equal and _close(ys, theirs, OVERLAP * span)]
         drawn.append((name, ys))
+        said = ([f"coincides with {', '.join(equal)}"] if equal else []) + ([f"overlaps {', '.join(near)}"] if near
+                                                                            else [])
         out.append({"name": name, "values": ys, "marker": MARKERS[i % len(MARKERS)],
-                    "shift": COINCIDE_SHIFT * len(same), "linestyle": "--" if same else "-",
-                    "label": f"{name} (coincides with {', '.join(same)})" if same else name})
+                    "shift": COINCIDE_SHIFT * (len(equal) + len(near)), "linestyle": "--" if said else "-",
+                    "label": f"{name} ({'; '.join(said)})" if said else name})
     return out
 
 
 def sweep_plot(blocks: Sequence[int], series: Mapping[str, Sequence[float | None]], *, ylabel: str,
                title: str = "", xlabel: str = "block (global index)", threshold: float | None = None,
                num_double_blocks: int | None = None, ylim: tuple[float, float] | None = None) -> bytes:
-    """PNG bytes of one line per series over the blocks; None values leave gaps. A series equal to one
-    drawn before it is drawn dashed, shifted a little to the right, and named as coinciding.
+    """PNG bytes of one line per series over the blocks; None values leave gaps. A series on top of one
+    drawn before it (equal, or overlapping at this scale) is drawn dashed, shifted a little to the
+    right, and its legend says so (`line_styles`).
 
     threshold: drawn as a dashed horizontal line (e.g. a pass threshold).
     num_double_blocks: shades blocks 0..num_double_blocks-1 as the double-stream blocks.

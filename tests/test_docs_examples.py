@@ -117,6 +117,12 @@ EXAMPLES = {
     ("docs/interventions.md", "k = 3"): ("python", "test_interventions_examples"),
     ("docs/interventions.md", "other_txt = jax.random.normal(jax.random.key(3), txt.shape)"):
         ("python", "test_interventions_examples"),
+    ("docs/gpu.md", "python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\"):
+        ("omitted", "downloads wheels for the GPU machine's Python 3.12 into .whl/: that machine's set-up, not this "
+                    "one's"),
+    ("docs/gpu.md", 'run(carry=[".whl"], timeout_s=300, command='):
+        ("omitted", "calls of the device tool, not shell commands; both GPU commands run with --tiny on CPU in "
+                    "tests/test_gpu_check.py"),
     ("docs/judging.md", "pip install -e '.[judge]'      # anthropic and openai; hf: needs the reference extra "
                         "(transformers, torch)"):
         ("slow", "test_judging_commands: the colour judge and agreement with the metric run; pip install is "

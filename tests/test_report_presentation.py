@@ -23,6 +23,8 @@ def test_coinciding_lines_are_drawn_apart_and_named():
     assert by["ref->text[content]"]["label"] == "ref->text[content] (coincides with ref->image)"
     assert by["ref->text[content]"]["shift"] > 0 and by["ref->text[content]"]["linestyle"] == "--"
     assert by["gap too"]["label"] == "gap too (coincides with gap)"
+    near = report.line_styles({"a": [20.0, 1.0, 0.0], "b": [20.0, 1.1, 0.1], "c": [20.0, 5.0, 0.0]})
+    assert [s["label"] for s in near] == ["a", "b (overlaps a)", "c"]  # 0.1 of a 20 span: on top of each other
     assert len({s["marker"] for s in styles}) == len(styles)
     assert report.sweep_plot([0, 1, 2], {"a": [1, 2, 3], "b": [1, 2, 3]}, ylabel="y")[:4] == b"\x89PNG"
 
