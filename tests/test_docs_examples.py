@@ -137,7 +137,8 @@ EXAMPLES = {
     ("docs/organisms.md", "python -m organisms.evaluate runs/organisms/direct/organism      --out "
                           "runs/organisms/direct/eval      --n 64"): ("slow", "test_organism_training_commands, "
                                                                               "--n 2"),
-    ("docs/organisms.md", "import numpy as np"): ("slow", "test_organisms_evaluate_example: 64 samples per rate"),
+    ("docs/organisms.md", "import numpy as np"): ("python", "tests/test_organisms_committed.py::"
+                                                            "test_docs_example_runs_and_draws_what_it_says"),
     ("docs/organisms.md", "python -m organisms.train --organism direct --out runs/organisms/t2i-first   --minutes 60 "
                           "--seed 0 --t2i-first 500"):
         ("omitted", "four trainings of an hour each and their evaluations; every option they use is run at tiny "
@@ -249,12 +250,6 @@ def test_organisms_edit_example(scratch, capsys):
     blue = metrics.reference_colour(namespace["swatch"])
     kept, lost = (metrics.colour_error(namespace[k].images[0], blue) for k in ("plain", "knocked"))
     assert kept <= metrics.COLOUR_MATCH_DE00 < lost  # what the text says: kept, then lost
-
-
-@pytest.mark.slow  # evaluate.knockout / patching / lens sample 64 held-out tasks each: about a minute
-def test_organisms_evaluate_example(scratch):
-    namespace = run_python(block("docs/organisms.md", "import numpy as np").text, {}, scratch)
-    assert namespace["images"].shape == (1, 32, 32, 3)
 
 
 def test_readme_python(scratch, klein_folder):
