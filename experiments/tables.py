@@ -195,9 +195,10 @@ def pass_rates(rows: Sequence[Mapping], control: str | None = None) -> list[dict
                            misses the colour (empty for the other questions)
         n_absolute, rate_absolute
                            the output alone (a control setting: the colour present)
-        vs_control         rate_absolute minus the control setting's on the same tasks (`control`,
-                           e.g. the baseline edit), with the paired interval of
-                           `fluxjax.metrics.paired_difference_interval`
+        vs_control         the share of outputs that show the property (the colour present; for a
+                           lost question, 1 - rate_absolute) minus the control setting's on the
+                           same tasks (`control`, e.g. the baseline edit), with the paired interval
+                           of `fluxjax.metrics.paired_difference_interval`
     """
     groups: dict[str, list[Mapping]] = {}
     for r in rows:
@@ -219,7 +220,8 @@ def pass_rates(rows: Sequence[Mapping], control: str | None = None) -> list[dict
                         {"rate_strict": None, "rate_strict_low": None, "rate_strict_high": None})})
         absolute = [bool(r["pass_absolute"]) for r in rs if r["pass_absolute"] is not None]
         rate.update({"n_absolute": len(absolute), **interval_columns("rate_absolute", sum(absolute), len(absolute))})
-        pairs = [(bool(r["pass_absolute"]), bool(baseline[_entity(r)])) for r in rs
+        shows = (lambda absolute: not absolute) if kind == "lost" else bool  # the property present in the output
+        pairs = [(shows(r["pass_absolute"]), bool(baseline[_entity(r)])) for r in rs
                  if setting != control and r["pass_absolute"] is not None and _entity(r) in baseline]
         diff = metrics.paired_difference_interval(pairs)
         rate.update({"control": control if diff else None, "vs_control": diff and diff[0],
@@ -299,19 +301,19 @@ def rate_table(title: str, rates: Sequence[Mapping], note: str = "") -> report.T
               "strict [95% CI]": "" if r.get("rate_strict") is None else
               f"{rate_text(r['rate_strict'], r['rate_strict_low'], r['rate_strict_high'])} (n = {r['n_strict']})",
               "absolute [95% CI]": rate_text(r["rate_absolute"], r["rate_absolute_low"], r["rate_absolute_high"]),
-              "absolute vs control": difference_text(r.get("vs_control"), r.get("vs_control_low"),
-                                                     r.get("vs_control_high"))} for r in rates]
+              "shown vs control": difference_text(r.get("vs_control"), r.get("vs_control_low"),
+                                                  r.get("vs_control_high"))} for r in rates]
     strict = any(r.get("rate_strict") is not None for r in rates)
     control = next((r["control"] for r in rates if r.get("control")), None)
     columns = ["setting", "judge", "n", "passed", "rate [95% CI]", *(["excluded", "strict [95% CI]"] if strict else []),
-               "absolute [95% CI]", *(["absolute vs control"] if control else [])]
+               "absolute [95% CI]", *(["shown vs control"] if control else [])]
     return report.Table(title=title, rows=shown, columns=columns, note=(
         f"rate: the study's rule, relative to its control, over every task (the study judged every one); "
         f"absolute: the output alone (controls: the colour present), over n_absolute rows. Brackets: 95 % "
         f"intervals (Wilson)."
         + (f" strict: {STRICT_RULE} (excluded: how many)." if strict else "")
-        + (f" absolute vs control: the absolute rate minus {control!r}'s on the same tasks, in percentage "
-           f"points, with its paired 95 % interval (Newcombe)." if control else "")
+        + (f" shown vs control: the share of outputs showing the colour minus {control!r}'s on the same tasks, "
+           f"in percentage points, with its paired 95 % interval (Bonett-Price)." if control else "")
         + f" {rules} {note}").strip())
 
 

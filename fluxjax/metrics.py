@@ -17,7 +17,8 @@ Images are uint8 RGB arrays [H, W, 3] or PIL images, read as sRGB. Colours are c
 - `mean_abs_diff`, `ssim`: change of an intervened edit against the baseline edit.
 - `pass_rates`: the share of passes per setting, written as CSV, each with its 95 % interval:
   `wilson_interval` for a proportion, `paired_difference_interval` for the difference between two
-  proportions measured on the same tasks (a rate against its control).
+  proportions measured on the same tasks (a rate against its control; Bonett and Price's adjusted
+  Wald interval).
 """
 
 from __future__ import annotations
@@ -319,26 +320,22 @@ def wilson_interval(passed: int, n: int, z: float = Z95) -> tuple[float, float] 
 
 
 def paired_difference_interval(pairs: Sequence[tuple[bool, bool]], z: float = Z95) -> tuple[float, float, float] | None:
-    """(difference, low, high): the difference of two proportions measured on the same n tasks,
-    p1 - p2 for pairs (first passes, second passes), with Newcombe's hybrid score interval for
-    paired data (method 10 of Newcombe 1998, Statistics in Medicine 17: 2635-2650): the Wilson
-    intervals of both proportions, combined with the phi correlation of the pairs. None when n = 0.
+    """(difference, low, high): the difference p1 - p2 of two proportions measured on the same n
+    tasks, from pairs (first passes, second passes), with the adjusted Wald interval for paired
+    data of Bonett and Price (2012, Journal of Educational and Behavioral Statistics 37: 479-488):
+    one pseudo-observation added to each kind of discordant pair. It keeps close to 95 % coverage
+    at small n and, unlike the hybrid score interval, is never empty when no pair disagrees. The
+    difference is the observed one, (b - c) / n. None when n = 0.
     """
     n = len(pairs)
     if n == 0:
         return None
-    a = sum(1 for x, y in pairs if x and y)
-    b = sum(1 for x, y in pairs if x and not y)
+    b = sum(1 for x, y in pairs if x and not y)  # first passes, second fails
     c = sum(1 for x, y in pairs if not x and y)
-    d = n - a - b - c
-    p1, p2 = (a + b) / n, (a + c) / n
-    (l1, u1), (l2, u2) = wilson_interval(a + b, n, z), wilson_interval(a + c, n, z)
-    margins = (a + b) * (c + d) * (a + c) * (b + d)
-    phi = (a * d - b * c) / math.sqrt(margins) if margins else 0.0
-    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
-    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
-    diff = p1 - p2
-    return diff, max(-1.0, diff - below), min(1.0, diff + above)
+    first, second = (b + 1) / (n + 2), (c + 1) / (n + 2)
+    centre = first - second
+    half = z * math.sqrt((first + second - centre * centre) / (n + 2))
+    return (b - c) / n, max(-1.0, centre - half), min(1.0, centre + half)
 
 
 @dataclasses.dataclass(frozen=True)

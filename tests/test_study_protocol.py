@@ -185,19 +185,26 @@ def test_additive_patching_equals_replacement_in_one_step_and_adds_nothing_to_it
 
 
 def test_run_all_study_runs_exactly_a_buckets_cells(tmp_path):
-    """--study --bucket add: only the lens, in the input form at the study's block 7's place (the last
-    double block), its rows about the generic reference property."""
-    from experiments import run_all, study
+    """--study --bucket add on its task file: only the lens, in the input form at the study's block 7's
+    place (the last double block), its rows about the generic reference property, which the colour
+    rule does not judge (a judge does): no automatic verdict, every rate with its interval."""
+    from experiments import run_all, study, tasks
 
+    task_file = tasks.write_colour_bucket(tmp_path / "tasks", ["red"], ["circle"], [0], size=32,
+                                          known_objects=["circle"])  # any task file of the organism's size
     out = tmp_path / "add"
-    assert run_all.main(["--study", "--bucket", "add", "--model", "text-routed", "--colours", "red",
-                         "--objects", "circle", "--seeds", "0", "--no-progress", "--out", str(out)]) == 0
+    assert run_all.main(["--study", "--bucket", "add", "--model", "text-routed", "--tasks", str(task_file),
+                         "--no-progress", "--out", str(out)]) == 0
     settings = json.loads((out / "config.json").read_text())["settings"]
     assert set(settings) == {"study", "property", "lens"} and settings["lens"]["form"] == "input"
     assert settings["lens"]["blocks"] == [1]  # the organism's last double block stands for the study's 7
     assert sorted(p.name for p in (out / "outputs").iterdir()) == ["baselines", "lens"]
     record = json.loads((out / "outputs" / "lens" / TASKS[0] / "DONE.json").read_text())["record"]
     assert {r["property"] for r in record["rows"]} == {"reference"}
+    assert all(r["pass"] is None and r["pass_absolute"] is None for r in record["rows"])
+    with open(out / "lens-pass-rates.csv", newline="") as f:
+        rates = list(csv.DictReader(f))
+    assert {"rate", "rate_low", "rate_high", "rate_absolute_low", "vs_control_high"} <= set(rates[0])
     html = (out / "report.html").read_text()
-    assert "76.8 %" in html and "block 1 here" in html
+    assert "76.8 %" in html and "block 1 here" in html and "95% CI" in html
     assert [c[0] for c in study.cells(settings)] == ["lens all", "lens padding", "lens content"]
