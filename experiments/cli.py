@@ -113,7 +113,8 @@ def check_blocks_and_positions(what: str, s: Mapping, config) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_default: str = models.DEFAULT_MODEL,
-                  colour_defaults: Mapping[str, tuple[str, str, str]] | None = None, pair_tasks: bool = False) -> None:
+                  colour_defaults: Mapping[str, tuple[str, str, str]] | None = None,
+                  pair_tasks: bool = False) -> None:
     """The model, task and run-folder options every experiment command takes.
 
     colour_defaults: per model kind ('organism', 'folder'), the default (colours,
@@ -241,10 +242,13 @@ def task_spec(args: argparse.Namespace) -> dict:
 
 def _read(spec: Mapping[str, Any]) -> tuple[list[tasklib.Task], list[tasklib.Task]]:
     """(the tasks of the --tasks files, those of the --pair-tasks files), their ids distinct across both."""
-    main = [f["file"] for f in spec["files"]]
-    every = tasklib.read_task_files([*main, *(f["file"] for f in spec.get("pair_files", ()))], root=spec["root"])
-    n = len(tasklib.read_task_files(main, root=spec["root"], check_files=False))
-    return every[:n], every[n:]
+    main = tasklib.read_task_files([f["file"] for f in spec["files"]], root=spec["root"])
+    pair = tasklib.read_task_files([f["file"] for f in spec.get("pair_files", ())], root=spec["root"])
+    both = sorted({t.task_id for t in main} & {t.task_id for t in pair})
+    if both:
+        raise tasklib.TaskFileError(f"task id {both[0]!r} is in both a --tasks and a --pair-tasks file; give each "
+                                    "task once (--pair-tasks: the tasks only the pairs name)")
+    return main, pair
 
 
 def select_pair_tasks(spec: Mapping[str, Any]) -> list[tasklib.Task]:

@@ -231,7 +231,10 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
             swept_meta.append(dict(setting=label, edges=setting, layers=f"{blocks.start}:{blocks.stop}", from_block=k,
                                    sweep_mode=s["sweep_mode"], sweep_index=s.get("sweep_index", "project"),
                                    file=file))
-    images = list(ctx.sweep(edit, cells)) if cells else []
+    options = sweep_options(ctx, s)
+    together = swept and options.num_steps == ctx.options.num_steps  # one structure, one compiled sweep
+    images = list(ctx.sweep(edit, cells + swept if together else cells)) if cells or together else []
+    swept_images = images[len(cells):] if together else None
 
     rows = [tables.control_row(NAME, ctx.judged_property, base["edit"], ref_lab, base["edit"], task=task.task_id,
                                setting="no knockout (edit)", edges=None, layers=None, from_block=None),
@@ -245,7 +248,6 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
         rows.append(tables.judged_row(NAME, ctx.judged_property, question(m["edges"]), bundle, image, ref_lab, edit_de,
                                       base["edit"], task=task.task_id, **m))
     if swept:
-        options = sweep_options(ctx, s)
         plain, bundle_edit = base["edit"], ctx.baseline_file(task, "edit")
         if options.num_steps != ctx.options.num_steps:  # the sweep's own plain edit, of its steps
             plain = ctx.sample(edit, options=options)[0][0]
@@ -255,7 +257,9 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
                                            setting=f"no knockout (edit, {options.num_steps} step sweep)", edges=None,
                                            layers=None, from_block=None))
         plain_de = metrics.colour_error(plain, ref_lab)
-        for m, image in zip(swept_meta, ctx.sweep(edit, swept, options=options)):
+        if swept_images is None:
+            swept_images = ctx.sweep(edit, swept, options=options)
+        for m, image in zip(swept_meta, swept_images):
             file = m.pop("file")
             cell.write_image(file, image)
             bundle = [("reference", ctx.baseline_file(task, "reference")), ("baseline edit", bundle_edit),

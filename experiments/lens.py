@@ -465,7 +465,8 @@ def _grid(ctx: Context, s: Mapping, prefix: str, task, cell, mine: Mapping[str, 
     if single and len(single) * len(s["blocks"]) <= MAX_POSITION_PANELS:
         tables.write_sweep_grid(ctx.run, f"grids/{prefix}/{task.task_id}-positions.png", f"{title}, one position at "
                                 f"a time", top, cell, single, s["blocks"], mine, tables.de_caption, "lens")
-    shown = [*(s["positions"] if "text" in categories_of(s) else []), *(["image"] if "image" in categories_of(s) else [])]
+    categories = categories_of(s)
+    shown = [*(s["positions"] if "text" in categories else []), *(["image"] if "image" in categories else [])]
     return tables.write_sweep_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png", title, top, cell, shown,
                                    s["blocks"], mine, tables.de_caption, "lens")
 

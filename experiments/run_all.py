@@ -11,7 +11,12 @@
         diagonal T2I Lens at global block 17 (one step), the four knockouts in every block, patching
         at block 17 with the study's pairs; style, identity: the lens and patching at block 7 and
         the knockouts; add, remove: the lens. On a model with other than 32 blocks the report says
-        which of its blocks stands for the study's.
+        which of its blocks stands for the study's. On a model folder the colour bucket is the
+        study's n, all 320 tasks and 448 pairs (--quick: 4 tasks); the other buckets need their
+        task files (--tasks), and the tasks their pairs only name go in --pair-tasks (the study's
+        style -> real pairs' `manual` photographs, its identity pairs' shared-prompt humans), so
+        the lens and knockouts run its 450 style and 90 identity tasks. --plan counts the tasks and
+        pairs of every experiment and runs nothing.
     python -m experiments.run_all --model /models/FLUX.2-klein-9B --out runs/klein9b
         a real FLUX.2 [klein] 9B folder (diffusers layout) on a GPU or TPU machine: 1024 x 1024
         references and outputs, 4 steps, bf16 as stored; add --chunk 2 (or 1) if the sweeps run

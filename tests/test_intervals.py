@@ -1,7 +1,8 @@
 """95 % intervals on every pass rate: the Wilson interval against published values and its closed
-forms, the paired interval of a rate against its control (Bonett and Price's adjusted Wald) by
-its closed form at the extremes, its properties and its coverage, and the intervals in the pass-rate CSVs, the report tables and the
-study's table (which marks whether the study's number lies inside ours)."""
+forms, the paired interval of a rate against its control (Bonett and Price's adjusted Wald) by its
+closed form at the extremes, its properties and its coverage, and the intervals in the pass-rate
+CSVs, the report tables and the study's table (which marks whether the study's number lies inside
+ours)."""
 
 from __future__ import annotations
 

@@ -148,7 +148,8 @@ def test_knockout_layer_modes_are_one_vmapped_call_per_task(tmp_path, monkeypatc
         out[mode] = tmp_path / mode
         calls.clear()
         assert knockout.main(["--model", "direct", "--settings", "ref->image", "--layers", "all", "--sweep",
-                              "ref->image", "--sweep-mode", mode, "--window", "2", "--colours", "red",
+                              "ref->image", "--sweep-mode", mode, "--sweep-index", "project", "--window", "2",
+                              "--colours", "red",
                               "--objects", "circle", "--seeds", "0", "--chunk", "0", "--no-progress",
                               "--out", str(out[mode])]) == 0
         assert len(calls) == 1  # the layer modes and the whole sweep: one compiled call
