@@ -156,17 +156,21 @@ def check_reference(model_kind: str, path) -> None:
 
 
 def load_model(model: str | os.PathLike, *, dtype: str | None = None, cache: str | None = None,
-               progress: bool = True):
+               progress: bool = True, max_text_length: int | None = None):
     """The model a --model value names, as the experiments run it (`experiments.backend.ModelBackend`,
     with `edit` and `prepare`): `direct` or `text-routed`, an organism folder, or a FLUX.2 model
     folder in the diffusers layout (converted into the cache on first use; dtype 'float32' or
-    'bfloat16', default the checkpoint's)."""
+    'bfloat16', default the checkpoint's; max_text_length: the text tokens prompts are padded to,
+    default the pipeline's 512)."""
     model = os.fspath(model)
     if kind(model) == "organism":
         from experiments.organism import OrganismModel
 
         if dtype not in (None, "float32"):
             raise ValueError(f"dtype {dtype}: the organisms run in float32")
+        if max_text_length is not None:
+            raise ValueError(f"max_text_length {max_text_length}: an organism's text length is fixed when it is "
+                             "trained")
         organisms = _organisms()
         return OrganismModel.load(organisms.committed(model) if model in organisms.NAMES
                                   else Path(os.path.expanduser(model)).resolve())
@@ -181,7 +185,7 @@ def load_model(model: str | os.PathLike, *, dtype: str | None = None, cache: str
         raise ValueError(f"{model}: not a committed organism ({', '.join(_organisms().NAMES)}), an organism folder, "
                          "or a FLUX.2 model folder in the diffusers layout (no such folder)")
     return PipelineBackend(pipeline.load_model(folder, dtype=None if dtype is None else jnp.dtype(dtype), cache=cache,
-                                               progress=progress))
+                                               progress=progress, max_text_length=max_text_length))
 
 
 def load(args: argparse.Namespace):
@@ -191,6 +195,9 @@ def load(args: argparse.Namespace):
         organisms = _organisms()
         if args.dtype not in (None, "float32"):
             raise ValueError(f"--dtype {args.dtype}: the organisms run in float32")
+        if getattr(args, "text_length", None) is not None:
+            raise ValueError(f"--text-length {args.text_length}: an organism's text length is fixed when it is "
+                             "trained (organisms.train --text-length); the option is for model folders")
         path = (organisms.committed(args.model) if args.model in organisms.NAMES
                 else Path(os.path.expanduser(args.model)).resolve())
         model = load_model(path)
@@ -201,7 +208,11 @@ def load(args: argparse.Namespace):
     folder = os.path.abspath(os.path.expanduser(args.model))
     if not os.path.isdir(folder):
         raise ValueError(f"--model {args.model}: no such folder (a FLUX.2 model folder in the diffusers layout)")
-    model = load_model(folder, dtype=args.dtype, cache=args.cache, progress=not args.no_progress)
+    text_length = getattr(args, "text_length", None)
+    model = load_model(folder, dtype=args.dtype, cache=args.cache, progress=not args.no_progress,
+                       max_text_length=text_length)
     record = {"name": folder, "kind": model_kind, "dtype": str(model.params.img_in.dtype),
               "num_blocks": model.config.num_blocks, "double_blocks": model.config.depth}
+    if text_length is not None:  # absent: the pipelines' 512, as folders made before the option record it
+        record["text_length"] = int(text_length)
     return model, record
