@@ -103,6 +103,10 @@ EXAMPLES = {
         ("text", "a log excerpt of the main job: test_progress_lines.py checks such lines"),
     ("docs/experiments.md", "report.html                      the report: setup, tables, plots, grids, configuration"):
         ("text", "a listing of a run folder"),
+    ("docs/experiments.md", "python -m experiments.run_all --study --model /models/FLUX.2-klein-9B --plan"):
+        ("shell", "test_the_study_plan_counts: the first line on the klein-shaped folder; the style line needs a "
+                  "checkout of the study's repository (its task and pair files; counted on a mock of its layout in "
+                  "test_study_files.py)"),
     ("docs/experiments.md", "from experiments import sweep"): ("python", "test_experiments_sweep_example"),
     ("docs/interventions.md", "import fluxjax"): ("python", "test_interventions_examples"),
     ("docs/interventions.md", "out, caps = fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids,"):
@@ -393,6 +397,18 @@ def test_commands_for_a_real_model_check(key, scratch, klein_folder):
         out = shell(f"{line} --check", scratch)
         assert "inputs checked" in out and "nothing run" in out, out
     assert not (scratch / "runs").exists()  # --check writes nothing
+
+
+def test_the_study_plan_counts(scratch, klein_folder):
+    """docs/experiments.md's --plan line for a real klein 9B, on the klein-shaped tiny folder: the
+    study's n of the colour bucket, counted without running anything."""
+    text = block("docs/experiments.md", "python -m experiments.run_all --study --model /models/FLUX.2-klein-9B "
+                                        "--plan").text
+    line = commands(text)[0]
+    out = shell(line.replace(KLEIN, str(klein_folder)), scratch)
+    said = [c.strip() for c in text.splitlines()[1].lstrip("#").split("/")]  # '#   lens: 320 tasks / ...'
+    assert all(s in out for s in said), (said, out)
+    assert not (scratch / "runs").exists()
 
 
 def test_the_task_line_reads_back(scratch):

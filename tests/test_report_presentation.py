@@ -58,11 +58,11 @@ def test_control_rows_show_what_they_are_and_caveats_say_why():
     shown = {r["setting"]: r for r in table.rows}
     control = shown["no knockout (edit)"]
     assert control["judge"] == tables.CONTROL and "n" not in control and "passed" not in control
-    assert control["rate_absolute"] == 1.0
+    assert control["absolute [95% CI]"].startswith("100 % [")
     assert shown["ref->image @ all"]["caveat"].startswith("cut in training")
     assert shown["text->image @ all"]["caveat"].startswith("2 of 2 images destroyed")
     assert shown["ref->text @ all"]["caveat"] == "" and "caveat" in table.columns
-    assert table.formats["rate"] is report.percent
+    assert shown["ref->text @ all"]["rate [95% CI]"].startswith("50 % [")  # the reports' one percent format
     # The rates themselves are the rows' rates, whatever the caveat.
     assert {r["setting"]: r["rate"] for r in rates}["text->image @ all"] == 1.0
 
@@ -78,8 +78,9 @@ def test_the_study_table_gives_the_study_n_and_marks_a_cut_edge(tmp_path):
     found = {r["cell"]: r for r in study.rows(tmp_path, settings)}
     kept = found["Knockout ref->image, every block"]
     assert kept["study"] == "87 % kept (n = 320)"
-    assert kept["this run"] == "100 % kept (n = 8): cut in training: not a finding"
-    assert found["Knockout ref->text, every block"]["this run"] == "87.5 % lost (n = 8)"
+    assert kept["this run"].startswith("100 % kept [") and kept["this run"].endswith(
+        "(n = 8): cut in training: not a finding")
+    assert found["Knockout ref->text, every block"]["this run"].startswith("87.5 % lost [")
     assert found["I2I -> I2I patching, all positions, block 3"]["study"] == "92 % (n = 448)"
 
 
