@@ -131,7 +131,8 @@ def edges(setting: str) -> list[str]:
         else:
             pending.append(part)
     if pending:
-        raise ValueError(f"knockout setting {setting!r}: {' + '.join(pending)} has no '->' destination")
+        raise ValueError(f"knockout setting {setting!r}: {' + '.join(pending)} has no '->' destination; "
+                         "write edges as 'A->B' (e.g. 'ref->text', 'image+text->ref')")
     return list(dict.fromkeys(out))
 
 

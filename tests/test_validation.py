@@ -418,7 +418,7 @@ CLI_CASES = [
     ("layers-past-the-end", "knockout", [*ORGANISM, "--layers", "all", "99"],
      [r"--layers \[99\] out of range: the valid blocks are 0.."]),
     ("edge-without-arrow", "knockout", [*ORGANISM, "--settings", "ref-text"],
-     ["edge setting 'ref-text' must read 'A->B'"]),
+     [r"knockout setting 'ref-text': ref-text has no '->' destination; write edges as 'A->B'"]),
     ("sweep-from-not-a-number", "knockout", [*ORGANISM, "--settings", "ref->text", "--sweep", "--sweep-from", "1,x"],
      ["--sweep-from '1,x'"]),
     ("window-zero", "knockout", [*ORGANISM, "--sweep", "--sweep-mode", "window", "--window", "0"], ["--window 0"]),
