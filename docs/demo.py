@@ -103,8 +103,8 @@ def show(title: str, rows, labels=None) -> Image.Image:
 
 # %%
 BLOCK = config.depth - 1  # the last double block: the study's double block 7 on klein-9B
-edit = sweep.prepare(model, text(INSTRUCTION), reference=reference, seed=SEED, height=SIZE, width=SIZE)
-source = sweep.prepare(model, text(INSTRUCTION), reference=second, seed=SEED, height=SIZE, width=SIZE)
+edit = sweep.prepare(model, text(INSTRUCTION), references=[reference], seed=SEED, height=SIZE, width=SIZE)
+source = sweep.prepare(model, text(INSTRUCTION), references=[second], seed=SEED, height=SIZE, width=SIZE)
 plain = sweep.run(model, edit, options, capture=Capture(text=(BLOCK,)))[0][0]
 source_edit, source_captures = sweep.run(model, source, options, capture=Capture(text=(BLOCK,)))
 source_edit = source_edit[0]

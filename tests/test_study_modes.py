@@ -94,9 +94,7 @@ def test_the_text_length_of_a_model_folder(tiny_model_folder, tmp_path, capsys):
                               text_length=64)
     model, record = models.load(args)
     assert record["text_length"] == 64
-    from fluxjax import pipeline
-
-    text = pipeline.encode_prompts(model, ["draw a ball in this color"])
+    text = model.encode_prompts(["draw a ball in this color"])
     assert np.shape(text.embeds)[1] == 64 and np.shape(text.content_mask) == (1, 64)
     assert np.asarray(text.content_mask).sum() > 0
     capsys.readouterr()  # the loading's progress bars
