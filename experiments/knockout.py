@@ -173,6 +173,7 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
 
 def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     validate(s, ctx.model.config)
+    ctx.compute_baselines(tasks)
     rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
     main = [r for r in rows if r["from_block"] is None]
     swept = [r for r in rows if r["from_block"] is not None]

@@ -305,6 +305,7 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
     validate(s, ctx.model.config)
     if s.get("position_range") is not None:  # within this model's text positions, before any work
         parse_positions(s["position_range"], np.shape(ctx.text("").embeds)[1])
+    ctx.compute_baselines(tasks)
     rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
     single = [r for r in rows if r.get("position") is not None]
     rows = [r for r in rows if r.get("position") is None]

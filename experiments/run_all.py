@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from experiments import cli, drop, knockout, lens, models, patching, report, study, tables
+from experiments.hosts import Hosts
 from experiments.sweep import POSITIONS
 
 NAME = "run_all"
@@ -140,27 +141,31 @@ def settings_of(args: argparse.Namespace, model: models.Spec, found: list | None
     return settings
 
 
-def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str, checked: cli.Checked) -> Outcome:
-    """The five experiments on `args.model`, into the run folder `out`, with inputs already checked."""
+def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str, checked: cli.Checked,
+              hosts: Hosts | None = None) -> Outcome:
+    """The five experiments on `args.model`, into the run folder `out`, with inputs already checked;
+    hosts: this process among those sharing the run folder (experiments.hosts)."""
+    hosts = hosts or Hosts()
     spec, settings = checked.tasks, checked.settings
+    model, model_record, placement = cli.load_model(parser, args, hosts)
     try:
-        model, model_record = models.load(args)
         kind = model_record["kind"]
         config = {**cli.base_config(args, model, model_record, spec), "experiment": NAME, "settings": settings}
     except (ValueError, KeyError, FileNotFoundError) as e:
         parser.error(str(e))
     start = time.perf_counter()
-    with cli.open_run(parser, out, config) as run:
-        done = run.nothing_to_do() if run.resumed else None
+    with cli.open_run(parser, out, config, hosts) as run:
+        done = hosts.agree("nothing to do", run.nothing_to_do() if run.resumed and hosts.writer else None)
         if done is not None:
             path = run.path / "report.html"
-            print(f"{run.path}: nothing to do: finished by this code, {done} cells intact; report: {path}")
+            if hosts.writer:
+                print(f"{run.path}: nothing to do: finished by this code, {done} cells intact; report: {path}")
             return Outcome(name=models.name(args.model), kind=kind, run_path=run.path, report=path,
                            settings=settings, config=model.config)
-        ctx = cli.open_context(args, model, run)
+        ctx = cli.open_context(args, model, run, hosts, placement)
         ctx.judged_property = settings.get("property", "colour")
+        found = cli.load_run_tasks(parser, spec, run, hosts)
         try:
-            found = cli.load_tasks(spec, run)
             if "patching" in settings:  # a bad pair file fails before any work
                 patching.resolve_pairs(ctx, found, settings["patching"])
         except (ValueError, KeyError) as e:
@@ -172,17 +177,21 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
         for name, module in (("knockout", knockout), ("drop", drop), ("patching", patching)):
             if name in settings:
                 sections += module.run(ctx, found, settings[name], name)
-        intro = report.Section("Setup", [
-            report.Text(f"{ctx.describe()}\n\n{len(found)} tasks: "
-                        f"{', '.join(t.task_id for t in found)}. This invocation took "
-                        f"{time.perf_counter() - start:.0f} s"
-                        f"{' (resumed)' if run.resumed else ''}."),
-            study.table(run.path, settings, model.config, summary_note(kind))])
-        path = report.write_run_report(run, f"{TITLE}: {model_record['name']}", [intro, *sections])
-        run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
-                           "resumed": run.resumed})
-        run.mark_finished()
-    print(f"report: {path}")
+        path = run.path / "report.html"
+        if hosts.writer:  # the run's own files: process 0's, once every process's cells are done
+            intro = report.Section("Setup", [
+                report.Text(f"{ctx.describe()}\n\n{len(found)} tasks: "
+                            f"{', '.join(t.task_id for t in found)}. This invocation took "
+                            f"{time.perf_counter() - start:.0f} s"
+                            f"{' (resumed)' if run.resumed else ''}."),
+                study.table(run.path, settings, model.config, summary_note(kind))])
+            path = report.write_run_report(run, f"{TITLE}: {model_record['name']}", [intro, *sections])
+            run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
+                               "resumed": run.resumed})
+            run.mark_finished()
+    hosts.barrier("report written")  # every process goes on once process 0 has written the run's files
+    if hosts.writer:
+        print(f"report: {path}")
     return Outcome(name=models.name(args.model), kind=kind, run_path=run.path, report=path, settings=settings,
                    config=model.config)
 
@@ -229,22 +238,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     outs = [args.out] if len(specs) == 1 else [str(Path(args.out) / cli.slug(name)) for name in names]
     if args.verify:
         return cli.verify_folders([Path(out) for out in outs])
+    hosts = cli.start_hosts(parser, args)
     try:
         if len(specs) > 1 and Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out}: is a file; with several models --out is a folder of run folders")
         for out in outs:
-            cli.check_out(out, NAME)
+            cli.check_out(out, NAME, hosts)
     except ValueError as e:
         cli.fail(parser, str(e))
     checked = cli.check_inputs(parser, args, specs, settings_of)  # every model, before any runs
     if len(specs) == 1:
-        run_model(parser, _with_model(args, specs[0]), args.out, checked[0])
+        run_model(parser, _with_model(args, specs[0]), args.out, checked[0], hosts)
         return 0
     folder = Path(args.out).resolve()
-    outcomes = [run_model(parser, _with_model(args, m), str(folder / cli.slug(name)), c)
+    outcomes = [run_model(parser, _with_model(args, m), str(folder / cli.slug(name)), c, hosts)
                 for m, name, c in zip(specs, names, checked)]
-    path = comparison_report(folder, outcomes)
-    print(f"report: {path}")
+    if hosts.writer:
+        path = comparison_report(folder, outcomes)
+        print(f"report: {path}")
     return 0
 
 
