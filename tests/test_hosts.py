@@ -37,6 +37,7 @@ ONE_DEVICE = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_de
 TWO_DEVICES = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 FOUR_DEVICES = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 PAUSE_ENV = "FLUXJAX_TEST_PAUSE_AFTER_CELL"  # seconds a worker sleeps after finishing each cell
+PIXEL_TOL = 1  # of 255: fsdp-split matmuls sum in another order, so an occasional pixel rounds one level away
 SHARDED_TOL = 1e-6  # fp32: the fsdp-split matmuls sum in another order; test_sharding measured ~5e-7 in one process
 WORKER = [sys.executable, os.path.abspath(__file__), "worker"]
 
@@ -69,9 +70,119 @@ def reference(tmp_path_factory) -> dict[str, bytes]:
 
 
 # ---------------------------------------------------------------------------------------------
+# the pieces, in this process
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_cells_are_dealt_out_in_order_evenly_and_each_to_one_process(n):
+    from experiments.hosts import Hosts
+
+    keys = [f"knockout/task{i}" for i in range(13)]
+    shares = [Hosts(index=i, count=n).share(keys) for i in range(n)]
+    assert sorted(k for share in shares for k in share) == sorted(keys)  # each key to exactly one process
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert all(share == [k for k in keys if k in share] for share in shares)  # in the sweep's order
+    assert Hosts(index=1, count=n, sharded=True).share(keys) == keys  # one sharded model: every process, every cell
+
+
+def test_a_call_holds_chunk_cells_per_replica():
+    from experiments.sweep import call_size
+
+    assert call_size(10, 2) == 2 and call_size(10, None) == 10 and call_size(1, 4) == 1
+    assert call_size(10, 2, replicas=4) == 8  # two cells on each of four replicas
+    assert call_size(4, 2, replicas=4) == 4  # never more per replica than the sweep needs
+    assert call_size(5, None, replicas=4) == 8  # a whole sweep: two per replica, the last call padded
+
+
+def test_a_joined_run_folder_writes_cells_but_not_the_runs_own_files(tmp_path):
+    from experiments import runs
+
+    config = {"experiment": "knockout", "x": 1}
+    first = runs.open_run(tmp_path, "run", config)
+    joined = runs.join_run(first.path, config)
+    assert (first.path / runs.LOCK_FILE).is_file() and joined.writes_cells and not joined.writes_run_files
+    cell = joined.cell("knockout/a")
+    cell.write_json("row.json", {"v": 1})
+    joined.finish(cell, {"rows": []})
+    assert first.intact("knockout/a")  # a cell another process wrote is a cell like any other
+    assert joined.write_derived("knockout-metrics.csv", "a,b\n") == first.path / "knockout-metrics.csv"
+    joined.mark_finished()
+    assert not (first.path / "knockout-metrics.csv").exists() and not (first.path / runs.FINISHED_FILE).exists()
+    follower = runs.join_run(first.path, config, write_cells=False)  # one sharded model: process 0 writes
+    assert follower.cell("knockout/b").write_image("x.png", np.zeros((2, 2, 3), np.uint8)).name == "x.png"
+    assert not (first.path / "outputs" / "knockout" / "b").exists()
+    first.adopt(["knockout/a", "knockout/b"])  # the complete one among them counts as checked
+    first.mark_finished()
+    assert json.loads((first.path / runs.FINISHED_FILE).read_text())["cells"] == ["knockout/a"]
+    with pytest.raises(runs.RunError, match="another config"):
+        runs.join_run(first.path, {**config, "x": 2})
+    first.close()
+
+
+def test_process_options_are_checked_before_anything_starts():
+    import argparse
+
+    from experiments import hosts
+
+    parser = argparse.ArgumentParser()
+    hosts.add_arguments(parser)
+    assert hosts.check_arguments(parser.parse_args([])) == []
+    assert hosts.check_arguments(parser.parse_args(["--coordinator", "h:1", "--num-processes", "2", "--process-id",
+                                                    "1", "--fsdp", "2", "--devices", "4"])) == []
+    problems = hosts.check_arguments(parser.parse_args(["--num-processes", "2", "--fsdp", "0", "--devices", "0"]))
+    assert len(problems) == 3 and "go together" in problems[2]
+    assert "give 0..1" in hosts.check_arguments(parser.parse_args(
+        ["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"]))[0]
+
+
+def test_placing_and_gathering_on_a_mesh_of_this_process():
+    import jax
+
+    from experiments import hosts
+    from fluxjax import sharding
+
+    x = np.arange(24, dtype=np.float32).reshape(4, 6)
+    mesh = sharding.global_mesh(data=1)  # one process: its own devices
+    placed = sharding.put({"a": x, "b": x[0]}, sharding.replicated(mesh))
+    assert isinstance(placed["a"], jax.Array) and placed["a"].sharding == sharding.replicated(mesh)
+    back = sharding.to_host(placed)
+    assert isinstance(back["a"], np.ndarray) and np.array_equal(back["a"], x) and np.array_equal(back["b"], x[0])
+    with pytest.raises(ValueError, match="mesh needs"):
+        sharding.global_mesh(data=2, fsdp=3)
+    assert hosts.placement(object(), hosts.Hosts()) is None  # one device: the plain single-device path
+
+
+@pytest.mark.slow
+def test_the_chunk_that_fits_is_the_same_on_a_one_device_placement():
+    """The memory plan read through a placement (what a multi-device run reads) is the plain one on one device."""
+    import argparse
+    import dataclasses
+
+    from experiments import models, sweep
+    from experiments.sweep import AutoChunk, Placement
+    from fluxjax import sharding
+    from fluxjax.interventions import Interventions, knockout
+
+    model = models.load(argparse.Namespace(model="direct", dtype=None, cache=None, no_progress=True))[0]
+    edit = sweep.prepare(model, model.encode_prompts(["draw a circle in this color"]), reference=None, seed=0,
+                         height=32, width=32)
+    cells = [Interventions(knockout=knockout(model.config, edit.layout, edit.content_mask, ["text->image"],
+                                             range(k, model.config.num_blocks), allow_empty=True)) for k in range(6)]
+    mesh = sharding.make_mesh(data=1, fsdp=1)
+    placement = Placement(mesh=mesh, params=sharding.put_params(model.params, mesh))
+    options = dataclasses.replace(model.options, num_steps=1)
+    free = 3 << 20  # between the plans of one cell (about 1.9 MiB) and of six
+    plain = sweep.fitting_chunk(model, edit, options, cells, AutoChunk(fallback=1), free_bytes=free)
+    placed = sweep.fitting_chunk(model, edit, options, cells, AutoChunk(fallback=1), free_bytes=free,
+                                 placement=placement)
+    assert placed == plain and 1 < plain < len(cells)
+
+
+# ---------------------------------------------------------------------------------------------
 # several devices in one process
 
 
+@pytest.mark.slow
 def test_four_local_devices_give_the_outputs_of_one_with_the_same_chunk_per_device(tmp_path, reference):
     one, four = tmp_path / "one", tmp_path / "four"
     finish([run_one(one, "--devices", "1", env=FOUR_DEVICES), run_one(four, env=FOUR_DEVICES)], one)
@@ -107,6 +218,7 @@ def test_processes_split_the_cells_and_write_the_outputs_of_one_process(tmp_path
     assert sorted(run["cells"]) == sorted(every)  # process 0 records every process's cells
 
 
+@pytest.mark.slow
 def test_a_killed_process_leaves_finished_cells_and_a_rerun_completes_the_folder(tmp_path, reference):
     folder = tmp_path / "run"
     procs = launch([*ARGS, "--out", str(folder)], 2, env={**ONE_DEVICE, PAUSE_ENV: "2"}, heartbeat_timeout=5,
@@ -197,6 +309,32 @@ def _forward(params, layout, img, txt, t, guidance):
     out, _ = jax.jit(fluxjax.forward, static_argnums=1)(params, TINY, img, txt, t, layout.img_ids(),
                                                         layout.txt_ids(), guidance)
     return out
+
+
+@pytest.mark.slow
+def test_one_model_sharded_over_two_processes_gives_the_outputs_of_one_process(tmp_path, reference):
+    """--shard-model: a (data 1, fsdp 4) mesh over 2 processes x 2 devices, every cell computed by
+    both together and written by process 0."""
+    folder = tmp_path / "run"
+    finish(launch([*ARGS, "--out", str(folder), "--shard-model", "--fsdp", "4"], 2, env=TWO_DEVICES,
+                  logs=tmp_path / "run.logs", python=[*WORKER]), folder)
+    got = outputs(folder)
+    assert set(got) == set(reference)
+    for name in (n for n in got if n.startswith("outputs/") and n.endswith(".png")):
+        assert np.abs(_pixels(got[name]) - _pixels(reference[name])).max() <= PIXEL_TOL, name
+    first, second = records(folder)
+    assert len(first["finished"]) == 2 * TASKS and second["finished"] == []  # process 0 writes every cell
+    assert all(len(c["devices"]) == 4 for c in first["calls"] + second["calls"])  # each call on all four devices
+    assert len(first["calls"]) == len(second["calls"]) == TASKS * SWEPT  # one replica: a call per cell
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int16)
 
 
 # ---------------------------------------------------------------------------------------------
