@@ -403,7 +403,11 @@ def start_hosts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ho
     problems = hostlib.check_arguments(args)
     if problems:
         parser.exit(2, "".join(f"{parser.prog}: error: {line}\n" for line in problems))
-    return hostlib.start(args)
+    try:
+        return hostlib.start(args)
+    except (ValueError, RuntimeError) as e:  # no cluster detected, or the coordinator unreachable
+        fail(parser, f"--distributed: JAX's distributed runtime did not start ({e}); outside a TPU pod, SLURM or "
+                     "Open MPI give --coordinator HOST:PORT, --num-processes and --process-id")
 
 
 def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace, hosts: Hosts):

@@ -153,7 +153,7 @@ class AutoChunk:
 
 def device_free_bytes(device=None) -> int | None:
     """Bytes the device can still allocate, or None where it does not say (XLA:CPU)."""
-    stats = (device or jax.devices()[0]).memory_stats()
+    stats = (device or jax.local_devices()[0]).memory_stats()
     if not stats or "bytes_limit" not in stats:
         return None
     return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
