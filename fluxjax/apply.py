@@ -30,6 +30,15 @@ def substitute(substitutions: Sequence[Substitution], h, site):
     return h
 
 
+def substitute_leading(substitutions: Sequence[Substitution], h, site):
+    """The image stream h [B, N, D] at `site` after every image substitution there, in order: each
+    writes the stream's first N' tokens (its value [B, N', D]) by the rule of `substitute`."""
+    for sub in substitutions:
+        n = sub.value.shape[-2]
+        h = jnp.concatenate([substitute((sub,), h[:, :n], site), h[:, n:]], axis=1)
+    return h
+
+
 @struct.dataclass
 class LayerValues:
     """What one block of a scan reads of the interventions and captures (scanned along the blocks)."""

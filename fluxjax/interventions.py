@@ -13,7 +13,10 @@ first (klein-9B: 0..7 double, 8..31 single):
     site b >= 0             output of block b (in single blocks, the text slice of the joint stream)
 
 At a site, substitutions apply first, in order, and a capture at the same site sees the result:
-what is captured is what the next block reads.
+what is captured is what the next block reads. `Interventions.image_substitutions` write the image
+stream at the same sites (its noisy-image tokens come first, then the references: a value of
+N' tokens replaces the stream's first N', e.g. `layout.n_img` for the noisy image alone; the
+study's image-category T2I Lens).
 
 Per-step values. The sampler (`fluxjax.sample`) runs the forward once per denoising step. An
 intervention value that differs between steps is wrapped in `PerStep` (every array in it carries a
@@ -70,16 +73,18 @@ def is_per_step(node) -> bool:
 
 @struct.dataclass
 class Substitution:
-    """Write the text stream at `site` where `mask` is True: new = where(mask, value + keep * current,
+    """Write a stream at `site` where `mask` is True: new = where(mask, value + keep * current,
     current). keep = 0 replaces (patching); keep = 1 adds `value` (additive patching, value = the
     source's activation minus the target's). keep is a value, so changing it does not recompile.
+    The text stream's ([B, T, D]; mask [B, T]) in `Interventions.substitutions`, the image stream's
+    leading N' tokens ([B, N', D]; mask [B, N']) in `Interventions.image_substitutions`.
 
     A batch axis of 1 is shared by every sample. Build it with `substitution`.
     """
 
     site: jax.Array  # int32 []: BLOCK0_INPUT or a global block index
-    value: jax.Array  # [B or 1, T, D]
-    mask: jax.Array  # bool [B or 1, T]
+    value: jax.Array  # [B or 1, T, D] (image: [B or 1, N', D])
+    mask: jax.Array  # bool [B or 1, T] (image: [B or 1, N'])
     keep: jax.Array  # float32 []: the weight of the current activations
 
 
@@ -121,9 +126,10 @@ class DropReference:
 
 @struct.dataclass
 class Interventions:
-    substitutions: tuple[Substitution, ...] = ()
+    substitutions: tuple[Substitution, ...] = ()  # of the text stream
     knockout: Knockout | None = None
     drop_reference: DropReference | None = None
+    image_substitutions: tuple[Substitution, ...] = ()  # of the image stream's leading tokens (value [B, N', D])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,14 +222,15 @@ def check_sites(iv: Interventions | None, config: Flux2Config) -> None:
     if iv is None:
         return
     nb = config.num_blocks
-    for i, sub in enumerate(iv.substitutions):
-        site = sub.site.value if is_per_step(sub.site) else sub.site
-        if not _is_concrete(site):
-            continue
-        bad = [int(s) for s in np.unique(np.asarray(site)) if not BLOCK0_INPUT <= int(s) < nb]
-        if bad:
-            raise ValueError(f"substitution {i}: site {bad[0]} out of range: this model's sites are -1 (input of "
-                             f"block 0) and its blocks 0..{nb - 1}")
+    for what, subs in (("substitution", iv.substitutions), ("image substitution", iv.image_substitutions)):
+        for i, sub in enumerate(subs):
+            site = sub.site.value if is_per_step(sub.site) else sub.site
+            if not _is_concrete(site):
+                continue
+            bad = [int(s) for s in np.unique(np.asarray(site)) if not BLOCK0_INPUT <= int(s) < nb]
+            if bad:
+                raise ValueError(f"{what} {i}: site {bad[0]} out of range: this model's sites are -1 (input of "
+                                 f"block 0) and its blocks 0..{nb - 1}")
 
 
 def _broadcasts_to(shape, target) -> bool:
@@ -231,6 +238,23 @@ def _broadcasts_to(shape, target) -> bool:
         return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
     except ValueError:
         return False
+
+
+def _check_substitution(sub: Substitution, what: str, nb: int, dtype) -> None:
+    """A substitution's site, value dtype and mask dtype (its shapes depend on the stream it writes)."""
+    if np.ndim(sub.site) != 0:
+        raise ValueError(f"{what}: site must be a scalar, got shape {np.shape(sub.site)}; "
+                         "to sweep sites, vmap over a stacked site array")
+    if not jnp.issubdtype(_dtype_of(sub.site), jnp.integer):
+        raise TypeError(f"{what}: site must be an integer, got dtype {_dtype_of(sub.site)}")
+    if _is_concrete(sub.site) and not BLOCK0_INPUT <= int(sub.site) < nb:
+        raise ValueError(f"{what}: site {int(sub.site)} out of range: this model's sites are -1 "
+                         f"(input of block 0) and its blocks 0..{nb - 1}")
+    _check_float_value(_dtype_of(sub.value), f"{what}: value")
+    if dtype is not None:
+        _check_safe_cast(_dtype_of(sub.value), dtype, f"{what}: value")
+    if _dtype_of(sub.mask) != np.bool_:
+        raise TypeError(f"{what}: mask must be boolean, got dtype {_dtype_of(sub.mask)}")
 
 
 def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: int, n_txt: int, n_stream: int,
@@ -247,20 +271,19 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
         raise ValueError("a PerStep intervention value has one slice per sampler step: give it to fluxjax.sample, "
                          "or pass one step's slice to the forward")
     nb, width, length = config.num_blocks, config.hidden_size, n_txt + n_stream
+    for i, sub in enumerate(iv.image_substitutions):
+        _check_substitution(sub, f"image substitution {i}", nb, dtype)
+        n_lead = np.shape(sub.value)[-2] if np.ndim(sub.value) == 3 else None
+        kept = n_stream - (iv.drop_reference.num_ref_tokens if iv.drop_reference is not None else 0)
+        if n_lead is None or not 0 < n_lead <= kept or not _broadcasts_to(np.shape(sub.value), (batch, n_lead, width)):
+            raise ValueError(f"image substitution {i}: value of shape {np.shape(sub.value)} does not fit the image "
+                             f"stream [B, N', D] with N' <= {kept} leading tokens and D = {width} (a batch axis of 1 "
+                             "is shared; e.g. N' = layout.n_img for the noisy image)")
+        if np.ndim(sub.mask) != 2 or not _broadcasts_to(np.shape(sub.mask), (batch, n_lead)):
+            raise ValueError(f"image substitution {i}: mask of shape {np.shape(sub.mask)} does not fit its value's "
+                             f"tokens [B, N'] = {(batch, n_lead)}")
     for i, sub in enumerate(iv.substitutions):
-        if np.ndim(sub.site) != 0:
-            raise ValueError(f"substitution {i}: site must be a scalar, got shape {np.shape(sub.site)}; "
-                             "to sweep sites, vmap over a stacked site array")
-        if not jnp.issubdtype(_dtype_of(sub.site), jnp.integer):
-            raise TypeError(f"substitution {i}: site must be an integer, got dtype {_dtype_of(sub.site)}")
-        if _is_concrete(sub.site) and not BLOCK0_INPUT <= int(sub.site) < nb:
-            raise ValueError(f"substitution {i}: site {int(sub.site)} out of range: this model's sites are -1 "
-                             f"(input of block 0) and its blocks 0..{nb - 1}")
-        _check_float_value(_dtype_of(sub.value), f"substitution {i}: value")
-        if dtype is not None:
-            _check_safe_cast(_dtype_of(sub.value), dtype, f"substitution {i}: value")
-        if _dtype_of(sub.mask) != np.bool_:
-            raise TypeError(f"substitution {i}: mask must be boolean, got dtype {_dtype_of(sub.mask)}")
+        _check_substitution(sub, f"substitution {i}", nb, dtype)
         if np.ndim(sub.value) != 3 or not _broadcasts_to(np.shape(sub.value), (batch, n_txt, width)):
             raise ValueError(f"substitution {i}: value of shape {np.shape(sub.value)} does not fit the text stream "
                              f"[B, T, D] = {(batch, n_txt, width)} (a batch axis of 1 is shared)")
@@ -306,8 +329,9 @@ def _unwrap(x):
 
 
 def substitution(site, value, mask=None, keep=0.0) -> Substitution:
-    """A text-stream substitution at `site`; mask None replaces every position; keep 1.0 adds `value`
-    to the current activations instead of replacing them.
+    """A stream substitution at `site` (`Interventions.substitutions`: the text stream;
+    `image_substitutions`: the image stream's leading tokens); mask None replaces every position;
+    keep 1.0 adds `value` to the current activations instead of replacing them.
 
     site: -1 (BLOCK0_INPUT) or a block index, an integer (the forward, or `fluxjax.sample` before
     compiling, checks it against the model's blocks). value: [B, T, D] or [T, D] (shared by the

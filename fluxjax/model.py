@@ -16,7 +16,8 @@ from flax import struct
 
 from fluxjax.blocks import double_block, single_block
 from fluxjax.config import Flux2Config
-from fluxjax.apply import begin_captures, block_segments, layer_values, record_block, substitute
+from fluxjax.apply import (begin_captures, block_segments, layer_values, record_block, substitute,
+                           substitute_leading)
 from fluxjax.interventions import BLOCK0_INPUT, Capture, Captures, Interventions, validate
 from fluxjax.numerics import linear, modulate, rope_tables, timestep_embedding
 from fluxjax.params import Flux2Weights, MLPEmbedder
@@ -130,6 +131,7 @@ def forward(params: Flux2Weights, config: Flux2Config, img, txt, timestep, img_i
     x, c = embed(params, img, txt)
     rope = positions(config, txt_ids, img_ids)
     c = substitute(iv.substitutions, c, BLOCK0_INPUT)
+    x = substitute_leading(iv.image_substitutions, x, BLOCK0_INPUT)
     captures = begin_captures(cap, c, x)
     z = None  # the joint [text, image] stream, from the first single block on
 
@@ -163,6 +165,7 @@ def _double_blocks(params, seg, x, c, mods, rope, iv, values, captures, attn_imp
         x, c = double_block(p, x, c, mods.img, mods.txt, _rope(rope, length), layer.mask(iv.knockout, c.shape[1], length),
                             attn_impl)
         c = substitute(iv.substitutions, c, layer.index)
+        x = substitute_leading(iv.image_substitutions, x, layer.index)
         return (x, c, record_block(captures, layer, c, x)), None
 
     (x, c, captures), _ = jax.lax.scan(body, (x, c, captures), (blocks, values))
@@ -180,6 +183,8 @@ def _single_blocks(params, config, seg, z, n_txt, mods, rope, iv, values, captur
         z = single_block(p, z, mods.single, _rope(rope, length), layer.mask(iv.knockout, n_txt, length), attn_impl)
         if iv.substitutions:
             z = z.at[:, :n_txt].set(substitute(iv.substitutions, z[:, :n_txt], layer.index))
+        if iv.image_substitutions:
+            z = z.at[:, n_txt:].set(substitute_leading(iv.image_substitutions, z[:, n_txt:], layer.index))
         return (z, record_block(captures, layer, z[:, :n_txt], z[:, n_txt:])), None
 
     (z, captures), _ = jax.lax.scan(body, (z, captures), (blocks, values))
