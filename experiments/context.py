@@ -160,7 +160,7 @@ class Context:
         if self.hosts.lockstep:
             if self.hosts.agree(f"intact {key}", self.run.intact(key) if self.hosts.writer else None):
                 return cell.record()
-            record = dict(compute(cell))  # the other processes' writes are dropped (`runs.RunFolder.join`)
+            record = dict(compute(cell))  # the other processes' writes are dropped (`runs.join_run`)
             if self.hosts.writer:
                 self.run.finish(cell, record)
             self.hosts.barrier(f"finished {key}")

@@ -203,7 +203,7 @@ class Cell:
 
     path: Path
     key: str
-    discard: bool = False  # writes are dropped: another process writes this cell (`RunFolder.join_run`)
+    discard: bool = False  # writes are dropped: another process writes this cell (`join_run`)
 
     def _files(self) -> dict | None:
         """The files DONE.json lists (None: no readable DONE.json)."""

@@ -384,7 +384,8 @@ def forward_worker(out_dir: str, coordinator: str, n: int, index: int) -> None:
     qkv = placed.double_blocks.img_attn.qkv
     out = sharding.to_host(_forward(placed, layout, img, txt, t, guidance))
     np.save(os.path.join(out_dir, f"forward-{index}.npy"), out)
-    facts = {"devices": len(qkv.sharding.device_set), "processes": sorted({d.process_index for d in qkv.sharding.device_set}),
+    devices = qkv.sharding.device_set
+    facts = {"devices": len(devices), "processes": sorted({d.process_index for d in devices}),
              "local_shards": len(qkv.addressable_shards), "out": qkv.shape[-1],
              "shard_out": qkv.addressable_shards[0].data.shape[-1]}
     with open(os.path.join(out_dir, f"forward-{index}.json"), "w") as f:
