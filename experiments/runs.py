@@ -269,8 +269,9 @@ class Cell:
         return target
 
     def write_bytes(self, name: str, data: bytes) -> Path:
-        target = self._writable(name)
-        return target if self.discard else atomic_write_bytes(target, data)
+        if self.discard:  # the process that writes this cell may have completed it already
+            return self.file(name)
+        return atomic_write_bytes(self._writable(name), data)
 
     def write_json(self, name: str, obj: Any) -> Path:
         return self.write_bytes(name, (canonical_json(obj, indent=2) + "\n").encode("utf-8"))

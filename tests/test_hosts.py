@@ -111,6 +111,8 @@ def test_a_joined_run_folder_writes_cells_but_not_the_runs_own_files(tmp_path):
     follower = runs.join_run(first.path, config, write_cells=False)  # one sharded model: process 0 writes
     assert follower.cell("knockout/b").write_image("x.png", np.zeros((2, 2, 3), np.uint8)).name == "x.png"
     assert not (first.path / "outputs" / "knockout" / "b").exists()
+    follower.cell("knockout/a").write_image("late.png", np.zeros((2, 2, 3), np.uint8))  # written meanwhile: no refusal
+    assert not (first.path / "outputs" / "knockout" / "a" / "late.png").exists()
     first.adopt(["knockout/a", "knockout/b"])  # the complete one among them counts as checked
     first.mark_finished()
     assert json.loads((first.path / runs.FINISHED_FILE).read_text())["cells"] == ["knockout/a"]
