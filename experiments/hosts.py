@@ -36,6 +36,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
 WAIT_MS = 30 * 24 * 3600 * 1000  # barriers wait for the slowest process's share of a sweep (a dead one is
 #                                  detected by its heartbeats instead)
 
@@ -147,8 +149,6 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
 
 def start(args: argparse.Namespace) -> Hosts:
     """Connect to JAX's distributed runtime if asked (before anything uses JAX) -> this process's Hosts."""
-    import jax
-
     if args.distributed or args.coordinator is not None:
         from jax._src import distributed
 
@@ -164,8 +164,6 @@ def start(args: argparse.Namespace) -> Hosts:
 def placement(model, hosts: Hosts, devices: int | None = None, fsdp: int = 1):
     """Where the sweeps of `model` run (`experiments.sweep.Placement`): this process's first `devices`
     local devices, or in the sharded mode the first `devices` of every process; None for one device."""
-    import jax
-
     from experiments.backend import backend
     from experiments.sweep import Placement
     from fluxjax import sharding
@@ -188,4 +186,19 @@ def placement(model, hosts: Hosts, devices: int | None = None, fsdp: int = 1):
             return None
         mesh = sharding.make_mesh(data=n // fsdp, fsdp=fsdp, devices=local[:n])
     model = backend(model)
-    return Placement(mesh=mesh, params=sharding.put_params(model.params, mesh))
+    if hosts.lockstep or fsdp > 1:
+        return Placement(mesh=mesh, params=sharding.put_params(model.params, mesh))
+    # Whole replicas on this process's devices: the model's own arrays serve as their device's
+    # replica (the single sampler calls use them too), so no device holds the weights twice.
+    return Placement(mesh=mesh, params=jax.tree_util.tree_map(lambda x: _replicated(x, mesh), model.params))
+
+
+def _replicated(x, mesh):
+    """`x` whole on every device of `mesh` (this process's), its own buffer kept where it lies."""
+    from fluxjax import sharding
+
+    whole = sharding.replicated(mesh)
+    if not isinstance(x, jax.Array) or len(x.devices()) != 1 or not x.devices() <= set(mesh.devices.flat):
+        return sharding.put(x, whole)
+    shards = [x if d in x.devices() else jax.device_put(x, d) for d in mesh.devices.flat]
+    return jax.make_array_from_single_device_arrays(x.shape, whole, shards)

@@ -196,6 +196,25 @@ def test_four_local_devices_give_the_outputs_of_one_with_the_same_chunk_per_devi
     assert all(sorted(c["shards"]) == [[1, 1, *c["shape"][2:]]] * 4 for c in spread["calls"])
 
 
+REPLICAS = """
+import argparse, jax
+from experiments import hosts, models
+model = models.load(argparse.Namespace(model="direct", dtype=None, cache=None, no_progress=True))[0]
+placement = hosts.placement(model, hosts.Hosts())
+own, placed = model.params.img_in, placement.params.img_in
+print(len(placed.sharding.device_set), own.unsafe_buffer_pointer() == next(
+    s.data.unsafe_buffer_pointer() for s in placed.addressable_shards if s.device in own.devices()))
+"""
+
+
+@pytest.mark.slow
+def test_whole_replicas_reuse_the_models_own_arrays_on_their_device():
+    """Four devices, one model each: the model's arrays are the replica of their device (no second copy there)."""
+    done = subprocess.run([sys.executable, "-c", REPLICAS], env={**os.environ, **FOUR_DEVICES}, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S)
+    assert done.stdout.split() == ["4", "True"], done.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # several processes, one run folder
 
