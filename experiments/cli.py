@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -181,7 +182,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
     r.add_argument("--verify", action="store_true",
                    help="compute nothing: check every finished cell of --out against the sizes and hashes it was "
                         "written with, list what is damaged or unfinished, exit 1 if anything is damaged")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--check", action="store_true",
+                   help="check every input (model, tasks and references, settings, --out) as a run would before "
+                        "its first step, then exit: nothing loads, nothing is written")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
     hostlib.add_arguments(parser)
 
 
@@ -389,6 +393,12 @@ def check_general(args: argparse.Namespace) -> None:
         raise InputErrors(problems)
 
 
+def checked_line(checked: Checked) -> str:
+    """--check's answer: what a run of the checked inputs would do."""
+    return (f"inputs checked: {checked.model.kind} {checked.model.name} ({checked.model.config.num_blocks} blocks), "
+            f"{len(checked.found)} tasks, every setting valid; nothing run")
+
+
 def command_settings(module, args: argparse.Namespace, model: models.Spec, found: list | None) -> dict:
     """An experiment module's settings from the command line, validated against the model's
     architecture, and (`module.check_tasks`, where it has one) against the tasks."""
@@ -480,6 +490,12 @@ def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace, hosts:
     return model, record, placement
 
 
+def cell_counts(run: runs.RunFolder, hosts: Hosts) -> dict[str, int] | None:
+    """`run.counts()` of the whole invocation, every process's summed, on process 0 (None on the others)."""
+    every = hosts.gather("cell counts", run.counts())
+    return None if every is None else {k: sum(c[k] for c in every) for k in every[0]}
+
+
 def load_run_tasks(parser: argparse.ArgumentParser, spec: Mapping[str, Any], run: runs.RunFolder,
                    hosts: Hosts) -> tuple[list[tasklib.Task], list[tasklib.Task]]:
     """(`load_tasks`, `load_pair_tasks`) on process 0, then on the others (which read the bucket it
@@ -497,6 +513,21 @@ def load_run_tasks(parser: argparse.ArgumentParser, spec: Mapping[str, Any], run
         run.discard()
         fail(parser, error)
     return loaded
+
+
+def command_line(name: str, argv: Sequence[str]) -> str:
+    """The command an experiment was invoked as: `python -m experiments.<name> ARGS`, quoted for a shell."""
+    import shlex
+
+    return shlex.join(["python", "-m", f"experiments.{name}", *argv])
+
+
+def announce(ctx: Context, found: Sequence, experiments: Sequence[str]) -> None:
+    """The progress line that opens a model's run (stderr; none with --no-progress)."""
+    if ctx.show_progress:
+        print(f"{ctx.run.path}: {'resuming' if ctx.run.resumed else 'new run folder'}: "
+              f"{ctx.run.config['model']['name']}, {len(found)} tasks, {', '.join(experiments)}",
+              file=sys.stderr, flush=True)
 
 
 def base_config(args: argparse.Namespace, model, model_record: Mapping, tasks: Mapping | None = None) -> dict:
@@ -574,15 +605,19 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     add_arguments(parser, out_default=f"runs/{module.NAME}", pair_tasks=getattr(module, "PAIR_TASKS", False))
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.verify:
         return verify_folders([Path(args.out)])
-    hosts = start_hosts(parser, args)
+    hosts = Hosts() if args.check else start_hosts(parser, args)  # --check starts nothing
     try:
         check_out(args.out, module.NAME, hosts)
     except ValueError as e:
         fail(parser, str(e))
     [checked] = check_inputs(parser, args, [args.model], functools.partial(command_settings, module))
+    if args.check:
+        print(checked_line(checked))
+        return 0
     spec = checked.tasks
     model, model_record, placement = load_model(parser, args, hosts)
     try:
@@ -600,15 +635,20 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
             return 0
         ctx = open_context(args, model, run, hosts, placement)
         found, pair_found = load_run_tasks(parser, spec, run, hosts)
+        if hosts.writer:
+            announce(ctx, [*found, *pair_found], [module.NAME])
         more = f" and {len(pair_found)} that only resolve pairs" if pair_found else ""
         sections = [report.Section("Setup", [report.Text(ctx.describe() + f"\n\n{len(found)} tasks{more}.")])]
         sections += module.run(ctx, [*found, *pair_found], config["settings"], module.NAME)
         path = run.path / "report.html"
-        if hosts.writer:
-            path = report.write_run_report(run, f"{module.TITLE}: {model_record['name']}", sections)
+        counts = cell_counts(run, hosts)
+        if hosts.writer:  # the run's own files: process 0's, once every process's cells are done
+            path = report.write_run_report(run, f"{module.TITLE}: {models.name(args.model)}", sections,
+                                           command=command_line(module.NAME, argv))
             run.write_summary({"experiment": module.NAME, "tasks": len(found),
-                               "seconds": time.perf_counter() - start, "resumed": run.resumed})
+                               "seconds": time.perf_counter() - start, "resumed": run.resumed, "cells": counts})
             run.mark_finished()
+            print(run.counts_line(counts))
     hosts.barrier("report written")  # every process ends once process 0 has written the run's files
     if hosts.writer:
         print(f"report: {path}")

@@ -47,6 +47,8 @@ class Context:
     placement: Any = None  # experiments.sweep.Placement: the devices of the sampler calls (None: the default one)
     _texts: dict = dataclasses.field(default_factory=dict)
     _steps: Any = None
+    _lines: Any = None  # runs.ProgressLines of the cells in progress (off a terminal)
+    _task: str = ""  # the name of the cell in progress
     _mine: set = dataclasses.field(default_factory=set)  # cells dealt to this process (cells split among processes)
 
     @property
@@ -83,8 +85,8 @@ class Context:
         from experiments import sweep
 
         uncond = self.text("") if self.model.options.guidance == "cfg" else None
-        return sweep.prepare(self.model, self.text(prompt), reference=reference, seed=seed % 2**32, height=height,
-                             width=width, uncond=uncond)
+        return sweep.prepare(self.model, self.text(prompt), references=() if reference is None else [reference],
+                             seed=seed % 2**32, height=height, width=width, uncond=uncond)
 
     # sampling, with the steps progress bar ------------------------------------------------------
     def _advance(self, options, calls: int = 1):
@@ -108,21 +110,27 @@ class Context:
         options = options or self.options
         chunk = sweep.fitting_chunk(self.model, edit, options, cells, self.chunk, self.attn_impl,
                                     placement=self.placement)
-        out = sweep.sweep(self.model, edit, options, cells, chunk=chunk, attn_impl=self.attn_impl,
-                          placement=self.placement)
-        size = sweep.call_size(len(cells), chunk, 1 if self.placement is None else self.placement.replicas)
-        self._advance(options, -(-len(cells) // size))
-        return out
+
+        def chunk_done(done: int, total: int):
+            self._advance(options)
+            if self._lines is not None:
+                self._lines.chunk(self._task, done, total)
+
+        return sweep.sweep(self.model, edit, options, cells, chunk=chunk, attn_impl=self.attn_impl,
+                           placement=self.placement, on_chunk=chunk_done)
 
     # cells --------------------------------------------------------------------------------------
-    def cells(self, desc: str, prefix: str, jobs: Mapping[str, Callable[[runs.Cell], Mapping]]) -> list[dict]:
+    def cells(self, desc: str, prefix: str, jobs: Mapping[str, Callable[[runs.Cell], Mapping]],
+              unit: str = "task") -> list[dict]:
         """Run `jobs` ({name: compute}) as the cells `<prefix>/<name>`, in order; complete cells are skipped.
         Returns the metrics rows of every record (its "rows"), in order.
 
         compute(cell) writes the cell's files and returns its record; the cell is then marked
-        complete. Bars: one for the jobs (tasks), one nested for the denoising steps. With the
-        cells split among processes, this process computes its share (`Hosts.share`) and then
-        waits until every process has computed its own.
+        complete. On a terminal, bars: one for the jobs (tasks), one nested for the denoising steps;
+        else (a log) lines: what is skipped and to compute, then one per sweep chunk and per task
+        done, with the time elapsed and an estimate of the time left (`runs.ProgressLines`). With
+        the cells split among processes, this process computes its share (`Hosts.share`; its bars
+        and lines count that share) and then waits until every process has computed its own.
         """
         keys = [f"{prefix}/{name}" for name in jobs]
         mine = self.hosts.share(keys)
@@ -131,19 +139,26 @@ class Context:
             pending = set(self.hosts.agree(f"pending {prefix}", self.run.pending(mine) if self.hosts.writer else None))
         else:
             pending = set(self.run.pending(mine))
-        bar = runs.progress(desc=desc, unit="task", total=len(mine), initial=len(mine) - len(pending),
-                            enabled=None if self.show_progress else False)
-        outer_steps = self._steps
+        terminal = runs.is_terminal()
+        bar = runs.progress(desc=desc, unit=unit, total=len(mine), initial=len(mine) - len(pending),
+                            enabled=None if self.show_progress and terminal else False)
+        lines = runs.ProgressLines(f"{self.run.path.name} {prefix}", len(mine), len(mine) - len(pending), unit=unit,
+                                   enabled=self.show_progress and not terminal)
+        lines.begin(desc, repaired=len({self.run.cell(k).key for k in pending} & self.run.reopened))
+        outer_steps, self._lines = self._steps, lines
         self._steps = runs.progress(desc="  denoising", unit="step", nested=True,
-                                    enabled=None if self.show_progress else False)
+                                    enabled=None if self.show_progress and terminal else False)
         try:
-            for key, compute in zip(keys, jobs.values()):
+            for name, key, compute in zip(jobs, keys, jobs.values()):
                 if key in pending:
+                    self._task = name
                     self.complete(key, compute)
                     bar.update()
+                    lines.task_done(name)
+            lines.end()
         finally:
             self._steps.close()
-            self._steps = outer_steps
+            self._steps, self._lines = outer_steps, None
             bar.close()
         self.hosts.barrier(f"cells {prefix}")
         if self.hosts.split:  # the others' cells: finished or found intact by the process they were dealt to

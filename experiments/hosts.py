@@ -89,6 +89,16 @@ class Hosts:
             return value
         return json.loads(_client().blocking_key_value_get(key, WAIT_MS))
 
+    def gather(self, what: str, value: Any) -> list | None:
+        """Every process's `value` (JSON) in process order, on process 0; None on the others."""
+        if self.count == 1:
+            return [value]
+        key = self._name(what)
+        _client().key_value_set(f"{key}/{self.index}", json.dumps(value))
+        if not self.writer:
+            return None
+        return [json.loads(_client().blocking_key_value_get(f"{key}/{i}", WAIT_MS)) for i in range(self.count)]
+
     def describe(self) -> str:
         if self.count == 1:
             return "one process"
@@ -162,10 +172,10 @@ def start(args: argparse.Namespace) -> Hosts:
 
 
 def placement(model, hosts: Hosts, devices: int | None = None, fsdp: int = 1):
-    """Where the sweeps of `model` run (`experiments.sweep.Placement`): this process's first `devices`
+    """Where the sweeps of `model` run (`experiments.backend.Placement`): this process's first `devices`
     local devices, or in the sharded mode the first `devices` of every process; None for one device."""
     from experiments.backend import backend
-    from experiments.sweep import Placement
+    from experiments.backend import Placement
     from fluxjax import sharding
 
     local = jax.local_devices()
