@@ -36,8 +36,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-
 WAIT_MS = 30 * 24 * 3600 * 1000  # barriers wait for the slowest process's share of a sweep (a dead one is
 #                                  detected by its heartbeats instead)
 
@@ -159,6 +157,8 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
 
 def start(args: argparse.Namespace) -> Hosts:
     """Connect to JAX's distributed runtime if asked (before anything uses JAX) -> this process's Hosts."""
+    import jax
+
     if args.distributed or args.coordinator is not None:
         from jax._src import distributed
 
@@ -174,6 +174,8 @@ def start(args: argparse.Namespace) -> Hosts:
 def placement(model, hosts: Hosts, devices: int | None = None, fsdp: int = 1):
     """Where the sweeps of `model` run (`experiments.backend.Placement`): this process's first `devices`
     local devices, or in the sharded mode the first `devices` of every process; None for one device."""
+    import jax
+
     from experiments.backend import backend
     from experiments.backend import Placement
     from fluxjax import sharding
@@ -205,6 +207,8 @@ def placement(model, hosts: Hosts, devices: int | None = None, fsdp: int = 1):
 
 def _replicated(x, mesh):
     """`x` whole on every device of `mesh` (this process's), its own buffer kept where it lies."""
+    import jax
+
     from fluxjax import sharding
 
     whole = sharding.replicated(mesh)
