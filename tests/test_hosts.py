@@ -166,7 +166,7 @@ def test_the_chunk_that_fits_is_the_same_on_a_one_device_placement():
     from fluxjax.interventions import Interventions, knockout
 
     model = models.load(argparse.Namespace(model="direct", dtype=None, cache=None, no_progress=True))[0]
-    edit = sweep.prepare(model, model.encode_prompts(["draw a circle in this color"]), reference=None, seed=0,
+    edit = sweep.prepare(model, model.encode_prompts(["draw a circle in this color"]), seed=0,
                          height=32, width=32)
     cells = [Interventions(knockout=knockout(model.config, edit.layout, edit.content_mask, ["text->image"],
                                              range(k, model.config.num_blocks), allow_empty=True)) for k in range(6)]
@@ -237,6 +237,8 @@ def test_processes_split_the_cells_and_write_the_outputs_of_one_process(tmp_path
         assert max(counts) - min(counts) <= 1 and sum(counts) == TASKS, counts
     run = json.loads((folder / "finished.json").read_text())
     assert sorted(run["cells"]) == sorted(every)  # process 0 records every process's cells
+    summary = json.loads((folder / "summary.json").read_text())  # and counts them
+    assert summary["cells"] == {"skipped": 0, "repaired": 0, "computed": len(every)}
 
 
 @pytest.mark.slow
