@@ -38,6 +38,7 @@ import PIL.Image
 from fluxjax import images as imagelib
 from fluxjax import pipeline
 from fluxjax import sampler as samplerlib
+from fluxjax import sharding
 from fluxjax.config import Flux2Config
 from fluxjax.interventions import Capture, Captures, Interventions
 from fluxjax.layout import TokenLayout
@@ -132,15 +133,44 @@ def prepare(model, text, *, references: Sequence = (), seed: int, height: int | 
                 uncond=None if uncond is None else jnp.asarray(np.asarray(uncond.embeds, np.float32), dtype))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Placement:
+    """Where the sampler calls run: a (data, fsdp) mesh and the transformer's params on it (split
+    over fsdp, replicated over data), made by `experiments.hosts.placement`."""
+
+    mesh: jax.sharding.Mesh
+    params: Any
+
+    @property
+    def replicas(self) -> int:
+        """Model replicas: the cells of a sweep call are split over this many."""
+        return self.mesh.shape[sharding.DATA]
+
+    @property
+    def shared(self) -> bool:
+        """One call needs the whole mesh: the weights are split, or the mesh spans processes."""
+        return self.mesh.shape[sharding.FSDP] > 1 or not all(
+            d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+
+
 def run(model, edit: Edit, options: samplerlib.SamplerOptions, interventions: Interventions | None = None,
-        capture: Capture | None = None, attn_impl: str | None = None) -> tuple[np.ndarray, Captures | None]:
-    """One sampler call: (pixels uint8 [1, H, W, 3], captures with a leading [num_steps] axis or None)."""
+        capture: Capture | None = None, attn_impl: str | None = None,
+        placement: Placement | None = None) -> tuple[np.ndarray, Captures | None]:
+    """One sampler call: (pixels uint8 [1, H, W, 3], captures with a leading [num_steps] axis or None).
+
+    With a placement whose replicas are whole models on this process's devices, the call runs on
+    the first device (a batch of one has nothing to split); else on the whole mesh, captures
+    brought back as numpy arrays."""
     model = backend(model)
+    shared = placement is not None and placement.shared
     interventions = model.with_cuts(edit.layout, edit.content_mask, interventions)
-    latents, captures = samplerlib.sample(model.params, model.config, options, edit.txt, edit.txt_ids,
-                                          edit.layout.img_ids(), noise=edit.noise, refs=edit.refs,
-                                          uncond_txt=edit.uncond, interventions=interventions, capture=capture,
-                                          sigmas=model.sigmas(options.num_steps), attn_impl=attn_impl)
+    latents, captures = samplerlib.sample(placement.params if shared else model.params, model.config, options,
+                                          edit.txt, edit.txt_ids, edit.layout.img_ids(), noise=edit.noise,
+                                          refs=edit.refs, uncond_txt=edit.uncond, interventions=interventions,
+                                          capture=capture, sigmas=model.sigmas(options.num_steps),
+                                          attn_impl=attn_impl)
+    if shared:
+        latents, captures = sharding.to_host((latents, captures))
     return model.decode(latents, edit.height, edit.width), captures
 
 

@@ -18,6 +18,9 @@ Every command (`python -m experiments.lens`, `.knockout`, `.drop`, `.patching`, 
                      pairs take their targets from its `manual` bucket, its identity pairs from
                      `dreambench_humans_shared`)
     --out runs/NAME  the run folder (experiments.runs): resumable, never overwritten
+    --devices, --fsdp, --distributed ...
+                     the devices of the sweeps and the processes of JAX's distributed runtime
+                     sharing the run folder (experiments.hosts)
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments import hosts as hostlib
 from experiments import models, report, runs, tasks as tasklib
 from experiments.context import Context
+from experiments.hosts import Hosts
 
 # ---------------------------------------------------------------------------------------------
 # names
@@ -181,6 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
                    help="check every input (model, tasks and references, settings, --out) as a run would before "
                         "its first step, then exit: nothing loads, nothing is written")
     r.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
+    hostlib.add_arguments(parser)
 
 
 def _default_help(defaults: Mapping[str, tuple] | None, i: int) -> str:
@@ -409,7 +415,8 @@ def load_pair_tasks(spec: Mapping[str, Any]) -> list[tasklib.Task]:
 
 
 def load_tasks(spec: Mapping[str, Any], run: runs.RunFolder) -> list[tasklib.Task]:
-    """The tasks of `spec` (see `task_spec`); a generated bucket is written to `<run>/tasks/`."""
+    """The tasks of `spec` (see `task_spec`); a generated bucket is written to `<run>/tasks/` (by the
+    process that writes the run's files; the others read it there)."""
     if "files" in spec:
         for f in [*spec["files"], *spec.get("pair_files", ())]:
             if file_sha256(Path(f["file"])) != f["sha256"]:
@@ -417,8 +424,11 @@ def load_tasks(spec: Mapping[str, Any], run: runs.RunFolder) -> list[tasklib.Tas
         found = _read(spec)[0]
     else:
         bucket = spec["colour_bucket"]
-        path = tasklib.write_colour_bucket(run.path / "tasks", bucket["colours"], bucket["objects"], bucket["seeds"],
-                                           size=bucket["size"], known_objects=bucket["known_objects"])
+        path = run.path / "tasks" / "tasks.jsonl"
+        if run.writes_run_files:
+            path = tasklib.write_colour_bucket(run.path / "tasks", bucket["colours"], bucket["objects"],
+                                               bucket["seeds"], size=bucket["size"],
+                                               known_objects=bucket["known_objects"])
         found = tasklib.read_tasks(path)
     found = tasklib.select(found, spec["ids"], spec["limit"])
     generated = [t.task_id for t in found if t.reference is None]
@@ -443,10 +453,66 @@ def chunk_size(args: argparse.Namespace):
     return args.chunk or None
 
 
-def open_context(args: argparse.Namespace, model, run: runs.RunFolder) -> Context:
-    """The context of one invocation: the model, the open run folder and the sampling options asked for."""
+def open_context(args: argparse.Namespace, model, run: runs.RunFolder, hosts: Hosts | None = None,
+                 placement=None) -> Context:
+    """The context of one invocation: the model, the open run folder, the sampling options asked for,
+    and the processes and devices it runs on."""
     return Context(model=model, run=run, options=sampler_options(model, args.steps), chunk=chunk_size(args),
-                   attn_impl=args.attn_impl, show_progress=not args.no_progress)
+                   attn_impl=args.attn_impl, show_progress=not args.no_progress, hosts=hosts or Hosts(),
+                   placement=placement)
+
+
+def start_hosts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Hosts:
+    """Check the device and process options and join JAX's distributed runtime if asked (before
+    anything else touches JAX); a problem ends the command in one line per problem."""
+    problems = hostlib.check_arguments(args)
+    if problems:
+        parser.exit(2, "".join(f"{parser.prog}: error: {line}\n" for line in problems))
+    try:
+        return hostlib.start(args)
+    except (ValueError, RuntimeError) as e:  # no cluster detected, or the coordinator unreachable
+        fail(parser, f"--distributed: JAX's distributed runtime did not start ({e}); outside a TPU pod, SLURM or "
+                     "Open MPI give --coordinator HOST:PORT, --num-processes and --process-id")
+
+
+def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace, hosts: Hosts):
+    """(model, its run config record, its placement on the devices): process 0 loads first (a model
+    folder converts into the shared cache on first use), then the others."""
+    if not hosts.writer:
+        hosts.barrier("model loaded")
+    try:
+        model, record = models.load(args)
+        placement = hostlib.placement(model, hosts, args.devices, args.fsdp)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if hosts.writer:
+        hosts.barrier("model loaded")
+    return model, record, placement
+
+
+def cell_counts(run: runs.RunFolder, hosts: Hosts) -> dict[str, int] | None:
+    """`run.counts()` of the whole invocation, every process's summed, on process 0 (None on the others)."""
+    every = hosts.gather("cell counts", run.counts())
+    return None if every is None else {k: sum(c[k] for c in every) for k in every[0]}
+
+
+def load_run_tasks(parser: argparse.ArgumentParser, spec: Mapping[str, Any], run: runs.RunFolder,
+                   hosts: Hosts) -> tuple[list[tasklib.Task], list[tasklib.Task]]:
+    """(`load_tasks`, `load_pair_tasks`) on process 0, then on the others (which read the bucket it
+    wrote); a problem discards a folder nothing was done in and ends every process in one line."""
+    error = loaded = None
+    if hosts.writer:
+        try:
+            loaded = load_tasks(spec, run), load_pair_tasks(spec)
+        except (ValueError, KeyError) as e:
+            error = str(e)
+    error = hosts.agree("tasks loaded", error)
+    if error is None and not hosts.writer:
+        loaded = load_tasks(spec, run), load_pair_tasks(spec)
+    if error is not None:
+        run.discard()
+        fail(parser, error)
+    return loaded
 
 
 def command_line(name: str, argv: Sequence[str]) -> str:
@@ -490,10 +556,11 @@ def fail(parser: argparse.ArgumentParser, message: str) -> None:
     parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
 
 
-def check_out(out: str | Path, experiment: str) -> None:
+def check_out(out: str | Path, experiment: str, hosts: Hosts | None = None) -> None:
     """Refuse, before any model loads, an --out that cannot be this experiment's run folder: a
     file, a folder that is not a run folder (and not empty), a run folder of another command, one
-    another process is working in, or a place this process cannot write (ValueError, one line)."""
+    another process is working in (checked by process 0: the others join its lock), or a place
+    this process cannot write (ValueError, one line)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {out}: is a file, not a run folder; choose another --out")
@@ -507,7 +574,8 @@ def check_out(out: str | Path, experiment: str) -> None:
         if other != experiment:
             raise ValueError(f"--out {out}: holds a run of `{other}`, not `{experiment}`; choose another --out")
         try:
-            runs.check_not_in_use(path)
+            if hosts is None or hosts.writer:
+                runs.check_not_in_use(path)
         except runs.RunError as e:
             raise ValueError(f"--out {out}: {e}") from None
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
@@ -541,8 +609,9 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verify:
         return verify_folders([Path(args.out)])
+    hosts = Hosts() if args.check else start_hosts(parser, args)  # --check starts nothing
     try:
-        check_out(args.out, module.NAME)
+        check_out(args.out, module.NAME, hosts)
     except ValueError as e:
         fail(parser, str(e))
     [checked] = check_inputs(parser, args, [args.model], functools.partial(command_settings, module))
@@ -550,43 +619,61 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
         print(checked_line(checked))
         return 0
     spec = checked.tasks
+    model, model_record, placement = load_model(parser, args, hosts)
     try:
-        model, model_record = models.load(args)
         config = {**base_config(args, model, model_record, spec), "experiment": module.NAME,
                   "settings": checked.settings}
     except (ValueError, KeyError) as e:
         parser.error(str(e))
     start = time.perf_counter()
-    with open_run(parser, args.out, config) as run:
-        done = run.nothing_to_do() if run.resumed else None
+    with open_run(parser, args.out, config, hosts) as run:
+        done = hosts.agree("nothing to do", run.nothing_to_do() if run.resumed and hosts.writer else None)
         if done is not None:
-            print(f"{run.path}: nothing to do: finished by this code, {done} cells intact; report: "
-                  f"{run.path / 'report.html'}")
+            if hosts.writer:
+                print(f"{run.path}: nothing to do: finished by this code, {done} cells intact; report: "
+                      f"{run.path / 'report.html'}")
             return 0
-        ctx = open_context(args, model, run)
-        try:
-            found = load_tasks(spec, run)
-            pair_found = load_pair_tasks(spec)
-        except (ValueError, KeyError) as e:
-            run.discard()
-            fail(parser, str(e))
-        announce(ctx, [*found, *pair_found], [module.NAME])
+        ctx = open_context(args, model, run, hosts, placement)
+        found, pair_found = load_run_tasks(parser, spec, run, hosts)
+        if hosts.writer:
+            announce(ctx, [*found, *pair_found], [module.NAME])
         more = f" and {len(pair_found)} that only resolve pairs" if pair_found else ""
         sections = [report.Section("Setup", [report.Text(ctx.describe() + f"\n\n{len(found)} tasks{more}.")])]
         sections += module.run(ctx, [*found, *pair_found], config["settings"], module.NAME)
-        path = report.write_run_report(run, f"{module.TITLE}: {models.name(args.model)}", sections,
-                                       command=command_line(module.NAME, argv))
-        run.write_summary({"experiment": module.NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
-                           "resumed": run.resumed, "cells": run.counts()})
-        run.mark_finished()
-        print(run.counts_line())
-    print(f"report: {path}")
+        path = run.path / "report.html"
+        counts = cell_counts(run, hosts)
+        if hosts.writer:  # the run's own files: process 0's, once every process's cells are done
+            path = report.write_run_report(run, f"{module.TITLE}: {models.name(args.model)}", sections,
+                                           command=command_line(module.NAME, argv))
+            run.write_summary({"experiment": module.NAME, "tasks": len(found),
+                               "seconds": time.perf_counter() - start, "resumed": run.resumed, "cells": counts})
+            run.mark_finished()
+            print(run.counts_line(counts))
+    hosts.barrier("report written")  # every process ends once process 0 has written the run's files
+    if hosts.writer:
+        print(f"report: {path}")
     return 0
 
 
-def open_run(parser: argparse.ArgumentParser, out: str, config: Mapping) -> runs.RunFolder:
-    """`open_run_folder`, a refusal (another config, in use, not writable) ending the command in one line."""
-    try:
-        return open_run_folder(out, config)
-    except (runs.RunError, OSError) as e:
-        fail(parser, f"--out {out}: {e}")
+def open_run(parser: argparse.ArgumentParser, out: str, config: Mapping, hosts: Hosts | None = None
+             ) -> runs.RunFolder:
+    """`open_run_folder`, a refusal (another config, in use, not writable) ending the command in one line.
+
+    Several processes: process 0 opens the folder (creates or resumes it, takes its lock); then
+    the others join it (`runs.join_run`), or end with process 0's refusal."""
+    hosts = hosts or Hosts()
+    run, error = None, None
+    if hosts.writer:
+        try:
+            run = open_run_folder(out, config)
+        except (runs.RunError, OSError) as e:
+            error = f"--out {out}: {e}"
+    opened = hosts.agree("run folder opened", {"error": error, "path": None if run is None else str(run.path)})
+    if opened["error"] is not None:
+        fail(parser, opened["error"])
+    if not hosts.writer:
+        try:
+            run = runs.join_run(opened["path"], config, write_cells=not hosts.lockstep)
+        except runs.RunError as e:
+            fail(parser, f"--out {out}: {e}")
+    return run

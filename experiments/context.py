@@ -10,19 +10,26 @@ A task's baseline edits live in the cell `baselines/<task_id>`:
 
 Cells are computed by `Context.cells` and `Context.complete`, the one place a run's work is
 skipped on resume (complete and intact, `runs.RunFolder.intact`) or done and marked complete.
+
+Several processes (`experiments.hosts`): with the cells split among them, `cells` computes this
+process's share and then waits for every process's; the task baselines, which several experiments'
+cells read, are computed first as cells of their own (`compute_baselines`). With one model sharded
+over all of them, every process computes every cell, process 0 decides which are pending
+(`Hosts.agree`) and writes them, and the others read them after it has.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from experiments import models, runs, tasks as tasklib
+from experiments.hosts import Hosts
 from fluxjax import metrics
-
 
 
 @dataclasses.dataclass
@@ -36,10 +43,13 @@ class Context:
     attn_impl: str | None = None
     show_progress: bool = True
     judged_property: str = "colour"  # the reference property its rows are about (their `property`)
+    hosts: Hosts = dataclasses.field(default_factory=Hosts)  # this process among the command's processes
+    placement: Any = None  # experiments.sweep.Placement: the devices of the sampler calls (None: the default one)
     _texts: dict = dataclasses.field(default_factory=dict)
     _steps: Any = None
     _lines: Any = None  # runs.ProgressLines of the cells in progress (off a terminal)
     _task: str = ""  # the name of the cell in progress
+    _mine: set = dataclasses.field(default_factory=set)  # cells dealt to this process (cells split among processes)
 
     @property
     def num_blocks(self) -> int:
@@ -51,7 +61,15 @@ class Context:
         return (f"Model: {self.run.config['model']['name']} ({cfg.depth} double + {cfg.depth_single_blocks} single "
                 f"blocks = {cfg.num_blocks}, hidden {cfg.hidden_size}, {self.run.config['model']['dtype']}); "
                 f"{self.options.num_steps} denoising steps, guidance {self.options.guidance}. Blocks are numbered "
-                f"globally, double blocks first (0..{cfg.depth - 1}).")
+                f"globally, double blocks first (0..{cfg.depth - 1}).{self._devices()}")
+
+    def _devices(self) -> str:
+        """Where the sampler calls ran, when not on one device of one process."""
+        if self.placement is None and self.hosts.count == 1:
+            return ""
+        mesh = "one device each" if self.placement is None else \
+            ", ".join(f"{k} {v}" for k, v in self.placement.mesh.shape.items()) + " mesh"
+        return f" Ran on {self.hosts.describe()}, {mesh}."
 
     # text and edits ---------------------------------------------------------------------------
     def text(self, prompt: str):
@@ -80,7 +98,8 @@ class Context:
         from experiments import sweep
 
         options = options or self.options
-        out = sweep.run(self.model, edit, options, interventions, capture, attn_impl=self.attn_impl)
+        out = sweep.run(self.model, edit, options, interventions, capture, attn_impl=self.attn_impl,
+                        placement=self.placement)
         self._advance(options)
         return out
 
@@ -89,7 +108,8 @@ class Context:
         from experiments import sweep
 
         options = options or self.options
-        chunk = sweep.fitting_chunk(self.model, edit, options, cells, self.chunk, self.attn_impl)
+        chunk = sweep.fitting_chunk(self.model, edit, options, cells, self.chunk, self.attn_impl,
+                                    placement=self.placement)
 
         def chunk_done(done: int, total: int):
             self._advance(options)
@@ -97,7 +117,7 @@ class Context:
                 self._lines.chunk(self._task, done, total)
 
         return sweep.sweep(self.model, edit, options, cells, chunk=chunk, attn_impl=self.attn_impl,
-                           on_chunk=chunk_done)
+                           placement=self.placement, on_chunk=chunk_done)
 
     # cells --------------------------------------------------------------------------------------
     def cells(self, desc: str, prefix: str, jobs: Mapping[str, Callable[[runs.Cell], Mapping]],
@@ -108,14 +128,21 @@ class Context:
         compute(cell) writes the cell's files and returns its record; the cell is then marked
         complete. On a terminal, bars: one for the jobs (tasks), one nested for the denoising steps;
         else (a log) lines: what is skipped and to compute, then one per sweep chunk and per task
-        done, with the time elapsed and an estimate of the time left (`runs.ProgressLines`).
+        done, with the time elapsed and an estimate of the time left (`runs.ProgressLines`). With
+        the cells split among processes, this process computes its share (`Hosts.share`; its bars
+        and lines count that share) and then waits until every process has computed its own.
         """
         keys = [f"{prefix}/{name}" for name in jobs]
-        pending = set(self.run.pending(keys))
+        mine = self.hosts.share(keys)
+        self._mine.update(mine)
+        if self.hosts.lockstep:  # process 0 decides: the others do not read the folder as it changes
+            pending = set(self.hosts.agree(f"pending {prefix}", self.run.pending(mine) if self.hosts.writer else None))
+        else:
+            pending = set(self.run.pending(mine))
         terminal = runs.is_terminal()
-        bar = runs.progress(desc=desc, unit=unit, total=len(jobs), initial=len(jobs) - len(pending),
+        bar = runs.progress(desc=desc, unit=unit, total=len(mine), initial=len(mine) - len(pending),
                             enabled=None if self.show_progress and terminal else False)
-        lines = runs.ProgressLines(f"{self.run.path.name} {prefix}", len(jobs), len(jobs) - len(pending), unit=unit,
+        lines = runs.ProgressLines(f"{self.run.path.name} {prefix}", len(mine), len(mine) - len(pending), unit=unit,
                                    enabled=self.show_progress and not terminal)
         lines.begin(desc, repaired=len({self.run.cell(k).key for k in pending} & self.run.reopened))
         outer_steps, self._lines = self._steps, lines
@@ -129,41 +156,66 @@ class Context:
                     bar.update()
                     lines.task_done(name)
             lines.end()
-            return [row for key in keys for row in self.run.cell(key).record().get("rows", ())]
         finally:
             self._steps.close()
             self._steps, self._lines = outer_steps, None
             bar.close()
+        self.hosts.barrier(f"cells {prefix}")
+        if self.hosts.split:  # the others' cells: finished or found intact by the process they were dealt to
+            self.run.adopt(k for k in keys if k not in self._mine)
+        return [row for key in keys for row in self.run.cell(key).record().get("rows", ())]
 
     def complete(self, key: str, compute: Callable[[runs.Cell], Mapping]) -> dict:
-        """The record of cell `key`, computing and completing the cell unless it is already complete."""
+        """The record of cell `key`, computing and completing the cell unless it is already complete.
+
+        Several processes: a cell of another process's share is never computed here (RunError if
+        it is not complete); with one model sharded over every process, all of them compute the
+        cell together, process 0 writes it, and the others wait until it has."""
         cell = self.run.cell(key)
+        if self.hosts.lockstep:
+            if self.hosts.agree(f"intact {key}", self.run.intact(key) if self.hosts.writer else None):
+                return cell.record()
+            record = dict(compute(cell))  # the other processes' writes are dropped (`runs.join_run`)
+            if self.hosts.writer:
+                self.run.finish(cell, record)
+            self.hosts.barrier(f"finished {key}")
+            return record
         if self.run.intact(key):
             return cell.record()
+        if self.hosts.split and key not in self._mine:
+            raise runs.RunError(f"cell {key} belongs to another process's share and is not complete: rerun the "
+                                "command (every process) to compute it")
         record = dict(compute(cell))
         self.run.finish(cell, record)
         return record
+
+    def compute_baselines(self, tasks: Sequence[tasklib.Task]) -> None:
+        """With the cells split among processes, the baselines of `tasks` first, as cells dealt out
+        like any others: several experiments' cells (and patching's pairs) read one task's
+        baselines, so none may compute them on demand. One process computes them on demand
+        (`baselines`); so does the sharded mode, every process taking every step together."""
+        if self.hosts.split:
+            self.cells("Baselines", "baselines", {t.task_id: functools.partial(self._baselines, t) for t in tasks})
 
     # baselines ------------------------------------------------------------------------------------
     def baselines(self, task: tasklib.Task) -> dict[str, np.ndarray]:
         """The task's baseline images (uint8 [H, W, 3]): reference, edit, t2i, t2i-next-seed."""
         key = f"baselines/{task.task_id}"
-
-        def compute(cell: runs.Cell) -> dict:
-            reference = load_reference(task)
-            cell.write_image("reference.png", reference)
-            edit = self.edit(task.instruction, task.reference, task.seed, task.height, task.width)
-            cell.write_image("edit.png", self.sample(edit)[0][0])
-            t2i = self.edit(task.instruction, None, task.seed, task.height, task.width)
-            cell.write_image("t2i.png", self.sample(t2i)[0][0])
-            t2i_next = self.edit(task.instruction, None, task.seed + 1, task.height, task.width)
-            cell.write_image("t2i-next-seed.png", self.sample(t2i_next)[0][0])
-            return {"reference_lab": list(metrics.reference_colour(reference))}
-
-        self.complete(key, compute)
+        self.complete(key, functools.partial(self._baselines, task))
         cell = self.run.cell(key)
         return {name: np.asarray(cell.load_image(f"{name}.png"))
                 for name in ("reference", "edit", "t2i", "t2i-next-seed")}
+
+    def _baselines(self, task: tasklib.Task, cell: runs.Cell) -> dict:
+        reference = load_reference(task)
+        cell.write_image("reference.png", reference)
+        edit = self.edit(task.instruction, task.reference, task.seed, task.height, task.width)
+        cell.write_image("edit.png", self.sample(edit)[0][0])
+        t2i = self.edit(task.instruction, None, task.seed, task.height, task.width)
+        cell.write_image("t2i.png", self.sample(t2i)[0][0])
+        t2i_next = self.edit(task.instruction, None, task.seed + 1, task.height, task.width)
+        cell.write_image("t2i-next-seed.png", self.sample(t2i_next)[0][0])
+        return {"reference_lab": list(metrics.reference_colour(reference))}
 
     def file(self, cell: runs.Cell, name: str) -> str:
         """A cell file's path relative to the run folder, as a judge bundle names it."""

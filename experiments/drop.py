@@ -109,6 +109,7 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
 
 def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     validate(s, ctx.model.config)
+    ctx.compute_baselines(tasks)
     rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
     checks = [c for t in tasks for c in ctx.run.cell(f"{prefix}/{t.task_id}").record()["removal_checks"]]
     cfg = ctx.model.config

@@ -317,6 +317,7 @@ def sweep_options(ctx: Context, s: Mapping):
 
 def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     validate(s, ctx.model.config)
+    ctx.compute_baselines(tasks)
     rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
     main = [r for r in rows if r["from_block"] is None and "step sweep" not in r["setting"]]
     swept = [r for r in rows if r["from_block"] is not None]

@@ -347,6 +347,7 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
     if s.get("position_range") is not None:  # within this model's text positions, before any work
         parse_positions(s["position_range"], np.shape(ctx.text("").embeds)[1])
     title = form_title(s)
+    ctx.compute_baselines(tasks)
     rows = ctx.cells(title, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
     single = [r for r in rows if r.get("position") is not None]
     rows = [r for r in rows if r.get("position") is None]

@@ -152,6 +152,7 @@ def _pair(ctx: Context, source, target, s: Mapping, cell) -> dict:
 def run(ctx: Context, found: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     validate(s, ctx.model.config)
     pairs = resolve_pairs(ctx, found, s)
+    ctx.compute_baselines(list({t.task_id: t for pair in pairs for t in pair}.values()))
     rows = ctx.cells(TITLE, prefix, {pair_key(a, b): functools.partial(_pair, ctx, a, b, s) for a, b in pairs},
                      unit="pair")
     cfg = ctx.model.config

@@ -51,6 +51,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from experiments import cli, drop, knockout, lens, models, patching, report, study, tables
+from experiments.hosts import Hosts
 from experiments.sweep import POSITIONS
 
 NAME = "run_all"
@@ -160,34 +161,38 @@ def settings_of(args: argparse.Namespace, model: models.Spec, found: list | None
     return settings
 
 
-def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str, checked: cli.Checked) -> Outcome:
-    """The five experiments on `args.model`, into the run folder `out`, with inputs already checked."""
+def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str, checked: cli.Checked,
+              hosts: Hosts | None = None) -> Outcome:
+    """The five experiments on `args.model`, into the run folder `out`, with inputs already checked;
+    hosts: this process among those sharing the run folder (experiments.hosts)."""
+    hosts = hosts or Hosts()
     spec, settings = checked.tasks, checked.settings
+    model, model_record, placement = cli.load_model(parser, args, hosts)
     try:
-        model, model_record = models.load(args)
         kind = model_record["kind"]
         config = {**cli.base_config(args, model, model_record, spec), "experiment": NAME, "settings": settings}
     except (ValueError, KeyError, FileNotFoundError) as e:
         parser.error(str(e))
     start = time.perf_counter()
-    with cli.open_run(parser, out, config) as run:
-        done = run.nothing_to_do() if run.resumed else None
+    with cli.open_run(parser, out, config, hosts) as run:
+        done = hosts.agree("nothing to do", run.nothing_to_do() if run.resumed and hosts.writer else None)
         if done is not None:
             path = run.path / "report.html"
-            print(f"{run.path}: nothing to do: finished by this code, {done} cells intact; report: {path}")
+            if hosts.writer:
+                print(f"{run.path}: nothing to do: finished by this code, {done} cells intact; report: {path}")
             return Outcome(name=models.name(args.model), kind=kind, run_path=run.path, report=path,
                            settings=settings, config=model.config)
-        ctx = cli.open_context(args, model, run)
+        ctx = cli.open_context(args, model, run, hosts, placement)
         ctx.judged_property = settings.get("property", "colour")
+        found, pair_found = cli.load_run_tasks(parser, spec, run, hosts)
         try:
-            found = cli.load_tasks(spec, run)
             if "patching" in settings:  # a bad pair file fails before any work
-                patching.resolve_pairs(ctx, [*found, *cli.load_pair_tasks(spec)], settings["patching"])
+                patching.resolve_pairs(ctx, [*found, *pair_found], settings["patching"])
         except (ValueError, KeyError) as e:
             run.discard()
             cli.fail(parser, str(e))
-        pair_found = cli.load_pair_tasks(spec)
-        cli.announce(ctx, found, [name for name in EXPERIMENTS if name in settings])
+        if hosts.writer:
+            cli.announce(ctx, found, [name for name in EXPERIMENTS if name in settings])
         sections = lens.run(ctx, found, settings["lens"], "lens")
         if "study_lens" in settings:
             sections += lens.run(ctx, found, settings["study_lens"], "study-lens")
@@ -195,21 +200,27 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
             if name in settings:  # the pair tasks resolve the patching pairs only
                 sections += module.run(ctx, [*found, *pair_found] if name == "patching" else found, settings[name],
                                        name)
-        intro = report.Section("Setup", [
-            report.Text(f"{ctx.describe()}\n\n{len(found)} tasks: "
-                        f"{', '.join(t.task_id for t in found)}"
-                        f"{f'; {len(pair_found)} more that only resolve the patching pairs' if pair_found else ''}. "
-                        f"This invocation took "
-                        f"{time.perf_counter() - start:.0f} s"
-                        f"{' (resumed)' if run.resumed else ''}."),
-            study.table(run.path, settings, model.config, summary_note(kind))])
-        path = report.write_run_report(run, f"{describe_settings(args)[:1].upper()}{describe_settings(args)[1:]}: "
-                                            f"{models.name(args.model)}", [intro, *sections], command=args.command)
-        run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
-                           "resumed": run.resumed, "cells": run.counts()})
-        run.mark_finished()
-        print(run.counts_line())
-    print(f"report: {path}")
+        path = run.path / "report.html"
+        counts = cli.cell_counts(run, hosts)
+        if hosts.writer:  # the run's own files: process 0's, once every process's cells are done
+            pairs_only = f"; {len(pair_found)} more that only resolve the patching pairs" if pair_found else ""
+            intro = report.Section("Setup", [
+                report.Text(f"{ctx.describe()}\n\n{len(found)} tasks: "
+                            f"{', '.join(t.task_id for t in found)}{pairs_only}. "
+                            f"This invocation took "
+                            f"{time.perf_counter() - start:.0f} s"
+                            f"{' (resumed)' if run.resumed else ''}."),
+                study.table(run.path, settings, model.config, summary_note(kind))])
+            title = describe_settings(args)
+            path = report.write_run_report(run, f"{title[:1].upper()}{title[1:]}: {models.name(args.model)}",
+                                           [intro, *sections], command=args.command)
+            run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
+                               "resumed": run.resumed, "cells": counts})
+            run.mark_finished()
+            print(run.counts_line(counts))
+    hosts.barrier("report written")  # every process goes on once process 0 has written the run's files
+    if hosts.writer:
+        print(f"report: {path}")
     return Outcome(name=models.name(args.model), kind=kind, run_path=run.path, report=path, settings=settings,
                    config=model.config)
 
@@ -327,11 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     outs = [args.out] if len(specs) == 1 else [str(Path(args.out) / cli.slug(name)) for name in names]
     if args.verify:
         return cli.verify_folders([Path(out) for out in outs])
+    hosts = Hosts() if args.check or args.plan else cli.start_hosts(parser, args)  # they start nothing
     try:
         if len(specs) > 1 and Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out}: is a file; with several models --out is a folder of run folders")
         for out in outs:
-            cli.check_out(out, NAME)
+            cli.check_out(out, NAME, hosts)
     except ValueError as e:
         cli.fail(parser, str(e))
     checked = cli.check_inputs(parser, args, specs, settings_of)  # every model, before any runs
@@ -343,13 +355,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(cli.checked_line(c))
         return 0
     if len(specs) == 1:
-        run_model(parser, _with_model(args, specs[0]), args.out, checked[0])
+        run_model(parser, _with_model(args, specs[0]), args.out, checked[0], hosts)
         return 0
     folder = Path(args.out).resolve()
-    outcomes = [run_model(parser, _with_model(args, m), str(folder / cli.slug(name)), c)
+    outcomes = [run_model(parser, _with_model(args, m), str(folder / cli.slug(name)), c, hosts)
                 for m, name, c in zip(specs, names, checked)]
-    path = comparison_report(folder, outcomes, args)
-    print(f"report: {path}")
+    if hosts.writer:
+        path = comparison_report(folder, outcomes, args)
+        print(f"report: {path}")
     return 0
 
 

@@ -13,7 +13,8 @@ Each invocation of an experiment works inside one run folder:
                              derived from the cells; rebuilt (atomically) at the end of each invocation
         finished.json        the code and the cells of the last invocation that ran to its end: a rerun
                              of the same code whose cells are all intact has nothing to do
-        run.lock             held by the invocation working in the folder
+        run.lock             held by the invocation working in the folder (its process 0, when several
+                             processes share it)
 
 Resume: a cell whose DONE.json exists and whose listed files are all present with their sizes is
 complete (`Cell.done`); anything else is recomputed (a kill can leave partial files behind but
@@ -21,6 +22,12 @@ never a DONE.json before them). Once per invocation each complete cell is also c
 the content hashes in its DONE.json (`RunFolder.intact`): a cell whose files are missing or
 damaged loses its DONE.json and is recomputed like an unfinished one, with one line on stderr
 saying so. `check_run` checks a whole folder without changing anything (`--verify`).
+
+Several processes of one invocation (`experiments.hosts`): process 0 opens the folder as above
+(`open_run`: config, invocation record, lock); the others `join_run` it afterwards. Each cell is
+written by one process; the run-level files (derived files, summary, finished.json) by process 0
+alone: another process's `write_derived` writes nothing. Where process 0 writes every cell (one
+model sharded over all processes), the others' cell writes are dropped too.
 
 Nothing is overwritten: a complete cell refuses new writes, and a folder whose config differs from
 the one asked for is never reused (`open_run` refuses, or moves on to `<name>-2`, `<name>-3`,
@@ -197,6 +204,7 @@ class Cell:
 
     path: Path
     key: str
+    discard: bool = False  # writes are dropped: another process writes this cell (`join_run`)
 
     def _files(self) -> dict | None:
         """The files DONE.json lists (None: no readable DONE.json)."""
@@ -262,13 +270,15 @@ class Cell:
         return target
 
     def write_bytes(self, name: str, data: bytes) -> Path:
+        if self.discard:  # the process that writes this cell may have completed it already
+            return self.file(name)
         return atomic_write_bytes(self._writable(name), data)
 
     def write_json(self, name: str, obj: Any) -> Path:
-        return atomic_write_json(self._writable(name), obj)
+        return self.write_bytes(name, (canonical_json(obj, indent=2) + "\n").encode("utf-8"))
 
     def write_image(self, name: str, image: Image.Image | np.ndarray) -> Path:
-        return atomic_save_image(self._writable(name), image)
+        return self.write_bytes(name, encode_image(image, Path(name).suffix))
 
     def write_array(self, name: str, array: np.ndarray) -> Path:
         buf = io.BytesIO()
@@ -303,6 +313,8 @@ class RunFolder:
     path: Path
     config: dict
     resumed: bool
+    writes_run_files: bool = True  # False on a process that joined another's folder (`join_run`)
+    writes_cells: bool = True  # False where another process writes every cell
     _lock: Path | None = None
     _checked: set = dataclasses.field(default_factory=set)  # cells found intact by this invocation
     _skipped: set = dataclasses.field(default_factory=set)  # complete and intact when first asked: not recomputed
@@ -311,7 +323,7 @@ class RunFolder:
 
     def cell(self, key: str) -> Cell:
         rel = check_key(key)
-        return Cell(path=self.path / OUTPUTS_DIR / rel, key=str(rel))
+        return Cell(path=self.path / OUTPUTS_DIR / rel, key=str(rel), discard=not self.writes_cells)
 
     def intact(self, key: str) -> bool:
         """Whether cell `key` is complete with undamaged files (hashed once per invocation).
@@ -358,11 +370,17 @@ class RunFolder:
         return {"skipped": len(self._skipped), "repaired": len(self._repaired & self._computed),
                 "computed": len(self._computed - self._repaired)}
 
-    def counts_line(self) -> str:
-        """One line: what this invocation did with the folder's cells."""
-        c = self.counts()
+    def counts_line(self, counts: Mapping[str, int] | None = None) -> str:
+        """One line: what this invocation did with the folder's cells (`counts`, default this
+        process's `counts()`; with several processes, all of theirs summed)."""
+        c = self.counts() if counts is None else counts
         return (f"{self.path}: {'resumed' if self.resumed else 'new run folder'}: {c['skipped']} cells skipped "
                 f"(complete and intact), {c['repaired']} repaired (damaged, computed again), {c['computed']} computed")
+
+    def adopt(self, keys: Iterable[str]) -> None:
+        """Count the complete ones among `keys` as checked: cells another process of this invocation
+        finished or found intact (each cell is hashed by the one process it was dealt to)."""
+        self._checked.update(k for k in keys if self.cell(k).done)
 
     def cells(self) -> Iterator[Cell]:
         """Every complete cell, in key order."""
@@ -377,10 +395,13 @@ class RunFolder:
 
         Derived files are rebuilt from the cells at the end of every invocation and replaced
         atomically; the run's config, code version, invocation records and cells stay off limits.
+        A process that joined the folder (`join_run`) writes nothing: process 0 writes them.
         """
         rel = check_key(name)
         if rel.parts[0] in (CONFIG_FILE, CODE_VERSION_FILE, INVOCATIONS_DIR, OUTPUTS_DIR, LOCK_FILE):
             raise ValueError(f"{name!r} is not a derived file of the run; pick another name")
+        if not self.writes_run_files:
+            return self.path / rel
         data = data.encode("utf-8") if isinstance(data, str) else data
         return atomic_write_bytes(self.path / rel, data)
 
@@ -409,7 +430,7 @@ class RunFolder:
     def discard(self) -> None:
         """Remove a folder this invocation created and did no work in (input that failed validation),
         so that the corrected rerun can use its name; a resumed folder is kept."""
-        if self.resumed or any(self.cells()):
+        if self.resumed or not self.writes_run_files or any(self.cells()):
             self.close()
             return
         self.close()
@@ -512,6 +533,20 @@ def open_run(root: str | os.PathLike, name: str, config: Mapping[str, Any], *,
             raise RunError(f"{folder} holds a run with a different config ({'; '.join(diff[:3])}{more}); its "
                            f"outputs are kept: choose another run folder, or rerun with the folder's config")
     raise RunError(f"no free run folder name for {name!r} under {root}")
+
+
+def join_run(folder: str | os.PathLike, config: Mapping[str, Any], *, write_cells: bool = True) -> RunFolder:
+    """The run folder another process of this invocation (process 0) has opened with `open_run`, for
+    a process that writes cells only (write_cells False: not even those). It takes no lock and
+    writes no invocation record; its `write_derived` writes nothing."""
+    folder = Path(folder).resolve()
+    config = json.loads(canonical_json(config))
+    existing = _read_config(folder)
+    if existing != config:
+        diff = _differences(existing, config) if isinstance(existing, dict) else [f"no readable {CONFIG_FILE}"]
+        raise RunError(f"{folder}: process 0 opened it with another config ({'; '.join(diff[:3])}); every process "
+                       "must run the same command")
+    return RunFolder(path=folder, config=config, resumed=True, writes_run_files=False, writes_cells=write_cells)
 
 
 def _enter(folder: Path, config: dict, resumed: bool, argv: list[str] | None) -> RunFolder:

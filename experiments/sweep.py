@@ -15,6 +15,12 @@ same shape and reuses the same program), then decodes the whole chunk with the V
 The model is a FLUX.2 `fluxjax.pipeline.Flux2Model` or any `experiments.backend.ModelBackend`
 (`experiments.organism.OrganismModel`).
 
+Several devices: given a `Placement` (a (data, fsdp) mesh and the params placed on it, made by
+`experiments.hosts.placement`), a call holds `chunk` cells per model replica, chunk x data in all,
+split over the mesh's `data` axis; the edit's arrays are the same on every device. The mesh may
+span processes (one model sharded over several hosts): every process then makes the same calls,
+and each gets the whole result back (`fluxjax.sharding.to_host`).
+
 Axes as in `fluxjax.numerics`; V is the sweep axis.
 """
 
@@ -28,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.backend import POSITIONS, Edit, backend, prepare, run  # one edit; the sweep of many is here
+from experiments.backend import POSITIONS, Edit, Placement, backend, prepare, run  # one edit; sweeps: here
 from fluxjax import sampler as samplerlib
+from fluxjax import sharding
 from fluxjax.interventions import Capture, Captures, Interventions, check_sites, stack
 from fluxjax.layout import TokenLayout
 
@@ -58,7 +65,7 @@ class AutoChunk:
 
 def device_free_bytes(device=None) -> int | None:
     """Bytes the device can still allocate, or None where it does not say (XLA:CPU)."""
-    stats = (device or jax.devices()[0]).memory_stats()
+    stats = (device or jax.local_devices()[0]).memory_stats()
     if not stats or "bytes_limit" not in stats:
         return None
     return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
@@ -80,56 +87,81 @@ _PROGRAM_BYTES: dict = {}  # (program shape) -> XLA's planned bytes for one and 
 
 
 def fitting_chunk(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence[Interventions],
-                  chunk, attn_impl: str | None = None, free_bytes: int | None = None) -> int | None:
-    """Cells per call for `sweep`: an int or None as given, or for an `AutoChunk` the most cells whose
-    compiled program fits in the device's free memory (XLA's memory plan of the program for one and
-    two cells, read once per program shape; the free memory is read at every call)."""
+                  chunk, attn_impl: str | None = None, free_bytes: int | None = None,
+                  placement: Placement | None = None) -> int | None:
+    """Cells per call (per model replica, with a placement) for `sweep`: an int or None as given, or
+    for an `AutoChunk` the most cells whose compiled program fits in the device's free memory (XLA's
+    memory plan of the program for one and two cells per replica, read once per program shape; the
+    free memory, the least of the placement's devices here, is read at every call)."""
     if not isinstance(chunk, AutoChunk):
         return chunk
-    free = device_free_bytes() if free_bytes is None else free_bytes
-    if free is None:
+    if free_bytes is None:
+        devices = [None] if placement is None else [d for d in placement.mesh.devices.flat
+                                                    if d.process_index == jax.process_index()]
+        free = [device_free_bytes(d) for d in devices]
+        free_bytes = None if None in free else min(free)
+    if free_bytes is None:
         return chunk.fallback
     model = backend(model)
+    replicas = 1 if placement is None else placement.replicas
     cell = model.with_cuts(edit.layout, edit.content_mask, cells[0])  # every cell has its structure and shapes
     key = (model.config, options, attn_impl, jax.tree.structure(cell), edit.txt.shape, edit.noise.shape,
-           tuple((a.shape, a.dtype) for a in jax.tree.leaves(cell)))
+           tuple((a.shape, a.dtype) for a in jax.tree.leaves(cell)), None if placement is None else placement.mesh)
     if key not in _PROGRAM_BYTES:
-        def program_bytes(v):
+        def program_bytes(v):  # XLA's plan per device: for a mesh, each device's part of the program
+            stacked = stack([cell] * v * replicas)
+            params = model.params
+            if placement is not None:
+                stacked, params = sharding.put(stacked, sharding.batch_sharding(placement.mesh)), placement.params
             compiled = _sample_many.lower(
-                model.params, edit.txt, jnp.asarray(edit.txt_ids), jnp.asarray(edit.layout.img_ids()), edit.noise,
-                edit.refs, edit.uncond, stack([cell] * v), model.sigmas(options.num_steps), config=model.config,
+                params, edit.txt, jnp.asarray(edit.txt_ids), jnp.asarray(edit.layout.img_ids()), edit.noise,
+                edit.refs, edit.uncond, stacked, model.sigmas(options.num_steps), config=model.config,
                 options=options, attn_impl=attn_impl).compile()
             mem = compiled.memory_analysis()
             return int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
 
         _PROGRAM_BYTES[key] = (program_bytes(1), program_bytes(2))
-    return cells_that_fit(lambda v: _PROGRAM_BYTES[key][v - 1], free, len(cells))
+    return cells_that_fit(lambda v: _PROGRAM_BYTES[key][v - 1], free_bytes, len(cells))
+
+
+def call_size(n_cells: int, chunk: int | None, replicas: int = 1) -> int:
+    """Cells per vmapped call: `chunk` per replica (None: the whole sweep), never more per replica
+    than the sweep needs; a multiple of `replicas`, so every replica gets as many."""
+    per_replica = -(-n_cells // replicas)
+    return replicas * (per_replica if chunk is None else max(1, min(int(chunk), per_replica)))
 
 
 def sweep(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence[Interventions], *,
-          chunk: int | None = None, attn_impl: str | None = None,
+          chunk: int | None = None, attn_impl: str | None = None, placement: Placement | None = None,
           on_chunk: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Every cell's image, as vmapped calls of one compiled sampler: uint8 [V, H, W, 3].
 
     cells: interventions of one pytree structure (a sweep varies values only). chunk: cells per
-    call (None: all at once; an `AutoChunk`: as many as fit the device, `fitting_chunk`); bounds
-    memory on large models. on_chunk(cells done, cells): called after each call (progress).
+    call, per model replica with a placement (None: all at once; an `AutoChunk`: as many as fit the
+    device, `fitting_chunk`); bounds memory on large models. placement: the devices (module
+    docstring); None: the default device. on_chunk(cells done, cells): called after each call
+    (progress).
     """
-    chunk = fitting_chunk(model, edit, options, cells, chunk, attn_impl)
+    chunk = fitting_chunk(model, edit, options, cells, chunk, attn_impl, placement=placement)
     model = backend(model)
     cells = [model.with_cuts(edit.layout, edit.content_mask, iv) for iv in cells]
     if not cells:
         raise ValueError("a sweep needs at least one cell")
     for iv in cells:  # inside the compiled sweep the sites are traced values
         check_sites(iv, model.config)
-    size = len(cells) if chunk is None else max(1, min(int(chunk), len(cells)))
+    size = call_size(len(cells), chunk, 1 if placement is None else placement.replicas)
     out = []
     for start in range(0, len(cells), size):
         part = cells[start:start + size]
-        padded = part + [part[-1]] * (size - len(part))  # same shape every call: one program
-        latents = _sample_many(model.params, edit.txt, jnp.asarray(edit.txt_ids), jnp.asarray(edit.layout.img_ids()),
-                               edit.noise, edit.refs, edit.uncond, stack(padded), model.sigmas(options.num_steps),
+        padded = stack(part + [part[-1]] * (size - len(part)))  # same shape every call: one program
+        params = model.params
+        if placement is not None:  # the cells split over the replicas, the params already placed
+            padded, params = sharding.put(padded, sharding.batch_sharding(placement.mesh)), placement.params
+        latents = _sample_many(params, edit.txt, jnp.asarray(edit.txt_ids), jnp.asarray(edit.layout.img_ids()),
+                               edit.noise, edit.refs, edit.uncond, padded, model.sigmas(options.num_steps),
                                config=model.config, options=options, attn_impl=attn_impl)
+        if placement is not None:
+            latents = sharding.to_host(latents)
         pixels = model.decode(latents[:, 0], edit.height, edit.width)
         out.append(pixels[:len(part)])
         if on_chunk is not None:

@@ -172,7 +172,8 @@ def write_tree(directory: str | os.PathLike, leaves: Iterable[tuple[str, object]
         _save_group(directory, group)
     if scalars:
         _save_group(directory, scalars, shard_axes=())
-    ocp.partial.finalize(directory)
+    with _this_process():
+        ocp.partial.finalize(directory)
     _write_checksums(directory, sums)
     return dtype
 
@@ -193,7 +194,7 @@ def read_tree(directory: str | os.PathLike, like, *, dtype=None, shardings=None,
     if any("d" not in Path(name).parts[:-1] for name in changed):  # metadata: never handed to Orbax damaged
         raise _damage(directory, sums, "a metadata file; not handed to Orbax", changed)
     try:
-        with _quiet_orbax():
+        with _quiet_orbax(), _this_process():
             stored = flatten(ocp.metadata(directory).metadata)
     except Exception as e:  # orbax raises assorted types for a damaged directory
         raise _damage(directory, sums, f"unreadable Orbax metadata ({_first_line(e)})") from None
@@ -204,15 +205,16 @@ def read_tree(directory: str | os.PathLike, like, *, dtype=None, shardings=None,
         raise CheckpointError(f"{os.path.join(directory, CHECKSUMS_FILE)}: no checksum for array {missing[0]!r}; "
                               f"{DAMAGED}")
     if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, like)
     else:
         _check_shardings(shardings, like)
     abstract = [jax.ShapeDtypeStruct(shape, stored[name].dtype, sharding=s)  # stored dtype: verified, then cast
                 for (name, shape), s in zip(expected, jax.tree_util.tree_leaves(
                     shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)))]
+    spans_processes = not all(a.sharding.is_fully_addressable for a in abstract)
     try:
-        with _quiet_orbax():
+        with _quiet_orbax(), _this_process(not spans_processes):
             flat = flatten(ocp.load(directory, nest(zip((name for name, _ in expected), abstract))))
     except Exception as e:
         raise _damage(directory, sums, f"restoring the params failed ({_first_line(e)})") from None
@@ -350,9 +352,9 @@ def add_checksums(directory: str | os.PathLike) -> None:
     if os.path.exists(os.path.join(directory, CHECKSUMS_FILE)):
         raise CheckpointError(f"{os.path.join(directory, CHECKSUMS_FILE)}: already exists; verify the tree instead")
     try:
-        with _quiet_orbax():
+        with _quiet_orbax(), _this_process():
             stored = flatten(ocp.metadata(directory).metadata)
-            cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+            cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
             abstract = nest((n, jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu)) for n, m in stored.items())
             flat = flatten(ocp.load(directory, abstract))
     except Exception as e:
@@ -407,9 +409,28 @@ def _release_freed_memory() -> None:
         pass
 
 
+def _this_process(alone: bool = True):
+    """Orbax's scope for one read or write of fluxjax's files. With several JAX processes
+    (`jax.distributed`), Orbax would synchronise each call across all of them; each process reads
+    its own copy of a checkpoint (and converts on its own) unless the arrays it restores span
+    processes (`alone` False: every process restores its shards together)."""
+    if not alone or jax.process_count() == 1:
+        return contextlib.nullcontext()
+    return ocp.Context(**_alone())
+
+
+def _alone() -> dict:
+    """Orbax context options making this process the only one of a call (none with one process)."""
+    if jax.process_count() == 1:
+        return {}
+    me = jax.process_index()
+    return {"multiprocessing_options": ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})}
+
+
 def _save_context(shard_axes: tuple[int, ...]):
     saving = ocp.options.ArrayOptions.Saving
     return ocp.Context(
+        **_alone(),
         # Uncompressed: weights barely compress, and zstd buffers every chunk until commit.
         # shard_axes=(0,): chunks split the layer axis first, so a stacked parameter's chunks are layers.
         array_options=ocp.options.ArrayOptions(saving=saving(

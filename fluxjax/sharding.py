@@ -26,6 +26,15 @@ weight exists (`jax.eval_shape`):
 A matrix axis is split only when the fsdp size divides it; a matrix with neither axis divisible
 stays replicated (`bytes_per_device` shows the cost). Every matrix of the released presets splits
 over 2, 4 and 8 devices.
+
+Several processes (multi-controller JAX, after `jax.distributed.initialize`): every process runs
+the same program, and a mesh may span the devices of all of them (`global_mesh`). Each process
+holds the same host values and places them with `put`, which fills only its own devices' shards;
+`to_host` brings a result back whole to every process.
+
+    mesh = global_mesh(data=1, fsdp=jax.device_count())  # the weights split over every process's devices
+    params = put(params, param_shardings(mesh, config))
+    out = to_host(jax.jit(forward, static_argnums=1)(params, config, img, txt, t, img_ids, txt_ids)[0])
 """
 
 from __future__ import annotations
@@ -133,3 +142,63 @@ def bytes_per_device(tree) -> int:
         for d in x.sharding.device_set:
             per_device[d] = per_device.get(d, 0) + size
     return max(per_device.values(), default=0)
+
+
+# --- meshes spanning processes (multi-controller JAX) ----------------------------------------------
+
+
+def global_mesh(data: int = 1, fsdp: int | None = None, devices=None) -> Mesh:
+    """A (data, fsdp) mesh over the devices of every process, in (process, local device) order.
+
+    devices: default every device of every process (`jax.devices()`); give a subset in the same
+    order on every process. The devices fill the fsdp axis first: an fsdp axis larger than one
+    process's devices spans processes (a model too large for one host), a smaller one stays within
+    each process and `data` spans them. fsdp None takes every device.
+    """
+    devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
+    fsdp = len(devices) // data if fsdp is None else fsdp
+    if data < 1 or fsdp < 1 or data * fsdp != len(devices):
+        raise ValueError(f"a ({data}, {fsdp}) mesh needs {data * fsdp} devices, got {len(devices)} "
+                         f"({jax.process_count()} processes); choose data x fsdp = {len(devices)}")
+    return Mesh(np.array(devices, dtype=object).reshape(data, fsdp), (DATA, FSDP),
+                axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def put(tree, shardings):
+    """Host values (numpy or JAX arrays, the same on every process) as arrays laid out by `shardings`
+    (one Sharding for every leaf, or a pytree of them matching `tree`).
+
+    Works on meshes within this process and on meshes spanning processes: each process builds only
+    its own devices' shards from its copy (`jax.make_array_from_callback`), so nothing crosses
+    processes and, unlike `jax.device_put`, no collective check that the copies agree is run.
+    """
+    host = jax.tree_util.tree_map(np.asarray, tree)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree_util.tree_map(lambda x: jax.make_array_from_callback(x.shape, shardings, x.__getitem__), host)
+    return jax.tree_util.tree_map(lambda s, x: jax.make_array_from_callback(x.shape, s, x.__getitem__), shardings,
+                                  host, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+
+
+def put_params(params: Flux2Weights, mesh: Mesh) -> Flux2Weights:
+    """`shard_params` for any mesh, including one spanning processes (`put`): the plan of the module
+    docstring, every process passing the same params."""
+    specs = partition_specs(params, mesh.shape[FSDP])
+    return put(params, jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                              is_leaf=lambda x: isinstance(x, P)))
+
+
+def to_host(tree):
+    """Every array of `tree` as one whole numpy array on this process.
+
+    An array with shards on other processes' devices is gathered to every process
+    (`multihost_utils.process_allgather`): every process must call this with the same tree, as for
+    any program that spans processes.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree_util.tree_map(one, tree)
