@@ -120,22 +120,35 @@ def test_captures_are_keyed_by_site(every):
 # identities at every kind of site
 
 
+def _one_per_kind(block, values=None, masks=None):
+    """A substitution at every kind of site (stream, point) of `block`, in one structure: the tests
+    below vary only its values, so they share one compiled program. values, masks: by site name
+    (default: zeros, masks empty)."""
+    values, masks = values or {}, masks or {}
+    subs = []
+    for s, p in KINDS:
+        name = f"b{block}.{s}.{p}"
+        subs.append(fluxjax.substitution(name, values.get(name, np.zeros((2, SIZES[s], D), np.float32)),
+                                         masks.get(name, np.zeros((2, SIZES[s]), bool))))
+    return fluxjax.Interventions(substitutions=tuple(subs))
+
+
 def test_substituting_own_activations_at_every_kind_changes_nothing(params, data, every):
-    """Twelve substitutions (every stream and point) at one block, each writing the site's own value:
-    the output is bit-identical, in a double block and in a single block (where the fused output
-    projection is kept wherever nothing changed)."""
+    """Twelve substitutions (every stream and point) at one block, each writing the site's own value
+    everywhere: the output is bit-identical, in a double block and in a single block (where the
+    fused output projection is kept wherever nothing changed)."""
     out_plain, caps = every
     for block in (1, 3):
-        subs = tuple(fluxjax.substitution(f"b{block}.{s}.{p}", caps[f"b{block}.{s}.{p}"]) for s, p in KINDS)
-        out, _ = run(params, data, fluxjax.Interventions(substitutions=subs))
+        names = [f"b{block}.{s}.{p}" for s, p in KINDS]
+        iv = _one_per_kind(block, {n: caps[n] for n in names}, {n: np.ones((2, caps[n].shape[1]), bool) for n in names})
+        out, _ = run(params, data, iv, EVERY_SITE)
         np.testing.assert_array_equal(np.asarray(out), out_plain)
 
 
 def test_empty_masks_at_every_kind_change_nothing(params, data, every):
     rng = np.random.default_rng(2)
-    subs = tuple(fluxjax.substitution(f"b3.{s}.{p}", rng.standard_normal((2, SIZES[s], D)).astype(np.float32),
-                                      np.zeros((2, SIZES[s]), bool)) for s, p in KINDS)
-    out, caps = run(params, data, fluxjax.Interventions(substitutions=subs), EVERY_SITE)
+    iv = _one_per_kind(3, {f"b3.{s}.{p}": rng.standard_normal((2, SIZES[s], D)).astype(np.float32) for s, p in KINDS})
+    out, caps = run(params, data, iv, EVERY_SITE)
     np.testing.assert_array_equal(np.asarray(out), every[0])
     for name in caps.keys():
         np.testing.assert_array_equal(np.asarray(caps[name]), np.asarray(every[1][name]))
@@ -147,7 +160,7 @@ def test_a_substitution_writes_only_its_stream_and_tokens(params, data, every):
     are untouched, and everything downstream moves."""
     noise = np.random.default_rng(4).standard_normal((2, LAYOUT.n_img, D)).astype(np.float32)
     mask = np.random.default_rng(5).random((2, LAYOUT.n_img)) < 0.5
-    iv = fluxjax.Interventions(substitutions=(fluxjax.substitution("b1.image.attn_out", noise, mask),))
+    iv = _one_per_kind(1, {"b1.image.attn_out": noise}, {"b1.image.attn_out": mask})
     out, caps = run(params, data, iv, EVERY_SITE)
     old = every[1]
     np.testing.assert_array_equal(np.asarray(caps["b1.image.attn_out"]),
@@ -165,9 +178,10 @@ def test_single_block_contributions_are_parts_of_one_projection(params, data, ev
     rounding of the fused projection against its two parts."""
     caps = every[1]
     both = np.asarray(caps["b3.text.attn_out"]) + np.asarray(caps["b3.text.mlp_out"])
-    iv = fluxjax.Interventions(substitutions=(
-        fluxjax.substitution("b3.text.attn_out", np.zeros_like(both)), fluxjax.substitution("b3.text.mlp_out", both)))
-    out, after = run(params, data, iv, fluxjax.Capture(sites=("b3.text.output",)))
+    full = np.ones((2, LAYOUT.n_txt), bool)
+    iv = _one_per_kind(3, {"b3.text.mlp_out": both}, {"b3.text.attn_out": full, "b3.text.mlp_out": full})
+    out, after = run(params, data, iv, EVERY_SITE)
+    np.testing.assert_array_equal(np.asarray(after["b3.text.attn_out"]), 0)
     assert rel_err(after["b3.text.output"], caps["b3.text.output"]) <= SWEEP_TOL
     assert rel_err(out, every[0]) <= SWEEP_TOL
 
@@ -214,14 +228,22 @@ def test_stream_sites_need_to_know_the_references(params, data):
             fluxjax.substitution("b1.image.output", np.zeros((2, LAYOUT.n_image_stream, D), np.float32)),)))
     drop = fluxjax.drop_reference(LAYOUT, 2)
     ref = np.zeros((2, LAYOUT.n_ref, D), np.float32)
+
+    def eager(iv, capture=None):  # outside jit the blocks are concrete and checked
+        return fluxjax.forward(params, TINY, data["img"], data["txt"], data["t"], LAYOUT.img_ids(), LAYOUT.txt_ids(),
+                               interventions=iv, capture=capture, num_ref_tokens=LAYOUT.n_ref)
+
     with pytest.raises(ValueError, match="references leave the sequence at block 2"):
-        run(params, data, fluxjax.Interventions(substitutions=(fluxjax.substitution("b3.reference.input", ref),),
-                                                drop_reference=drop))
+        eager(fluxjax.Interventions(substitutions=(fluxjax.substitution("b3.reference.input", ref),),
+                                    drop_reference=drop))
     with pytest.raises(ValueError, match="capture site b2.reference.input: the references leave"):
-        run(params, data, fluxjax.Interventions(drop_reference=drop), fluxjax.Capture(sites=("b2.reference.input",)))
+        eager(fluxjax.Interventions(drop_reference=drop), fluxjax.Capture(sites=("b2.reference.input",)))
     with pytest.raises(ValueError, match="block -1 out of range for image.attn_out"):
-        run(params, data, fluxjax.Interventions(substitutions=(
+        eager(fluxjax.Interventions(substitutions=(
             fluxjax.substitution(fluxjax.site(0, "image", "attn_out"), value).replace(block=jnp.int32(-1)),)))
+    with pytest.raises(ValueError, match="num_ref_tokens 30 does not fit"):
+        fluxjax.forward(params, TINY, data["img"], data["txt"], data["t"], LAYOUT.img_ids(), LAYOUT.txt_ids(),
+                        num_ref_tokens=30)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,7 +276,7 @@ def test_changing_a_sites_value_never_recompiles(params, data):
     assert rel_err(outs[0], outs[1]) > 1e-3 and rel_err(outs[1], outs[2]) > 1e-3  # the values did act
 
 
-@pytest.mark.parametrize("kind", [("image", "attn_out"), ("reference", "output"), ("text", "mlp_out")])
+@pytest.mark.parametrize("kind", [("image", "attn_out"), ("reference", "output")])
 def test_vmapped_sweep_over_sites_of_one_kind_is_one_compiled_call(params, data, every, kind):
     """Another run's activation at each block's site, substituted there: one vmapped call over every
     block (one trace, one compile) equals one call per block."""
