@@ -1,7 +1,7 @@
 """The plain forward's CPU time at two commits of the library, in one process, alternating.
 
     python -m benchmarks.forward_ab [BASE] [--case deep] [--rounds 15] [--calls 4] [--allow-busy]
-                                    [--out benchmarks/results/forward_ab]
+                                    [--wait-quiet 60] [--out benchmarks/results/forward_ab]
 
 BASE (default HEAD~1, the previous commit) is read with `git archive` into a temporary folder, and
 its `fluxjax` is imported next to the checkout's own: each version's modules are installed in
@@ -137,6 +137,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=4, help="calls per side and round")
     parser.add_argument("--allow-busy", action="store_true")
+    parser.add_argument("--wait-quiet", type=float, default=60.0, help="seconds to wait for a quiet machine first")
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "forward_ab"))
     args = parser.parse_args(argv)
     base_commit = subprocess.run(["git", "rev-parse", args.base], cwd=REPO, capture_output=True, text=True,
@@ -146,7 +147,7 @@ def main(argv=None):
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "fluxjax"], cwd=REPO, capture_output=True,
                                 text=True).stdout.strip())
     guard = common.LoadGuard()
-    guard.wait_quiet(60)
+    guard.wait_quiet(args.wait_quiet)
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"base": import_version(archive(base_commit, Path(tmp))), "checkout": import_version(REPO)}
         built = {name: build(modules, args.case) for name, modules in versions.items()}

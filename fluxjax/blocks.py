@@ -44,8 +44,9 @@ class BlockOut(NamedTuple):
     """What every block returns."""
 
     out: Any  # the streams: (text [B, T, D], image stream [B, N, D]), or the joint stream [B, L, D]
-    attn_out: Any  # the attention's contribution before its gate, in the same form (single blocks: None
-    mlp_out: Any  # unless an `edit` was given, since the fused projection does not form them)
+    attn_out: Any  # the attention's contribution before its gate, in the form of `out`
+    mlp_out: Any  # the MLP's; both None in a single block called without an `edit` (its fused
+    #               projection does not form them)
     kv: tuple[jax.Array, jax.Array]  # joint keys and values after QK-norm and RoPE, each [B, L, H, K]
 
 

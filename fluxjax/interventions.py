@@ -34,7 +34,7 @@ from flax import struct
 from fluxjax.captures import Capture, Captures  # noqa: F401  (re-exported: the older import path)
 from fluxjax.config import Flux2Config
 from fluxjax.layout import TokenLayout
-from fluxjax.sites import EMBED, Lanes, Site, as_site, static_index
+from fluxjax.sites import EMBED, POINTS, STREAMS, Lanes, Site, as_site, static_index
 
 BLOCK0_INPUT = EMBED  # the older integer text site -1: the input of block 0 ('embed.text.output')
 
@@ -240,8 +240,7 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
         raise ValueError(f"{wants_refs[0]} reads the image stream, but this forward does not know which of its tokens "
                          "are references: pass num_ref_tokens=layout.n_ref (0 without references)")
     for i, sub in enumerate(iv.substitutions):
-        if (sub.stream, sub.point) not in {(s, p) for s in ("text", "image", "reference")
-                                           for p in ("input", "attn_out", "mlp_out", "output")}:
+        if sub.stream not in STREAMS or sub.point not in POINTS:
             raise ValueError(f"substitution {i}: unknown site kind {sub.stream}.{sub.point}; build it with "
                              "fluxjax.substitution")
         if np.ndim(sub.block) != 0:

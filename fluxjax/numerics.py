@@ -425,9 +425,9 @@ def _partial_pallas(q, k, v, group_mask=None, block: int = PALLAS_BLOCK, interpr
     else:
         reads, key_onehot = (jnp.broadcast_to(a, (B, *a.shape[1:])) for a in group_mask)
     m = reads.shape[-1]
-    rows = B
-    if reads.ndim == 4:  # per head [B, Lq, H, m]: one row of reads per (batch, head) program
-        reads, rows = reads.swapaxes(1, 2).reshape(B * H, Lq, m), B * H
+    heads_per_row = H  # programs h = b H + head read row b of `reads`
+    if reads.ndim == 4:  # per head [B, Lq, H, m]: a row of reads per (batch, head) program
+        reads, heads_per_row = reads.swapaxes(1, 2).reshape(B * H, Lq, m), 1
 
     def pad(a, n, axis):
         widths = [(0, 0)] * a.ndim
@@ -445,7 +445,7 @@ def _partial_pallas(q, k, v, group_mask=None, block: int = PALLAS_BLOCK, interpr
         in_specs=[pl.BlockSpec((None, bq, K), lambda h, i, j: (h, i, 0)),
                   pl.BlockSpec((None, bk, K), lambda h, i, j: (h, j, 0)),
                   pl.BlockSpec((None, bk, K), lambda h, i, j: (h, j, 0)),
-                  pl.BlockSpec((None, bq, m), lambda h, i, j: (h // (B * H // rows), i, 0)),
+                  pl.BlockSpec((None, bq, m), lambda h, i, j: (h // heads_per_row, i, 0)),
                   pl.BlockSpec((None, m, bk), lambda h, i, j: (h // H, 0, j))],
         out_specs=[pl.BlockSpec((None, bq, K), lambda h, i, j: (h, i, 0)),
                    pl.BlockSpec((None, bq, 1), lambda h, i, j: (h, i, 0)),
@@ -516,7 +516,8 @@ def default_implementation(dtype, masked: bool = False, head_dim: int = 128) -> 
     return "blocked"
 
 
-def attention(q, k, v, mask=None, options: RuntimeOptions | str | None = None):
+def attention(q, k, v, mask=None, options: RuntimeOptions | str | None = None, *,
+              implementation: str | None = None):
     """The one softmax attention of the package: softmax(q k^T / sqrt(K)) v.
 
     q: [B, Lq, H, K]; k, v: [B, Lk, H, K]; mask: None, bool [B, Lq, Lk] or per head
@@ -524,7 +525,8 @@ def attention(q, k, v, mask=None, options: RuntimeOptions | str | None = None):
     or per head, applied without an [Lq, Lk] mask). Every attention-edge knockout goes through
     here, so the clean and the masked paths share their numerics. `options`: a
     `fluxjax.RuntimeOptions` (or a kernel name as shorthand), whose `attention` picks the kernel
-    (None: `default_implementation`) and whose tile sizes the blocked and Pallas kernels use:
+    (None: `default_implementation`) and whose tile sizes the blocked and Pallas kernels use
+    (`implementation="xla"` is the older spelling of options="xla"):
       "xla"     one einsum over all heads and queries (float32 logits and softmax); with KeyGroups,
                 the dense mask (`KeyGroups.dense_mask`): the reference every other path is tested
                 against;
@@ -533,7 +535,7 @@ def attention(q, k, v, mask=None, options: RuntimeOptions | str | None = None):
       "cudnn"   jax's cuDNN fused kernel (GPU, bfloat16 / float16); with KeyGroups, per segment;
       "pallas"  the Pallas flash kernel (TPU; interpret mode on other backends); no dense masks.
     """
-    options = runtime_options(options)
+    options = runtime_options(options, implementation)
     implementation = options.attention
     if implementation is None:
         implementation = default_implementation(q.dtype, masked=mask is not None and not isinstance(mask, KeyGroups),
