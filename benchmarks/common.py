@@ -247,6 +247,118 @@ def forward_flops(config, n_txt: int, n_stream: int, batch: int = 1) -> float:
     return 2.0 * macs * batch
 
 
+# --- results written as they are made --------------------------------------------------------------
+
+
+class RowLog:
+    """A command's results, one JSON object per line, each written, flushed and synced before the next
+    step starts: a command killed at any point leaves every finished row (and no partial one, a
+    line being written whole). Each row also prints as one line.
+
+        log = RowLog("out/rows.jsonl", command="A")
+        log.row("compile", name="plain", compile_s=3.1)
+    """
+
+    def __init__(self, path: str | Path, command: str, clock: Callable[[], float] = time.perf_counter,
+                 append: bool = False):
+        """append: add to the rows already in the file (a child process of the command that made it)."""
+        self.path, self.command, self.clock = Path(path), command, clock
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.start = clock()
+        if not append:
+            self.path.write_text("")
+        self.reload()
+
+    def reload(self):
+        """Read back the file's rows (those of child processes included)."""
+        self.rows = read_rows(self.path) if self.path.exists() else []
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def row(self, step: str, **fields) -> dict:
+        row = {"command": self.command, "step": step, "t_s": round(self.elapsed(), 3), **fields}
+        line = json.dumps(row, default=_plain) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        row = json.loads(line)  # as a reader of the file sees it (tuples as lists)
+        self.rows.append(row)
+        shown = ", ".join(f"{k} {_short(v)}" for k, v in fields.items())
+        print(f"[{row['t_s']:7.1f} s] {self.command} {step}: {shown}", flush=True)
+        return row
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a `RowLog` file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _plain(value):
+    """JSON for numpy scalars and anything else a row holds."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+@dataclasses.dataclass
+class Budget:
+    """A command's wall-clock budget: a step runs only if the seconds it needs are left.
+
+    needs: each step's expected seconds at real size (measured), scaled by `scale` (0 for a tiny
+    rehearsal, where every step is short)."""
+
+    seconds: float
+    clock: Callable[[], float] = time.perf_counter
+    scale: float = 1.0
+
+    def __post_init__(self):
+        self.start = self.clock()
+
+    def left(self) -> float:
+        return self.seconds - (self.clock() - self.start)
+
+    def allows(self, needs_s: float) -> bool:
+        return self.left() >= needs_s * self.scale
+
+
+def device_memory() -> dict:
+    """Accelerator memory now, in bytes, where the frameworks report it: JAX's allocator (in use,
+    peak since start, limit) and torch's caching allocator (allocated, reserved, peak since its
+    last reset). Empty on a CPU."""
+    import jax
+
+    out = {}
+    stats = jax.devices()[0].memory_stats() or {}
+    for key in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit"):
+        if key in stats:
+            out[f"jax_{key}"] = int(stats[key])
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out.update(torch_allocated=torch.cuda.memory_allocated(), torch_reserved=torch.cuda.memory_reserved(),
+                   torch_peak_allocated=torch.cuda.max_memory_allocated())
+    return out
+
+
+def xla_memory(compiled) -> dict:
+    """XLA's buffer assignment of a compiled program, in bytes: arguments (the weights among them),
+    outputs, temporaries (what the program itself allocates: the figure to compare programs by),
+    aliased bytes, and their sum."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
 # --- environment and reports -----------------------------------------------------------------------
 
 
@@ -280,8 +392,9 @@ def environment() -> dict:
         env.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
         if torch.cuda.is_available():
             env["cuda_device"] = torch.cuda.get_device_name()
-    if "diffusers" in sys.modules:
-        env["diffusers"] = sys.modules["diffusers"].__version__
+    for name in ("diffusers", "transformers", "flax", "orbax.checkpoint"):
+        if name in sys.modules:
+            env[name] = getattr(sys.modules[name], "__version__", "?")
     return env
 
 

@@ -1,58 +1,53 @@
-"""klein-9B on one GPU: fluxjax against diffusers, 4 sampling steps, in one process.
+"""GPU command A: klein-9B forwards with interventions, parity with diffusers, a vmapped knockout sweep.
 
-    python -m benchmarks.gpu_check              # on an H100 / H200: the real klein-9B shapes
-    python -m benchmarks.gpu_check --check      # anywhere: every shape of the real run, no weights
-    python -m benchmarks.gpu_check --tiny       # anywhere (CPU): the whole script on a tiny model
+    python -m benchmarks.gpu_check --out DIR          # on one H100 / H200: klein-9B shapes, bfloat16
+    python -m benchmarks.gpu_check --tiny --out DIR   # anywhere (CPU): the same steps on a tiny model
 
-The real run: FLUX2_KLEIN_9B with random bfloat16 weights created on the device (nothing large
-crosses from the host), a 1024x1024 image with one 1024x1024 reference (4096 + 4096 image-stream
-tokens) and 512 text tokens, batch 1, 4 Euler steps on the FLUX.2 schedule. fluxjax runs
-`fluxjax.sample` (the 4 steps compiled as one program, cuDNN attention); diffusers runs
-`Flux2Transformer2DModel` (bf16, its default SDPA attention) in the same Euler loop. Both are
-timed in turns, after a warm-up, and the script prints:
+Shapes: the klein-9B transformer with random weights made on the device (nothing read from disk),
+a 1024 x 1024 image and one 1024 x 1024 reference (4096 + 4096 image-stream tokens), 512 text
+tokens, batch 1, bfloat16, attention by `numerics.default_implementation` (cuDNN on a GPU). Steps,
+each written as a row of DIR/gpu_check.jsonl the moment it ends (a killed command leaves every
+finished row; `benchmarks.common.RowLog`):
 
-  time per step      one transformer forward (timed on its own), and end-to-end / steps
-  end-to-end         the 4-step loop, noise to latents
-  MFU                model FLOPs / (time x peak): FLOPs counted from the architecture and the token
-                     counts (`benchmarks.common.forward_flops`), peak = the GPU kind's dense bf16
-                     tensor-core TFLOP/s (table below; --peak-tflops overrides)
+  setup       device, versions, shapes; the imports of both commands (a failure is written, not
+              raised) and cuDNN's version
+  weights     a random diffusers `Flux2Transformer2DModel` on the device, and fluxjax's weights
+              converted from its state dict (one random state for both sides)
+  compile     the plain forward and the knockout forward (ref->text cut in every block): compile
+              time, XLA's memory plan (arguments = the weights, temporaries, outputs)
+  parity      relative L2 of fluxjax against diffusers on the shared weights: the forward, the same
+              forward with the knockout (diffusers through its attention mask), the 4-step edit
+  released    diffusers' model deleted and torch's cache emptied (memory after)
+  compile     the reference removal forwards: `cut_reference` (mask form) and `drop_reference`
+              (removal form) from the middle block
+  steady      the four forwards alternated, --reps rounds: median times (the plain forward's model
+              TFLOP/s and MFU against the GPU's dense bf16 peak), and per intervention its
+              time and its XLA temporary bytes against the plain forward's (not totals: those
+              include the same 17 GiB of weights, which makes any ratio ~1.00 by construction)
+  sweep       a vmapped knockout sweep (`experiments.sweep._sample_many`, ref->text from block k
+              for --cells values of k, the last cutting nothing) through the cuDNN key-group path:
+              compile, time, temporaries; the no-cut cell against the plain 4-step edit
+  done        total seconds; DIR/gpu_check.md holds the tables
 
-Both sides hold one random state: diffusers' model is randomised on the device and its state dict
-converted to fluxjax (`fluxjax.conversion.transformer`), so every figure comes with its parity
-figure. Sections (--sections, in this order; each prints when it ends, so a device session can run
-them one per call):
-
-  timing         the table above
-  interventions  a knockout forward (ref->text in every block, group-structured attention) vs the
-                 plain forward: steady time (goal <= 1.10x) and XLA peak memory (goal <= +5 %)
-  parity         relative L2 of fluxjax vs diffusers on the shared weights: a forward, the same
-                 forward with a knockout (diffusers through its attention mask) and the 4-step edit
-  rehearsal      a random klein-9B-sized model folder in the diffusers layout built on the device
-                 (transformer, FLUX.2 VAE, a text encoder of Qwen3-8B's shapes, tokenizer), then
-                 `experiments.run_all --blocks 7,17` on the colour task red ball and its patching partner green
-                 ball (patching needs a pair) at 1024 x 1024: per
-                 experiment wall, compile and device peak memory; and one diffusers
-                 `Flux2KleinPipeline` call per cell with the knockout mask in attention processors,
-                 times the rehearsal's number of cells (the study's way)
-
---tiny runs every section end to end on CPU with tiny shapes (float32): a check, not a figure.
+Memory: JAX's allocator grows on demand (no preallocation) up to XLA_PYTHON_CLIENT_MEM_FRACTION
+0.6 of the device and never returns memory; torch holds its model only until `released`. Each
+step runs only if its measured time at klein-9B is left of --budget-s (default 270 s, so the
+command ends inside a 300 s limit); a skipped step is a row saying so.
 """
 
 from __future__ import annotations
 
 import os
 
-# JAX must not take 75 % of the GPU up front: diffusers needs its 18 GB in the same process.
+# Before jax is imported: JAX must not take 75 % of the GPU up front (diffusers needs its 18 GB in
+# this process), and stays below 60 % (48 GB of 80) whatever it caches.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -61,33 +56,30 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fluxjax  # noqa: E402
-from benchmarks import common  # noqa: E402
-from benchmarks.gpu_models import build_real_folder, diffusers_model, fluxjax_params, meta_model, shared_params  # noqa: E402
-from benchmarks.gpu_rehearsal import STEPS, rehearsal  # noqa: E402
+from benchmarks import common, gpu_models  # noqa: E402
 from fluxjax.schedule import flux2_sigmas  # noqa: E402
 
+STEPS = 4  # the sampling steps of every GPU figure ([klein] distilled)
+BUDGET_S = 270.0
+# Seconds each step took at klein-9B on one H100 (benchmarks/results/gpu_check.log and estimates
+# from its figures: weights 17 + 9 s, a forward's compile 3 s, the sampler's 10 s, a forward 0.27 s).
+NEEDS_S = {"weights": 40, "compile": 15, "parity": 35, "steady": 15, "sweep": 60}
 # Dense (no sparsity) bf16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's data sheets.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H200 NVL": 835.0, "H200": 989.4}
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    config: fluxjax.Flux2Config
-    layout: fluxjax.TokenLayout
+    shapes: gpu_models.Shapes
     dtype: str  # "bfloat16" / "float32"
-    attn_impl: str | None  # fluxjax attention implementation
 
+    @property
+    def config(self):
+        return self.shapes.transformer
 
-def real_setup() -> Setup:
-    # 1024x1024 px -> 128x128 latent (VAE /8) -> 64x64 tokens (2x2 patches); the same for the reference.
-    # attention: the default of fluxjax.numerics.default_implementation (cuDNN for bfloat16 on a GPU)
-    return Setup(fluxjax.FLUX2_KLEIN_9B, fluxjax.TokenLayout(512, (64, 64), ((64, 64),)), "bfloat16", None)
-
-
-def tiny_setup() -> Setup:
-    config = dataclasses.replace(fluxjax.FLUX2_KLEIN_9B, in_channels=16, context_in_dim=24, hidden_size=64,
-                                 num_heads=2, depth=2, depth_single_blocks=3, axes_dim=(8, 8, 8, 8))
-    return Setup(config, fluxjax.TokenLayout(16, (4, 4), ((4, 4),)), "bfloat16", None)
+    @property
+    def layout(self):
+        return self.shapes.layout
 
 
 def peak_tflops(device_name: str) -> tuple[str, float] | None:
@@ -103,63 +95,45 @@ def peak_tflops(device_name: str) -> tuple[str, float] | None:
     return None
 
 
-def fluxjax_calls(params, setup: Setup, txt, noise, refs, sigmas):
-    config, layout = setup.config, setup.layout
-    txt_ids, img_ids = jnp.asarray(layout.txt_ids()), jnp.asarray(layout.img_ids())
-    options = fluxjax.SamplerOptions(num_steps=STEPS, guidance="none")
-    model_in = jnp.concatenate([noise, refs], axis=1)
-    t = jnp.full((1,), 0.5, noise.dtype)
-    fwd = jax.jit(lambda p, x, c, t: fluxjax.forward(p, config, x, c, t, img_ids, txt_ids,
-                                                     attn_impl=setup.attn_impl)[0])
+def preflight() -> dict:
+    """What both commands import, and cuDNN's version: a failure here is a row, not a crash, so that
+    command A finds what would stop command B before B's turn on the machine."""
+    found = {}
+    for name in ("diffusers", "transformers", "flax", "orbax.checkpoint", "matplotlib", "experiments.knockout",
+                 "experiments.context", "fluxjax.pipeline", "flux2ref.folder"):
+        try:
+            module = __import__(name, fromlist=["_"])
+            found[name] = getattr(module, "__version__", "ok")
+        except Exception as e:  # noqa: BLE001 - reported, the run goes on
+            found[name] = f"FAILED: {type(e).__name__}: {e}"
+    try:
+        from jax._src.lib import cuda_versions
 
-    def sample():
-        return jax.block_until_ready(fluxjax.sample(params, config, options, txt, txt_ids, img_ids, noise=noise,
-                                                    refs=refs, sigmas=sigmas, attn_impl=setup.attn_impl)[0])
-
-    def forward():
-        return jax.block_until_ready(fwd(params, model_in, txt, t))
-
-    return sample, forward
-
-
-def diffusers_calls(model, setup: Setup, txt, noise, refs, sigmas, device):
-    import torch
-
-    layout = setup.layout
-    img_ids = torch.as_tensor(layout.img_ids(), device=device)
-    txt_ids = torch.as_tensor(layout.txt_ids(), device=device)
-    n_img = layout.n_img
-
-    def sync(x):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return x
-
-    def predict(x, sigma):
-        t = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=device)
-        out = model(hidden_states=torch.cat([x, refs], dim=1), encoder_hidden_states=txt, timestep=t,
-                    img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0]
-        return out[:, :n_img]
-
-    @torch.no_grad()
-    def sample():  # FlowMatchEulerDiscreteScheduler.step: the update in float32, cast back
-        x = noise
-        for i in range(STEPS):
-            v = predict(x, sigmas[i])
-            x = (x.float() + float(sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
-        return sync(x)
-
-    @torch.no_grad()
-    def forward():
-        return sync(predict(noise, 0.5))
-
-    return sample, forward
+        found["cudnn"] = None if cuda_versions is None else cuda_versions.cudnn_get_version()
+    except Exception as e:  # noqa: BLE001
+        found["cudnn"] = f"FAILED: {type(e).__name__}: {e}"
+    return found
 
 
 def content_mask(layout):
+    """An instruction inside the chat template: text positions [T/32, T/8) are its content."""
     content = np.zeros((1, layout.n_txt), bool)
-    content[0, layout.n_txt // 32: layout.n_txt // 8] = True  # an instruction inside the chat template
+    content[0, layout.n_txt // 32: layout.n_txt // 8] = True
     return content
+
+
+def interventions(setup: Setup) -> dict:
+    """The forwards compared: plain, a knockout, and the reference removal in both forms."""
+    config, layout = setup.config, setup.layout
+    content, middle = content_mask(layout), config.num_blocks // 2
+    return {
+        "plain": None,
+        "knockout ref->text": fluxjax.Interventions(knockout=fluxjax.knockout(config, layout, content, "ref->text")),
+        f"cut_reference from {middle}": fluxjax.Interventions(
+            knockout=fluxjax.cut_reference(config, layout, content, middle)),
+        f"drop_reference from {middle}": fluxjax.Interventions(
+            drop_reference=fluxjax.drop_reference(layout, middle)),
+    }
 
 
 def torch_knockout_mask(layout, content, edge, device):
@@ -172,313 +146,288 @@ def torch_knockout_mask(layout, content, edge, device):
     return torch.as_tensor(~cut[:, None], device=device)
 
 
-def memory_of(compiled) -> dict:
-    """XLA's buffer assignment of a compiled program: arguments, outputs, temporaries, and their sum."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return {}
-    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
-    out["peak_bytes"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    return out
+class Forwards:
+    """The transformer forward of each intervention, compiled ahead of time on the shared inputs."""
 
+    def __init__(self, params, setup: Setup, host):
+        config, layout = setup.config, setup.layout
+        dtype = jnp.dtype(setup.dtype)
+        self.params, self.setup = params, setup
+        self.model_in = jnp.concatenate([jnp.asarray(host["noise"], dtype), jnp.asarray(host["refs"], dtype)], axis=1)
+        self.txt, self.t = jnp.asarray(host["txt"], dtype), jnp.full((1,), 0.5, dtype)
+        img_ids, txt_ids = jnp.asarray(layout.img_ids()), jnp.asarray(layout.txt_ids())
+        self.fwd = jax.jit(lambda p, x, c, t, iv: fluxjax.forward(p, config, x, c, t, img_ids, txt_ids,
+                                                                  interventions=iv)[0])
+        self.compiled, self.ivs = {}, {}
 
-def intervention_rows(params, setup: Setup, host, reps: int, say) -> dict:
-    """A knockout (ref->text in every block) forward against the plain forward: compile, steady
-    time (alternating), XLA memory of each program. Goals (issue 17): <= 1.10x time, <= +5 % memory."""
-    config, layout = setup.config, setup.layout
-    dtype = jnp.dtype(setup.dtype)
-    txt_ids, img_ids = jnp.asarray(layout.txt_ids()), jnp.asarray(layout.img_ids())
-    model_in = jnp.concatenate([jnp.asarray(host["noise"], dtype), jnp.asarray(host["refs"], dtype)], axis=1)
-    txt, t = jnp.asarray(host["txt"], dtype), jnp.full((1,), 0.5, dtype)
-    knock = fluxjax.Interventions(knockout=fluxjax.knockout(config, layout, content_mask(layout), "ref->text"))
-
-    def fwd(p, x, c, t, iv):
-        return fluxjax.forward(p, config, x, c, t, img_ids, txt_ids, interventions=iv, attn_impl=setup.attn_impl)[0]
-
-    rows, fns = {}, {}
-    for name, iv in (("plain", None), ("knockout ref->text", knock)):
+    def compile(self, name, iv) -> dict:
         t0 = time.perf_counter()
-        compiled = jax.jit(fwd).lower(params, model_in, txt, t, iv).compile()
-        rows[name] = {"compile_s": time.perf_counter() - t0, "xla_memory": memory_of(compiled)}
-        fns[name] = functools.partial(lambda c, iv: jax.block_until_ready(c(params, model_in, txt, t, iv)), compiled, iv)
-        rows[name]["first_run_s"] = common.timed(fns[name])[0]
-        say(f"interventions: {name} compiled in {rows[name]['compile_s']:.1f} s, "
-            f"XLA peak {rows[name]['xla_memory'].get('peak_bytes', 0) / 2**30:.2f} GiB")
-    times = common.alternate(fns, reps)
-    for name in rows:
-        rows[name]["steady_s"] = statistics.median(times[name])
-    ko, plain = rows["knockout ref->text"], rows["plain"]
-    out = {"rows": rows, "time_ratio": ko["steady_s"] / plain["steady_s"], "time_goal": "<= 1.10x"}
-    if plain["xla_memory"]:
-        out["memory_ratio"] = ko["xla_memory"]["peak_bytes"] / plain["xla_memory"]["peak_bytes"]
-        out["memory_goal"] = "<= 1.05x"
-    say(f"interventions: knockout / plain time {out['time_ratio']:.3f}, memory {out.get('memory_ratio', float('nan')):.3f}")
-    return out
+        compiled = self.fwd.lower(self.params, self.model_in, self.txt, self.t, iv).compile()
+        self.compiled[name], self.ivs[name] = compiled, iv
+        return {"compile_s": time.perf_counter() - t0, "xla": common.xla_memory(compiled)}
+
+    def call(self, name):
+        return jax.block_until_ready(self.compiled[name](self.params, self.model_in, self.txt, self.t, self.ivs[name]))
 
 
-def parity(model, params, setup: Setup, host, sigmas, device, say) -> dict:
-    """fluxjax vs diffusers on one shared random state: a forward, a forward with a knockout
-    (ref->text, every block; diffusers through its attention mask), and the 4-step edit. Relative L2."""
+def diffusers_forward(model, setup: Setup, tx, device, mask=None):
+    """One diffusers forward on the shared inputs (t = 0.5): [1, N_img, out] as float32 numpy."""
     import torch
 
-    from flux2ref.models import rel_err
-
-    config, layout = setup.config, setup.layout
-    dtype, tdtype = jnp.dtype(setup.dtype), getattr(torch, setup.dtype)
-    content = content_mask(layout)
-    jx = {k: jnp.asarray(v, dtype) for k, v in host.items()}
-    tx = {k: torch.as_tensor(v).to(device=device, dtype=tdtype) for k, v in host.items()}
-    txt_ids, img_ids = jnp.asarray(layout.txt_ids()), jnp.asarray(layout.img_ids())
-    t_img, t_txt = (torch.as_tensor(a, device=device) for a in (layout.img_ids(), layout.txt_ids()))
-    model_in = jnp.concatenate([jx["noise"], jx["refs"]], axis=1)
-    t = 0.5
-
-    def ours(iv):
-        return np.asarray(jax.jit(lambda p: fluxjax.forward(
-            p, config, model_in, jx["txt"], jnp.full((1,), t, dtype), img_ids, txt_ids, interventions=iv,
-            attn_impl=setup.attn_impl)[0])(params), np.float32)
-
-    @torch.no_grad()
-    def theirs(**kwargs):
+    layout = setup.layout
+    with torch.no_grad():
         out = model(hidden_states=torch.cat([tx["noise"], tx["refs"]], dim=1), encoder_hidden_states=tx["txt"],
-                    timestep=torch.full((1,), t, dtype=tdtype, device=device), img_ids=t_img, txt_ids=t_txt,
-                    guidance=None, return_dict=False, **kwargs)[0]
-        return out.float().cpu().numpy()
-
-    knock = fluxjax.Interventions(knockout=fluxjax.knockout(config, layout, content, "ref->text"))
-    mask = torch_knockout_mask(layout, content, "ref->text", device)
-    out = {"forward": rel_err(ours(None), theirs()),
-           "knockout ref->text": rel_err(ours(knock), theirs(joint_attention_kwargs={"attention_mask": mask}))}
-    fj_sample, _ = fluxjax_calls(params, setup, jx["txt"], jx["noise"], jx["refs"], sigmas)
-    df_sample, _ = diffusers_calls(model, setup, tx["txt"], tx["noise"], tx["refs"], sigmas, device)
-    out[f"{STEPS}-step edit (latents)"] = rel_err(np.asarray(fj_sample(), np.float32), df_sample().float().cpu().numpy())
-    say("parity (relative L2, shared weights): " + ", ".join(f"{k} {v:.2e}" for k, v in out.items()))
-    return out
+                    timestep=torch.full((1,), 0.5, dtype=tx["txt"].dtype, device=device),
+                    img_ids=torch.as_tensor(layout.img_ids(), device=device),
+                    txt_ids=torch.as_tensor(layout.txt_ids(), device=device), guidance=None, return_dict=False,
+                    joint_attention_kwargs=None if mask is None else {"attention_mask": mask})[0]
+    return out[:, :layout.n_img].float().cpu().numpy()
 
 
-# --- the run -------------------------------------------------------------------------------------
-
-
-def check_shapes(setup: Setup) -> dict:
-    """Every array of the real run as shapes: fluxjax's sampler under eval_shape, diffusers' model
-    and loop on the meta device. Needs no accelerator and no memory."""
+def diffusers_edit(model, setup: Setup, tx, sigmas, device):
+    """The 4-step Euler loop of `Flux2KleinPipeline` on the transformer alone (FlowMatchEuler's update
+    in float32, cast back), from the shared noise: latents as float32 numpy."""
     import torch
 
+    layout = setup.layout
+    img_ids, txt_ids = (torch.as_tensor(a, device=device) for a in (layout.img_ids(), layout.txt_ids()))
+    x = tx["noise"]
+    with torch.no_grad():
+        for i in range(STEPS):
+            t = torch.full((1,), float(sigmas[i]), dtype=x.dtype, device=device)
+            v = model(hidden_states=torch.cat([x, tx["refs"]], dim=1), encoder_hidden_states=tx["txt"], timestep=t,
+                      img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0][:, :layout.n_img]
+            x = (x.float() + float(sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
+    return x.float().cpu().numpy()
+
+
+def fluxjax_edit(params, setup: Setup, host, sigmas, interventions=None):
     config, layout = setup.config, setup.layout
     dtype = jnp.dtype(setup.dtype)
-    sds = jax.ShapeDtypeStruct
-    params = jax.eval_shape(lambda: fluxjax_params(config, dtype))
-    txt = sds((1, layout.n_txt, config.context_in_dim), dtype)
-    noise = sds((1, layout.n_img, config.in_channels), dtype)
-    refs = sds((1, layout.n_ref, config.in_channels), dtype)
     options = fluxjax.SamplerOptions(num_steps=STEPS, guidance="none")
-    sigmas = flux2_sigmas(layout.n_img, STEPS)
-    out = jax.eval_shape(lambda p, c, n, r: fluxjax.sample(p, config, options, c, layout.txt_ids(), layout.img_ids(),
-                                                           noise=n, refs=r, sigmas=sigmas)[0], params, txt, noise, refs)
-    assert out.shape == noise.shape and out.dtype == dtype, out
-    nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-
-    tdtype = getattr(torch, setup.dtype)
-    model = meta_model(config, tdtype)
-    targs = [torch.empty(a.shape, dtype=tdtype, device="meta") for a in (txt, noise, refs)]
-    sample, _ = diffusers_calls(model, setup, *targs, sigmas, "meta")
-    tout = sample()
-    assert tuple(tout.shape) == noise.shape and tout.device.type == "meta", tout
-    tbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"fluxjax_latents": list(out.shape), "diffusers_latents": list(tout.shape),
-            "fluxjax_param_bytes": nbytes, "diffusers_param_bytes": tbytes}
+    latents, _ = fluxjax.sample(params, config, options, jnp.asarray(host["txt"], dtype), layout.txt_ids(),
+                                layout.img_ids(), noise=jnp.asarray(host["noise"], dtype),
+                                refs=jnp.asarray(host["refs"], dtype), sigmas=sigmas, interventions=interventions)
+    return np.asarray(latents, np.float32)
 
 
-SECTIONS = ("timing", "interventions", "parity", "rehearsal")
+def rel_err(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
+
+
+def sweep_cells(setup: Setup, n: int) -> tuple[list[int], list]:
+    """ref->text cut from block k on, for n values of k spread over 0..num_blocks (the last cuts nothing)."""
+    nb = setup.config.num_blocks
+    ks = sorted({int(round(x)) for x in np.linspace(0, nb, n)})
+    content = content_mask(setup.layout)
+    cells = [fluxjax.Interventions(knockout=fluxjax.knockout(setup.config, setup.layout, content, "ref->text",
+                                                             blocks=range(k, nb), allow_empty=True)) for k in ks]
+    return ks, cells
+
+
+def sweep(params, setup: Setup, host, sigmas, n_cells: int, plain_edit, log):
+    """The vmapped sampler over knockout tables, as the experiments run it (one compiled program)."""
+    from experiments.sweep import _sample_many
+    from fluxjax.interventions import stack
+
+    dtype = jnp.dtype(setup.dtype)
+    layout, config = setup.layout, setup.config
+    ks, cells = sweep_cells(setup, n_cells)
+    args = (params, jnp.asarray(host["txt"], dtype), jnp.asarray(layout.txt_ids()), jnp.asarray(layout.img_ids()),
+            jnp.asarray(host["noise"], dtype), jnp.asarray(host["refs"], dtype), None, stack(cells),
+            jnp.asarray(sigmas))
+    kw = dict(config=config, options=fluxjax.SamplerOptions(num_steps=STEPS, guidance="none"), attn_impl=None)
+    t0 = time.perf_counter()
+    compiled = _sample_many.lower(*args, **kw).compile()
+    compile_s = time.perf_counter() - t0
+    first_s, latents = common.timed(lambda: jax.block_until_ready(compiled(*args)))
+    steady_s, _ = common.timed(lambda: jax.block_until_ready(compiled(*args)))
+    latents = np.asarray(latents, np.float32)[:, 0]  # [V, N_img, P]
+    row = {"cells": len(ks), "from_blocks": ks, "compile_s": compile_s, "first_s": first_s, "steady_s": steady_s,
+           "per_cell_s": steady_s / len(ks), "xla": common.xla_memory(compiled),
+           "cells_differ": rel_err(latents[0], latents[-1]), **common.device_memory()}
+    if plain_edit is not None:  # the last cell cuts nothing: the plain edit through the key-group path
+        row["no_cut_cell_vs_plain_edit"] = rel_err(latents[-1], plain_edit)
+    return log.row("sweep", **row)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--tiny", action="store_true", help="a tiny model on whatever device there is (CPU)")
-    mode.add_argument("--check", action="store_true", help="shapes of the real run only (no weights, any machine)")
-    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                    help="weights and activations (default bfloat16; --tiny float32, so its agreement check is tight)")
-    ap.add_argument("--sections", default=",".join(SECTIONS),
-                    help=f"comma-separated, in this order: {', '.join(SECTIONS)} (default all)")
-    ap.add_argument("--reps", type=int, default=3, help="timed rounds per side")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's bf16 dense peak")
-    ap.add_argument("--deadline-s", type=float, default=420, help="stop timing rounds after this many seconds")
-    ap.add_argument("--skip-diffusers", action="store_true", help="no diffusers side: random fluxjax weights")
-    ap.add_argument("--work", default=None, help="folder for the rehearsal's model folder and run (default: a temp dir)")
-    ap.add_argument("--rehearsal-blocks", default=None,
-                    help="--blocks of the rehearsal's run_all (default 7,17; --tiny 1,3)")
-    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--tiny", action="store_true", help="the tiny model on whatever device there is (CPU), float32")
+    ap.add_argument("--out", default="benchmarks/results/gpu-a", help="folder of gpu_check.jsonl and gpu_check.md")
+    ap.add_argument("--reps", type=int, default=3, help="alternating rounds of the four forwards")
+    ap.add_argument("--cells", type=int, default=4, help="cells of the vmapped sweep")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S,
+                    help="seconds the command may take; a step whose klein-9B time is not left is skipped")
     args = ap.parse_args(argv)
-    start = time.perf_counter()
-    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
-    if not set(sections) <= set(SECTIONS):
-        ap.error(f"--sections {args.sections}: choose among {', '.join(SECTIONS)}")
-
-    def say(msg):
-        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
-
-    setup = tiny_setup() if args.tiny else real_setup()
-    setup = dataclasses.replace(setup, dtype=args.dtype or ("float32" if args.tiny else setup.dtype))
+    out = Path(args.out)
+    log = common.RowLog(out / "gpu_check.jsonl", "A")
+    budget = common.Budget(args.budget_s, scale=0.0 if args.tiny else 1.0)
+    setup = Setup(gpu_models.TINY, "float32") if args.tiny else Setup(gpu_models.KLEIN_9B, "bfloat16")
     config, layout = setup.config, setup.layout
-    if args.check:
-        say(f"shapes of the real run: {json.dumps(check_shapes(setup))}")
-        return
+
     import torch
 
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu and not args.tiny:
-        raise SystemExit("no GPU: the real klein-9B run needs one; use --tiny or --check on a CPU machine")
+        raise SystemExit("no GPU: the klein-9B run needs one; use --tiny on a CPU machine")
     device = "cuda" if on_gpu else "cpu"
     dtype, tdtype = jnp.dtype(setup.dtype), getattr(torch, setup.dtype)
     device_name = jax.devices()[0].device_kind
-    peak = (None, args.peak_tflops) if args.peak_tflops else peak_tflops(device_name)
-    flops = common.forward_flops(config, layout.n_txt, layout.n_image_stream)
-    say(f"{device_name}; jax {jax.__version__}, torch {torch.__version__}; D {config.hidden_size}, "
-        f"{config.depth}+{config.depth_single_blocks} blocks, tokens {layout.n_txt} text + {layout.n_img} image + "
-        f"{layout.n_ref} reference, {setup.dtype}, {STEPS} steps; {flops / 1e12:.1f} TFLOP per forward; "
-        f"peak assumed: {peak}; attention {setup.attn_impl or 'default'}; sections {', '.join(sections)}")
+    log.row("setup", device=device_name, jax=jax.__version__, torch=torch.__version__, shapes=setup.shapes.name,
+            dtype=setup.dtype, tokens=[layout.n_txt, layout.n_img, layout.n_ref], blocks=config.num_blocks,
+            attention=fluxjax.numerics.default_implementation(dtype), peak_tflops=peak_tflops(device_name),
+            flops_per_forward=common.forward_flops(config, layout.n_txt, layout.n_image_stream),
+            budget_s=args.budget_s, imports=preflight(), environment=common.environment())
 
     rng = np.random.default_rng(0)
     host = {"txt": rng.standard_normal((1, layout.n_txt, config.context_in_dim), np.float32),
             "noise": rng.standard_normal((1, layout.n_img, config.in_channels), np.float32),
             "refs": rng.standard_normal((1, layout.n_ref, config.in_channels), np.float32)}
     sigmas = flux2_sigmas(layout.n_img, STEPS)
-    record = {"device": device_name, "tiny": args.tiny, "sections": sections,
-              "setup": {"config": dataclasses.asdict(config), "dtype": setup.dtype,
-                        "tokens": [layout.n_txt, layout.n_img, layout.n_ref], "steps": STEPS,
-                        "attn_impl": setup.attn_impl},
-              "flops_per_forward": flops, "peak": peak, "environment": common.environment()}
 
-    def save():
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(record, f, indent=1, default=str)
+    def skipped(step):
+        log.row(step, skipped=f"{budget.left():.0f} s left of --budget-s {args.budget_s:g}, {NEEDS_S[step]} s needed")
 
-    model = params = None
-    if {"timing", "interventions", "parity"} & set(sections):
-        t0 = time.perf_counter()
-        model = None if args.skip_diffusers else diffusers_model(config, tdtype, device)
-        if model is not None:
-            say(f"diffusers weights on {device}: {time.perf_counter() - t0:.1f} s")
-        t0 = time.perf_counter()
-        # one random state for both sides: fluxjax's weights are diffusers' state dict, converted
-        params = jax.block_until_ready(shared_params(model, config, dtype) if model is not None
-                                       else fluxjax_params(config, dtype))
-        say(f"fluxjax weights on {jax.devices()[0].platform} ({'shared with diffusers' if model is not None else 'random'}): "
-            f"{time.perf_counter() - t0:.1f} s")
+    if not budget.allows(NEEDS_S["weights"]):
+        skipped("weights")
+        return finish(log, out)
+    t0 = time.perf_counter()
+    model = gpu_models.diffusers_model(config, tdtype, device)
+    log.row("weights", side="diffusers", seconds=time.perf_counter() - t0,
+            bytes=sum(p.numel() * p.element_size() for p in model.parameters()), **common.device_memory())
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(gpu_models.shared_params(model, config, dtype))
+    log.row("weights", side="fluxjax (converted from diffusers' state dict)", seconds=time.perf_counter() - t0,
+            bytes=gpu_models.param_bytes(params), **common.device_memory())
 
-    if "timing" in sections:
-        record["timing"] = timing(model, params, setup, host, sigmas, device, peak, flops, args, start, say)
-        save()
-    if "interventions" in sections:
-        record["interventions"] = intervention_rows(params, setup, host, args.reps, say)
-        save()
-    if "parity" in sections and model is not None:
-        record["parity"] = parity(model, params, setup, host, sigmas, device, say)
-        save()
-    del model, params
+    forwards = Forwards(params, setup, host)
+    ivs = interventions(setup)
+    for name in list(ivs)[:2]:
+        if not budget.allows(NEEDS_S["compile"]):
+            skipped("compile")
+            return finish(log, out)
+        log.row("compile", forward=name, **forwards.compile(name, ivs[name]))
+
+    plain_edit = None
+    if budget.allows(NEEDS_S["parity"]):
+        plain_edit = parity(model, forwards, setup, host, sigmas, device, log)
+    else:
+        skipped("parity")
+    del model
     gc.collect()
     if on_gpu:
         torch.cuda.empty_cache()
+    log.row("released", what="the diffusers model", **common.device_memory())
 
-    if "rehearsal" in sections:
-        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu-check-"))
-        folder, size = work / "model", (64 if args.tiny else 1024)
-        t0 = time.perf_counter()
-        if not folder.exists():
-            if args.tiny:
-                from flux2ref.folder import build_model_folder
-
-                build_model_folder(folder)
-            else:
-                build_real_folder(folder, device)
-        say(f"rehearsal model folder ({'tiny' if args.tiny else 'klein-9B-sized'}): {time.perf_counter() - t0:.1f} s")
-        gc.collect()
-        record["rehearsal"] = rehearsal(folder, work / "run", size, device, tdtype, setup.dtype,
-                                        args.rehearsal_blocks or ("1,3" if args.tiny else "7,17"), say)
-        save()
-    print()
-    print(summary(record))
-    say("done")
-    save()
-    return record
+    for name in list(ivs)[2:]:
+        if not budget.allows(NEEDS_S["compile"]):
+            skipped("compile")
+            return finish(log, out)
+        log.row("compile", forward=name, **forwards.compile(name, ivs[name]))
+    if budget.allows(NEEDS_S["steady"]):
+        steady(forwards, args.reps, log, flops=common.forward_flops(config, layout.n_txt, layout.n_image_stream),
+               peak=peak_tflops(device_name))
+    else:
+        skipped("steady")
+    if budget.allows(NEEDS_S["sweep"]):
+        sweep(params, setup, host, sigmas, args.cells, plain_edit, log)
+    else:
+        skipped("sweep")
+    return finish(log, out)
 
 
-def timing(model, params, setup, host, sigmas, device, peak, flops, args, start, say) -> dict:
-    """The 4-step loop and one forward of each side, compile apart, then alternating rounds."""
+def parity(model, forwards: Forwards, setup: Setup, host, sigmas, device, log):
+    """fluxjax vs diffusers on one random state; returns fluxjax's plain 4-step edit (latents)."""
     import torch
 
-    record = {}
-    dtype, tdtype = jnp.dtype(setup.dtype), getattr(torch, setup.dtype)
-    jx = {k: jnp.asarray(v, dtype) for k, v in host.items()}
-    fj_sample, fj_forward = fluxjax_calls(params, setup, jx["txt"], jx["noise"], jx["refs"], sigmas)
-    fns = {}
-    for name, fn in (("fluxjax sample", fj_sample), ("fluxjax forward", fj_forward)):
-        sec, _ = common.timed(fn)
-        record[f"{name} first call (compile) s"] = sec
-        say(f"{name}: first call (compile + run) {sec:.1f} s")
-        fns[name] = fn
-    if model is not None:
-        tx = {k: torch.as_tensor(v).to(device=device, dtype=tdtype) for k, v in host.items()}
-        df_sample, df_forward = diffusers_calls(model, setup, tx["txt"], tx["noise"], tx["refs"], sigmas, device)
-        for name, fn in (("diffusers sample", df_sample), ("diffusers forward", df_forward)):
-            sec, _ = common.timed(fn)
-            record[f"{name} first call s"] = sec
-            say(f"{name}: first call {sec:.1f} s")
-            fns[name] = fn
-    times = {n: [] for n in fns}
-    for r in range(args.reps):
-        if time.perf_counter() - start > args.deadline_s:
-            say(f"deadline: stopping after {r} timing rounds")
-            break
-        times = {n: times[n] + v for n, v in common.alternate(fns, 1).items()}
-        say("round " + str(r + 1) + ": " + ", ".join(f"{n} {v[-1]:.3f} s" for n, v in times.items()))
-    record["steady_s"] = times
-    for side in ("fluxjax", "diffusers"):
-        if not times.get(f"{side} sample"):
-            continue
-        e2e, fwd = statistics.median(times[f"{side} sample"]), statistics.median(times[f"{side} forward"])
-        mfu = None if peak is None else STEPS * flops / e2e / (peak[1] * 1e12)
-        record[side] = {"forward_s": fwd, "end_to_end_s": e2e, "per_step_s": e2e / STEPS, "mfu": mfu,
-                        "model_tflops": STEPS * flops / e2e / 1e12}
-    return record
+    tdtype = getattr(torch, setup.dtype)
+    tx = {k: torch.as_tensor(v).to(device=device, dtype=tdtype) for k, v in host.items()}
+    layout = setup.layout
+    knock = next(n for n in forwards.compiled if n != "plain")
+    mask = torch_knockout_mask(layout, content_mask(layout), knock.split(" ", 1)[1], device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for name, theirs in (("plain", lambda: diffusers_forward(model, setup, tx, device)),
+                         (knock, lambda: diffusers_forward(model, setup, tx, device, mask))):
+        ours_s, ours = common.timed(lambda: np.asarray(forwards.call(name), np.float32)[:, :layout.n_img])
+        theirs_s, ref = common.timed(theirs)
+        log.row("parity", forward=name, rel_l2=rel_err(ours, ref), fluxjax_first_s=ours_s, diffusers_first_s=theirs_s,
+                **common.device_memory())
+    ours_s, edit = common.timed(lambda: fluxjax_edit(forwards.params, setup, host, sigmas))
+    theirs_s, ref = common.timed(lambda: diffusers_edit(model, setup, tx, sigmas, device))
+    log.row("parity", forward=f"{STEPS}-step edit (latents)", rel_l2=rel_err(edit, ref),
+            fluxjax_first_s_with_compile=ours_s, diffusers_s=theirs_s, **common.device_memory())
+    return edit
 
 
-def summary(record: dict) -> str:
-    """Markdown tables of whatever sections ran."""
+def steady(forwards: Forwards, reps: int, log, flops: float, peak):
+    """The compiled forwards alternated; each intervention's time and temporaries against plain's;
+    the plain forward's model TFLOP/s and MFU (FLOPs counted from the architecture, peak = the GPU
+    kind's dense bf16 tensor-core TFLOP/s)."""
+    fns = {name: (lambda n=name: forwards.call(n)) for name in forwards.compiled}
+    for fn in fns.values():  # one warm call each
+        fn()
+    times = common.alternate(fns, reps)
+    plain_s = statistics.median(times["plain"])
+    plain_xla = common.xla_memory(forwards.compiled["plain"])
+    rows = {}
+    for name, ts in times.items():
+        xla = common.xla_memory(forwards.compiled[name])
+        rows[name] = {"median_s": statistics.median(ts), "min_s": min(ts),
+                      "time_vs_plain": statistics.median(ts) / plain_s,
+                      "temp_bytes": xla.get("temp"),
+                      "temp_vs_plain": xla["temp"] / plain_xla["temp"] if xla.get("temp") and plain_xla.get("temp")
+                      else None}
+    tflops = flops / plain_s / 1e12
+    return log.row("steady", reps=reps, forwards=rows, plain_model_tflops=tflops,
+                   plain_mfu=None if peak is None else tflops / peak[1], **common.device_memory())
+
+
+def finish(log: common.RowLog, out: Path):
+    log.row("done", seconds=log.elapsed())
+    (out / "gpu_check.md").write_text(summary(log.rows) + "\n")
+    print()
+    print(summary(log.rows))
+    return log.rows
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown tables of the rows a run wrote (any prefix of them: a killed run's file too)."""
     gib = 2 ** 30
     parts = []
-    if record.get("tiny"):
-        parts.append("(--tiny: a check that the script runs end to end, not a figure)")
-    t = record.get("timing")
-    if t:
-        rows = [[side, f"{t[side]['forward_s']:.3f}", f"{t[side]['per_step_s']:.3f}", f"{t[side]['end_to_end_s']:.3f}",
-                 f"{t[side]['model_tflops']:.0f}", "-" if t[side]["mfu"] is None else f"{100 * t[side]['mfu']:.1f} %"]
-                for side in ("fluxjax", "diffusers") if side in t]
-        parts.append(common.markdown_table(["side", "forward (s)", "end-to-end / step (s)",
-                                            f"end-to-end, {STEPS} steps (s)", "model TFLOP/s", "MFU"], rows))
-    iv = record.get("interventions")
-    if iv:
-        rows = [[n, f"{r['compile_s']:.1f}", f"{r['steady_s']:.3f}",
-                 f"{r['xla_memory'].get('peak_bytes', 0) / gib:.2f}"] for n, r in iv["rows"].items()]
-        parts.append(common.markdown_table(["forward", "compile (s)", "steady (s, median)", "XLA peak (GiB)"], rows)
-                     + f"\n\nknockout / plain: time {iv['time_ratio']:.3f} (goal {iv['time_goal']}), memory "
-                       f"{iv.get('memory_ratio', float('nan')):.3f} (goal {iv.get('memory_goal', '-')})")
-    p = record.get("parity")
-    if p:
+    setup = next((r for r in rows if r["step"] == "setup"), None)
+    if setup:
+        parts.append(f"{setup['device']}; jax {setup['jax']}, torch {setup['torch']}; {setup['shapes']} shapes, "
+                     f"{setup['dtype']}, tokens {setup['tokens']}, attention {setup['attention']}")
+    compiled = [r for r in rows if r["step"] == "compile" and "forward" in r]
+    if compiled:
+        parts.append(common.markdown_table(
+            ["forward", "compile (s)", "XLA arguments (GiB)", "XLA temporaries (GiB)"],
+            [[r["forward"], f"{r['compile_s']:.1f}", f"{r['xla'].get('argument', 0) / gib:.2f}",
+              f"{r['xla'].get('temp', 0) / gib:.3f}"] for r in compiled]))
+    parity = [r for r in rows if r["step"] == "parity" and "rel_l2" in r]
+    if parity:
         parts.append(common.markdown_table(["fluxjax vs diffusers, shared weights", "relative L2"],
-                                           [[k, f"{v:.2e}"] for k, v in p.items()]))
-    r = record.get("rehearsal")
-    if r:
-        rows = [[n, f"{x['wall_s']:.1f}", f"{x['compile_s']:.1f}", x["cells"],
-                 "-" if x["device_peak_bytes_so_far"] is None else f"{x['device_peak_bytes_so_far'] / gib:.1f}"]
-                for n, x in r["experiments"].items()]
-        parts.append(common.markdown_table(["experiment", "wall (s)", "compile (s)", "cells",
-                                            "device peak so far (GiB)"], rows)
-                     + f"\n\nrun_all total {r['total_s']:.1f} s for {r['cells']} cells; the study's way (one "
-                       f"diffusers call per cell, {r['diffusers']['per_cell_s']:.2f} s each): {r['study_way_s']:.1f} s; "
-                       f"ratio {r['ratio_to_study_way'] or float('nan'):.2f} (goal {r['ratio_goal']})")
+                                           [[r["forward"], f"{r['rel_l2']:.2e}"] for r in parity]))
+    steady_row = next((r for r in rows if r["step"] == "steady" and "forwards" in r), None)
+    if steady_row:
+        parts.append(common.markdown_table(
+            ["forward", "median (s)", "time vs plain", "XLA temporaries vs plain"],
+            [[n, f"{f['median_s']:.4f}", f"{f['time_vs_plain']:.3f}",
+              "-" if f["temp_vs_plain"] is None else f"{f['temp_vs_plain']:.3f}"]
+             for n, f in steady_row["forwards"].items()]))
+    sw = next((r for r in rows if r["step"] == "sweep" and "cells" in r), None)
+    if sw:
+        parts.append(f"vmapped knockout sweep: {sw['cells']} cells (ref->text from blocks {sw['from_blocks']}), "
+                     f"compile {sw['compile_s']:.1f} s, {sw['steady_s']:.2f} s per call ({sw['per_cell_s']:.2f} s per "
+                     f"cell), XLA temporaries {sw['xla'].get('temp', 0) / gib:.2f} GiB; no-cut cell vs plain edit "
+                     f"{sw.get('no_cut_cell_vs_plain_edit', float('nan')):.2e}")
+    skipped = [f"{r['step']} ({r['skipped']})" for r in rows if "skipped" in r]
+    if skipped:
+        parts.append("skipped: " + "; ".join(skipped))
+    done = next((r for r in rows if r["step"] == "done"), None)
+    parts.append(f"total {done['seconds']:.1f} s" if done else "(no `done` row: the command did not finish)")
     return "\n\n".join(parts)
 
 

@@ -360,10 +360,9 @@ def _partial_blocked(q, k, v, group_mask=None, block: int = ATTENTION_QUERY_BLOC
     return _heads_and_query_blocks(q, k, v, per_query, query_side, block, head_side)
 
 
-def _partial_cudnn(q, k, v, group_mask=None):
-    """cuDNN's fused flash attention (GPU, bfloat16 / float16) on one segment. A multi-group segment
-    gets its mask as an additive bias [B, 1, Lq, S] (cuDNN takes no narrower broadcast); S is the
-    segment's length, so for the text span that is Lq x T, not L x L.
+def _cudnn_kernel(q, k, v, bias):
+    """jax's cuDNN fused flash attention (GPU, bfloat16 / float16) with an additive bias None or
+    [B, 1 or H, Lq, S]: (o float32 [B, Lq, H, K], lse float32 [B, Lq, H]).
 
     The private entry point is used because `jax.nn.dot_product_attention(return_residual=True)`
     (jax 0.10.2) rounds the log-sum-exp to the output dtype: in bfloat16 an LSE near 10 is off by up
@@ -371,13 +370,77 @@ def _partial_cudnn(q, k, v, group_mask=None):
     """
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
 
-    bias = None
-    if group_mask is not None:
-        big_negative = -2.0 ** 40  # what jax uses for bfloat16 masks (cuDNN mishandles -inf - -inf)
-        bias = jnp.where(_head_mask(group_mask), 0.0, big_negative).astype(q.dtype)
     o, lse = cudnn_attention(q, k, v, bias=bias, scale=q.shape[-1] ** -0.5, qkv_layout="BTNH",
                              return_residual=True)  # lse: float32 [B, H, Lq]
     return o.astype(jnp.float32), jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
+
+
+def _group_bias(group_mask, dtype):
+    """The additive bias [B, 1, Lq, S] of a multi-group segment: 0 where a query may read a key, else
+    -2^40 (what jax uses for bfloat16 masks: cuDNN mishandles -inf - -inf). One head for a table
+    shared by the heads: cuDNN broadcasts it, so it is Lq x S per sample, not H x Lq x S; a table
+    per head gives [B, H, Lq, S]."""
+    return jnp.where(_head_mask(group_mask), 0.0, -2.0 ** 40).astype(dtype)
+
+
+def _fold_vmap(fn):
+    """`fn(*arrays)`, every array [B, ...] in and out, with a vmapped axis V folded into B: under vmap
+    it runs once on [V * B, ...] arrays (operands without the axis broadcast to it), nested vmaps
+    fold in turn, so `fn` itself is never batched.
+
+    This is how the cuDNN kernel meets a sweep: jax's own batching rule for it flattens the axes
+    into the batch too, but reshapes a batched bias to [V * B, H, Lq, S], so a one-head bias
+    [V, B, 1, Lq, S] fails to reshape (jax 0.10.2 to 0.11.2), and it takes only batch axes at
+    position 0. Folding before the bias is built keeps it one-headed: [V * B, 1, Lq, S].
+    """
+    folded = jax.custom_batching.custom_vmap(fn)
+
+    @folded.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        def fold(a, batched):
+            a = a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+            return a.reshape(axis_size * a.shape[1], *a.shape[2:])
+
+        outs = folded(*jax.tree_util.tree_map(fold, args, tuple(in_batched)))
+        unfolded = jax.tree_util.tree_map(lambda o: o.reshape(axis_size, -1, *o.shape[1:]), outs)
+        return unfolded, jax.tree_util.tree_map(lambda _: True, outs)
+
+    return folded
+
+
+def _kernel_partial(kernel):
+    """A partial-attention function (q, k, v, group_mask=None) -> (o, lse), as the kernels above, that
+    runs `kernel(q, k, v, bias)` (bias None or `_group_bias`) with vmap folded into the batch
+    (`_fold_vmap`).
+
+    Reverse mode differentiates `_partial_dense` at the same inputs (float32 logits [B, H, Lq, S]):
+    `custom_vmap` has no transpose, and jax's own VJP of the cuDNN kernel drops the cotangent of the
+    log-sum-exp, which the merge of segments needs (jax 0.11.2 `_dot_product_attention_bwd_rule`
+    keeps `grad_output[0]` only).
+    """
+    @_fold_vmap
+    def folded(q, k, v, group_mask):
+        return kernel(q, k, v, None if group_mask is None else _group_bias(group_mask, q.dtype))
+
+    @jax.custom_vjp
+    def partial(q, k, v, group_mask):
+        return folded(q, k, v, group_mask)
+
+    def forward(q, k, v, group_mask):
+        return folded(q, k, v, group_mask), (q, k, v, group_mask)
+
+    def backward(residuals, cotangents):
+        q, k, v, group_mask = residuals
+        _, vjp = jax.vjp(lambda q, k, v: _partial_dense(q, k, v, group_mask), q, k, v)
+        return (*vjp(cotangents), None)
+
+    partial.defvjp(forward, backward)
+    return lambda q, k, v, group_mask=None: partial(q, k, v, group_mask)
+
+
+# cuDNN's fused flash attention on one segment (GPU, bfloat16 / float16); a multi-group segment gets
+# its mask as a one-head bias [B, 1, Lq, S] (`_group_bias`): for the text span that is Lq x T.
+_partial_cudnn = _kernel_partial(_cudnn_kernel)
 
 
 def _pallas_kernel(q_ref, k_ref, v_ref, reads_ref, keys_ref, acc_ref, m_ref, l_ref, *, scale, num_groups):

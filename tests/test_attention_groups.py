@@ -219,6 +219,33 @@ def test_public_attention_takes_per_head_tables_and_masks(qkv, implementation):
         assert np.abs(np.asarray(attend(q, k, v, kg.dense_mask(), implementation)) - ref).max() <= GROUP_TOL
 
 
+def _stand_in_cudnn(q, k, v, bias):
+    """What the cuDNN kernel computes (`numerics._cudnn_kernel`'s contract: an additive bias None or
+    [B, 1 or H, Lq, S]; float32 output and log-sum-exp), on CPU."""
+    if bias is not None:
+        assert bias.shape[0] == q.shape[0] and bias.shape[1] in (1, q.shape[2]) and bias.shape[2:] == \
+            (q.shape[1], k.shape[1]), bias.shape
+    logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.einsum("bhqs,bshk->bqhk", jnp.exp(logits - lse[..., None]), v), jnp.swapaxes(lse, 1, 2)
+
+
+def test_cudnn_path_takes_per_head_tables(qkv):
+    """The cuDNN path's wrapper (`numerics._kernel_partial`: its bias, vmap folded into the batch)
+    around a CPU stand-in for the cuDNN kernel: with a table per head the bias gets a head axis
+    [B, H, Lq, T], and the result is the per-head reference, also in a vmapped sweep over tables."""
+    q, k, v = qkv
+    partial = numerics._kernel_partial(_stand_in_cudnn)
+    other = fluxjax.knockout(TINY, LAYOUT, CONTENT, ["ref->text[content]", "image->text"], heads=[1]).allowed[0]
+    tables = jnp.stack([PER_HEAD.allowed[0], other])
+    sweep = jax.jit(jax.vmap(lambda a: numerics._grouped_attention(
+        q, k, v, numerics.KeyGroups(a, PER_HEAD.groups, EXACT), partial)))(tables)
+    for j in range(2):
+        assert np.abs(np.asarray(sweep[j]) - _head_by_head(q, k, v, tables[j], PER_HEAD.groups)).max() <= GROUP_TOL
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
 def test_cudnn_per_head_tables_equal_the_dense_reference(qkv):
     q, k, v = (a.astype(jnp.bfloat16) for a in qkv)
