@@ -12,6 +12,11 @@ Every command (`python -m experiments.lens`, `.knockout`, `.drop`, `.patching`, 
                      colour bucket (or the subset --colours/--objects/--seeds) is generated into the
                      run folder at --size pixels (32 for organisms, whose objects are their shapes;
                      else 1024)
+    --pair-tasks FILE..
+                     (patching, run_all) task files whose tasks only resolve --pairs: the patching
+                     pairs may name them, no other experiment runs them (the study's style -> real
+                     pairs take their targets from its `manual` bucket, its identity pairs from
+                     `dreambench_humans_shared`)
     --out runs/NAME  the run folder (experiments.runs): resumable, never overwritten
 """
 
@@ -108,12 +113,14 @@ def check_blocks_and_positions(what: str, s: Mapping, config) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_default: str = models.DEFAULT_MODEL,
-                  colour_defaults: Mapping[str, tuple[str, str, str]] | None = None) -> None:
+                  colour_defaults: Mapping[str, tuple[str, str, str]] | None = None,
+                  pair_tasks: bool = False) -> None:
     """The model, task and run-folder options every experiment command takes.
 
     colour_defaults: per model kind ('organism', 'folder'), the default (colours,
     objects, seeds) of the generated colour bucket, each comma-separated (missing: the whole
-    bucket; an organism's objects are its shapes)."""
+    bucket; an organism's objects are its shapes). pair_tasks: the command patches pairs, so it
+    takes --pair-tasks."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=model_default,
                    help=f"'direct' or 'text-routed' (the committed model organisms), an organism folder, "
@@ -127,6 +134,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
                    help="transformer dtype (default: the checkpoint's)")
     g.add_argument("--steps", type=int, default=None,
                    help="denoising steps of every edit (default: the model's; 4 for [klein] distilled)")
+    g.add_argument("--text-length", type=int, default=None,
+                   help="model folders: the text tokens every prompt is padded to (default 512, the pipelines'; the "
+                        "study calls this maximum length an implicit capacity hyperparameter: the padding positions "
+                        "are where the reference's content is bound)")
     g.add_argument("--chunk", type=int, default=None,
                    help=f"sweep cells per vmapped compiled call (default {models.TINY_CHUNK} for organisms; for a "
                         f"model folder as many as the accelerator's free memory holds, {models.FOLDER_CHUNK} on "
@@ -138,6 +149,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
     t.add_argument("--tasks", type=Path, nargs="+", default=None,
                    help="task files (tasks.jsonl) in the study's format, their ids distinct (default: the generated "
                         "colour bucket)")
+    if pair_tasks:
+        t.add_argument("--pair-tasks", type=Path, nargs="+", default=None,
+                       help="task files whose tasks only resolve the --pairs file (patching): no other experiment runs "
+                            "them (e.g. the study's manual/tasks.jsonl for its style -> real pairs)")
     t.add_argument("--root", type=Path, default=None,
                    help="folder relative reference paths in --tasks start from (default: the nearest folder, from "
                         "each file's upwards, where they exist: the study's repository root for its files)")
@@ -193,17 +208,26 @@ def task_spec(args: argparse.Namespace) -> dict:
     ids = None if args.ids is None else [s.strip() for s in args.ids.split(",") if s.strip()]
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: give a positive number of tasks")
+    pair_files = getattr(args, "pair_tasks", None)
+    if pair_files is not None and args.tasks is None:
+        raise ValueError("--pair-tasks: give the tasks to run with --tasks too (pair tasks only resolve --pairs)")
+    if pair_files is not None and getattr(args, "pairs", None) is None:
+        raise ValueError("--pair-tasks: give the --pairs file whose pairs name them")
     if args.tasks is not None:
-        files = []
-        for given in args.tasks:
+        def recorded(option, given):
             path = Path(given).resolve()
             if not path.is_file():
-                raise ValueError(f"--tasks {given}: no such file")
-            files.append({"file": str(path), "sha256": file_sha256(path)})
+                raise ValueError(f"{option} {given}: no such file")
+            return {"file": str(path), "sha256": file_sha256(path)}
+
+        files = [recorded("--tasks", given) for given in args.tasks]
         if args.root is not None and not Path(args.root).is_dir():
             raise ValueError(f"--root {args.root}: no such folder")
         root = None if args.root is None else str(Path(args.root).resolve())
-        return {"files": files, "root": root, "ids": ids, "limit": args.limit}
+        spec = {"files": files, "root": root, "ids": ids, "limit": args.limit}
+        if pair_files is not None:
+            spec["pair_files"] = [recorded("--pair-tasks", given) for given in pair_files]
+        return spec
     kind = models.kind(args.model)
     size = args.size if args.size is not None else models.default_size(kind)
     if args.size is not None:
@@ -216,11 +240,27 @@ def task_spec(args: argparse.Namespace) -> dict:
     return {"colour_bucket": {**colour_subset(args, kind), "size": size}, "ids": ids, "limit": args.limit}
 
 
+def _read(spec: Mapping[str, Any]) -> tuple[list[tasklib.Task], list[tasklib.Task]]:
+    """(the tasks of the --tasks files, those of the --pair-tasks files), their ids distinct across both."""
+    main = tasklib.read_task_files([f["file"] for f in spec["files"]], root=spec["root"])
+    pair = tasklib.read_task_files([f["file"] for f in spec.get("pair_files", ())], root=spec["root"])
+    both = sorted({t.task_id for t in main} & {t.task_id for t in pair})
+    if both:
+        raise tasklib.TaskFileError(f"task id {both[0]!r} is in both a --tasks and a --pair-tasks file; give each "
+                                    "task once (--pair-tasks: the tasks only the pairs name)")
+    return main, pair
+
+
+def select_pair_tasks(spec: Mapping[str, Any]) -> list[tasklib.Task]:
+    """The tasks of the --pair-tasks files of `spec` (none without them): they resolve pairs only."""
+    return _read(spec)[1] if spec.get("pair_files") else []
+
+
 def select_tasks(spec: Mapping[str, Any]) -> list[tasklib.Task]:
     """The tasks `spec` (see `task_spec`) selects, read from its files or generated in memory; the
     references are not checked here (`check_tasks`)."""
     if "files" in spec:
-        found = tasklib.read_task_files([f["file"] for f in spec["files"]], root=spec["root"])
+        found = _read(spec)[0]
     else:
         b = spec["colour_bucket"]
         found = tasklib.colour_bucket(b["colours"], b["objects"], b["seeds"], size=b["size"],
@@ -236,13 +276,14 @@ def select_tasks(spec: Mapping[str, Any]) -> list[tasklib.Task]:
     return found
 
 
-def check_tasks(spec: Mapping[str, Any], model: models.Spec) -> list[tasklib.Task]:
-    """The tasks of `spec`, each checked for `model`: its size, and its reference image (readable,
-    of a mode that holds a picture, large enough). Raises `InputErrors`, one line per problem."""
-    found = select_tasks(spec)
+def check_tasks(spec: Mapping[str, Any], model: models.Spec) -> tuple[list[tasklib.Task], list[tasklib.Task]]:
+    """(the tasks of `spec`, its pair tasks), each checked for `model`: its size, and its reference
+    image (readable, of a mode that holds a picture, large enough). Raises `InputErrors`, one line
+    per problem."""
+    found, pair_found = select_tasks(spec), select_pair_tasks(spec)
     problems = []
     by_size: dict[tuple[int, int], list[str]] = {}
-    for task in found:
+    for task in [*found, *pair_found]:
         by_size.setdefault((task.width, task.height), []).append(task.task_id)
     for (width, height), ids in by_size.items():  # one line per size, not per task
         more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
@@ -252,14 +293,14 @@ def check_tasks(spec: Mapping[str, Any], model: models.Spec) -> list[tasklib.Tas
         except ValueError as e:
             problems.append(str(e))
     if "files" in spec:
-        for reference in dict.fromkeys(t.reference for t in found):
+        for reference in dict.fromkeys(t.reference for t in [*found, *pair_found]):
             try:
                 models.check_reference(model.kind, reference)
             except ValueError as e:
                 problems.append(str(e))
     if problems:
         raise InputErrors(problems)
-    return found
+    return found, pair_found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +323,7 @@ class Checked:
     tasks: dict  # the run config's task record (`task_spec`)
     found: list  # the tasks it selects
     settings: dict  # the run config's settings
+    pair_found: list = dataclasses.field(default_factory=list)  # the tasks that only resolve pairs
 
 
 def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, model_values: Sequence[str],
@@ -289,7 +331,8 @@ def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, mode
     """The one validation step every command runs before its first expensive step (loading a model)
     and before any run folder is made: the general options, each model named (`models.inspect`:
     nothing loads), the tasks and their reference images for that model, and the command's
-    `settings(args, model, tasks)` (blocks, edges, pairs...; tasks None when they could not be read)
+    `settings(args, model, tasks)` (blocks, edges, pairs...; tasks, the pair tasks included, None
+    when they could not be read)
     against the model's architecture. Every problem found is printed as one line on stderr, and the
     command exits with code 2; nothing has been written.
     """
@@ -312,10 +355,11 @@ def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, mode
             continue
         margs = argparse.Namespace(**{**vars(args), "model": value})
         spec = attempt(task_spec, margs)
-        found = None if spec is None else attempt(check_tasks, spec, model)
-        chosen = attempt(settings, margs, model, found)
+        both = None if spec is None else attempt(check_tasks, spec, model)
+        found, pair_found = (None, None) if both is None else both
+        chosen = attempt(settings, margs, model, None if both is None else [*found, *pair_found])
         if spec is not None and found is not None and chosen is not None:
-            out.append(Checked(model=model, tasks=spec, found=found, settings=chosen))
+            out.append(Checked(model=model, tasks=spec, found=found, settings=chosen, pair_found=pair_found))
     if problems:
         lines = list(dict.fromkeys(problems))  # one model's task problems repeat for the next
         parser.exit(2, "".join(f"{parser.prog}: error: {line}\n" for line in lines))
@@ -323,12 +367,18 @@ def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, mode
 
 
 def check_general(args: argparse.Namespace) -> None:
-    """The options every command takes that need no model: --steps, --chunk."""
+    """The options every command takes that need no model loaded: --steps, --chunk, --text-length."""
     problems = []
     if args.steps is not None and args.steps < 1:
         problems.append(f"--steps {args.steps}: give at least one denoising step")
     if args.chunk is not None and args.chunk < 0:
         problems.append(f"--chunk {args.chunk}: give a positive number of cells, or 0 for a whole sweep at once")
+    if getattr(args, "text_length", None) is not None:
+        if args.text_length < 1:
+            problems.append(f"--text-length {args.text_length}: give a positive number of text tokens")
+        elif any(models.kind(m.strip()) == "organism" for m in args.model.split(",") if m.strip()):
+            problems.append(f"--text-length {args.text_length}: an organism's text length is fixed when it is trained "
+                            "(organisms.train --text-length); the option is for model folders")
     if problems:
         raise InputErrors(problems)
 
@@ -343,13 +393,18 @@ def command_settings(module, args: argparse.Namespace, model: models.Spec, found
     return chosen
 
 
+def load_pair_tasks(spec: Mapping[str, Any]) -> list[tasklib.Task]:
+    """The tasks of the --pair-tasks files of `spec` (see `load_tasks`), none without them."""
+    return _read(spec)[1] if spec.get("pair_files") else []
+
+
 def load_tasks(spec: Mapping[str, Any], run: runs.RunFolder) -> list[tasklib.Task]:
     """The tasks of `spec` (see `task_spec`); a generated bucket is written to `<run>/tasks/`."""
     if "files" in spec:
-        for f in spec["files"]:
+        for f in [*spec["files"], *spec.get("pair_files", ())]:
             if file_sha256(Path(f["file"])) != f["sha256"]:
                 raise ValueError(f"{f['file']} changed since this run folder was made; start a new run (--out)")
-        found = tasklib.read_task_files([f["file"] for f in spec["files"]], root=spec["root"])
+        found = _read(spec)[0]
     else:
         bucket = spec["colour_bucket"]
         path = tasklib.write_colour_bucket(run.path / "tasks", bucket["colours"], bucket["objects"], bucket["seeds"],
@@ -456,7 +511,7 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m experiments.{module.NAME}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
-    add_arguments(parser, out_default=f"runs/{module.NAME}")
+    add_arguments(parser, out_default=f"runs/{module.NAME}", pair_tasks=getattr(module, "PAIR_TASKS", False))
     args = parser.parse_args(argv)
     if args.verify:
         return verify_folders([Path(args.out)])
@@ -482,11 +537,13 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
         ctx = open_context(args, model, run)
         try:
             found = load_tasks(spec, run)
+            pair_found = load_pair_tasks(spec)
         except (ValueError, KeyError) as e:
             run.discard()
             fail(parser, str(e))
-        sections = [report.Section("Setup", [report.Text(ctx.describe() + f"\n\n{len(found)} tasks.")])]
-        sections += module.run(ctx, found, config["settings"], module.NAME)
+        more = f" and {len(pair_found)} that only resolve pairs" if pair_found else ""
+        sections = [report.Section("Setup", [report.Text(ctx.describe() + f"\n\n{len(found)} tasks{more}.")])]
+        sections += module.run(ctx, [*found, *pair_found], config["settings"], module.NAME)
         path = report.write_run_report(run, f"{module.TITLE}: {model_record['name']}", sections)
         run.write_summary({"experiment": module.NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
                            "resumed": run.resumed})

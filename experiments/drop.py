@@ -115,7 +115,8 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
     items = tables.write_tables(ctx.run, prefix, rows, MEANS, rates_title="Colour kept per binding block", text=(
         f"Blocks < k: ref->image cut; blocks >= k: the reference cut off (mask form). k = 0: never seen (a plain "
         f"text-to-image run); k = {cfg.num_blocks}: kept to the end with ref->image cut everywhere. mad / ssim: "
-        "against the baseline edit; mad_t2i: against the text-to-image run with the task's seed."))
+        "against the baseline edit; mad_t2i: against the text-to-image run with the task's seed."),
+        control="reference kept (edit)")
     if checks:
         ctx.run.write_derived(f"{prefix}-removal-checks.csv", metrics.rows_to_csv(checks))
         worst = max(c["max_abs_diff"] for c in checks)

@@ -7,15 +7,16 @@
     python -m experiments.judge agree RUN_FOLDER anthropic:claude-opus-4-7 metric
 
 Which rows are judged: every metrics row of a complete cell (DONE.json `record["rows"]`) whose
-`judge` field names a question kind. The experiments write, per row, `experiment` (lens,
-knockout, drop, patching), `property` (colour, style, identity, reference), `judge` (the kind:
-present, lost, kept, transferred; None for control rows), `bundle` ([label, path relative to the
-run folder] in the order shown to the judge), `setting`, `task` or `pair`, and the automatic
-metric's `pass` (relative rule; None when excluded) and `pass_absolute`. A row is excluded by the
-relative rule (the baseline edit already misses the property) when `pass` is None while
-`pass_absolute` is not; it stays excluded here, counted but never judged. The study instead showed
-the judge every knockout bundle and let the question's "compared with Image 2" carry the baseline;
-this project keeps one rule for the metric and the judge so the two can be compared row by row.
+`judge` field names a question kind, as the study did: it sent every knockout and drop bundle to
+its judge and let the question's "compared with Image 2" carry the baseline edit. The experiments
+write, per row, `experiment` (lens, knockout, drop, patching), `property` (colour, style, identity,
+reference), `judge` (the kind: present, lost, kept, transferred; None for control rows), `bundle`
+([label, path relative to the run folder] in the order shown to the judge), `setting`, `task` or
+`pair`, the automatic metric's `pass` (the study's rule; None where the metric has no verdict, as
+for style) and `pass_absolute`, and `baseline_misses` (lost / kept colour rows whose baseline edit
+already misses the colour). `--strict` applies this project's stricter rule instead: those rows
+are not asked and leave the rates. Either way the report gives both rates where both exist: the
+rate over every row, and the strict rate over the rows whose baseline edit shows the property.
 
 The kinds (what a "yes" means):
     present      Image 3 shows Image 1's property and Image 2 does not (T2I Lens: reference,
@@ -26,9 +27,13 @@ The kinds (what a "yes" means):
     transferred  Image 4 takes Image 1's property rather than Image 2's (source reference, target
                  reference, target edit, patched target edit)
 
-Rows: `experiments.judge_rows`. Questions: one system instruction and a question per experiment x property x kind (`QUESTIONS`
-in experiments.judge_questions, this project's own wording); `--questions FILE` replaces any of
-them (JSON, see `load_questions`).
+Rows: `experiments.judge_rows`. Questions (`experiments.judge_questions`): one system instruction
+and a question per experiment x property x kind, and per setting where one needs its own (this
+project's own wording, `QUESTIONS`); `--questions FILE` replaces any of them (JSON, see
+`load_questions`); `--questions-from STUDY_CHECKOUT` reads the study's own system text and its
+per-cell prompts from a checkout of its repository (`load_study_questions`), keyed by the setting
+of the same cell here. A question asked the other way round (the study's identity lens: "a
+different person?") counts its noes: the row's verdict is the answer's opposite.
 The judge answers with one JSON object, {"answer": "yes" | "no", "reason": "..."}
 ({"pass": 0 | 1, ...} is read too); anything else is unparseable.
 
@@ -36,10 +41,13 @@ Outputs, in RUN_FOLDER/judge/<judge slug>/:
     <experiment>/<property>-<kind>/<setting slug>.csv
         one row per entity (task or source__target pair): entity_id, pass (1, 0, or empty on an
         error or an unparseable answer), reason (prefixed ERROR: or PARSE_ERROR: then), model,
-        input_tokens, output_tokens: the study's verdict file columns
-    pass-rates.csv   per experiment, property, kind and setting: rows, excluded, errors,
-                     unparseable, judged, passed, the judge's rate, the metric's rate, and their
-                     agreement and Cohen's kappa on the entities both scored
+        input_tokens, output_tokens: the study's verdict file columns; then answer, the judge's
+        own yes (1) or no (0), which differs from pass where the question is asked the other way
+    pass-rates.csv   per experiment, property, kind and setting: the question's source, rows,
+                     baseline_misses, excluded (by --strict), errors, unparseable, judged, passed,
+                     the judge's rate and the metric's, each with its 95 % Wilson interval, the
+                     strict rates where they apply, and the two's agreement and Cohen's kappa on
+                     the entities both scored
     summary.json     the same counts in total, the calls made and the verdicts read from the cache
 and RUN_FOLDER/judge-<judge slug>.html, the report page. Errors and unparseable answers are
 excluded from the rate and counted, never a pass or a fail.
@@ -68,15 +76,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments import judges, report, runs
+from experiments import judges, report, runs, tables
 from experiments.judge_questions import (EXPERIMENTS, KINDS_OF, PROPERTIES, QUESTIONS, SYSTEM,  # noqa: F401
-                                        ContractError, Question, Questions, load_questions, parse_answer)
+                                        ContractError, Question, Questions, load_questions, load_study_questions,
+                                        parse_answer)
 from experiments.judge_rows import Item, items, prompt
 from experiments.judges import Judge, JudgeAuthError, JudgeError, Prompt
 from fluxjax.files import atomic_write_text
 from fluxjax.metrics import rows_to_csv
 
-VERDICT_COLUMNS = ("entity_id", "pass", "reason", "model", "input_tokens", "output_tokens")
+VERDICT_COLUMNS = ("entity_id", "pass", "reason", "model", "input_tokens", "output_tokens", "answer")
 METRIC = "metric"  # the agreement tool's name for the rows' own automatic verdicts
 JUDGE_DIR = "judge"
 
@@ -92,6 +101,19 @@ class Verdict:
     input_tokens: int = 0
     output_tokens: int = 0
     status: str = "ok"  # "ok", "error" or "unparseable"
+    answer: bool | None = None  # the judge's own yes / no where `passed` is its opposite (a negated question)
+
+    def for_row(self, negated: bool) -> "Verdict":
+        """The verdict on the row's question kind: the answer itself, or its opposite for a question
+        asked the other way round."""
+        if not negated or self.passed is None:
+            return self
+        return dataclasses.replace(self, passed=not self.passed, answer=self.passed)
+
+    @property
+    def yes(self) -> bool | None:
+        """The judge's own answer."""
+        return self.passed if self.answer is None else self.answer
 
 
 def ask(judge: Judge, prompt: Prompt) -> Verdict:
@@ -166,13 +188,19 @@ class Outcome:
     verdicts: dict[str, dict[str, Verdict]]  # group -> entity -> verdict
 
 
-def select(found: Sequence[Item], patterns: Sequence[str] = (), limit: int | None = None) -> list[Item]:
+def excluded(item: Item, strict: bool) -> bool:
+    """Whether the stricter rule (`strict`) leaves the row out: its baseline edit misses the property."""
+    return strict and bool(item.baseline_misses)
+
+
+def select(found: Sequence[Item], patterns: Sequence[str] = (), limit: int | None = None,
+           strict: bool = False) -> list[Item]:
     """The rows to ask about: those whose "experiment/property-kind/setting" matches one of the glob
     patterns (all when none is given), at most `limit` per setting (the first ones, in cell order);
-    rows excluded by the relative rule are never asked."""
+    every row, as the study, unless `strict` leaves out those whose baseline edit misses the property."""
     kept, count = [], {}
     for it in found:
-        if it.excluded:
+        if excluded(it, strict):
             continue
         name = f"{it.experiment}/{it.property}-{it.kind}/{it.setting}"
         if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
@@ -186,12 +214,13 @@ def select(found: Sequence[Item], patterns: Sequence[str] = (), limit: int | Non
 def score(run_path: str | os.PathLike, judge: Judge, *, questions: Questions = QUESTIONS,
           cache: str | os.PathLike | None = None, concurrency: int = 1, patterns: Sequence[str] = (),
           limit: int | None = None, dry_run: bool = False, show_progress: bool | None = None,
-          argv: Sequence[str] | None = None) -> Outcome:
+          argv: Sequence[str] | None = None, strict: bool = False) -> Outcome:
     """Judge every judged row of a run folder (see the module docstring); writes the verdict files,
     the rates and the report page into the folder, which is locked meanwhile.
 
     patterns, limit: ask only about the rows `select` keeps; the outputs still cover every row,
-    those neither asked nor in the cache counted as not asked. dry_run: count the calls that would
+    those neither asked nor in the cache counted as not asked. strict: the stricter rule, rows whose
+    baseline edit misses the property neither asked nor counted. dry_run: count the calls that would
     be made (Outcome.calls), call and write nothing."""
     run_path = Path(run_path).resolve()
     try:
@@ -199,7 +228,7 @@ def score(run_path: str | os.PathLike, judge: Judge, *, questions: Questions = Q
     except (OSError, ValueError):
         raise runs.RunError(f"{run_path} is not a run folder (no readable {runs.CONFIG_FILE})") from None
     found = items(run_path)
-    chosen = {(it.group, it.entity) for it in select(found, patterns, limit)}
+    chosen = {(it.group, it.entity) for it in select(found, patterns, limit, strict)}
     if not chosen:
         raise ContractError(f"no judged row of {run_path} matches {' '.join(patterns)}")
     run = runs.open_run(run_path.parent, run_path.name, config, on_conflict="refuse",
@@ -210,15 +239,17 @@ def score(run_path: str | os.PathLike, judge: Judge, *, questions: Questions = Q
         verdicts: dict[str, dict[str, Verdict]] = {}
         todo: dict[str, tuple[Prompt, list[Item]]] = {}  # cache key -> prompt, the rows it answers
         hashes: dict[Path, str] = {}
+        sources: dict[str, str] = {}  # group -> where its question's wording comes from
         cached = 0
         for item in found:
-            if item.excluded or (judge.properties is not None and item.property not in judge.properties):
+            if excluded(item, strict) or (judge.properties is not None and item.property not in judge.properties):
                 continue
             p = prompt(run_path, item, questions, hashes)
+            sources[item.group] = p.source + (" (asked the other way round)" if p.negated else "")
             key = Cache.key(judge.name, p)
             hit = store.get(key)
             if hit is not None:
-                verdicts.setdefault(item.group, {})[item.entity] = hit
+                verdicts.setdefault(item.group, {})[item.entity] = hit.for_row(p.negated)
                 cached += 1
             elif (item.group, item.entity) in chosen:  # identical bundles under one question are asked once
                 todo.setdefault(key, (p, []))[1].append(item)
@@ -236,7 +267,7 @@ def score(run_path: str | os.PathLike, judge: Judge, *, questions: Questions = Q
                 store.put(key, v)
             with lock:
                 for item in answered:
-                    verdicts.setdefault(item.group, {})[item.entity] = v
+                    verdicts.setdefault(item.group, {})[item.entity] = v.for_row(p.negated)
                 bar.update()
 
         try:
@@ -249,19 +280,25 @@ def score(run_path: str | os.PathLike, judge: Judge, *, questions: Questions = Q
                         f.result()
         finally:
             bar.close()
-        rates = _write(run, found, judge, verdicts, folder, calls=len(todo), cached=cached)
+        rates = _write(run, found, judge, verdicts, folder, calls=len(todo), cached=cached, strict=strict,
+                       sources=sources)
         return Outcome(judge=judge.name, folder=folder, calls=len(todo), cached=cached, rates=rates,
                        verdicts=verdicts)
     finally:
         run.close()
 
 
-def _rate(passed: int, n: int) -> float | None:
-    return passed / n if n else None
+def _rates(name: str, verdicts: Sequence[bool], applies: bool = True) -> dict:
+    """{name: the share of True, name_low, name_high: its 95 % Wilson interval}, all None where it
+    does not apply or there is no verdict."""
+    if not applies:
+        return {name: None, f"{name}_low": None, f"{name}_high": None}
+    return tables.interval_columns(name, sum(map(bool, verdicts)), len(verdicts))
 
 
 def _write(run: runs.RunFolder, found: Sequence[Item], judge: Judge, verdicts: Mapping[str, Mapping[str, Verdict]],
-           folder: Path, *, calls: int, cached: int) -> list[dict]:
+           folder: Path, *, calls: int, cached: int, strict: bool = False,
+           sources: Mapping[str, str] | None = None) -> list[dict]:
     rel = folder.relative_to(run.path).as_posix()
     groups: dict[str, list[Item]] = {}
     for item in sorted(found, key=lambda it: EXPERIMENTS.index(it.experiment) if it.experiment in EXPERIMENTS
@@ -273,57 +310,75 @@ def _write(run: runs.RunFolder, found: Sequence[Item], judge: Judge, verdicts: M
         applicable = judge.properties is None or first.property in judge.properties
         mine = verdicts.get(group, {})
         rows = [{"entity_id": it.entity, "pass": "" if v.passed is None else int(v.passed), "reason": v.reason,
-                 "model": judge.name, "input_tokens": v.input_tokens, "output_tokens": v.output_tokens}
+                 "model": judge.name, "input_tokens": v.input_tokens, "output_tokens": v.output_tokens,
+                 "answer": "" if v.yes is None else int(v.yes)}
                 for it in members if (v := mine.get(it.entity)) is not None]
         if applicable:
             run.write_derived(f"{rel}/{group}", rows_to_csv(rows, VERDICT_COLUMNS))
         judged = [(it, mine[it.entity]) for it in members if it.entity in mine and mine[it.entity].passed is not None]
-        metric = [it for it in members if not it.excluded and it.metric is not None]
+        metric = [it for it in members if not excluded(it, strict) and it.metric is not None]
         both = [(it.metric, v.passed) for it, v in judged if it.metric is not None]
         agreement = kappa_and_agreement(both)
+        has_strict = any(it.baseline_misses is not None for it in members)
         rates.append({
             "experiment": first.experiment, "property": first.property, "kind": first.kind, "setting": first.setting,
-            "rows": len(members), "excluded": sum(it.excluded for it in members),
-            "not_applicable": 0 if applicable else sum(not it.excluded for it in members),
-            "not_asked": sum(applicable and not it.excluded and it.entity not in mine for it in members),
+            "question": (sources or {}).get(group, ""),
+            "rows": len(members), "baseline_misses": sum(bool(it.baseline_misses) for it in members),
+            "excluded": sum(excluded(it, strict) for it in members),
+            "not_applicable": 0 if applicable else sum(not excluded(it, strict) for it in members),
+            "not_asked": sum(applicable and not excluded(it, strict) and it.entity not in mine for it in members),
             "errors": sum(v.status == "error" for v in mine.values()),
             "unparseable": sum(v.status == "unparseable" for v in mine.values()),
             "judged": len(judged), "passed": sum(v.passed for _, v in judged),
-            "judge_rate": _rate(sum(v.passed for _, v in judged), len(judged)),
+            **_rates("judge_rate", [v.passed for _, v in judged]),
+            **_rates("judge_rate_strict", [v.passed for it, v in judged if not it.baseline_misses], has_strict),
             "metric_n": len(metric), "metric_passed": sum(it.metric for it in metric),
-            "metric_rate": _rate(sum(it.metric for it in metric), len(metric)),
+            **_rates("metric_rate", [it.metric for it in metric]),
+            **_rates("metric_rate_strict", [it.metric for it in metric if not it.baseline_misses], has_strict),
             "both": len(both), "agreement": agreement["agreement"], "kappa": agreement["kappa"],
             "file": group if applicable else "",
         })
     run.write_derived(f"{rel}/pass-rates.csv", rows_to_csv(rates))
-    totals = {k: sum(r[k] for r in rates) for k in ("rows", "excluded", "not_applicable", "not_asked", "errors",
-                                                     "unparseable", "judged", "passed")}
+    totals = {k: sum(r[k] for r in rates) for k in ("rows", "baseline_misses", "excluded", "not_applicable",
+                                                     "not_asked", "errors", "unparseable", "judged", "passed")}
     run.write_derived(f"{rel}/summary.json", runs.canonical_json(
-        {"judge": judge.name, "calls": calls, "cached": cached, **totals}, indent=2) + "\n")
+        {"judge": judge.name, "calls": calls, "cached": cached, "strict": strict, **totals}, indent=2) + "\n")
     pairs = [(it.metric, v.passed) for it in found if (v := verdicts.get(it.group, {}).get(it.entity)) is not None
-             and v.passed is not None and it.metric is not None and not it.excluded]
-    _report(run, judge.name, rel, rates, totals, kappa_and_agreement(pairs))
+             and v.passed is not None and it.metric is not None and not excluded(it, strict)]
+    _report(run, judge.name, rel, rates, totals, kappa_and_agreement(pairs), strict)
     return rates
 
 
 def _report(run: runs.RunFolder, name: str, rel: str, rates: Sequence[Mapping], totals: Mapping,
-            overall: Mapping) -> Path:
-    columns = ["experiment", "property", "kind", "setting", "rows", "excluded", "not_asked", "errors", "unparseable",
-               "judged", "passed", "judge_rate", "metric_rate", "both", "agreement", "kappa"]
-    pct = {"judge_rate": "{:.1%}", "metric_rate": "{:.1%}", "agreement": "{:.1%}", "kappa": "{:.3f}"}
+            overall: Mapping, strict: bool = False) -> Path:
+    shown = [{**r, **{f"{k} [95% CI]": tables.rate_text(r[k], r[f"{k}_low"], r[f"{k}_high"])
+                      for k in ("judge_rate", "judge_rate_strict", "metric_rate", "metric_rate_strict")}}
+             for r in rates]
+    has_strict = any(r["judge_rate_strict"] is not None or r["metric_rate_strict"] is not None for r in rates)
+    columns = ["experiment", "property", "kind", "setting", "question", "rows", "baseline_misses", "excluded",
+               "not_asked", "errors", "unparseable", "judged", "passed", "judge_rate [95% CI]",
+               *(["judge_rate_strict [95% CI]"] if has_strict else []), "metric_rate [95% CI]",
+               *(["metric_rate_strict [95% CI]"] if has_strict else []), "both", "agreement", "kappa"]
+    pct = {"agreement": "{:.1%}", "kappa": "{:.3f}"}
+    rule = ("--strict: the rows whose baseline edit misses the property (baseline_misses) were neither asked nor "
+            "counted (excluded)" if strict else
+            "every row asked and counted, as the study did; the strict rates leave out the rows whose baseline edit "
+            "misses the property (baseline_misses), this project's stricter rule")
     sections = [report.Section("Judge", [report.Text(
         f"Judge: {name}. Every judged row of the run folder, scored with one yes/no question over its bundle of "
-        f"labelled images. Rows: {totals['rows']}; excluded by the relative rule (the baseline edit already misses "
-        f"the property): {totals['excluded']}; not scored by this judge: {totals['not_applicable']}; not asked "
-        f"(left out by --select or --limit): {totals['not_asked']}; errors: "
+        f"labelled images; {rule}. Rows: {totals['rows']}; baseline edit missing the property: "
+        f"{totals['baseline_misses']}; excluded: {totals['excluded']}; not scored by this judge: "
+        f"{totals['not_applicable']}; not asked (left out by --select or --limit): {totals['not_asked']}; errors: "
         f"{totals['errors']}; unparseable answers: {totals['unparseable']}; judged: {totals['judged']}, of which "
-        f"{totals['passed']} passed.\n\nErrors and unparseable answers are left out of the rates. The metric's rate "
-        "is the automatic verdict of the same rows; agreement and Cohen's kappa are over the rows both scored "
-        f"(kappa is empty when both are constant). Overall, on the {overall['n']} rows both scored: agreement "
+        f"{totals['passed']} passed.\n\nErrors and unparseable answers are left out of the rates. Brackets: 95 % "
+        "intervals (Wilson). The metric's rate is the automatic verdict of the same rows; agreement and Cohen's "
+        "kappa are over the rows both scored (kappa is empty when both are constant). question: where each "
+        "setting's wording comes from (project, a --questions file, or study:<the study's bundle builder>). "
+        f"Overall, on the {overall['n']} rows both scored: agreement "
         f"{_fmt(overall['agreement'], '.1%')}, kappa {_fmt(overall['kappa'], '.3f')}.\n\n"
         f"Verdict files: {rel}/<experiment>/<property>-<kind>/<setting>.csv.")])]
-    for experiment in dict.fromkeys(r["experiment"] for r in rates):
-        mine = [r for r in rates if r["experiment"] == experiment]
+    for experiment in dict.fromkeys(r["experiment"] for r in shown):
+        mine = [r for r in shown if r["experiment"] == experiment]
         sections.append(report.Section(f"{experiment}: judge and metric per setting", [
             report.Table(title=f"{experiment}", columns=columns, rows=mine, formats=pct)]))
     code = json.loads((run.path / runs.CODE_VERSION_FILE).read_text())
@@ -350,10 +405,10 @@ def kappa_and_agreement(pairs: Sequence[tuple[bool, bool]]) -> dict[str, Any]:
 
 def read_verdicts(run_path: str | os.PathLike, who: str) -> dict[tuple[str, str], bool]:
     """(verdict file, entity) -> pass, for a judge's verdict files in the run folder or, for
-    who == "metric", the rows' own automatic verdicts (excluded rows left out)."""
+    who == "metric", the rows' own automatic verdicts (the study's rule)."""
     run_path = Path(run_path).resolve()
     if who == METRIC:
-        return {(it.group, it.entity): it.metric for it in items(run_path) if not it.excluded and it.metric is not None}
+        return {(it.group, it.entity): it.metric for it in items(run_path) if it.metric is not None}
     folder = run_path / JUDGE_DIR / judge_slug(judges.name_of(who))
     if not folder.is_dir():
         raise FileNotFoundError(f"no verdicts of {who} in {run_path}: run python -m experiments.judge {run_path} "
@@ -397,6 +452,13 @@ def _score_main(argv: Sequence[str]) -> int:
     p.add_argument("run", help="the run folder to score")
     p.add_argument("--judge", required=True, help="anthropic:MODEL, openai:MODEL@URL, hf:PATH or colour")
     p.add_argument("--questions", default=None, help="a JSON file of questions replacing the project's own")
+    p.add_argument("--questions-from", default=None, metavar="STUDY_CHECKOUT",
+                   help="read the study's own system text and per-cell prompts from a checkout of its repository "
+                        "(ChrisG777/i2i-interp: scripts/judge/bundles.py, scripts/judge/api.py); a --questions "
+                        "file goes over them")
+    p.add_argument("--strict", action="store_true",
+                   help="this project's stricter rule: do not ask about (nor count) the lost / kept rows whose "
+                        "baseline edit misses the property (default: every row, as the study)")
     p.add_argument("--cache", default=None, help="the verdict cache folder (default: RUN/judge/cache)")
     p.add_argument("--concurrency", type=int, default=4, help="judge calls in flight at once (default 4)")
     p.add_argument("--attempts", type=int, default=judges.Retry.attempts, help="calls per question on rate limits "
@@ -409,13 +471,19 @@ def _score_main(argv: Sequence[str]) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the number of judge calls needed, make none")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    questions = QUESTIONS if args.questions is None else load_questions(args.questions)
+    try:
+        questions = QUESTIONS if args.questions_from is None else load_study_questions(args.questions_from)
+        if args.questions is not None:
+            questions = load_questions(args.questions, questions)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         judge = judges.make_judge(args.judge, retry=judges.Retry(attempts=args.attempts), max_tokens=args.max_tokens)
         concurrency = 1 if isinstance(judge, (judges.HFJudge, judges.ColourJudge)) else args.concurrency
         out = score(args.run, judge, questions=questions, cache=args.cache, concurrency=concurrency,
                     patterns=args.select, limit=args.limit, dry_run=args.dry_run,
-                    show_progress=not args.no_progress, argv=["experiments.judge", *argv])
+                    show_progress=not args.no_progress, argv=["experiments.judge", *argv], strict=args.strict)
     except (ContractError, JudgeAuthError, runs.RunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -425,8 +493,9 @@ def _score_main(argv: Sequence[str]) -> int:
     print(f"{out.judge}: {out.calls} calls, {out.cached} verdicts from the cache; verdicts in {out.folder}")
     for r in out.rates:
         print(f"  {r['experiment']:<9} {r['property'] + '-' + r['kind']:<21} {r['setting']:<32} judge "
-              f"{_fmt(r['judge_rate'], '.1%'):>6} (n={r['judged']}, errors {r['errors']}, unparseable "
-              f"{r['unparseable']}, excluded {r['excluded']})  metric {_fmt(r['metric_rate'], '.1%'):>6}")
+              f"{tables.rate_text(r['judge_rate'], r['judge_rate_low'], r['judge_rate_high']) or 'n/a':>16} "
+              f"(n={r['judged']}, errors {r['errors']}, unparseable {r['unparseable']}, excluded {r['excluded']})  "
+              f"metric {tables.rate_text(r['metric_rate'], r['metric_rate_low'], r['metric_rate_high']) or 'n/a'}")
     return 0
 
 

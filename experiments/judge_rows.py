@@ -1,6 +1,6 @@
 """The rows of a run folder a judge scores: every metrics row of a complete cell whose `judge` field
 names a question kind, checked against the judge contract (see `experiments.judge`), and the prompt
-that shows its image bundle.
+that shows its image bundle, with the question of its experiment, property, kind and setting.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from experiments import judges, runs
+from experiments import judges, runs, tables
 from experiments.cli import slug
 from experiments.judge_questions import ContractError, Questions
 from experiments.judges import IMAGES_PER_KIND, ImageFile, Prompt
@@ -26,8 +26,9 @@ class Item:
     setting: str
     entity: str
     bundle: tuple[tuple[str, str], ...]  # (label given by the experiment, path in the run folder)
-    metric: bool | None  # the row's automatic verdict (relative rule)
-    excluded: bool  # excluded by the relative rule: never judged
+    metric: bool | None  # the row's automatic verdict (the study's relative rule), None where it has none
+    baseline_misses: bool | None  # lost / kept colour rows: the baseline edit misses the colour (the stricter
+    #                               rule leaves the row out); None where the stricter rule does not apply
 
     @property
     def group(self) -> str:
@@ -80,9 +81,10 @@ def items(run_path: Path) -> list[Item]:
             raise ContractError(f"row {_show(r)}: a {kind!r} bundle holds {IMAGES_PER_KIND[kind]} images, "
                                 f"got {len(bundle)}")
         setting = str(r["setting"]) if prefix == experiment else f"{prefix} {r['setting']}"
+        metric, misses = tables.row_verdict(r)
         item = Item(experiment=str(experiment), property=str(r["property"]), kind=kind, setting=setting,
-                    entity=_entity(r), bundle=bundle, metric=None if r["pass"] is None else bool(r["pass"]),
-                    excluded=r["pass"] is None and r["pass_absolute"] is not None)
+                    entity=_entity(r), bundle=bundle, metric=None if metric is None else bool(metric),
+                    baseline_misses=None if misses is None else bool(misses))
         if (item.group, item.entity) in seen:
             raise ContractError(f"two rows score {item.entity} in {item.group}; settings must name rows uniquely")
         seen.add((item.group, item.entity))
@@ -93,7 +95,7 @@ def items(run_path: Path) -> list[Item]:
 def prompt(run_path: Path, item: Item, questions: Questions, hashes: dict[Path, str] | None = None) -> Prompt:
     """The judge's prompt for a row; `hashes` caches the images' SHA-256 across rows (a reference
     image appears in many bundles)."""
-    q = questions.get(item.experiment, item.property, item.kind)
+    q = questions.get(item.experiment, item.property, item.kind, item.setting)
     run_path, hashes = Path(run_path).resolve(), {} if hashes is None else hashes
     images = []
     for label, (_, rel) in zip(q.labels, item.bundle):
@@ -106,4 +108,4 @@ def prompt(run_path: Path, item: Item, questions: Questions, hashes: dict[Path, 
             hashes[path] = ImageFile.of(label, path).sha256
         images.append(ImageFile(label, path, hashes[path], judges.media_type(path)))
     return Prompt(system=questions.system, images=tuple(images), question=q.question, kind=item.kind,
-                  property=item.property)
+                  property=item.property, negated=q.negated, source=q.source)

@@ -111,6 +111,8 @@ class Prompt:
     question: str
     kind: str  # one of KINDS: what a "yes" means (see experiments.judge)
     property: str  # "colour", "style", "identity" or "reference"
+    negated: bool = False  # the question asks the kind the other way round: a "yes" means the property is absent
+    source: str = "project"  # where the wording comes from (experiments.judge_questions.Question.source)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,11 @@ both. The target has no reference: with both, only the setting's edges between g
 cut there; --knockout-on target with reference edges alone is refused (it would cut nothing). Its
 text groups are the instruction's positions, as the source's (the study's).
 
+The image-category lens (--categories image; the study's `--categories image`): the source's
+image stream (its noisy-image tokens) at the output of block k replaces the target's at the output
+of block k, the diagonal form only (the study's input-to-block-0 form is for the text stream);
+settings 'image b<k>', beside the text cells when --categories text image.
+
 A sweep (--sweep or --blocks) captures every block in one source run and runs every
 (positions, block) cell, single positions included, as vmapped compiled calls of one program; it
 ends in plots of colour distance and pass rate against the block.
@@ -63,6 +68,7 @@ from experiments.sweep import POSITIONS
 NAME = "lens"
 TITLE = "T2I Lens"
 FORMS = ("input", "diagonal")
+CATEGORIES = ("text", "image")  # the stream carried over: the text stream (at --positions) or the noisy image
 KNOCKOUT_ON = ("source", "target", "both")
 MEANS = ("colour_de", "pass_absolute", "mad", "ssim")
 MAX_POSITION_PANELS = 400  # per-task position grids with more panels are not drawn (the images stay in the cell)
@@ -73,6 +79,9 @@ def add_arguments(parser) -> None:
     cli.add_block_arguments(g, "default: the last double block, the study's style cell")
     g.add_argument("--positions", nargs="+", choices=list(POSITIONS), default=list(POSITIONS),
                    help="which text positions are replaced (default: all padding content)")
+    g.add_argument("--categories", nargs="+", choices=list(CATEGORIES), default=["text"],
+                   help="the streams carried over: text (at --positions) and/or image (the noisy-image tokens, "
+                        "--form diagonal only; the study's --categories) (default: text)")
     g.add_argument("--source-steps", type=int, default=1, help="steps of the source edit (default 1, as the study)")
     g.add_argument("--form", choices=FORMS, default="input",
                    help="input: block k's output fed to block 0; diagonal: block k's output replaces the target's "
@@ -100,6 +109,8 @@ def settings(args, config) -> dict:
     target_steps = args.target_steps if args.target_steps is not None else (1 if args.form == "diagonal" else None)
     out = {**cli.sweep_settings(args, config), "source_steps": args.source_steps, "form": args.form,
            "target_steps": target_steps}
+    if list(args.categories) != ["text"]:  # absent: the text stream alone
+        out["categories"] = list(dict.fromkeys(args.categories))
     if args.per_position is not None or args.position_range is not None:
         out.update(per_position=args.per_position, position_range=args.position_range)
     if args.knockout is not None or args.knockout_on is not None:
@@ -115,6 +126,12 @@ def validate(s: Mapping, config) -> None:
         raise ValueError(f"lens form {s['form']!r}: choose among {list(FORMS)}")
     if s["source_steps"] < 1 or (s["target_steps"] is not None and s["target_steps"] < 1):
         raise ValueError("the lens's source and target runs need at least one step")
+    categories = categories_of(s)
+    if not categories or set(categories) - set(CATEGORIES):
+        raise ValueError(f"lens categories {categories}: choose among {list(CATEGORIES)}")
+    if "image" in categories and s["form"] != "diagonal":
+        raise ValueError("--categories image: the image stream is carried over in the diagonal form only (block k's "
+                         "output to block k's output, as the study's); give --form diagonal")
     if s.get("position_range") is not None and s.get("per_position") is None:
         raise ValueError("--position-range picks positions of --per-position; give --per-position too")
     if s.get("per_position") is not None:
@@ -149,6 +166,11 @@ def _check_knockout(s: Mapping, config) -> None:
                              "reference; cut it on the source (--knockout-on source or both)")
         if present:
             cut(config, target, content, present, blocks)
+
+
+def categories_of(s: Mapping) -> list[str]:
+    """The streams the lens carries over (settings without the key: the text stream alone)."""
+    return list(s.get("categories", ["text"]))
 
 
 def _edges_in(layout, edges: Sequence[str]) -> list[str]:
@@ -217,8 +239,9 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
     blocks = tuple(s["blocks"])
     source = ctx.edit(task.instruction, task.reference, task.seed, task.height, task.width)
     source_iv = Interventions(knockout=_knockout(ctx, s, source)) if _on(s, "source") else None
-    pixels, captures = ctx.sample(source, source_iv, capture=Capture(text=blocks),
-                                  options=_steps(ctx, s["source_steps"]))
+    image = "image" in categories_of(s)
+    capture = Capture(text=blocks, image=blocks if image else (), image_tokens=source.layout.n_img if image else None)
+    pixels, captures = ctx.sample(source, source_iv, capture=capture, options=_steps(ctx, s["source_steps"]))
     cell.write_image("source.png", pixels[0])
     kept = captures.text[-1]  # [n_blocks, 1, T, D] at the last source step
     target_options = _steps(ctx, s["target_steps"])
@@ -236,7 +259,7 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
         # the empty prompt has no content positions of its own.
         target = dataclasses.replace(target, content_mask=source.content_mask)
         target_cut = _knockout(ctx, s, target)
-    masks = [(pos, source.text_mask(pos), None) for pos in s["positions"]]
+    masks = [(pos, source.text_mask(pos), None) for pos in s["positions"]] if "text" in categories_of(s) else []
     content = np.asarray(source.content_mask, bool)[0]
     for p in single_positions(s, source.content_mask):
         one = np.zeros((1, content.size), bool)
@@ -249,7 +272,13 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
             site = BLOCK0_INPUT if s["form"] == "input" else k
             cells.append(Interventions(substitutions=(substitution(site, value, mask),), knockout=target_cut))
             labels.append((pos, k, p))
-    images = ctx.sweep(target, cells, options=target_options)
+    images = list(ctx.sweep(target, cells, options=target_options)) if cells else []
+    if image:  # the image stream's cells: another intervention structure, so another sweep
+        kept_image = captures.image[-1]  # [n_blocks, 1, N_img, D] at the last source step
+        image_cells = [Interventions(image_substitutions=(substitution(k, kept_image[j]),), knockout=target_cut)
+                       for j, k in enumerate(blocks)]
+        images += list(ctx.sweep(target, image_cells, options=target_options))
+        labels += [("image", k, None) for k in blocks]
     unconditional = ctx.sample(target, options=target_options)[0][0]  # the target unpatched
     cell.write_image("unconditional.png", unconditional)
 
@@ -285,6 +314,11 @@ def _describe(ctx: Context, s: Mapping) -> str:
             f"stream {'fed to block 0' if s['form'] == 'input' else 'at the output of block k'} replaced at the "
             f"{', '.join(s['positions'])} positions ({s['form']} form). Controls: the baseline edit and t2i_clean (the "
             f"instruction, no reference, seed + 1, the target's steps). mad / ssim: against the baseline edit.")
+    if "text" not in categories_of(s):
+        text = text.replace(f" replaced at the {', '.join(s['positions'])} positions", " not replaced")
+    if "image" in categories_of(s):
+        text += (" Image category (settings 'image b<k>'): the source's noisy-image tokens at the output of block k "
+                 "replace the target's at the output of block k.")
     if s.get("per_position") is not None:
         where = f", positions {s['position_range']}" if s.get("position_range") is not None else ""
         text += (f" Per position: every {s['per_position']} position{where} replaced alone (settings 'pos<p> b<k>'), "
@@ -308,7 +342,8 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
     rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
     single = [r for r in rows if r.get("position") is not None]
     rows = [r for r in rows if r.get("position") is None]
-    items = tables.write_tables(ctx.run, prefix, rows, MEANS, rates_title="Pass rates", text=_describe(ctx, s))
+    items = tables.write_tables(ctx.run, prefix, rows, MEANS, rates_title="Pass rates", text=_describe(ctx, s),
+                                 control="t2i_clean")
     blocks = list(s["blocks"])
     if len(blocks) > 1:
         swept = [r for r in rows if r["block"] is not None]
@@ -335,9 +370,9 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
 
 
 def position_grid(rows: Sequence[Mapping], blocks: Sequence[int]) -> list[dict]:
-    """Per (position, block) of the per-position rows: n, passed, the study's rate, the absolute rate,
-    the mean colour distance, and the position's group (content / padding, or how many tasks have it
-    as content when they differ)."""
+    """Per (position, block) of the per-position rows: n, passed, the study's rate and the absolute
+    rate (each with its 95 % Wilson interval), the mean colour distance, and the position's group
+    (content / padding, or how many tasks have it as content when they differ)."""
     out = []
     for p in sorted({int(r["position"]) for r in rows}):
         mine = [r for r in rows if r["position"] == p]
@@ -349,16 +384,17 @@ def position_grid(rows: Sequence[Mapping], blocks: Sequence[int]) -> list[dict]:
                 continue
             judged = [r for r in cell if r["pass"] is not None]
             passed = sum(bool(r["pass"]) for r in judged)
+            absolute = [bool(r["pass_absolute"]) for r in cell if r["pass_absolute"] is not None]
             out.append({"position": p, "group": group, "block": k, "n": len(judged), "passed": passed,
-                        "rate": passed / len(judged) if judged else None,
-                        "rate_absolute": float(np.mean([bool(r["pass_absolute"]) for r in cell])),
+                        **tables.interval_columns("rate", passed, len(judged)),
+                        **tables.interval_columns("rate_absolute", sum(absolute), len(absolute)),
                         "colour_de": float(np.mean([r["colour_de"] for r in cell]))})
     return out
 
 
 def position_markdown(grid: Sequence[Mapping], blocks: Sequence[int]) -> str:
     """The per-position grid as a Markdown table: a row per position, a column per block, each cell
-    'rate (mean CIEDE2000)' under the study's rule."""
+    'rate [95 % interval] (mean CIEDE2000)' under the study's rule."""
     by = {(g["position"], g["block"]): g for g in grid}
     group = {g["position"]: g["group"] for g in grid}
     lines = ["| position | group | " + " | ".join(f"b{k}" for k in blocks) + " |",
@@ -394,7 +430,7 @@ def position_items(ctx: Context, prefix: str, rows: Sequence[Mapping], blocks: S
                               caption="Mean colour distance of the output to the reference colour (lower: the colour "
                                       "appears)", cmap="viridis_r", colour_label="CIEDE2000",
                               num_double_blocks=cfg.depth, title=f"{TITLE}: one position at a time")]
-    table = report.Table(title="One position at a time: rate (mean CIEDE2000) per position and block",
+    table = report.Table(title="One position at a time: rate [95% CI] (mean CIEDE2000) per position and block",
                          columns=["position", "group", *(f"b{k}" for k in blocks)],
                          rows=[{"position": p, "group": g, **{f"b{k}": _grid_cell(by.get((p, k))) for k in blocks}}
                                for p, g in group.items()],
@@ -406,10 +442,10 @@ def position_items(ctx: Context, prefix: str, rows: Sequence[Mapping], blocks: S
 
 
 def _grid_cell(g: Mapping | None) -> str:
-    """One (position, block) of the grid: 'rate (mean CIEDE2000)'."""
+    """One (position, block) of the grid: 'rate [low, high] (mean CIEDE2000)'."""
     if g is None:
         return ""
-    return f"{'n/a' if g['rate'] is None else format(g['rate'], '.0%')} ({g['colour_de']:.1f})"
+    return f"{tables.rate_text(g['rate'], g['rate_low'], g['rate_high']) or 'n/a'} ({g['colour_de']:.1f})"
 
 
 def _grid(ctx: Context, s: Mapping, prefix: str, task, cell, mine: Mapping[str, Mapping]):
@@ -429,7 +465,9 @@ def _grid(ctx: Context, s: Mapping, prefix: str, task, cell, mine: Mapping[str, 
     if single and len(single) * len(s["blocks"]) <= MAX_POSITION_PANELS:
         tables.write_sweep_grid(ctx.run, f"grids/{prefix}/{task.task_id}-positions.png", f"{title}, one position at "
                                 f"a time", top, cell, single, s["blocks"], mine, tables.de_caption, "lens")
-    return tables.write_sweep_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png", title, top, cell, s["positions"],
+    categories = categories_of(s)
+    shown = [*(s["positions"] if "text" in categories else []), *(["image"] if "image" in categories else [])]
+    return tables.write_sweep_grid(ctx.run, f"grids/{prefix}/{task.task_id}.png", title, top, cell, shown,
                                    s["blocks"], mine, tables.de_caption, "lens")
 
 

@@ -161,6 +161,9 @@ def load(args: argparse.Namespace):
         organisms = _organisms()
         if args.dtype not in (None, "float32"):
             raise ValueError(f"--dtype {args.dtype}: the organisms run in float32")
+        if getattr(args, "text_length", None) is not None:
+            raise ValueError(f"--text-length {args.text_length}: an organism's text length is fixed when it is "
+                             "trained (organisms.train --text-length); the option is for model folders")
         path = (organisms.committed(args.model) if args.model in organisms.NAMES
                 else Path(os.path.expanduser(args.model)).resolve())
         model = organisms.OrganismModel.load(path)
@@ -176,7 +179,11 @@ def load(args: argparse.Namespace):
     if not os.path.isdir(folder):
         raise ValueError(f"--model {args.model}: no such folder (a FLUX.2 model folder in the diffusers layout)")
     dtype = None if args.dtype is None else jnp.dtype(args.dtype)
-    model = pipeline.load_model(folder, dtype=dtype, cache=args.cache, progress=not args.no_progress)
+    text_length = getattr(args, "text_length", None)
+    model = pipeline.load_model(folder, dtype=dtype, cache=args.cache, progress=not args.no_progress,
+                                max_text_length=text_length)
     record = {"name": folder, "kind": model_kind, "dtype": str(model.params.img_in.dtype),
               "num_blocks": model.config.num_blocks, "double_blocks": model.config.depth}
+    if text_length is not None:  # absent: the pipelines' 512, as folders made before the option record it
+        record["text_length"] = int(text_length)
     return model, record

@@ -39,6 +39,7 @@ TITLE = "I2I -> I2I patching"
 MEANS = ("d_source", "d_target", "pass_absolute", "mad", "ssim")
 PAIRS_FILE = "tasks/pairs.tsv"
 MODES = ("replace", "add")
+PAIR_TASKS = True  # takes --pair-tasks: task files that only resolve the pairs
 
 
 def add_arguments(parser) -> None:
@@ -77,10 +78,14 @@ def validate(s: Mapping, config) -> None:
 def check_tasks(s: Mapping, found: Sequence[tasklib.Task]) -> None:
     """Refuse, before anything runs, a pair file that does not fit the tasks, tasks that give no
     colour pairs (one colour), and a pair whose edits differ in size."""
-    pairs = tasklib.read_pairs(s["pairs"]["file"], found) if s["pairs"] is not None else tasklib.colour_pairs(found)
-    for source, target in pairs:
+    for source, target in pairs_of(s, found):
         if (source.width, source.height) != (target.width, target.height):
             raise ValueError(f"pair {source.task_id} -> {target.task_id}: sizes differ; patched edits share the size")
+
+
+def pairs_of(s: Mapping, found: Sequence[tasklib.Task]) -> list[tuple[tasklib.Task, tasklib.Task]]:
+    """The (source, target) pairs of the settings: the pair file's, or the colour bucket's by the study's rule."""
+    return tasklib.read_pairs(s["pairs"]["file"], found) if s["pairs"] is not None else tasklib.colour_pairs(found)
 
 
 def pair_file_text(pairs: Sequence[tuple[tasklib.Task, tasklib.Task]]) -> str:
@@ -153,7 +158,8 @@ def run(ctx: Context, found: Sequence, s: Mapping, prefix: str = NAME) -> list[r
     items = tables.write_tables(ctx.run, prefix, rows, MEANS, rates_title="Transfer rates", text=(
         f"{len(pairs)} pairs. The target's text stream at block k {how} at every step by the source's, at the "
         f"{', '.join(s['positions'])} positions. d_source / d_target: CIEDE2000 from the output's dominant colour to "
-        "the source's / target's reference colour. mad / ssim: against the target's baseline edit."))
+        "the source's / target's reference colour. mad / ssim: against the target's baseline edit."),
+        control="target edit (unpatched)")
     blocks = list(s["blocks"])
     if len(blocks) > 1:
         swept = [r for r in rows if r["block"] is not None]

@@ -11,7 +11,12 @@
         diagonal T2I Lens at global block 17 (one step), the four knockouts in every block, patching
         at block 17 with the study's pairs; style, identity: the lens and patching at block 7 and
         the knockouts; add, remove: the lens. On a model with other than 32 blocks the report says
-        which of its blocks stands for the study's.
+        which of its blocks stands for the study's. On a model folder the colour bucket is the
+        study's n, all 320 tasks and 448 pairs (--quick: 4 tasks); the other buckets need their
+        task files (--tasks), and the tasks their pairs only name go in --pair-tasks (the study's
+        style -> real pairs' `manual` photographs, its identity pairs' shared-prompt humans), so
+        the lens and knockouts run its 450 style and 90 identity tasks. --plan counts the tasks and
+        pairs of every experiment and runs nothing.
     python -m experiments.run_all --model /models/FLUX.2-klein-9B --out runs/klein9b
         a real FLUX.2 [klein] 9B folder (diffusers layout) on a GPU or TPU machine: 1024 x 1024
         references and outputs, 4 steps, bf16 as stored; add --chunk 2 (or 1) if the sweeps run
@@ -67,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--source-steps", type=int, default=1, help="steps of the T2I Lens's source edit (default 1)")
     g.add_argument("--pairs", type=Path, default=None,
                    help="pair file of the patching experiment (default: the study's colour-bucket pairs)")
+    g.add_argument("--quick", action="store_true",
+                   help="with --study on a model folder: the 4-task subset of the colour bucket (red, green, blue, "
+                        "yellow ball, seed 0) instead of the whole bucket, the study's n (320 tasks, 448 pairs)")
+    g.add_argument("--plan", action="store_true",
+                   help="check the inputs and print how many tasks and pairs each experiment would run; run nothing")
 
 
 def plan(config, blocks_spec: str, source_steps: int, kind: str, pairs: Path | None = None) -> dict:
@@ -86,7 +96,8 @@ def plan(config, blocks_spec: str, source_steps: int, kind: str, pairs: Path | N
                  "target_steps": None},
         "knockout": {"settings": [*knockout.MAIN_SETTINGS, *knockout.OTHER_SETTINGS, "ref->text+ref->image"],
                      "layers": ["all", f":{depth}", f"{depth}:"], "sweep": list(knockout.MAIN_SETTINGS),
-                     "sweep_from": ks, "sweep_mode": "suffix", "window": 3},
+                     "sweep_from": sorted(set(blocks) | {0}), "sweep_mode": "suffix", "window": 3,
+                     "sweep_index": "study", "sweep_steps": knockout.sweep_steps(None, kind)},
         "drop": {"blocks": ks, "check_removal": [ks[len(ks) // 2]]},
         "patching": {"blocks": blocks, "positions": positions, "pairs": patching.pair_file(pairs), "mode": "replace"},
     }
@@ -162,19 +173,23 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
         try:
             found = cli.load_tasks(spec, run)
             if "patching" in settings:  # a bad pair file fails before any work
-                patching.resolve_pairs(ctx, found, settings["patching"])
+                patching.resolve_pairs(ctx, [*found, *cli.load_pair_tasks(spec)], settings["patching"])
         except (ValueError, KeyError) as e:
             run.discard()
             cli.fail(parser, str(e))
+        pair_found = cli.load_pair_tasks(spec)
         sections = lens.run(ctx, found, settings["lens"], "lens")
         if "study_lens" in settings:
             sections += lens.run(ctx, found, settings["study_lens"], "study-lens")
         for name, module in (("knockout", knockout), ("drop", drop), ("patching", patching)):
-            if name in settings:
-                sections += module.run(ctx, found, settings[name], name)
+            if name in settings:  # the pair tasks resolve the patching pairs only
+                sections += module.run(ctx, [*found, *pair_found] if name == "patching" else found, settings[name],
+                                       name)
         intro = report.Section("Setup", [
             report.Text(f"{ctx.describe()}\n\n{len(found)} tasks: "
-                        f"{', '.join(t.task_id for t in found)}. This invocation took "
+                        f"{', '.join(t.task_id for t in found)}"
+                        f"{f'; {len(pair_found)} more that only resolve the patching pairs' if pair_found else ''}. "
+                        f"This invocation took "
                         f"{time.perf_counter() - start:.0f} s"
                         f"{' (resumed)' if run.resumed else ''}."),
             study.table(run.path, settings, model.config, summary_note(kind))])
@@ -192,13 +207,16 @@ def comparison_report(folder: Path, outcomes: Sequence[Outcome]) -> Path:
     rows = {}
     for o in outcomes:
         for r in study.rows(o.run_path, o.settings):
+            mark = {"yes": "; the study's number inside", "no": "; the study's number outside"}.get(
+                r["study inside"], "")
             rows.setdefault(r["cell"], {"cell": r["cell"], "study": r["study"], "rule": r["rule"]})[o.name] = \
-                r["this run"]
+                None if r["this run"] is None else r["this run"] + mark
     names = [o.name for o in outcomes]
     kinds = {o.kind for o in outcomes}
     table = report.Table(title="The study's table: its cells beside each model's",
                          columns=["cell", "study", *names, "rule"],
-                         rows=list(rows.values()), note=f"{study.mapping_note(outcomes[0].config)} "
+                         rows=list(rows.values()), note=f"{study.mapping_note(outcomes[0].config)} Each model's "
+                         "rate comes with its 95 % interval (Wilson) and whether the study's number lies inside it. "
                          f"{summary_note(kinds.pop() if len(kinds) == 1 else 'mixed')}")
     links = report.Text("Each model's full report (grids, tables, every setting): " + "; ".join(
         f"{o.name}: {o.report.relative_to(folder.resolve()).as_posix()}" for o in outcomes) + ".")
@@ -213,13 +231,40 @@ def comparison_report(folder: Path, outcomes: Sequence[Outcome]) -> Path:
     return report.write_report(folder, f"{TITLE}: {', '.join(names)}", sections)
 
 
+def counts(checked: cli.Checked) -> dict[str, str]:
+    """What each experiment of one model's plan runs: '<n> tasks' or '<n> pairs'."""
+    out = {}
+    for name in ("lens", "study_lens", "knockout", "drop"):
+        if name in checked.settings:
+            out[name] = f"{len(checked.found)} tasks"
+    if "patching" in checked.settings:
+        pairs = patching.pairs_of(checked.settings["patching"], [*checked.found, *checked.pair_found])
+        out["patching"] = f"{len(pairs)} pairs"
+    return out
+
+
+def print_plan(names: Sequence[str], checked: Sequence[cli.Checked]) -> None:
+    for name, c in zip(names, checked):
+        more = f", {len(c.pair_found)} more that only resolve pairs" if c.pair_found else ""
+        print(f"plan for {name}: {len(c.found)} tasks{more}; nothing run")
+        for experiment, count in counts(c).items():
+            print(f"  {experiment}: {count}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.run_all", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     cli.add_arguments(parser, out_default="runs/main", model_default=DEFAULT_MODELS,
-                         colour_defaults=COLOUR_SUBSETS)
+                      colour_defaults=COLOUR_SUBSETS, pair_tasks=True)
     args = parser.parse_args(argv)
+    if args.study and args.bucket != "colour" and args.tasks is None:
+        cli.fail(parser, f"--study --bucket {args.bucket}: give the bucket's task files with --tasks (the study's "
+                         f"data/tasks/<bucket>/tasks.jsonl); only the colour bucket is generated")
+    if args.quick and not args.study:
+        cli.fail(parser, "--quick picks the quick subset of --study; the sweeps already run a subset")
+    if args.study and not args.quick:  # the study's n on a model folder: the whole colour bucket
+        args.colour_defaults = {k: v for k, v in args.colour_defaults.items() if k != "folder"}
     specs = [m.strip() for m in args.model.split(",") if m.strip()]
     if not specs:
         parser.error("--model: name at least one model")
@@ -237,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         cli.fail(parser, str(e))
     checked = cli.check_inputs(parser, args, specs, settings_of)  # every model, before any runs
+    if args.plan:
+        print_plan(names, checked)
+        return 0
     if len(specs) == 1:
         run_model(parser, _with_model(args, specs[0]), args.out, checked[0])
         return 0

@@ -24,6 +24,7 @@ time, and the lens with a knockout on the source, the target or both. They are o
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -117,30 +118,64 @@ def _rates(run_path: Path, prefix: str) -> dict[str, Mapping]:
         return {r["setting"]: r for r in csv.DictReader(f)}
 
 
+def study_rate(number: str) -> float | None:
+    """The study's number as a proportion ('86 % lost' -> 0.86; '-' -> None)."""
+    found = re.match(r"\s*([0-9.]+)\s*%", number)
+    return None if found is None else float(found.group(1)) / 100
+
+
+def _number(r: Mapping, key: str) -> float | None:
+    value = r.get(key, "")
+    return None if value in ("", None) else float(value)
+
+
+def _shown(r: Mapping, key: str, n: str) -> str | None:
+    """'rate [low, high] (n = N)' of a pass-rates CSV row's rate `key`, None where it is empty."""
+    rate = _number(r, key)
+    if rate is None:
+        return None
+    return f"{tables.rate_text(rate, _number(r, f'{key}_low'), _number(r, f'{key}_high'))} (n = {r[n]})"
+
+
 def rows(run_path: Path, s: Mapping) -> list[dict]:
-    """The study's table for this run: {cell, study, this run, absolute, rule} in the study's order."""
+    """The study's table for this run, in the study's order: {cell, study, this run (the study's
+    rule over every task, with its 95 % interval), inside (whether the study's number lies in that
+    interval), strict (the stricter rule, where it applies), absolute, rule}."""
     bucket = s.get("study", "colour")
     found = {}
     out = []
     for cell, what, prefix, setting in cells(s):
         found.setdefault(prefix, _rates(run_path, prefix))
         r = found[prefix].get(setting)
-        here = absolute = rule = None
+        number = NUMBERS[bucket].get(cell, "-")
+        here = absolute = rule = strict = inside = None
         if r is not None:
-            excluded = f", {r['excluded']} excluded" if int(r["excluded"]) else ""
-            here = f"{'n/a' if r['rate'] == '' else format(float(r['rate']), '.0%')} (n = {r['n']}{excluded})"
-            absolute = f"{float(r['rate_absolute']):.0%} (n = {r['n_absolute']})"
+            here = _shown(r, "rate", "n")
+            strict = _shown(r, "rate_strict", "n_strict")
+            if strict is not None:
+                strict += f", {r['excluded']} excluded"
+            absolute = _shown(r, "rate_absolute", "n_absolute")
             rule = f"{r['judge']}: {tables.RULES[r['judge']]}"
-        out.append({"cell": what, "study": NUMBERS[bucket].get(cell, "-"), "this run": here, "absolute": absolute,
-                    "rule": rule})
+            theirs, low, high = study_rate(number), _number(r, "rate_low"), _number(r, "rate_high")
+            if theirs is not None and low is not None:
+                inside = "yes" if low - 1e-9 <= theirs <= high + 1e-9 else "no"
+        out.append({"cell": what, "study": number, "this run": here, "study inside": inside, "strict": strict,
+                    "absolute": absolute, "rule": rule})
     return out
 
 
 def table(run_path: Path, s: Mapping, config, note: str = "") -> report.Table:
     bucket = s.get("study", "colour")
+    shown = rows(run_path, s)
+    strict = any(r["strict"] for r in shown)
     return report.Table(
         title=f"The study's table, {bucket} bucket: its cells beside ours",
-        columns=["cell", "study", "this run", "absolute", "rule"], rows=rows(run_path, s),
-        note=f"{mapping_note(config)} 'this run': the study's rule, relative to its control; 'absolute': the output "
-             f"alone. Our verdicts are the automatic colour metric (CIEDE2000 {tables.THRESHOLD:g}); the study's, "
-             f"a VLM judge (run experiments.judge for ours). {note}".strip())
+        columns=["cell", "study", "this run", "study inside", *(["strict"] if strict else []), "absolute", "rule"],
+        rows=shown,
+        note=f"{mapping_note(config)} 'this run': the study's rule, relative to its control, over every task (as the "
+             f"study judged every one), with its 95 % interval (Wilson); 'study inside': whether the study's number "
+             f"lies in that interval (a model and sample other than the study's: a check of scale, not of "
+             f"agreement). "
+             + (f"'strict': {tables.STRICT_RULE}. " if strict else "")
+             + f"'absolute': the output alone. Our verdicts are the automatic colour metric (CIEDE2000 "
+             f"{tables.THRESHOLD:g}); the study's, a VLM judge (run experiments.judge for ours). {note}".strip())

@@ -14,14 +14,27 @@ Each experiment records one row per (task or pair, setting). A row a judge can s
                    order: present: reference, t2i_clean, output; lost / kept: reference, baseline
                    edit, output; transferred: source reference, target reference, target edit
                    (unpatched), output
-    pass           the study's rule, relative to the control (RULES): True / False, or None when
-                   the row is excluded (lost / kept: the baseline edit already misses the property)
-    pass_absolute  the output alone, without the control (ABSOLUTE_RULES)
+    pass           the study's rule, relative to the control (RULES): True / False for every colour
+                   row (the study judged every row: a lost / kept row whose baseline edit misses the
+                   colour fails, since nothing was there to lose or keep); None where the metric has
+                   no verdict (style, identity, reference: a judge scores them)
+    pass_absolute  the output alone, without the control (ABSOLUTE_RULES); None where the metric has
+                   no verdict
+    baseline_misses
+                   lost / kept colour rows: True where the baseline edit already misses the colour.
+                   The stricter rule (this project's option, STRICT_RULE) leaves these rows out of
+                   its rate; None for the other questions and properties
 
 and the automatic metric's numbers: `colour_de` (CIEDE2000 between the output's dominant colour
 and the reference colour, computed from the reference image file), `control_de` (the same for
 the control image), `mad` and `ssim` against the task's baseline edit. Every verdict is a function
-of the bundle's images alone, so a rule-based judge recomputes it exactly.
+of the bundle's images alone, so a rule-based judge recomputes it exactly. The colour rules apply
+to colour rows only: a style, identity or reference row has no automatic verdict, whatever colours
+its images happen to have.
+
+Every rate in the tables carries its 95 % interval (`fluxjax.metrics.wilson_interval`), and each
+setting's absolute rate is compared with its control's on the same tasks (`vs_control`, with the
+paired interval of `fluxjax.metrics.paired_difference_interval`).
 """
 
 from __future__ import annotations
@@ -45,13 +58,13 @@ def change(image: np.ndarray, baseline: np.ndarray) -> dict:
     return {"mad": metrics.mean_abs_diff(image, baseline), "ssim": metrics.ssim(image, baseline)}
 
 
-RULES = {  # the study's pass rule of each question, relative to its control
+RULES = {  # the study's pass rule of each question, relative to its control; every row judged
     "present": f"the reference colour is present in the output (CIEDE2000 <= {THRESHOLD:g}) and absent from "
                "t2i_clean",
-    "lost": "the colour, present in the baseline edit, is absent from the output (tasks whose baseline edit "
-            "misses it are excluded)",
-    "kept": "the colour, present in the baseline edit, is present in the output (tasks whose baseline edit "
-            "misses it are excluded)",
+    "lost": "the colour, present in the baseline edit, is absent from the output (a task whose baseline edit misses "
+            "it fails)",
+    "kept": "the colour, present in the baseline edit, is present in the output (a task whose baseline edit misses "
+            "it fails)",
     "transferred": "the output's colour is closer (CIEDE2000) to the source reference's than to the target's",
 }
 ABSOLUTE_RULES = {  # the same questions asked of the output alone
@@ -59,10 +72,14 @@ ABSOLUTE_RULES = {  # the same questions asked of the output alone
     "kept": "the colour is present in the output",
     "transferred": f"the output's colour is within CIEDE2000 {THRESHOLD:g} of the source reference's",
 }
+STRICT_RULE = ("the stricter rule (this project's, not the study's) leaves out the tasks whose baseline edit "
+               "misses the colour")
+STRICT_KINDS = ("lost", "kept")  # the questions the stricter rule applies to
 
 
-def verdict(judge: str, de: float, control_de: float) -> tuple[bool | None, bool]:
-    """(the relative rule's pass, or None for an excluded row; the absolute rule's pass) of one output.
+def verdict(judge: str, de: float, control_de: float) -> tuple[bool, bool, bool | None]:
+    """(the study's relative rule, the absolute rule, whether the baseline edit misses the colour)
+    for one output: the last is None for the questions the stricter rule does not apply to.
 
     de: CIEDE2000 from the output's dominant colour to the reference colour (patching: the source's).
     control_de: the control's: t2i_clean's to the reference colour (present), the baseline edit's
@@ -70,31 +87,46 @@ def verdict(judge: str, de: float, control_de: float) -> tuple[bool | None, bool
     """
     present = bool(de <= THRESHOLD)
     if judge == "present":
-        return present and bool(control_de > THRESHOLD), present
+        return present and bool(control_de > THRESHOLD), present, None
     if judge == "transferred":
-        return bool(de < control_de), present
-    if judge not in ("lost", "kept"):
+        return bool(de < control_de), present, None
+    if judge not in STRICT_KINDS:
         raise ValueError(f"unknown question {judge!r}; choose among {list(RULES)}")
     absolute = not present if judge == "lost" else present
-    return (None if control_de > THRESHOLD else absolute), absolute
+    misses = bool(control_de > THRESHOLD)
+    return absolute and not misses, absolute, misses
 
 
 def judged_row(experiment: str, property: str, judge: str, bundle: Sequence[tuple[str, str]], image: np.ndarray,
                colour_lab, control_de: float, baseline: np.ndarray, **fields) -> dict:
     """A row a judge can score: the output `image` (the bundle's last image) against `colour_lab`,
-    its verdicts under both rules, and its change against `baseline`."""
+    its verdicts under both rules (colour rows only: no verdict for another property), and its
+    change against `baseline`."""
     de = metrics.colour_error(image, colour_lab)
-    passed, absolute = verdict(judge, de, control_de)
+    passed, absolute, misses = verdict(judge, de, control_de) if property == "colour" else (None, None, None)
     return {"experiment": experiment, "property": property, "judge": judge, "bundle": [list(b) for b in bundle],
             **fields, "colour_de": de, "control_de": control_de, "pass": passed, "pass_absolute": absolute,
-            **change(image, baseline)}
+            "baseline_misses": misses, **change(image, baseline)}
+
+
+def row_verdict(row: Mapping) -> tuple[bool | None, bool | None]:
+    """(the study's rule, baseline_misses) of a metrics row. Rows written before every row got the
+    study's verdict carry pass None where the baseline edit misses the colour: read as a fail."""
+    if "baseline_misses" in row:
+        return row["pass"], row["baseline_misses"]
+    if row.get("judge") in STRICT_KINDS and row["pass"] is None and row.get("pass_absolute") is not None:
+        return False, True
+    return row["pass"], (False if row.get("judge") in STRICT_KINDS and row["pass"] is not None else None)
 
 
 def control_row(experiment: str, property: str, image: np.ndarray, colour_lab, baseline: np.ndarray, **fields) -> dict:
-    """A control row (not judged): its colour distance, and whether the colour is present (pass_absolute)."""
+    """A control row (not judged): its colour distance, and whether the colour is present (pass_absolute;
+    None for a property other than colour)."""
     de = metrics.colour_error(image, colour_lab)
+    present = bool(de <= THRESHOLD) if property == "colour" else None
     return {"experiment": experiment, "property": property, "judge": None, "bundle": [], **fields, "colour_de": de,
-            "control_de": None, "pass": None, "pass_absolute": bool(de <= THRESHOLD), **change(image, baseline)}
+            "control_de": None, "pass": None, "pass_absolute": present, "baseline_misses": None,
+            **change(image, baseline)}
 
 
 def setting_means(rows: Sequence[Mapping], columns: Sequence[str], key: str = "setting") -> list[dict]:
@@ -140,30 +172,71 @@ def write_grid(run: runs.RunFolder, name: str, title: str, rows: Sequence[Sequen
     return run.write_derived(name, runs.encode_image(image))
 
 
-def pass_rates(rows: Sequence[Mapping]) -> list[dict]:
-    """Per setting (first-seen order): the relative rule's rate over the judged rows (n, passed,
-    excluded), and the absolute rule's over every row. A control setting has the absolute rate only
-    (the colour present)."""
+def _entity(row: Mapping) -> str:
+    value = row.get("task", row.get("pair"))
+    return "__".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def interval_columns(name: str, passed: int, n: int) -> dict:
+    """{name: passed / n, name_low, name_high: its 95 % Wilson interval} (None where n = 0)."""
+    low_high = metrics.wilson_interval(passed, n)
+    return {name: passed / n if n else None, f"{name}_low": low_high and low_high[0],
+            f"{name}_high": low_high and low_high[1]}
+
+
+def pass_rates(rows: Sequence[Mapping], control: str | None = None) -> list[dict]:
+    """Per setting (first-seen order), each rate with its 95 % Wilson interval (`<rate>_low`,
+    `<rate>_high`):
+
+        n, passed, rate    the study's rule over every row that has a verdict (the study judged
+                           every row; a row with no automatic verdict, e.g. style, is left to a judge)
+        excluded, n_strict, passed_strict, rate_strict
+                           lost / kept: the stricter rule, leaving out the tasks whose baseline edit
+                           misses the colour (empty for the other questions)
+        n_absolute, rate_absolute
+                           the output alone (a control setting: the colour present)
+        vs_control         the share of outputs that show the property (the colour present; for a
+                           lost question, 1 - rate_absolute) minus the control setting's on the
+                           same tasks (`control`, e.g. the baseline edit), with the paired interval
+                           of `fluxjax.metrics.paired_difference_interval`
+    """
     groups: dict[str, list[Mapping]] = {}
     for r in rows:
         groups.setdefault(str(r["setting"]), []).append(r)
+    baseline = {_entity(r): r["pass_absolute"] for r in groups.get(control, []) if r["pass_absolute"] is not None}
     out = []
     for setting, rs in groups.items():
-        judged = [r for r in rs if r["pass"] is not None]
-        passed = sum(bool(r["pass"]) for r in judged)
-        out.append({"setting": setting, "judge": rs[0]["judge"], "n": len(judged), "passed": passed,
-                    "rate": passed / len(judged) if judged else None,
-                    "excluded": len(rs) - len(judged) if rs[0]["judge"] else 0, "n_absolute": len(rs),
-                    "rate_absolute": float(np.mean([bool(r["pass_absolute"]) for r in rs]))})
+        kind = rs[0]["judge"]
+        verdicts = [row_verdict(r) for r in rs]
+        judged = [(p, m) for p, m in verdicts if p is not None]
+        rate = {"setting": setting, "judge": kind, "n": len(judged), "passed": sum(bool(p) for p, _ in judged),
+                **interval_columns("rate", sum(bool(p) for p, _ in judged), len(judged))}
+        strict = [p for p, m in judged if not m]
+        applies = kind in STRICT_KINDS and bool(judged)
+        rate.update({"excluded": len(judged) - len(strict) if applies else None,
+                     "n_strict": len(strict) if applies else None,
+                     "passed_strict": sum(map(bool, strict)) if applies else None,
+                     **(interval_columns("rate_strict", sum(map(bool, strict)), len(strict)) if applies else
+                        {"rate_strict": None, "rate_strict_low": None, "rate_strict_high": None})})
+        absolute = [bool(r["pass_absolute"]) for r in rs if r["pass_absolute"] is not None]
+        rate.update({"n_absolute": len(absolute), **interval_columns("rate_absolute", sum(absolute), len(absolute))})
+        shows = (lambda absolute: not absolute) if kind == "lost" else bool  # the property present in the output
+        pairs = [(shows(r["pass_absolute"]), bool(baseline[_entity(r)])) for r in rs
+                 if setting != control and r["pass_absolute"] is not None and _entity(r) in baseline]
+        diff = metrics.paired_difference_interval(pairs)
+        rate.update({"control": control if diff else None, "vs_control": diff and diff[0],
+                     "vs_control_low": diff and diff[1], "vs_control_high": diff and diff[2]})
+        out.append(rate)
     return out
 
 
 def write_tables(run: runs.RunFolder, prefix: str, rows: Sequence[Mapping], columns: Sequence[str], *, text: str,
-                 rates_title: str) -> list:
-    """`<prefix>-metrics.csv` (every row) and `<prefix>-pass-rates.csv`; returns the report items: `text`,
-    the pass rates (`rates_title`) and the means of `columns` per setting."""
+                 rates_title: str, control: str | None = None) -> list:
+    """`<prefix>-metrics.csv` (every row) and `<prefix>-pass-rates.csv` (`pass_rates`, against the
+    `control` setting); returns the report items: `text`, the pass rates (`rates_title`) and the
+    means of `columns` per setting."""
     run.write_derived(f"{prefix}-metrics.csv", metrics.rows_to_csv(rows))
-    rates = pass_rates(rows)
+    rates = pass_rates(rows, control)
     run.write_derived(f"{prefix}-pass-rates.csv", metrics.rows_to_csv(rates))
     means = setting_means(rows, columns)
     return [report.Text(text), rate_table(rates_title, rates), means_table("Means per setting", means, columns)]
@@ -205,15 +278,43 @@ def baseline_panels(base: Mapping[str, np.ndarray], edit_row: Mapping, t2i_row: 
             grids.Panel("t2i baseline", base["t2i"], de_caption(t2i_row))]
 
 
+def rate_text(rate: float | None, low: float | None, high: float | None) -> str:
+    """'62% [41%, 80%]': a rate and its 95 % interval ('' where there is no rate)."""
+    if rate is None:
+        return ""
+    return f"{rate:.0%} [{low:.0%}, {high:.0%}]"
+
+
+def difference_text(diff: float | None, low: float | None, high: float | None) -> str:
+    """'-75 pp [-93, -41]': a difference of rates in percentage points and its 95 % interval."""
+    if diff is None:
+        return ""
+    return f"{diff * 100:+.0f} pp [{low * 100:+.0f}, {high * 100:+.0f}]"
+
+
 def rate_table(title: str, rates: Sequence[Mapping], note: str = "") -> report.Table:
-    """Both rules' rates per setting, each question's rules spelled out under the table."""
+    """Every rule's rate per setting with its 95 % interval, each question's rules spelled out under
+    the table; the stricter rule's column where some question has it."""
     judges = [j for j in dict.fromkeys(r["judge"] for r in rates) if j]
     rules = " ".join(f"{j}: {RULES[j]}; absolute: {ABSOLUTE_RULES[j]}." for j in judges)
-    return report.Table(title=title, rows=list(rates),
-                        columns=["setting", "judge", "n", "passed", "rate", "excluded", "rate_absolute"],
-                        formats={"rate": "{:.0%}", "rate_absolute": "{:.0%}"},
-                        note=(f"rate: the study's rule, relative to its control; rate_absolute: the output alone "
-                              f"(controls: the colour present), over n + excluded rows. {rules} {note}").strip())
+    shown = [{**r, "rate [95% CI]": rate_text(r["rate"], r["rate_low"], r["rate_high"]),
+              "strict [95% CI]": "" if r.get("rate_strict") is None else
+              f"{rate_text(r['rate_strict'], r['rate_strict_low'], r['rate_strict_high'])} (n = {r['n_strict']})",
+              "absolute [95% CI]": rate_text(r["rate_absolute"], r["rate_absolute_low"], r["rate_absolute_high"]),
+              "shown vs control": difference_text(r.get("vs_control"), r.get("vs_control_low"),
+                                                  r.get("vs_control_high"))} for r in rates]
+    strict = any(r.get("rate_strict") is not None for r in rates)
+    control = next((r["control"] for r in rates if r.get("control")), None)
+    columns = ["setting", "judge", "n", "passed", "rate [95% CI]", *(["excluded", "strict [95% CI]"] if strict else []),
+               "absolute [95% CI]", *(["shown vs control"] if control else [])]
+    return report.Table(title=title, rows=shown, columns=columns, note=(
+        f"rate: the study's rule, relative to its control, over every task (the study judged every one); "
+        f"absolute: the output alone (controls: the colour present), over n_absolute rows. Brackets: 95 % "
+        f"intervals (Wilson)."
+        + (f" strict: {STRICT_RULE} (excluded: how many)." if strict else "")
+        + (f" shown vs control: the share of outputs showing the colour minus {control!r}'s on the same tasks, "
+           f"in percentage points, with its paired 95 % interval (Bonett-Price)." if control else "")
+        + f" {rules} {note}").strip())
 
 
 def means_table(title: str, means: Sequence[Mapping], columns: Sequence[str], note: str = "") -> report.Table:

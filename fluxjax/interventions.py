@@ -10,8 +10,10 @@ the sites of one kind (stream, point) is one compiled call.
 Sites are `fluxjax.sites` (block, stream, point): `"b17.text.attn_out"`, `fluxjax.site(3, "image",
 "output")`. The older integer sites still work and name the text stream: -1 (`BLOCK0_INPUT`) the
 input of block 0 (the output of the text input projection, 'embed.text.output'), b >= 0 the output
-of block b. At a site, substitutions apply first, in order, and a capture at the same site sees the
-result.
+of block b; `Interventions.image_substitutions` write the image stream's leading N' tokens at those
+sites (a value [B, N', D]; N' = `layout.n_img` is the named site 'b<k>.image.output'). At a site,
+substitutions apply first, in order (the text stream's, then the image stream's), and a capture at
+the same site sees the result.
 
 Per-step values. The sampler (`fluxjax.sample`) runs the forward once per denoising step. An
 intervention value that differs between steps is wrapped in `PerStep` (every array in it carries a
@@ -147,6 +149,9 @@ class Interventions:
     substitutions: tuple[Substitution, ...] = ()
     knockout: Knockout | None = None
     drop_reference: DropReference | None = None
+    # The older image-stream spelling: integer sites, each value [B, N', D] writing the image stream's
+    # first N' tokens (the noisy image first, then the references), its mask [B, N'].
+    image_substitutions: tuple[Substitution, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,12 +188,18 @@ def _first_block(point: str) -> int:
     return EMBED if point == "output" else 0
 
 
-def _range_error(i: int, sub: Substitution, block: int, nb: int) -> ValueError:
+def _range_error(what: str, sub: Substitution, block: int, nb: int) -> ValueError:
     if (sub.stream, sub.point) == ("text", "output"):
-        return ValueError(f"substitution {i}: site {block} out of range: this model's sites are -1 (input of block 0) "
+        return ValueError(f"{what}: site {block} out of range: this model's sites are -1 (input of block 0) "
                           f"and its blocks 0..{nb - 1}")
-    return ValueError(f"substitution {i}: block {block} out of range for {sub.stream}.{sub.point}: this model's "
+    return ValueError(f"{what}: block {block} out of range for {sub.stream}.{sub.point}: this model's "
                       f"blocks are {_first_block(sub.point)}..{nb - 1}")
+
+
+def _all_substitutions(iv: Interventions):
+    """(what, substitution) of every substitution, the older image-stream ones named as such."""
+    return [(f"substitution {i}", s) for i, s in enumerate(iv.substitutions)] + \
+           [(f"image substitution {i}", s) for i, s in enumerate(iv.image_substitutions)]
 
 
 def check_sites(iv: Interventions | None, config: Flux2Config) -> None:
@@ -200,13 +211,13 @@ def check_sites(iv: Interventions | None, config: Flux2Config) -> None:
     if iv is None:
         return
     nb = config.num_blocks
-    for i, sub in enumerate(iv.substitutions):
+    for what, sub in _all_substitutions(iv):
         block = sub.block.value if is_per_step(sub.block) else sub.block
         if not _is_concrete(block):
             continue
         bad = [int(b) for b in np.unique(np.asarray(block)) if not _first_block(sub.point) <= int(b) < nb]
         if bad:
-            raise _range_error(i, sub, bad[0], nb)
+            raise _range_error(what, sub, bad[0], nb)
 
 
 def _broadcasts_to(shape, target) -> bool:
@@ -239,22 +250,37 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
     if wants_refs and not refs_known:
         raise ValueError(f"{wants_refs[0]} reads the image stream, but this forward does not know which of its tokens "
                          "are references: pass num_ref_tokens=layout.n_ref (0 without references)")
-    for i, sub in enumerate(iv.substitutions):
+    for what, sub in _all_substitutions(iv):
         if sub.stream not in STREAMS or sub.point not in POINTS:
-            raise ValueError(f"substitution {i}: unknown site kind {sub.stream}.{sub.point}; build it with "
+            raise ValueError(f"{what}: unknown site kind {sub.stream}.{sub.point}; build it with "
                              "fluxjax.substitution")
         if np.ndim(sub.block) != 0:
-            raise ValueError(f"substitution {i}: site must be a scalar, got shape {np.shape(sub.block)}; "
+            raise ValueError(f"{what}: site must be a scalar, got shape {np.shape(sub.block)}; "
                              "to sweep sites, vmap over a stacked site array")
         if not jnp.issubdtype(_dtype_of(sub.block), jnp.integer):
-            raise TypeError(f"substitution {i}: site must be an integer, got dtype {_dtype_of(sub.block)}")
+            raise TypeError(f"{what}: site must be an integer, got dtype {_dtype_of(sub.block)}")
         if _is_concrete(sub.block) and not _first_block(sub.point) <= int(sub.block) < nb:
-            raise _range_error(i, sub, int(sub.block), nb)
-        _check_float_value(_dtype_of(sub.value), f"substitution {i}: value")
+            raise _range_error(what, sub, int(sub.block), nb)
+        _check_float_value(_dtype_of(sub.value), f"{what}: value")
         if dtype is not None:
-            _check_safe_cast(_dtype_of(sub.value), dtype, f"substitution {i}: value", sub.stream)
+            _check_safe_cast(_dtype_of(sub.value), dtype, f"{what}: value",
+                             "image" if what.startswith("image") else sub.stream)
         if _dtype_of(sub.mask) != np.bool_:
-            raise TypeError(f"substitution {i}: mask must be boolean, got dtype {_dtype_of(sub.mask)}")
+            raise TypeError(f"{what}: mask must be boolean, got dtype {_dtype_of(sub.mask)}")
+    kept = n_stream - (drop.num_ref_tokens if drop is not None and lanes.n_ref else 0)
+    for i, sub in enumerate(iv.image_substitutions):
+        if (sub.stream, sub.point) != ("text", "output"):
+            raise ValueError(f"image substitution {i} is built for the site {sub.stream}.{sub.point}; "
+                             "image_substitutions take integer sites: put named sites in substitutions")
+        n_lead = np.shape(sub.value)[-2] if np.ndim(sub.value) == 3 else None
+        if n_lead is None or not 0 < n_lead <= kept or not _broadcasts_to(np.shape(sub.value), (batch, n_lead, width)):
+            raise ValueError(f"image substitution {i}: value of shape {np.shape(sub.value)} does not fit the image "
+                             f"stream [B, N', D] with N' <= {kept} leading tokens and D = {width} (a batch axis of 1 "
+                             "is shared; e.g. N' = layout.n_img for the noisy image)")
+        if np.ndim(sub.mask) != 2 or not _broadcasts_to(np.shape(sub.mask), (batch, n_lead)):
+            raise ValueError(f"image substitution {i}: mask of shape {np.shape(sub.mask)} does not fit its value's "
+                             f"tokens [B, N'] = {(batch, n_lead)}")
+    for i, sub in enumerate(iv.substitutions):
         if sub.stream == "reference" and lanes.n_ref == 0:
             if cached_refs:
                 continue  # acts where the cache is extracted: the cached forward has no reference tokens

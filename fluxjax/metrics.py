@@ -15,7 +15,10 @@ Images are uint8 RGB arrays [H, W, 3] or PIL images, read as sRGB. Colours are c
 - `colour_error(output, reference)`: CIEDE2000 between the output's dominant colour and the
   reference's colour; an edit takes the colour when it is at most `COLOUR_MATCH_DE00`.
 - `mean_abs_diff`, `ssim`: change of an intervened edit against the baseline edit.
-- `pass_rates`: the share of passes per setting, written as CSV.
+- `pass_rates`: the share of passes per setting, written as CSV, each with its 95 % interval:
+  `wilson_interval` for a proportion, `paired_difference_interval` for the difference between two
+  proportions measured on the same tasks (a rate against its control; Bonett and Price's adjusted
+  Wald interval).
 """
 
 from __future__ import annotations
@@ -296,6 +299,45 @@ def ssim(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
 # pass rates
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile: two-sided 95 % intervals
+
+
+def wilson_interval(passed: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """The Wilson score interval (95 % by default) of a proportion passed / n; None when n = 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 / n or n / n
+    (0 / 8: [0, 0.32]), which is where small samples of pass rates live.
+    """
+    if n <= 0:
+        return None
+    if not 0 <= passed <= n:
+        raise ValueError(f"{passed} passes of {n}: passes must lie in 0..n")
+    p, z2 = passed / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    # at 0 / n and n / n the bound is exactly 0 or 1; rounding must not move it off
+    return (0.0 if passed == 0 else max(0.0, centre - half), 1.0 if passed == n else min(1.0, centre + half))
+
+
+def paired_difference_interval(pairs: Sequence[tuple[bool, bool]], z: float = Z95) -> tuple[float, float, float] | None:
+    """(difference, low, high): the difference p1 - p2 of two proportions measured on the same n
+    tasks, from pairs (first passes, second passes), with the adjusted Wald interval for paired
+    data of Bonett and Price (2012, Journal of Educational and Behavioral Statistics 37: 479-488):
+    one pseudo-observation added to each kind of discordant pair. It keeps close to 95 % coverage
+    at small n and, unlike the hybrid score interval, is never empty when no pair disagrees. The
+    difference is the observed one, (b - c) / n. None when n = 0.
+    """
+    n = len(pairs)
+    if n == 0:
+        return None
+    b = sum(1 for x, y in pairs if x and not y)  # first passes, second fails
+    c = sum(1 for x, y in pairs if not x and y)
+    first, second = (b + 1) / (n + 2), (c + 1) / (n + 2)
+    centre = first - second
+    half = z * math.sqrt((first + second - centre * centre) / (n + 2))
+    return (b - c) / n, max(-1.0, centre - half), min(1.0, centre + half)
+
+
 @dataclasses.dataclass(frozen=True)
 class PassRate:
     setting: str
@@ -307,6 +349,17 @@ class PassRate:
     @property
     def rate(self) -> float:
         return self.passed / self.n if self.n else float("nan")
+
+    @property
+    def low(self) -> float | None:
+        """The lower end of the rate's 95 % Wilson interval (None for n = 0)."""
+        interval = wilson_interval(self.passed, self.n)
+        return None if interval is None else interval[0]
+
+    @property
+    def high(self) -> float | None:
+        interval = wilson_interval(self.passed, self.n)
+        return None if interval is None else interval[1]
 
 
 def pass_rates(records: Iterable[Mapping], *, criterion: str, threshold: float | None,
@@ -337,7 +390,8 @@ def rows_to_csv(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -
     return buf.getvalue()
 
 
-PASS_RATE_COLUMNS = ("setting", "criterion", "threshold", "n", "passed", "rate")
+# low, high: the rate's 95 % Wilson interval
+PASS_RATE_COLUMNS = ("setting", "criterion", "threshold", "n", "passed", "rate", "low", "high")
 
 
 def pass_rates_csv(rates: Sequence[PassRate]) -> str:

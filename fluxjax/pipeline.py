@@ -217,7 +217,8 @@ def _stored_version(config_file: str) -> int | None:
 
 def load_model(folder: str | os.PathLike, *, dtype=None, cache: str | None = None, text_encoder: bool = True,
                options: samplerlib.SamplerOptions | None = None, progress: bool = True,
-               text_encoder_out_layers: tuple[int, ...] | None = None) -> Flux2Model:
+               text_encoder_out_layers: tuple[int, ...] | None = None,
+               max_text_length: int | None = None) -> Flux2Model:
     """Load a FLUX.2 model folder (diffusers layout), converting transformer and VAE on first use.
 
     dtype: the transformer's dtype (None keeps the checkpoint's); the VAE stays in float32, as
@@ -226,6 +227,8 @@ def load_model(folder: str | os.PathLike, *, dtype=None, cache: str | None = Non
     embedded guidance 4.0, 50 steps). text_encoder: False skips loading the (large) encoder;
     then `generate` needs precomputed `text=`. text_encoder_out_layers: the encoder's hidden states
     stacked into the text features (diffusers' pipeline argument of that name; None: its default).
+    max_text_length: the text tokens every prompt is padded to (the pipelines' max_sequence_length;
+    None: their 512).
     """
     folder = os.fspath(folder)
     index = _read_json(os.path.join(folder, "model_index.json"))
@@ -247,8 +250,11 @@ def load_model(folder: str | os.PathLike, *, dtype=None, cache: str | None = Non
     if text_encoder:
         from fluxjax.text import load_text_encoder
 
+        from fluxjax.text import MAX_LENGTH
+
         encoder = load_text_encoder(os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"),
-                                    PIPELINES[cls], text_encoder_out_layers=text_encoder_out_layers)
+                                    PIPELINES[cls], text_encoder_out_layers=text_encoder_out_layers,
+                                    max_length=MAX_LENGTH if max_text_length is None else int(max_text_length))
     root = cache if cache is not None else cache_root()
     return Flux2Model(config=config, params=params, vae_config=vae_config, vae_params=vae_params, options=options,
                       text_encoder=encoder, text_cache=os.path.join(root, "text"),

@@ -32,7 +32,7 @@ import numpy as np
 from flax import struct
 
 from fluxjax.blocks import BlockOut, Modulations, double_block, single_block
-from fluxjax.captures import Capture, Captures
+from fluxjax.captures import WHOLE_IMAGE_STREAM, Capture, Captures
 from fluxjax.config import Flux2Config
 from fluxjax.interventions import DropReference, Interventions, Knockout
 from fluxjax.layout import key_segments
@@ -69,8 +69,8 @@ def _read(h, lanes: Lanes, lane: str, tokens: int | None = None):
     return h[:, start:stop]
 
 
-def _write(h, lanes: Lanes, lane: str, value):
-    start, stop = lanes.span(lane)
+def _write(h, lanes: Lanes, lane: str, value, tokens: int | None = None):
+    start, stop = lanes.span(lane, tokens)
     if isinstance(h, tuple):
         if lane == "text":
             return value, h[1]
@@ -78,16 +78,23 @@ def _write(h, lanes: Lanes, lane: str, value):
     return h.at[:, start:stop].set(value)
 
 
+def _substitutions(iv: Interventions) -> tuple:
+    """Every substitution, in order: the older image-stream ones (`Interventions.image_substitutions`)
+    after the rest, on the lane of the image stream's leading tokens."""
+    return iv.substitutions + tuple(s.replace(stream=WHOLE_IMAGE_STREAM) for s in iv.image_substitutions)
+
+
 def _substitute(h, lanes: Lanes, substitutions, point: str, index):
     """`h` after every substitution at (index, point), in order: new = where(mask, value + keep *
-    current, current) on the substitution's stream. index: the block (an int, or a traced index)."""
+    current, current) on the substitution's lane. index: the block (an int, or a traced index)."""
     for sub in substitutions:
         if sub.point != point or not lanes.has(sub.stream):
             continue
-        current = _read(h, lanes, sub.stream)
+        tokens = sub.value.shape[-2] if sub.stream == WHOLE_IMAGE_STREAM else None  # the leading tokens
+        current = _read(h, lanes, sub.stream, tokens)
         hit = (sub.block == index) & sub.mask[..., None]
         new = jnp.where(hit, sub.value.astype(current.dtype) + sub.keep.astype(current.dtype) * current, current)
-        h = _write(h, lanes, sub.stream, new)
+        h = _write(h, lanes, sub.stream, new, tokens)
     return h
 
 
@@ -95,7 +102,7 @@ def _substitute(h, lanes: Lanes, substitutions, point: str, index):
 
 
 def _tokens(capture: Capture, lane: str) -> int | None:
-    return capture.image_tokens if lane == "image_stream" else None
+    return capture.image_tokens if lane == WHOLE_IMAGE_STREAM else None
 
 
 def _begin_captures(capture: Capture, h, lanes: Lanes) -> dict:
@@ -228,7 +235,7 @@ def run_blocks(params, config: Flux2Config, txt, img, mods: Modulations, rope, l
     Returns (the joint stream after the last block [B, L', D], Captures, the reference keys and
     values or None).
     """
-    subs, nd = iv.substitutions, config.depth
+    subs, nd = _substitutions(iv), config.depth
     n_ref = lanes.n_ref
     inner = any(s.point in INNER for s in subs) or any(k.point in INNER for k, _ in capture.plan())
     h = _substitute((txt, img), lanes, subs, "output", EMBED)
@@ -277,7 +284,7 @@ def run_blocks(params, config: Flux2Config, txt, img, mods: Modulations, rope, l
 def _scan(block, stacked, values: LayerValues, h, buffers, lanes: Lanes, iv: Interventions, capture: Capture,
           runtime: RuntimeOptions, inner: bool, keep_kv: bool, n_ref: int):
     """One run of blocks of one kind under `lax.scan`: the loop every configuration shares."""
-    subs = iv.substitutions
+    subs = _substitutions(iv)
 
     def body(carry, xs):
         h, buffers = carry

@@ -304,11 +304,14 @@ def _fingerprint(encoder: TextEncoder) -> str:
 
 
 def load_text_encoder(model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, kind: str,
-                      torch_dtype=None, text_encoder_out_layers: Sequence[int] | None = None) -> TextEncoder:
+                      torch_dtype=None, text_encoder_out_layers: Sequence[int] | None = None,
+                      max_length: int = MAX_LENGTH) -> TextEncoder:
     """Load a model folder's `text_encoder/` and `tokenizer/` with Hugging Face transformers.
 
     text_encoder_out_layers: the hidden states stacked into the features, as the diffusers
     pipelines' argument of that name (None: the pipeline's default, QWEN3_LAYERS or MISTRAL3_LAYERS).
+    max_length: the text tokens every prompt is padded (or cut) to, the pipelines' max_sequence_length
+    (512 by default, theirs).
 
     kind: "qwen3" ([klein]: `Qwen3ForCausalLM` + tokenizer) or "mistral3" ([dev]:
     `Mistral3ForConditionalGeneration` + `AutoProcessor`). torch_dtype None keeps the stored dtype.
@@ -323,12 +326,14 @@ def load_text_encoder(model_dir: str | os.PathLike, tokenizer_dir: str | os.Path
     if kind == "qwen3":
         model = transformers.Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-        return qwen3_encoder(model.eval(), tokenizer, layers=text_encoder_out_layers or QWEN3_LAYERS)
+        return qwen3_encoder(model.eval(), tokenizer, layers=text_encoder_out_layers or QWEN3_LAYERS,
+                             max_length=max_length)
     if kind == "mistral3":
         model = transformers.Mistral3ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
         try:
             processor = transformers.AutoProcessor.from_pretrained(tokenizer_dir)
         except (OSError, ValueError, ImportError):
             processor = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-        return mistral3_encoder(model.eval(), processor, layers=text_encoder_out_layers or MISTRAL3_LAYERS)
+        return mistral3_encoder(model.eval(), processor, layers=text_encoder_out_layers or MISTRAL3_LAYERS,
+                                max_length=max_length)
     raise ValueError(f"unknown text encoder kind {kind!r}; use one of {KINDS}")

@@ -316,15 +316,16 @@ def main(argv=None):
     for setting in filter(None, args.from_block_sweep.split(",")):
         rates += knockout_from_blocks(org, setting.strip(), args.n)
     write_pass_rates_csv(out / "pass_rates.csv", rates)
-    (out / "pass_rates.json").write_text(json.dumps([dataclasses.asdict(r) | {"rate": r.rate} for r in rates],
-                                                    indent=1))
+    (out / "pass_rates.json").write_text(json.dumps(
+        [dataclasses.asdict(r) | {"rate": r.rate, "low": r.low, "high": r.high} for r in rates], indent=1))
     rows = []
     for kind in ("swatch", "t2i", "recolour"):
         examples, out_images = images[kind]
         rows += [(e.instruction, e.reference, img, e.target) for e, img in zip(examples[:4], out_images[:4])]
     sample_grid(rows).save(out / "samples.png")  # columns: reference, sample, ground truth
     for r in rates:
-        print(f"{org[0].name:12s} {r.setting:32s} {r.passed:3d}/{r.n:3d} = {r.rate:.0%}   ({r.criterion})")
+        print(f"{org[0].name:12s} {r.setting:32s} {r.passed:3d}/{r.n:3d} = {r.rate:.0%} "
+              f"[{r.low:.0%}, {r.high:.0%}]   ({r.criterion})")
 
 
 if __name__ == "__main__":

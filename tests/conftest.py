@@ -9,3 +9,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 # processes the tests start.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory) -> str:
+    """A random tiny FLUX.2 [klein] model folder in the diffusers layout (flux2ref.folder), built once."""
+    from flux2ref.folder import build_model_folder
+
+    return build_model_folder(tmp_path_factory.mktemp("models") / "tiny-klein", seed=0)

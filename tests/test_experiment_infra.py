@@ -521,8 +521,8 @@ def test_pass_rates_as_csv(tmp_path):
     assert [(r.setting, r.n, r.passed) for r in rates] == [("ref->text", 3, 2), ("ref->image", 1, 0)]
     path = metrics.write_pass_rates_csv(tmp_path / "pass_rates.csv", rates)
     rows = path.read_text().splitlines()
-    assert rows[0] == "setting,criterion,threshold,n,passed,rate"
-    assert rows[1] == "ref->text,colour lost,15.0000,3,2,0.6667"
+    assert rows[0] == "setting,criterion,threshold,n,passed,rate,low,high"  # low, high: the 95 % Wilson interval
+    assert rows[1] == "ref->text,colour lost,15.0000,3,2,0.6667,0.2077,0.9385"
     with pytest.raises(TypeError, match="must be a bool"):
         metrics.pass_rates([{"setting": "s", "pass": 1}], criterion="c", threshold=None)
 

@@ -107,12 +107,17 @@ def test_knockout(folder, cache, tmp_path):
     for task in TASKS:
         cell, base = out / "outputs" / "knockout" / task, out / "outputs" / "baselines" / task
         edit = image(base / "edit.png")
-        # Knockout from block n on cuts nothing: the plain edit. Cutting ref->image everywhere changes it.
-        assert np.abs(image(cell / "sweep--ref-to-image--from5.png") - edit).max() <= PIXEL_TOL
+        # Cutting ref->image everywhere changes the edit.
         assert np.abs(image(cell / "ref-to-image--all.png") - edit).max() > PIXEL_TOL
         assert (cell / "ref-to-text+ref-to-image--to2.png").is_file()
+        # The sweep, as the study's on a model folder: one step, against a one-step plain edit; from L = 0
+        # (every block cut) it differs from that edit.
+        one_step = image(cell / knockout.SWEEP_EDIT)
+        assert np.abs(one_step - edit).max() > PIXEL_TOL
+        assert np.abs(image(cell / "sweep--ref-to-image--from0.png") - one_step).max() > PIXEL_TOL
     swept = read_csv(out / "knockout-sweep-metrics.csv")
-    assert sorted({int(r["from_block"]) for r in swept}) == list(range(6))
+    assert sorted({int(r["from_block"]) for r in swept}) == list(range(5))  # the study's index: L = 0..n-1
+    assert {r["sweep_steps"] for r in swept} == {"1"} and {r["sweep_index"] for r in swept} == {"study"}
 
 
 def test_drop(folder, cache, tmp_path):

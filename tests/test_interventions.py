@@ -116,6 +116,55 @@ def test_substitution_changes_only_what_its_mask_selects(params, data, all_text)
     assert rel_err(out, all_text[0]) > 1e-2
 
 
+CAP_IMAGE = fluxjax.Capture(image=range(BLOCK0_INPUT, NB))  # the whole image stream at every site
+
+
+@pytest.fixture(scope="module")
+def all_image(params, data):
+    """The plain run's output and its image stream (noisy image, then references) at every site."""
+    out, caps = run(params, data, capture=CAP_IMAGE)
+    return np.asarray(out), caps.image
+
+
+@pytest.mark.parametrize("site", [BLOCK0_INPUT, 1, 3])  # block-0 input, a double block, a single block
+def test_substituting_own_image_activations_changes_nothing(params, data, all_image, site):
+    """The image-stream substitution (the study's image-category T2I Lens): the noisy-image tokens'
+    own activations written back leave the output bit-identical."""
+    out_plain, image = all_image
+    sub = fluxjax.substitution(site, image[site - BLOCK0_INPUT][:, :LAYOUT.n_img])
+    out, _ = run(params, data, interventions=fluxjax.Interventions(image_substitutions=(sub,)), capture=CAP_IMAGE)
+    np.testing.assert_array_equal(np.asarray(out), out_plain)
+
+
+@pytest.mark.parametrize("site", [1, 3])
+def test_image_substitution_writes_only_the_leading_tokens_its_mask_selects(params, data, all_image, site):
+    """A value of the noisy image's N tokens, half of them masked: the stream at the site holds the
+    value there and its own activations elsewhere, the references untouched; the text stream's
+    substitutions are not touched by it."""
+    _, image = all_image
+    noise = jax.random.normal(jax.random.key(5), (2, LAYOUT.n_img, TINY.hidden_size))
+    mask = np.zeros((2, LAYOUT.n_img), bool)
+    mask[:, ::2] = True
+    iv = fluxjax.Interventions(image_substitutions=(fluxjax.substitution(site, noise, mask),))
+    out, caps = run(params, data, interventions=iv, capture=CAP_IMAGE)
+    at = site - BLOCK0_INPUT
+    np.testing.assert_array_equal(np.asarray(caps.image[:at]), np.asarray(image[:at]))  # upstream of the site
+    got, own = np.asarray(caps.image[at]), np.asarray(image[at])
+    np.testing.assert_array_equal(got[:, :LAYOUT.n_img], np.where(mask[..., None], np.asarray(noise),
+                                                                  own[:, :LAYOUT.n_img]))
+    np.testing.assert_array_equal(got[:, LAYOUT.n_img:], own[:, LAYOUT.n_img:])  # the references
+    assert rel_err(out, all_image[0]) > 1e-2
+
+
+def test_an_image_substitution_longer_than_the_stream_is_refused(params, data):
+    too_long = jnp.zeros((1, LAYOUT.n_img + LAYOUT.n_ref + 1, TINY.hidden_size))
+    with pytest.raises(ValueError, match="image substitution 0: value"):
+        run(params, data, interventions=fluxjax.Interventions(image_substitutions=(fluxjax.substitution(1, too_long),)))
+    with pytest.raises(ValueError, match="image substitution 0: site 99 out of range"):
+        fluxjax.interventions.check_sites(fluxjax.Interventions(
+            image_substitutions=(fluxjax.substitution(99, too_long[:, :2]),)), TINY)
+
+
 # ------------------------------------------------------------------------------------------------
 # captures
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import cli, judge, judges, runs
+from experiments import cli, judge, judges, runs, tables
 from experiments.tasks import flat_image
 from fluxjax import metrics
 
@@ -54,7 +54,8 @@ def shows(image: np.ndarray, ref_lab) -> bool:
 
 
 def build_run(root: Path, name: str = "run") -> Path:
-    """A run folder under the judge contract (see the module docstring)."""
+    """A run folder under the judge contract (see the module docstring), its rows made by the
+    experiments' own row builders (`experiments.tables.judged_row`, `control_row`)."""
     with runs.open_run(root, name, {"test": "judge contract"}, argv=["test"]) as run:
         base = {}
         for task, ref, t2i, edit, *_ in TASKS:
@@ -71,14 +72,14 @@ def build_run(root: Path, name: str = "run") -> Path:
             (images, ref_lab), out = base[task], drawn(lens_out)
             cell = run.cell(f"lens/{task}")
             cell.write_image("lens-b3.png", out)
-            present = shows(out, ref_lab) and not shows(images["t2i"], ref_lab)
+            bundle = [("reference", path["reference"][task]), ("t2i_clean", path["t2i"][task]),
+                      ("output", f"outputs/lens/{task}/lens-b3.png")]
             cell.finish({"rows": [
-                {"experiment": "lens", "property": "colour", "judge": None, "bundle": None, "task": task,
-                 "setting": "t2i (no reference)", "pass": None, "pass_absolute": None},
-                {"experiment": "lens", "property": "colour", "judge": "present", "task": task, "setting": "lens b3",
-                 "bundle": [["reference", path["reference"][task]], ["t2i_clean", path["t2i"][task]],
-                            ["output", f"outputs/lens/{task}/lens-b3.png"]],
-                 "pass": present, "pass_absolute": shows(out, ref_lab), "colour_de": 1.5}]})
+                tables.control_row("lens", "colour", images["t2i"], ref_lab, images["edit"], task=task,
+                                   setting="t2i (no reference)"),
+                tables.judged_row("lens", "colour", "present", bundle, out, ref_lab,
+                                  metrics.colour_error(images["t2i"], ref_lab), images["edit"], task=task,
+                                  setting="lens b3")]})
 
         for task, _, _, _, _, text_out, image_out in TASKS:
             images, ref_lab = base[task]
@@ -88,12 +89,11 @@ def build_run(root: Path, name: str = "run") -> Path:
                                                 ("ref->image @ all", "kept", image_out, "ref-to-image--all.png")):
                 out = drawn(colour)
                 cell.write_image(file, out)
-                verdict = not shows(out, ref_lab) if kind == "lost" else shows(out, ref_lab)
-                rows.append({"experiment": "knockout", "property": "colour", "judge": kind, "task": task,
-                             "setting": setting,
-                             "bundle": [["reference", path["reference"][task]], ["baseline edit", path["edit"][task]],
-                                        ["output", f"outputs/knockout/{task}/{file}"]],
-                             "pass": verdict if shows(images["edit"], ref_lab) else None, "pass_absolute": verdict})
+                bundle = [("reference", path["reference"][task]), ("baseline edit", path["edit"][task]),
+                          ("output", f"outputs/knockout/{task}/{file}")]
+                rows.append(tables.judged_row("knockout", "colour", kind, bundle, out, ref_lab,
+                                              metrics.colour_error(images["edit"], ref_lab), images["edit"], task=task,
+                                              setting=setting))
             cell.finish({"rows": rows})
 
         for source, target, colour in PAIRS:
@@ -101,27 +101,35 @@ def build_run(root: Path, name: str = "run") -> Path:
             pair = f"{source}__{target}"
             cell = run.cell(f"patching/{pair}")
             cell.write_image("all-b3.png", out)
-            closer = metrics.closer_to_source(out, base[source][1], base[target][1])[0]
-            cell.finish({"rows": [
-                {"experiment": "patching", "property": "colour", "judge": "transferred", "pair": [source, target],
-                 "setting": "all b3", "pass": closer, "pass_absolute": closer,
-                 "bundle": [["source reference", path["reference"][source]],
-                            ["target reference", path["reference"][target]],
-                            ["target edit", path["edit"][target]], ["output", f"outputs/patching/{pair}/all-b3.png"]]}]})
+            bundle = [("source reference", path["reference"][source]), ("target reference", path["reference"][target]),
+                      ("target edit", path["edit"][target]), ("output", f"outputs/patching/{pair}/all-b3.png")]
+            cell.finish({"rows": [tables.judged_row(
+                "patching", "colour", "transferred", bundle, out, base[source][1],
+                metrics.colour_error(out, base[target][1]), base[target][0]["edit"], pair=[source, target],
+                setting="all b3")]})
 
-        for task, colour in zip(STYLE_TASKS, ("purple", "orange")):  # no automatic verdict: pass None
-            cell = run.cell(f"lens/{task}")
-            for n, colour in (("reference", colour), ("t2i", "brown"), ("lens-b3", colour)):
-                cell.write_image(f"{n}.png", drawn(colour))
-            cell.finish({"rows": [{"experiment": "lens", "property": "style", "judge": "present", "task": task,
-                                   "setting": "lens b3", "pass": None, "pass_absolute": None,
-                                   "bundle": [[n, f"outputs/lens/{task}/{n}.png"] for n in ("reference", "t2i",
-                                                                                             "lens-b3")]}]})
+        # Style tasks: the lens, and a knockout whose baseline edit has a colour far from the reference's,
+        # which the colour rule would call a miss: a style row has no automatic verdict and is asked all the same.
+        for task, colour in zip(STYLE_TASKS, ("purple", "orange")):
+            images = {n: drawn(c) for n, c in (("reference", colour), ("t2i", "brown"), ("lens-b3", colour),
+                                              ("edit", "green"), ("ko", "yellow"))}
+            ref_lab = metrics.reference_colour(images["reference"])
+            for experiment, kind, shown, setting in (
+                    ("lens", "present", ("reference", "t2i", "lens-b3"), "lens b3"),
+                    ("knockout", "lost", ("reference", "edit", "ko"), "ref->text @ all")):
+                cell = run.cell(f"{experiment}/{task}")
+                for n in shown:
+                    cell.write_image(f"{n}.png", images[n])
+                cell.finish({"rows": [tables.judged_row(
+                    experiment, "style", kind, [(n, f"outputs/{experiment}/{task}/{n}.png") for n in shown],
+                    images[shown[-1]], ref_lab, metrics.colour_error(images[shown[1]], ref_lab), images["edit"],
+                    task=task, setting=setting)]})
     return run.path
 
 
-def judged_rows(run_path: Path, colour_only: bool = False) -> int:
-    return sum(1 for it in judge.items(run_path) if not it.excluded and (it.property == "colour" or not colour_only))
+def judged_rows(run_path: Path, colour_only: bool = False, strict: bool = False) -> int:
+    return sum(1 for it in judge.items(run_path) if not judge.excluded(it, strict)
+               and (it.property == "colour" or not colour_only))
 
 
 def verdict_files(folder: Path) -> dict[str, list[dict]]:
@@ -170,6 +178,22 @@ def test_questions_file_replaces_the_wording(tmp_path):
     path.write_text(json.dumps({"questions": {"knockout/style/lost": {"labels": ["a"], "question": "?"}}}))
     with pytest.raises(ValueError, match="3 texts"):
         judge.load_questions(path)
+    # keyed down to the setting: the exact setting first, then a glob, then the kind
+    labels = ["Image 1 - a", "Image 2 - b", "Image 3 - c"]
+    path.write_text(json.dumps({"questions": {
+        "lens/identity/present/*all b*": {"labels": labels, "question": "Someone else?", "negated": True},
+        "knockout/colour/lost/ref->text[padding] @ all": {"labels": labels, "question": "Padding cut: gone?"},
+        "knockout/colour/lost/ref->text* @ all": {"labels": labels, "question": "Any text cut: gone?"}}}))
+    q = judge.load_questions(path)
+    assert q.get("knockout", "colour", "lost", "ref->text[padding] @ all").question == "Padding cut: gone?"
+    assert q.get("knockout", "colour", "lost", "ref->text @ all").question == "Any text cut: gone?"
+    assert q.get("knockout", "colour", "lost", "ref->text from 3").source == "project"
+    identity = q.get("lens", "identity", "present", "study-lens all b17")
+    assert identity.negated and identity.question == "Someone else?"
+    assert not q.get("lens", "identity", "present", "padding b7").negated
+    path.write_text(json.dumps({"questions": {"nothing/colour/lost/x": {"labels": labels, "question": "?"}}}))
+    with pytest.raises(ValueError, match="experiment/property/kind"):
+        judge.load_questions(path)
 
 
 def test_kappa_and_agreement():
@@ -191,16 +215,21 @@ def test_colour_judge_reproduces_the_metric_exactly(tmp_path):
     run_path = build_run(tmp_path)
     out = judge.score(run_path, judges.ColourJudge(), argv=["test"])
     rates = {(r["experiment"], r["property"], r["kind"], r["setting"]): r for r in out.rates}
-    # the fixture makes every verdict kind come out both ways, and excludes one knockout task
-    assert rates[("knockout", "colour", "lost", "ref->text @ all")]["excluded"] == 1
+    # the fixture makes every verdict kind come out both ways; one knockout task's baseline edit misses
+    # its colour: judged all the same (the study's rule), and left out of the strict rate only
+    lost = rates[("knockout", "colour", "lost", "ref->text @ all")]
+    assert lost["baseline_misses"] == 1 and lost["excluded"] == 0 and lost["judged"] == lost["rows"] == 4
     for r in out.rates:
         if r["property"] != "colour":
             assert r["judged"] == 0 and r["not_applicable"] == r["rows"] and r["file"] == ""
             continue
         assert r["errors"] == r["unparseable"] == 0
-        assert r["judged"] == r["metric_n"] == r["rows"] - r["excluded"] > 0
+        assert r["judged"] == r["metric_n"] == r["rows"] > 0
         assert r["passed"] == r["metric_passed"] and r["judge_rate"] == r["metric_rate"]
+        assert (r["judge_rate_low"], r["judge_rate_high"]) == (r["metric_rate_low"], r["metric_rate_high"])
+        assert r["judge_rate_strict"] == r["metric_rate_strict"]
         assert r["agreement"] == 1.0
+    assert lost["metric_rate_strict"] is not None and lost["metric_rate_strict"] != lost["metric_rate"]
     assert any(0 < r["metric_passed"] < r["metric_n"] for r in out.rates)
     result = judge.agreement(run_path, "colour", judge.METRIC)
     assert result["overall"]["n"] == judged_rows(run_path, colour_only=True)
@@ -220,6 +249,49 @@ def test_colour_judge_reproduces_the_metric_exactly(tmp_path):
     assert "knockout: judge and metric per setting" in html and "ref-&gt;image @ all" in html
     assert "agreement 100.0%, kappa 1.000" in html
     assert judge.main(["agree", str(run_path), "colour", "metric"]) == 0
+
+
+class Recording:
+    """A judge of any property that answers yes and records the output image of every bundle asked."""
+
+    name, properties = "recording", None
+
+    def __init__(self):
+        self.asked = []
+
+    def ask(self, prompt):
+        path = prompt.images[-1].path
+        self.asked.append(path.relative_to(path.parents[3]).as_posix())  # outputs/<experiment>/<task>/<file>
+        return judges.Reply(json.dumps({"answer": "yes", "reason": "recorded"}))
+
+
+def test_every_judged_row_is_sent_to_the_judge_as_the_study_did(tmp_path):
+    """The rows sent are every judged row, colour and style, whatever the baseline edit shows: the
+    colour task whose baseline edit misses its colour, and the style knockouts whose baseline edit
+    is far from the reference's colour (a colour rule must not touch a style row)."""
+    run_path = build_run(tmp_path)
+    every = [it for it in judge.items(run_path)]
+    expected = 4 + 2 * 4 + len(PAIRS) + 2 * len(STYLE_TASKS)  # lens, two knockouts, patching; style lens, knockout
+    assert len(every) == expected
+    j = Recording()
+    out = judge.score(run_path, j)
+    assert out.calls == len(j.asked) == expected
+    assert sorted(j.asked) == sorted(it.bundle[-1][1] for it in every)
+    style_knockouts = [it for it in every if it.property == "style" and it.experiment == "knockout"]
+    assert len(style_knockouts) == len(STYLE_TASKS)
+    for it in style_knockouts:  # a green baseline edit, far from a purple or orange reference: asked, no verdict
+        assert it.metric is None and it.baseline_misses is None
+        assert it.bundle[-1][1] in j.asked
+    by = {(r["experiment"], r["property"], r["kind"]): r for r in out.rates}
+    assert by[("knockout", "style", "lost")]["judged"] == len(STYLE_TASKS)
+    assert by[("knockout", "style", "lost")]["judge_rate"] == 1.0
+    assert by[("knockout", "colour", "lost")]["judged"] == 4 and by[("knockout", "colour", "lost")]["excluded"] == 0
+    # the stricter rule, this project's option: the colour task whose baseline edit misses its colour leaves
+    strict = Recording()
+    judge.score(run_path, strict, cache=tmp_path / "strict-cache", strict=True)
+    assert len(strict.asked) == expected - 2
+    assert set(j.asked) - set(strict.asked) == {"outputs/knockout/solid_green_ball_s0/ref-to-text--all.png",
+                                                 "outputs/knockout/solid_green_ball_s0/ref-to-image--all.png"}
 
 
 def test_a_folder_without_the_contract_fails_clearly(tmp_path):
@@ -250,7 +322,7 @@ def test_select_limit_and_dry_run_choose_what_is_asked(tmp_path):
     knockout = judge.score(run_path, j, patterns=["knockout/*"], limit=2)
     assert j.calls == knockout.calls == 4  # two settings, two rows each
     asked = {r["setting"]: (r["judged"], r["not_asked"]) for r in knockout.rates if r["property"] == "colour"}
-    assert asked == {"lens b3": (0, 4), "ref->text @ all": (2, 1), "ref->image @ all": (2, 1), "all b3": (0, 3)}
+    assert asked == {"lens b3": (0, 4), "ref->text @ all": (2, 2), "ref->image @ all": (2, 2), "all b3": (0, 3)}
     rest = judge.score(run_path, j)
     assert rest.calls == n - 4 and rest.cached == 4 and sum(r["not_asked"] for r in rest.rates) == 0
     with pytest.raises(judge.ContractError, match="matches"):
@@ -276,8 +348,11 @@ def test_identical_bundles_are_asked_once(tmp_path):
     twin = dict(record["record"]["rows"][0], setting="ref->text @ :4")  # the same images in another setting
     record["record"]["rows"].append(twin)
     (cell.path / runs.DONE_FILE).write_text(json.dumps(record))
+    # the project's labels name the setting; a wording that does not makes the twin one question
+    plain = judge.Questions(judge.QUESTIONS.system, {**judge.QUESTIONS.table, "knockout/colour/lost": judge.Question(
+        ("Image 1: reference", "Image 2: edit", "Image 3: knocked out"), "Lost?")})
     j = Counting(judges.ColourJudge())
-    out = judge.score(run_path, j)
+    out = judge.score(run_path, j, questions=plain)
     assert j.calls == out.calls == judged_rows(run_path, colour_only=True) - 1
     assert sum(r["judged"] for r in out.rates if r["property"] == "colour") == judged_rows(run_path, True)
 
@@ -406,7 +481,8 @@ class FakeServer:
             p.append("model")
         if len(images) not in (3, 4) or any(im[:8] != b"\x89PNG\r\n\x1a\n" for im in images):
             p.append("images")
-        if len(texts) != len(images) + 1 or not all(t.startswith(f"Image {i + 1}:") for i, t in enumerate(texts[:-1])):
+        if len(texts) != len(images) + 1 or not all(t.startswith((f"Image {i + 1}:", f"Image {i + 1} -"))
+                                                    for i, t in enumerate(texts[:-1])):
             p.append("labels before each image, question last")
         return p
 
@@ -451,9 +527,11 @@ def test_api_judge_retries_excludes_and_counts(server, tmp_path, monkeypatch):
     assert server.problems == []
     assert len(server.requests) == n + 1 + 2 + 2  # the retries of the first three bundles
     assert out.calls == n and out.cached == 0
-    total = {k: sum(r[k] for r in out.rates) for k in ("errors", "unparseable", "judged", "passed", "excluded")}
+    total = {k: sum(r[k] for r in out.rates) for k in ("errors", "unparseable", "judged", "passed", "excluded",
+                                                         "baseline_misses")}
     assert total["errors"] == 3 and total["unparseable"] == 1 and total["judged"] == n - 4
-    assert total["excluded"] == 2  # the task whose baseline edit misses its colour, in both knockout settings: never sent
+    # the task whose baseline edit misses its colour, in both knockout settings: sent, as the study did
+    assert total["excluded"] == 0 and total["baseline_misses"] == 2
     files = verdict_files(out.folder)
     rows = [r for rs in files.values() for r in rs]
     assert len(rows) == n
@@ -499,6 +577,89 @@ def test_a_questions_file_reaches_the_judge(server, tmp_path, monkeypatch):
     asked = [[c["text"] for c in b["messages"][0]["content"] if c["type"] == "text"] for b in bodies]
     assert sum(t == ["Image 1: ref", "Image 2: plain", "Image 3: lens", "Is Image 3 stylised?"] for t in asked) \
         == len(STYLE_TASKS)
+
+
+STUDY_CHECKOUT = Path(__file__).resolve().parent / "study_checkout"  # laid out as the study's, our own words
+
+
+def _asked(server: FakeServer) -> list[tuple[str, list[str]]]:
+    """(system, [label, ..., question]) of every request an anthropic server received."""
+    return [(body["system"], [c["text"] for c in body["messages"][0]["content"] if c["type"] == "text"])
+            for _, _, body in server.requests]
+
+
+@pytest.mark.parametrize("server", ["anthropic"], indirect=True)
+def test_the_studys_prompts_from_a_checkout_reach_the_judge_verbatim(server, tmp_path, monkeypatch):
+    """--questions-from reads the system text and the per-cell prompts of a checkout laid out as the
+    study's; each row gets the prompt of its cell, keyed by its setting, and the rows of cells the
+    study did not judge keep the project's wording."""
+    run_path = build_run(tmp_path)
+    system = ("STAND-IN SYSTEM: you check pictures from an image-editing study. Several captioned pictures come "
+              'first, then one question. Reply with JSON only, on one line: {"pass": 0 or 1, "reason": "a few words"}.')
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+    assert judge.main([str(run_path), "--judge", "anthropic:judge-model", "--questions-from", str(STUDY_CHECKOUT),
+                       "--concurrency", "1", "--no-progress"]) == 0
+    assert server.problems == []
+    asked = _asked(server)
+    assert len(asked) == judged_rows(run_path) and all(s == system for s, _ in asked)
+    texts = [t for _, t in asked]
+    ko_text = ["Image 1 - STAND-IN colour reference:", "Image 2 - STAND-IN unchanged edit:",
+               "Image 3 - STAND-IN edit with ref->text cut:",
+               "STAND-IN colour knockout ref->text: Is the colour of Image 1 gone from Image 3?"]
+    ko_image = ["Image 1 - STAND-IN colour reference:", "Image 2 - STAND-IN unchanged edit:",
+                "Image 3 - STAND-IN edit with ref->image cut:",
+                "STAND-IN colour knockout ref->image: Does Image 3 keep the colour of Image 1?"]
+    patch = ["Image 1 - STAND-IN colour source reference:", "Image 2 - STAND-IN colour target reference:",
+             "Image 3 - STAND-IN target edit:", "Image 4 - STAND-IN target edit, every text position from the source:",
+             "STAND-IN colour patching (full): Is Image 4 nearer Image 1's colour than Image 2's?"]
+    style_ko = ["Image 1 - STAND-IN style reference:", "Image 2 - STAND-IN unchanged edit:",
+                "Image 3 - STAND-IN edit with ref->text cut:",
+                "STAND-IN style knockout ref->text: Is Image 3 more photographic than Image 2?"]
+    assert texts.count(ko_text) == texts.count(ko_image) == 4
+    assert texts.count(patch) == len(PAIRS) and texts.count(style_ko) == len(STYLE_TASKS)
+    # "lens b3" is no cell of the study's (its lens cells are the all / padding / content positions):
+    # the project's question, filled in for the setting
+    lens = judge.QUESTIONS.get("lens", "colour", "present", "lens b3")
+    assert texts.count([*lens.labels, lens.question]) == 4 and "setting lens b3" in lens.labels[2]
+    folder = run_path / "judge" / judge.judge_slug("anthropic:judge-model")
+    rates = list(csv.DictReader(open(folder / "pass-rates.csv")))
+    source = {(r["experiment"], r["property"], r["setting"]): r["question"] for r in rates}
+    assert source[("knockout", "colour", "ref->text @ all")] == "study:ko_color_ref_to_text"
+    assert source[("knockout", "style", "ref->text @ all")] == "study:ko_style_ref_to_text"
+    assert source[("lens", "colour", "lens b3")] == "project"
+
+
+@pytest.mark.parametrize("server", ["anthropic"], indirect=True)
+def test_a_question_asked_the_other_way_round_counts_its_noes(server, tmp_path, monkeypatch):
+    """The study's identity lens asks "a different person?": a yes is a row whose property is absent."""
+    with runs.open_run(tmp_path, "run", {"test": "identity"}, argv=["test"]) as run:
+        for task, colour in (("person_a_s0", "pink"), ("person_b_s0", "purple")):  # two bundles, two questions
+            cell = run.cell(f"lens/{task}")
+            image = drawn(colour)
+            for n in ("reference", "t2i", "out"):
+                cell.write_image(f"{n}.png", image)
+            cell.finish({"rows": [tables.judged_row(
+                "lens", "identity", "present",
+                [(n, f"outputs/lens/{task}/{n}.png") for n in ("reference", "t2i", "out")], image,
+                metrics.reference_colour(image), 50.0, image, task=task, setting="all b1")]})
+    server.script = [("ok", '{"pass": 1, "reason": "someone else"}'), ("ok", '{"pass": 0, "reason": "the same"}')]
+    out = judge.score(run.path, api_judge(server, monkeypatch), questions=judge.load_study_questions(STUDY_CHECKOUT),
+                      concurrency=1)
+    assert [t[-1] for t in (x for _, x in _asked(server))] == \
+        ["STAND-IN identity lens (full): Is the person of Image 3 someone else than the person of Image 1?"] * 2
+    (rate,) = out.rates
+    assert rate["question"] == "study:i2i_unc_dreambench_human_identity (asked the other way round)"
+    assert rate["judged"] == 2 and rate["passed"] == 1 and rate["judge_rate"] == 0.5
+    rows = verdict_files(out.folder)[f"lens/identity-present/{cli.slug('all b1')}.csv"]
+    assert sorted((r["pass"], r["answer"]) for r in rows) == [("0", "1"), ("1", "0")]  # pass: the same person
+
+
+def test_a_checkout_without_the_studys_files_is_refused_in_one_line(tmp_path, capsys):
+    run_path = build_run(tmp_path)
+    assert judge.main([str(run_path), "--judge", "colour", "--questions-from", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SYSTEM_PROMPT" in err and "ChrisG777/i2i-interp" in err
 
 
 def test_an_unreachable_server_is_retried_then_recorded_as_errors(tmp_path, monkeypatch):

@@ -325,8 +325,9 @@ def test_compare_puts_runs_side_by_side(tmp_path, capsys):
     assert lines[0] == "| measure | plain | frozen |"
     assert "| training regime | none (plain) | frozen_text_encoder = True |" in lines
     assert "| routing cuts in training | ref->image, ref->text[content] | ref->image, ref->text[content] |" in lines
-    assert "| knockout ref->text | 1/2 = 50% | 2/2 = 100% |" in lines
-    assert "| lens all @ block 1 |  | 0/1 = 0% |" in lines
+    # each rate with its 95 % Wilson interval: 1/2 [9, 91], 2/2 [34, 100], 0/1 [0, 79]
+    assert "| knockout ref->text | 1/2 = 50% [9%, 91%] | 2/2 = 100% [34%, 100%] |" in lines
+    assert "| lens all @ block 1 |  | 0/1 = 0% [0%, 79%] |" in lines
     with pytest.raises(SystemExit):
         compare.main([f"x={tmp_path}:{tmp_path}"])
     assert "summary.json does not exist" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def test_lens_rows_carry_the_judge_contract(lens_runs):
         ref, clean, output = (np.asarray(Image.open(out / p).convert("RGB")) for _, p in r["bundle"])
         lab = metrics.reference_colour(ref)
         assert tables.verdict("present", metrics.colour_error(output, lab), metrics.colour_error(clean, lab)) == \
-            (r["pass"], r["pass_absolute"])
+            (r["pass"], r["pass_absolute"], r["baseline_misses"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,25 +75,56 @@ def test_lens_rows_carry_the_judge_contract(lens_runs):
 
 
 def test_a_chance_match_in_t2i_clean_fails_the_lens_but_passes_absolutely():
-    assert tables.verdict("present", de=3.0, control_de=5.0) == (False, True)
-    assert tables.verdict("present", de=3.0, control_de=T + 1) == (True, True)
+    assert tables.verdict("present", de=3.0, control_de=5.0) == (False, True, None)
+    assert tables.verdict("present", de=3.0, control_de=T + 1) == (True, True, None)
 
 
-def test_a_baseline_edit_that_misses_the_colour_is_excluded_from_lost_and_kept():
-    assert tables.verdict("lost", de=40.0, control_de=T + 10) == (None, True)  # absolutely "lost"
-    assert tables.verdict("kept", de=2.0, control_de=T + 10) == (None, True)
-    assert tables.verdict("lost", de=40.0, control_de=2.0) == (True, True)
-    rows = [{"setting": "ref->text @ all", "judge": "lost", "pass": None, "pass_absolute": True},
-            {"setting": "ref->text @ all", "judge": "lost", "pass": False, "pass_absolute": False}]
+def test_a_baseline_edit_that_misses_the_colour_fails_by_the_studys_rule_and_leaves_the_strict_one():
+    # the study judged every row: nothing was there to lose or keep, so the row fails (and is counted)
+    assert tables.verdict("lost", de=40.0, control_de=T + 10) == (False, True, True)  # absolutely "lost"
+    assert tables.verdict("kept", de=2.0, control_de=T + 10) == (False, True, True)
+    assert tables.verdict("lost", de=40.0, control_de=2.0) == (True, True, False)
+    rows = [{"setting": "ref->text @ all", "judge": "lost", "task": "a", "pass": False, "pass_absolute": True,
+             "baseline_misses": True},
+            {"setting": "ref->text @ all", "judge": "lost", "task": "b", "pass": False, "pass_absolute": False,
+             "baseline_misses": False},
+            {"setting": "ref->text @ all", "judge": "lost", "task": "c", "pass": True, "pass_absolute": True,
+             "baseline_misses": False}]
     (rate,) = tables.pass_rates(rows)
-    assert (rate["n"], rate["excluded"], rate["rate"], rate["rate_absolute"]) == (1, 1, 0.0, 0.5)
+    assert (rate["n"], rate["passed"], rate["rate"]) == (3, 1, 1 / 3)  # every row
+    assert (rate["excluded"], rate["n_strict"], rate["rate_strict"]) == (1, 2, 0.5)  # the stricter rule
+    assert rate["rate_absolute"] == 2 / 3
+    # rows written before every row had the study's verdict (pass None where the baseline misses) read the same
+    old = [{k: v for k, v in r.items() if k != "baseline_misses"} for r in rows]
+    old[0]["pass"] = None
+    (again,) = tables.pass_rates(old)
+    keys = ("n", "passed", "excluded", "n_strict", "rate_strict")
+    assert {k: again[k] for k in keys} == {k: rate[k] for k in keys}
+
+
+def test_the_colour_rule_is_for_colour_rows_only():
+    """A style (identity, reference) row has no automatic verdict, whatever its colours: not a pass,
+    not a fail, and never left out by the stricter rule."""
+    red, green = np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)
+    red[8:24, 8:24], green[8:24, 8:24] = (220, 40, 40), (50, 170, 80)
+    lab = metrics.reference_colour(red)
+    far = metrics.colour_error(green, lab)  # the baseline edit's colour: far from the reference's
+    assert far > T
+    bundle = [("reference", "r.png"), ("baseline edit", "e.png"), ("output", "o.png")]
+    for prop in ("style", "identity", "reference"):
+        row = tables.judged_row("knockout", prop, "lost", bundle, green, lab, far, green, task="t", setting="s")
+        assert (row["pass"], row["pass_absolute"], row["baseline_misses"]) == (None, None, None)
+        control = tables.control_row("knockout", prop, green, lab, green, task="t", setting="no knockout (edit)")
+        assert control["pass_absolute"] is None
+    row = tables.judged_row("knockout", "colour", "lost", bundle, green, lab, far, green, task="t", setting="s")
+    assert (row["pass"], row["pass_absolute"], row["baseline_misses"]) == (False, True, True)
 
 
 def test_a_neutral_patching_output_is_judged_by_which_colour_is_closer():
     # Far from both references (no colour absolutely present), but closer to the source's: transferred.
-    assert tables.verdict("transferred", de=30.0, control_de=45.0) == (True, False)
+    assert tables.verdict("transferred", de=30.0, control_de=45.0) == (True, False, None)
     # Within the threshold of the source's colour yet closer to the target's: not transferred.
-    assert tables.verdict("transferred", de=10.0, control_de=8.0) == (False, True)
+    assert tables.verdict("transferred", de=10.0, control_de=8.0) == (False, True, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +148,8 @@ def test_knockout_layer_modes_are_one_vmapped_call_per_task(tmp_path, monkeypatc
         out[mode] = tmp_path / mode
         calls.clear()
         assert knockout.main(["--model", "direct", "--settings", "ref->image", "--layers", "all", "--sweep",
-                              "ref->image", "--sweep-mode", mode, "--window", "2", "--colours", "red",
+                              "ref->image", "--sweep-mode", mode, "--sweep-index", "project", "--window", "2",
+                              "--colours", "red",
                               "--objects", "circle", "--seeds", "0", "--chunk", "0", "--no-progress",
                               "--out", str(out[mode])]) == 0
         assert len(calls) == 1  # the layer modes and the whole sweep: one compiled call
@@ -154,19 +186,26 @@ def test_additive_patching_equals_replacement_in_one_step_and_adds_nothing_to_it
 
 
 def test_run_all_study_runs_exactly_a_buckets_cells(tmp_path):
-    """--study --bucket add: only the lens, in the input form at the study's block 7's place (the last
-    double block), its rows about the generic reference property."""
-    from experiments import run_all, study
+    """--study --bucket add on its task file: only the lens, in the input form at the study's block 7's
+    place (the last double block), its rows about the generic reference property, which the colour
+    rule does not judge (a judge does): no automatic verdict, every rate with its interval."""
+    from experiments import run_all, study, tasks
 
+    task_file = tasks.write_colour_bucket(tmp_path / "tasks", ["red"], ["circle"], [0], size=32,
+                                          known_objects=["circle"])  # any task file of the organism's size
     out = tmp_path / "add"
-    assert run_all.main(["--study", "--bucket", "add", "--model", "text-routed", "--colours", "red",
-                         "--objects", "circle", "--seeds", "0", "--no-progress", "--out", str(out)]) == 0
+    assert run_all.main(["--study", "--bucket", "add", "--model", "text-routed", "--tasks", str(task_file),
+                         "--no-progress", "--out", str(out)]) == 0
     settings = json.loads((out / "config.json").read_text())["settings"]
     assert set(settings) == {"study", "property", "lens"} and settings["lens"]["form"] == "input"
     assert settings["lens"]["blocks"] == [1]  # the organism's last double block stands for the study's 7
     assert sorted(p.name for p in (out / "outputs").iterdir()) == ["baselines", "lens"]
     record = json.loads((out / "outputs" / "lens" / TASKS[0] / "DONE.json").read_text())["record"]
     assert {r["property"] for r in record["rows"]} == {"reference"}
+    assert all(r["pass"] is None and r["pass_absolute"] is None for r in record["rows"])
+    with open(out / "lens-pass-rates.csv", newline="") as f:
+        rates = list(csv.DictReader(f))
+    assert {"rate", "rate_low", "rate_high", "rate_absolute_low", "vs_control_high"} <= set(rates[0])
     html = (out / "report.html").read_text()
-    assert "76.8 %" in html and "block 1 here" in html
+    assert "76.8 %" in html and "block 1 here" in html and "95% CI" in html
     assert [c[0] for c in study.cells(settings)] == ["lens all", "lens padding", "lens content"]

@@ -1,0 +1,1 @@
+"""The transport of the stand-in checkout (it holds no system text)."""
