@@ -94,10 +94,17 @@ def test_older_spellings_keep_working(params, data, every):
     for j, name in enumerate(("b3.text.output", "embed.text.output", "b1.text.output")):
         np.testing.assert_array_equal(np.asarray(caps.text[j]), np.asarray(every[1][name]))
     np.testing.assert_array_equal(np.asarray(caps.image[0]), np.asarray(every[1]["b0.image.output"]))
-    value = np.asarray(every[1]["b2.text.output"]) + 1.0
+    rng = np.random.default_rng(8)  # (not a constant shift: every block reads its streams through a LayerNorm)
+    value = rng.standard_normal((2, LAYOUT.n_txt, D)).astype(np.float32)
     older = run(params, data, fluxjax.Interventions(substitutions=(fluxjax.substitution(2, value),)))[0]
     named = run(params, data, fluxjax.Interventions(substitutions=(fluxjax.substitution("b2.text.output", value),)))[0]
     np.testing.assert_array_equal(np.asarray(older), np.asarray(named))
+    assert rel_err(named, every[0]) > 1e-3
+    image = rng.standard_normal((2, LAYOUT.n_img, D)).astype(np.float32)  # the older image-stream spelling
+    older = run(params, data, fluxjax.Interventions(image_substitutions=(fluxjax.substitution(3, image),)))[0]
+    named = run(params, data, fluxjax.Interventions(substitutions=(fluxjax.substitution("b3.image.output", image),)))[0]
+    np.testing.assert_array_equal(np.asarray(older), np.asarray(named))
+    assert rel_err(named, every[0]) > 1e-3
 
 
 def test_captures_are_keyed_by_site(every):
