@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -176,7 +177,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
     r.add_argument("--verify", action="store_true",
                    help="compute nothing: check every finished cell of --out against the sizes and hashes it was "
                         "written with, list what is damaged or unfinished, exit 1 if anything is damaged")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--check", action="store_true",
+                   help="check every input (model, tasks and references, settings, --out) as a run would before "
+                        "its first step, then exit: nothing loads, nothing is written")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
 
 
 def _default_help(defaults: Mapping[str, tuple] | None, i: int) -> str:
@@ -383,6 +387,12 @@ def check_general(args: argparse.Namespace) -> None:
         raise InputErrors(problems)
 
 
+def checked_line(checked: Checked) -> str:
+    """--check's answer: what a run of the checked inputs would do."""
+    return (f"inputs checked: {checked.model.kind} {checked.model.name} ({checked.model.config.num_blocks} blocks), "
+            f"{len(checked.found)} tasks, every setting valid; nothing run")
+
+
 def command_settings(module, args: argparse.Namespace, model: models.Spec, found: list | None) -> dict:
     """An experiment module's settings from the command line, validated against the model's
     architecture, and (`module.check_tasks`, where it has one) against the tasks."""
@@ -437,6 +447,21 @@ def open_context(args: argparse.Namespace, model, run: runs.RunFolder) -> Contex
     """The context of one invocation: the model, the open run folder and the sampling options asked for."""
     return Context(model=model, run=run, options=sampler_options(model, args.steps), chunk=chunk_size(args),
                    attn_impl=args.attn_impl, show_progress=not args.no_progress)
+
+
+def command_line(name: str, argv: Sequence[str]) -> str:
+    """The command an experiment was invoked as: `python -m experiments.<name> ARGS`, quoted for a shell."""
+    import shlex
+
+    return shlex.join(["python", "-m", f"experiments.{name}", *argv])
+
+
+def announce(ctx: Context, found: Sequence, experiments: Sequence[str]) -> None:
+    """The progress line that opens a model's run (stderr; none with --no-progress)."""
+    if ctx.show_progress:
+        print(f"{ctx.run.path}: {'resuming' if ctx.run.resumed else 'new run folder'}: "
+              f"{ctx.run.config['model']['name']}, {len(found)} tasks, {', '.join(experiments)}",
+              file=sys.stderr, flush=True)
 
 
 def base_config(args: argparse.Namespace, model, model_record: Mapping, tasks: Mapping | None = None) -> dict:
@@ -512,6 +537,7 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     add_arguments(parser, out_default=f"runs/{module.NAME}", pair_tasks=getattr(module, "PAIR_TASKS", False))
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.verify:
         return verify_folders([Path(args.out)])
@@ -520,6 +546,9 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         fail(parser, str(e))
     [checked] = check_inputs(parser, args, [args.model], functools.partial(command_settings, module))
+    if args.check:
+        print(checked_line(checked))
+        return 0
     spec = checked.tasks
     try:
         model, model_record = models.load(args)
@@ -541,13 +570,16 @@ def run_command(module, argv: Sequence[str] | None = None) -> int:
         except (ValueError, KeyError) as e:
             run.discard()
             fail(parser, str(e))
+        announce(ctx, [*found, *pair_found], [module.NAME])
         more = f" and {len(pair_found)} that only resolve pairs" if pair_found else ""
         sections = [report.Section("Setup", [report.Text(ctx.describe() + f"\n\n{len(found)} tasks{more}.")])]
         sections += module.run(ctx, [*found, *pair_found], config["settings"], module.NAME)
-        path = report.write_run_report(run, f"{module.TITLE}: {model_record['name']}", sections)
+        path = report.write_run_report(run, f"{module.TITLE}: {models.name(args.model)}", sections,
+                                       command=command_line(module.NAME, argv))
         run.write_summary({"experiment": module.NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
-                           "resumed": run.resumed})
+                           "resumed": run.resumed, "cells": run.counts()})
         run.mark_finished()
+        print(run.counts_line())
     print(f"report: {path}")
     return 0
 

@@ -38,6 +38,8 @@ class Context:
     judged_property: str = "colour"  # the reference property its rows are about (their `property`)
     _texts: dict = dataclasses.field(default_factory=dict)
     _steps: Any = None
+    _lines: Any = None  # runs.ProgressLines of the cells in progress (off a terminal)
+    _task: str = ""  # the name of the cell in progress
 
     @property
     def num_blocks(self) -> int:
@@ -65,8 +67,8 @@ class Context:
         from experiments import sweep
 
         uncond = self.text("") if self.model.options.guidance == "cfg" else None
-        return sweep.prepare(self.model, self.text(prompt), reference=reference, seed=seed % 2**32, height=height,
-                             width=width, uncond=uncond)
+        return sweep.prepare(self.model, self.text(prompt), references=() if reference is None else [reference],
+                             seed=seed % 2**32, height=height, width=width, uncond=uncond)
 
     # sampling, with the steps progress bar ------------------------------------------------------
     def _advance(self, options, calls: int = 1):
@@ -88,35 +90,49 @@ class Context:
 
         options = options or self.options
         chunk = sweep.fitting_chunk(self.model, edit, options, cells, self.chunk, self.attn_impl)
-        out = sweep.sweep(self.model, edit, options, cells, chunk=chunk, attn_impl=self.attn_impl)
-        size = len(cells) if chunk is None else min(chunk, len(cells))
-        self._advance(options, -(-len(cells) // size))
-        return out
+
+        def chunk_done(done: int, total: int):
+            self._advance(options)
+            if self._lines is not None:
+                self._lines.chunk(self._task, done, total)
+
+        return sweep.sweep(self.model, edit, options, cells, chunk=chunk, attn_impl=self.attn_impl,
+                           on_chunk=chunk_done)
 
     # cells --------------------------------------------------------------------------------------
-    def cells(self, desc: str, prefix: str, jobs: Mapping[str, Callable[[runs.Cell], Mapping]]) -> list[dict]:
+    def cells(self, desc: str, prefix: str, jobs: Mapping[str, Callable[[runs.Cell], Mapping]],
+              unit: str = "task") -> list[dict]:
         """Run `jobs` ({name: compute}) as the cells `<prefix>/<name>`, in order; complete cells are skipped.
         Returns the metrics rows of every record (its "rows"), in order.
 
         compute(cell) writes the cell's files and returns its record; the cell is then marked
-        complete. Bars: one for the jobs (tasks), one nested for the denoising steps.
+        complete. On a terminal, bars: one for the jobs (tasks), one nested for the denoising steps;
+        else (a log) lines: what is skipped and to compute, then one per sweep chunk and per task
+        done, with the time elapsed and an estimate of the time left (`runs.ProgressLines`).
         """
         keys = [f"{prefix}/{name}" for name in jobs]
         pending = set(self.run.pending(keys))
-        bar = runs.progress(desc=desc, unit="task", total=len(jobs), initial=len(jobs) - len(pending),
-                            enabled=None if self.show_progress else False)
-        outer_steps = self._steps
+        terminal = runs.is_terminal()
+        bar = runs.progress(desc=desc, unit=unit, total=len(jobs), initial=len(jobs) - len(pending),
+                            enabled=None if self.show_progress and terminal else False)
+        lines = runs.ProgressLines(f"{self.run.path.name} {prefix}", len(jobs), len(jobs) - len(pending), unit=unit,
+                                   enabled=self.show_progress and not terminal)
+        lines.begin(desc, repaired=len({self.run.cell(k).key for k in pending} & self.run.reopened))
+        outer_steps, self._lines = self._steps, lines
         self._steps = runs.progress(desc="  denoising", unit="step", nested=True,
-                                    enabled=None if self.show_progress else False)
+                                    enabled=None if self.show_progress and terminal else False)
         try:
-            for key, compute in zip(keys, jobs.values()):
+            for name, key, compute in zip(jobs, keys, jobs.values()):
                 if key in pending:
+                    self._task = name
                     self.complete(key, compute)
                     bar.update()
+                    lines.task_done(name)
+            lines.end()
             return [row for key in keys for row in self.run.cell(key).record().get("rows", ())]
         finally:
             self._steps.close()
-            self._steps = outer_steps
+            self._steps, self._lines = outer_steps, None
             bar.close()
 
     def complete(self, key: str, compute: Callable[[runs.Cell], Mapping]) -> dict:

@@ -479,7 +479,12 @@ def _score_main(argv: Sequence[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        judge = judges.make_judge(args.judge, retry=judges.Retry(attempts=args.attempts), max_tokens=args.max_tokens)
+        try:
+            judge = judges.make_judge(args.judge, retry=judges.Retry(attempts=args.attempts),
+                                      max_tokens=args.max_tokens)
+        except ValueError as e:  # a spec that names no judge
+            print(f"error: --judge {args.judge}: {e}", file=sys.stderr)
+            return 2
         concurrency = 1 if isinstance(judge, (judges.HFJudge, judges.ColourJudge)) else args.concurrency
         out = score(args.run, judge, questions=questions, cache=args.cache, concurrency=concurrency,
                     patterns=args.select, limit=args.limit, dry_run=args.dry_run,

@@ -356,8 +356,12 @@ def _answer(verdict: bool, reason: str) -> Reply:
 # specs
 
 
+SPELLINGS = {"color": "colour"}  # other spellings of a spec, accepted as the spec they spell
+
+
 def name_of(spec: str) -> str:
     """The name a spec's judge goes by (its verdict folder and cache key), without building it."""
+    spec = SPELLINGS.get(spec, spec)
     kind, _, rest = spec.partition(":")
     if kind == "anthropic":
         return f"anthropic:{rest.partition('@')[0]}"
@@ -367,7 +371,8 @@ def name_of(spec: str) -> str:
 
 
 def make_judge(spec: str, *, retry: Retry = Retry(), max_tokens: int = MAX_TOKENS) -> Judge:
-    """The judge a spec names (see the module docstring)."""
+    """The judge a spec names (see the module docstring); `color` spells `colour`."""
+    spec = SPELLINGS.get(spec, spec)
     kind, sep, rest = spec.partition(":")
     if spec == "colour":
         return ColourJudge()

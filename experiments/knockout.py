@@ -17,9 +17,13 @@ vmapped compiled calls over the knockout tables. The sweep's index is the study'
 L..L+W-1) and it runs one denoising step on a model folder, as the study's sweeps (--sweep-steps;
 an organism keeps its own steps: one Euler step of its schedule draws nothing), against a plain
 edit of the same steps. --sweep-index project is this project's: k = 0..n, prefix cutting blocks
-0..k-1 and suffix k..n-1 (k = n cuts nothing and gives the plain edit back). Compared against the
-baseline edit. A pass (the study's rule): the colour is kept (the output's dominant colour within
-CIEDE2000 15 of the reference colour) or, for any cut but ref->image alone, lost.
+0..k-1 and suffix k..n-1 (k = n cuts nothing and gives the plain edit back). A pass follows the
+study's rule, relative to the baseline edit (experiments.tables.RULES): `ref->image` alone asks
+whether the colour is kept, every other setting whether it is lost; the colour is there when the
+output's dominant colour is within CIEDE2000 15 of the reference colour. The absolute rate asks the
+output alone. Rows say where the rate is no finding: a setting whose edges the model was trained
+without (an organism's routing cuts: it cuts nothing), and outputs destroyed rather than recoloured
+(no object drawn, or a change over twice the text-to-image baseline's).
 
     python -m experiments.knockout --settings ref->text ref->image --layers all :4 4: --sweep
     python -m experiments.knockout --model FLUX.2-klein-9B --tasks colour/tasks.jsonl --chunk 2
@@ -127,8 +131,35 @@ def edges(setting: str) -> list[str]:
         else:
             pending.append(part)
     if pending:
-        raise ValueError(f"knockout setting {setting!r}: {' + '.join(pending)} has no '->' destination")
+        raise ValueError(f"knockout setting {setting!r}: {' + '.join(pending)} has no '->' destination; "
+                         "write edges as 'A->B' (e.g. 'ref->text', 'image+text->ref')")
     return list(dict.fromkeys(out))
+
+
+def _stand_in():
+    """A layout with every token group present (content, padding, image, one reference), and its content mask."""
+    import numpy as np
+
+    from fluxjax.layout import TokenLayout
+
+    return TokenLayout(n_txt=4, img_grid=(1, 1), ref_grids=((1, 1),)), np.array([True, True, False, False])
+
+
+@functools.lru_cache(maxsize=256)
+def cut_in_training(setting: str, config, trained_cuts: tuple[str, ...]) -> bool:
+    """Whether the model was trained with every edge of `setting` cut (an organism's routing cuts,
+    `ModelBackend.trained_cuts`): such a knockout cuts nothing the model ever used, so its output is
+    the baseline edit's and its rate no finding about the model's routing."""
+    import numpy as np
+
+    from fluxjax.interventions import knockout
+
+    if not trained_cuts:
+        return False
+    layout, content = _stand_in()
+    cut = ~np.asarray(knockout(config, layout, content, edges(setting), "all").allowed)
+    open_in_training = np.asarray(knockout(config, layout, content, list(trained_cuts), "all").allowed)
+    return not np.any(cut & open_in_training)
 
 
 def question(setting: str) -> str:
@@ -173,14 +204,9 @@ def sweep_steps(given: int | None, model_kind: str) -> int | None:
 
 def validate(s: Mapping, config) -> None:
     """Raise for an unknown edge, a bad layer mode, or a knockout that would empty some query."""
-    import numpy as np
-
     from fluxjax.interventions import knockout
-    from fluxjax.layout import TokenLayout
 
-    # A stand-in layout with every token group present (content, padding, image, one reference).
-    layout = TokenLayout(n_txt=4, img_grid=(1, 1), ref_grids=((1, 1),))
-    content = np.array([True, True, False, False])
+    layout, content = _stand_in()
     if not s["settings"] and not s["sweep"]:
         raise ValueError("give at least one knockout setting")
     for setting in dict.fromkeys([*s["settings"], *s["sweep"]]):
@@ -205,6 +231,7 @@ def validate(s: Mapping, config) -> None:
 
 
 def _task(ctx: Context, task, s: Mapping, cell) -> dict:
+    from experiments.backend import backend
     from fluxjax.interventions import Interventions, knockout
 
     base = ctx.baselines(task)
@@ -240,13 +267,17 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
                                setting="no knockout (edit)", edges=None, layers=None, from_block=None),
             tables.control_row(NAME, ctx.judged_property, base["t2i"], ref_lab, base["edit"], task=task.task_id,
                                setting="t2i (no reference)", edges=None, layers=None, from_block=None)]
-    edit_de = rows[0]["colour_de"]
+    edit_de, t2i_mad = rows[0]["colour_de"], rows[1]["mad"]
+    trained_cuts = backend(ctx.model).trained_cuts
     for m, image in zip(meta, images):
         file = m.pop("file")
         cell.write_image(file, image)
         bundle = ctx.against_edit(task, cell, file)
-        rows.append(tables.judged_row(NAME, ctx.judged_property, question(m["edges"]), bundle, image, ref_lab, edit_de,
-                                      base["edit"], task=task.task_id, **m))
+        row = tables.judged_row(NAME, ctx.judged_property, question(m["edges"]), bundle, image, ref_lab, edit_de,
+                                base["edit"], task=task.task_id, **m)
+        row["trained_cut"] = cut_in_training(m["edges"], ctx.model.config, trained_cuts)
+        row["destroyed"] = tables.destroyed(image, row["mad"], t2i_mad)
+        rows.append(row)
     if swept:
         plain, bundle_edit = base["edit"], ctx.baseline_file(task, "edit")
         if options.num_steps != ctx.options.num_steps:  # the sweep's own plain edit, of its steps
@@ -264,8 +295,12 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
             cell.write_image(file, image)
             bundle = [("reference", ctx.baseline_file(task, "reference")), ("baseline edit", bundle_edit),
                       ("output", ctx.file(cell, file))]
-            rows.append(tables.judged_row(NAME, ctx.judged_property, question(m["edges"]), bundle, image, ref_lab,
-                                          plain_de, plain, task=task.task_id, sweep_steps=options.num_steps, **m))
+            row = tables.judged_row(NAME, ctx.judged_property, question(m["edges"]), bundle, image, ref_lab,
+                                    plain_de, plain, task=task.task_id, sweep_steps=options.num_steps, **m)
+            row["trained_cut"] = cut_in_training(m["edges"], ctx.model.config, trained_cuts)
+            if options.num_steps == ctx.options.num_steps:  # the text-to-image baseline's change is of these steps
+                row["destroyed"] = tables.destroyed(image, row["mad"], t2i_mad)
+            rows.append(row)
     return {"rows": rows}
 
 

@@ -334,12 +334,20 @@ def _describe(ctx: Context, s: Mapping) -> str:
     return text
 
 
+def form_title(s: Mapping) -> str:
+    """The lens's title with its form: the two forms' report sections must not share a heading."""
+    if s["form"] == "input":
+        return f"{TITLE}, input form (block k's text fed to block 0)"
+    return f"{TITLE}, diagonal form (block k's text replaces block k's)"
+
+
 def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     """Every task's lens cell, then the tables, plots, grids and report sections."""
     validate(s, ctx.model.config)
     if s.get("position_range") is not None:  # within this model's text positions, before any work
         parse_positions(s["position_range"], np.shape(ctx.text("").embeds)[1])
-    rows = ctx.cells(TITLE, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
+    title = form_title(s)
+    rows = ctx.cells(title, prefix, {t.task_id: functools.partial(_task, ctx, t, s) for t in tasks})
     single = [r for r in rows if r.get("position") is not None]
     rows = [r for r in rows if r.get("position") is None]
     items = tables.write_tables(ctx.run, prefix, rows, MEANS, rates_title="Pass rates", text=_describe(ctx, s),
@@ -354,17 +362,17 @@ def run(ctx: Context, tasks: Sequence, s: Mapping, prefix: str = NAME) -> list[r
                                  ylabel="CIEDE2000 to reference colour",
                                  caption="Mean colour distance of the lens output to the reference colour, by source "
                                          "block (lower: the colour appears)", threshold=tables.THRESHOLD,
-                                 num_double_blocks=ctx.model.config.depth, title=TITLE))
+                                 num_double_blocks=ctx.model.config.depth, title=title))
         rate = tables.series_by_block(swept, blocks, "positions", "block", "pass")
         items.append(tables.plot(ctx.run, f"{prefix}-pass-rate", blocks, rate,
                                  ylabel="share passing (the study's rule)",
-                                 caption="Pass rate by source block", ylim=(-0.05, 1.05),
-                                 num_double_blocks=ctx.model.config.depth, title=TITLE))
-    sections = [report.Section(f"{TITLE}: all, padding-only and content-only positions", items)]
+                                 caption="Pass rate (the study's rule) by source block", ylim=(-0.05, 1.05),
+                                 num_double_blocks=ctx.model.config.depth, title=title))
+    sections = [report.Section(f"{title}: all, padding-only and content-only positions", items)]
     if single:
-        sections.append(report.Section(f"{TITLE}: one text position at a time",
+        sections.append(report.Section(f"{title}: one text position at a time",
                                        position_items(ctx, prefix, single, blocks)))
-    sections.append(tables.task_grids(ctx.run, f"{TITLE}: per-task grids", prefix, tasks, rows + single,
+    sections.append(tables.task_grids(ctx.run, f"{title}: per-task grids", prefix, tasks, rows + single,
                                       functools.partial(_grid, ctx, s, prefix)))
     return sections
 

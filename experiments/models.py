@@ -3,13 +3,14 @@
 Two kinds:
 
     organism     `direct` or `text-routed` (the committed model organisms), or an organism folder
-                 (`organisms.experiment_model.OrganismModel`): 32 x 32 images, the organisms'
+                 (`experiments.organism.OrganismModel`): 32 x 32 images, the organisms'
                  shapes as the colour bucket's objects
     folder       a FLUX.2 model folder in the diffusers layout (`fluxjax.pipeline.load_model`),
                  e.g. a real FLUX.2 [klein] 9B, or a tiny random one built for tests
                  (`flux2ref.folder.build_model_folder`)
 
-The organism side is imported only when an organism is asked for.
+`load_model(value)` loads either as the experiments run it, with `edit` and `prepare`
+(`experiments.backend.Editing`). The organism side is imported only when an organism is asked for.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ TINY_CHUNK, FOLDER_CHUNK = 8, 2
 
 
 def _organisms():
-    from organisms import experiment_model
+    from organisms import checkpoint
 
-    return experiment_model
+    return checkpoint
 
 
 def kind(model: str) -> str:
@@ -154,6 +155,39 @@ def check_reference(model_kind: str, path) -> None:
     images.open_reference(path, min_side=0 if model_kind == "organism" else images.MIN_SIDE)
 
 
+def load_model(model: str | os.PathLike, *, dtype: str | None = None, cache: str | None = None,
+               progress: bool = True, max_text_length: int | None = None):
+    """The model a --model value names, as the experiments run it (`experiments.backend.ModelBackend`,
+    with `edit` and `prepare`): `direct` or `text-routed`, an organism folder, or a FLUX.2 model
+    folder in the diffusers layout (converted into the cache on first use; dtype 'float32' or
+    'bfloat16', default the checkpoint's; max_text_length: the text tokens prompts are padded to,
+    default the pipeline's 512)."""
+    model = os.fspath(model)
+    if kind(model) == "organism":
+        from experiments.organism import OrganismModel
+
+        if dtype not in (None, "float32"):
+            raise ValueError(f"dtype {dtype}: the organisms run in float32")
+        if max_text_length is not None:
+            raise ValueError(f"max_text_length {max_text_length}: an organism's text length is fixed when it is "
+                             "trained")
+        organisms = _organisms()
+        return OrganismModel.load(organisms.committed(model) if model in organisms.NAMES
+                                  else Path(os.path.expanduser(model)).resolve())
+
+    import jax.numpy as jnp
+
+    from experiments.backend import PipelineBackend
+    from fluxjax import pipeline
+
+    folder = os.path.abspath(os.path.expanduser(model))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{model}: not a committed organism ({', '.join(_organisms().NAMES)}), an organism folder, "
+                         "or a FLUX.2 model folder in the diffusers layout (no such folder)")
+    return PipelineBackend(pipeline.load_model(folder, dtype=None if dtype is None else jnp.dtype(dtype), cache=cache,
+                                               progress=progress, max_text_length=max_text_length))
+
+
 def load(args: argparse.Namespace):
     """(model, the run config's model record) from --model, --cache, --dtype."""
     model_kind = kind(args.model)
@@ -166,22 +200,17 @@ def load(args: argparse.Namespace):
                              "trained (organisms.train --text-length); the option is for model folders")
         path = (organisms.committed(args.model) if args.model in organisms.NAMES
                 else Path(os.path.expanduser(args.model)).resolve())
-        model = organisms.OrganismModel.load(path)
+        model = load_model(path)
         record = {"name": model.describe(), "kind": model_kind, "path": str(path), "dtype": "float32",
                   "num_blocks": model.config.num_blocks, "double_blocks": model.config.depth}
         return model, record
 
-    import jax.numpy as jnp
-
-    from fluxjax import pipeline
-
     folder = os.path.abspath(os.path.expanduser(args.model))
     if not os.path.isdir(folder):
         raise ValueError(f"--model {args.model}: no such folder (a FLUX.2 model folder in the diffusers layout)")
-    dtype = None if args.dtype is None else jnp.dtype(args.dtype)
     text_length = getattr(args, "text_length", None)
-    model = pipeline.load_model(folder, dtype=dtype, cache=args.cache, progress=not args.no_progress,
-                                max_text_length=text_length)
+    model = load_model(folder, dtype=args.dtype, cache=args.cache, progress=not args.no_progress,
+                       max_text_length=text_length)
     record = {"name": folder, "kind": model_kind, "dtype": str(model.params.img_in.dtype),
               "num_blocks": model.config.num_blocks, "double_blocks": model.config.depth}
     if text_length is not None:  # absent: the pipelines' 512, as folders made before the option record it

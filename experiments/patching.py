@@ -152,7 +152,8 @@ def _pair(ctx: Context, source, target, s: Mapping, cell) -> dict:
 def run(ctx: Context, found: Sequence, s: Mapping, prefix: str = NAME) -> list[report.Section]:
     validate(s, ctx.model.config)
     pairs = resolve_pairs(ctx, found, s)
-    rows = ctx.cells(TITLE, prefix, {pair_key(a, b): functools.partial(_pair, ctx, a, b, s) for a, b in pairs})
+    rows = ctx.cells(TITLE, prefix, {pair_key(a, b): functools.partial(_pair, ctx, a, b, s) for a, b in pairs},
+                     unit="pair")
     cfg = ctx.model.config
     how = "replaced" if s["mode"] == "replace" else "added to (additive patching: the source's minus the target's)"
     items = tables.write_tables(ctx.run, prefix, rows, MEANS, rates_title="Transfer rates", text=(

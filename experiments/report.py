@@ -27,10 +27,48 @@ from experiments.runs import CODE_VERSION_FILE, RunFolder, atomic_write_text
 # plots
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+COINCIDE_SHIFT = 0.12  # blocks: how far right a line that overlaps an earlier one is drawn
+OVERLAP = 0.01  # lines closer than this share of the plot's y span everywhere are drawn on top of each other
+
+
+def _close(a: Sequence[float], b: Sequence[float], tolerance: float) -> bool:
+    """Whether two series lie within `tolerance` of each other at every block (gaps at the same blocks)."""
+    import math
+
+    return all((math.isnan(x) and math.isnan(y)) or (not math.isnan(x) and not math.isnan(y) and abs(x - y) <= tolerance)
+               for x, y in zip(a, b))
+
+
+def line_styles(series: Mapping[str, Sequence[float | None]]) -> list[dict]:
+    """How `sweep_plot` draws each series: its own marker; a series that lies on ones drawn before it
+    (equal: "coincides with"; within OVERLAP of the y span: "overlaps") is shifted right
+    (COINCIDE_SHIFT per earlier one) and dashed, and its legend label says which, so that neither
+    hides the other."""
+    import math
+
+    values = {name: [float("nan") if v is None else float(v) for v in vs] for name, vs in series.items()}
+    finite = [y for ys in values.values() for y in ys if not math.isnan(y)]
+    span = max(finite) - min(finite) if finite else 0.0
+    out, drawn = [], []
+    for i, (name, ys) in enumerate(values.items()):
+        equal = [other for other, theirs in drawn if _close(ys, theirs, 1e-9)]
+        near = [other for other, theirs in drawn if other not in equal and _close(ys, theirs, OVERLAP * span)]
+        drawn.append((name, ys))
+        said = ([f"coincides with {', '.join(equal)}"] if equal else []) + ([f"overlaps {', '.join(near)}"] if near
+                                                                            else [])
+        out.append({"name": name, "values": ys, "marker": MARKERS[i % len(MARKERS)],
+                    "shift": COINCIDE_SHIFT * (len(equal) + len(near)), "linestyle": "--" if said else "-",
+                    "label": f"{name} ({'; '.join(said)})" if said else name})
+    return out
+
+
 def sweep_plot(blocks: Sequence[int], series: Mapping[str, Sequence[float | None]], *, ylabel: str,
                title: str = "", xlabel: str = "block (global index)", threshold: float | None = None,
                num_double_blocks: int | None = None, ylim: tuple[float, float] | None = None) -> bytes:
-    """PNG bytes of one line per series over the blocks; None values leave gaps.
+    """PNG bytes of one line per series over the blocks; None values leave gaps. A series on top of one
+    drawn before it (equal, or overlapping at this scale) is drawn dashed, shifted a little to the
+    right, and its legend says so (`line_styles`).
 
     threshold: drawn as a dashed horizontal line (e.g. a pass threshold).
     num_double_blocks: shades blocks 0..num_double_blocks-1 as the double-stream blocks.
@@ -49,9 +87,10 @@ def sweep_plot(blocks: Sequence[int], series: Mapping[str, Sequence[float | None
     ax = fig.add_subplot()
     if num_double_blocks:
         ax.axvspan(-0.5, num_double_blocks - 0.5, color="0.93", zorder=0, label="double-stream blocks")
-    for name, values in series.items():
-        ys = [float("nan") if v is None else float(v) for v in values]
-        ax.plot(blocks, ys, marker="o", markersize=3.5, linewidth=1.6, label=name)
+    for line in line_styles(series):
+        ax.plot([b + line["shift"] for b in blocks], line["values"], marker=line["marker"],
+                markersize=4.5 if line["shift"] else 3.5, linewidth=1.6, linestyle=line["linestyle"],
+                label=line["label"])
     if threshold is not None:
         ax.axhline(threshold, color="0.35", linestyle="--", linewidth=1.0, label=f"threshold {threshold:g}")
     ax.set_xlabel(xlabel)
@@ -119,12 +158,20 @@ class Text:
     text: str  # plain text; blank lines separate paragraphs
 
 
+def percent(value: float | None) -> str:
+    """A share as every report writes it: '86 %', '12.5 %', '0.4 %' (the study's way), 'n/a' for none."""
+    if value is None or value == "":
+        return "n/a"
+    text = f"{100 * float(value):.1f}"
+    return f"{text[:-2] if text.endswith('.0') else text} %"
+
+
 @dataclasses.dataclass(frozen=True)
 class Table:
     title: str
     columns: Sequence[str]
     rows: Sequence[Mapping[str, Any]]
-    formats: Mapping[str, str] = dataclasses.field(default_factory=dict)  # column -> "{:.1%}" etc.
+    formats: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # column -> "{:.2f}" or a function
     note: str = ""
 
 
@@ -143,9 +190,25 @@ class FigureRow:
 
 
 @dataclasses.dataclass(frozen=True)
+class Links:
+    """A line of links to files inside the report's folder (other reports, grids), each (label, path
+    with an optional '#section' anchor)."""
+
+    text: str
+    links: Sequence[tuple[str, str | os.PathLike]]
+
+
+@dataclasses.dataclass(frozen=True)
 class Section:
     title: str
-    items: Sequence[Text | Table | Figure | FigureRow]
+    items: Sequence[Text | Table | Figure | FigureRow | Links]
+
+
+def anchor(title: str) -> str:
+    """The id of a section's heading: its title in lower case, runs of other characters as '-'."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
 _STYLE = """
@@ -153,7 +216,7 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; 
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
 .note { color: #555; font-size: 0.9em; }
@@ -166,7 +229,7 @@ def _cell(value: Any, fmt: str | None) -> tuple[str, bool]:
         return "", False
     if fmt is not None:
         try:
-            return fmt.format(value), True
+            return (fmt(value) if callable(fmt) else fmt.format(value)), True
         except (ValueError, TypeError):
             pass
     if isinstance(value, float):
@@ -174,19 +237,28 @@ def _cell(value: Any, fmt: str | None) -> tuple[str, bool]:
     return str(value), isinstance(value, int) and not isinstance(value, bool)
 
 
-def _relative_url(folder: Path, path: Path) -> str:
+def _relative_url(folder: Path, path: str | os.PathLike) -> str:
+    path, _, fragment = os.fspath(path).partition("#")
+    url = _file_url(folder, Path(path))
+    return f"{url}#{fragment}" if fragment else url
+
+
+def _file_url(folder: Path, path: Path) -> str:
     target = (folder / path).resolve() if not Path(path).is_absolute() else Path(path).resolve()
     root = folder.resolve()
     if root != target and root not in target.parents:
-        raise ValueError(f"figure {path} lies outside the report folder {folder}; save it inside the run folder")
+        raise ValueError(f"{path} lies outside the report folder {folder}; save it inside the run folder")
     if not target.is_file():
-        raise FileNotFoundError(f"figure {target} does not exist; write it before the report")
+        raise FileNotFoundError(f"{target} does not exist; write it before the report")
     return urllib.parse.quote(target.relative_to(root).as_posix())
 
 
 def render_html(folder: str | os.PathLike, title: str, sections: Sequence[Section], *,
-                config: Mapping[str, Any] | None = None, code: Mapping[str, Any] | None = None) -> str:
-    """The report page; figure paths are made relative to `folder`, where the page will be saved."""
+                config: Mapping[str, Any] | None = None, code: Mapping[str, Any] | None = None,
+                command: str | None = None) -> str:
+    """The report page; figure paths are made relative to `folder`, where the page will be saved.
+    command: the command line that wrote it, shown under the title; the sections are listed there
+    too, each heading an anchor (`anchor(title)`)."""
     folder = Path(folder)
 
     def esc(text: str) -> str:  # element content; attributes go through html.escape with quotes
@@ -199,12 +271,24 @@ def render_html(folder: str | os.PathLike, title: str, sections: Sequence[Sectio
 
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    if command:
+        out.append(f'<p class="note">Written by <code>{esc(command)}</code></p>')
     if code:
         out.append(f'<p class="note">code: {esc(", ".join(f"{k} = {v}" for k, v in code.items()))}</p>')
-    for section in sections:
-        out.append(f"<h2>{esc(section.title)}</h2>")
+    ids = [anchor(section.title) for section in sections]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"two report sections share a heading: {[t.title for t in sections]}")
+    if len(sections) > 2:
+        out.append('<p class="note">Sections: ' + " &middot; ".join(
+            f'<a href="#{i}">{esc(section.title)}</a>' for i, section in zip(ids, sections)) + "</p>")
+    for section, section_id in zip(sections, ids):
+        out.append(f'<h2 id="{section_id}">{esc(section.title)}</h2>')
         for item in section.items:
-            if isinstance(item, Text):
+            if isinstance(item, Links):
+                out.append(f"<p>{esc(item.text)} " + "; ".join(
+                    f'<a href="{html.escape(_relative_url(folder, path))}">'
+                    f"{esc(label)}</a>" for label, path in item.links) + "</p>")
+            elif isinstance(item, Text):
                 out += [f"<p>{esc(p.strip())}</p>" for p in item.text.split("\n\n") if p.strip()]
             elif isinstance(item, Table):
                 out.append(f"<h3>{esc(item.title)}</h3><table><tr>"
@@ -223,7 +307,7 @@ def render_html(folder: str | os.PathLike, title: str, sections: Sequence[Sectio
                 if item.caption:
                     out.append(f'<p class="note">{esc(item.caption)}</p>')
             else:
-                raise TypeError(f"a report section holds Text, Table, Figure or FigureRow items, got "
+                raise TypeError(f"a report section holds Text, Table, Figure, FigureRow or Links items, got "
                                 f"{type(item).__name__}")
     if config is not None:
         out.append("<h2>Configuration</h2><pre>" + esc(json.dumps(config, indent=2, sort_keys=True)) + "</pre>")
@@ -233,13 +317,16 @@ def render_html(folder: str | os.PathLike, title: str, sections: Sequence[Sectio
 
 def write_report(folder: str | os.PathLike, title: str, sections: Sequence[Section], *,
                  config: Mapping[str, Any] | None = None, code: Mapping[str, Any] | None = None,
-                 name: str = "report.html") -> Path:
+                 command: str | None = None, name: str = "report.html") -> Path:
     """Render and write the report as `folder/name` (atomically)."""
     folder = Path(folder)
-    return atomic_write_text(folder / name, render_html(folder, title, sections, config=config, code=code))
+    return atomic_write_text(folder / name, render_html(folder, title, sections, config=config, code=code,
+                                                        command=command))
 
 
-def write_run_report(run: RunFolder, title: str, sections: Sequence[Section], name: str = "report.html") -> Path:
-    """The run's report, with its config and the code version that made the folder."""
+def write_run_report(run: RunFolder, title: str, sections: Sequence[Section], name: str = "report.html",
+                     command: str | None = None) -> Path:
+    """The run's report, with the command that wrote it, its config and the code version that made the folder."""
     code = json.loads((run.path / CODE_VERSION_FILE).read_text())
-    return run.write_derived(name, render_html(run.path, title, sections, config=run.config, code=code))
+    return run.write_derived(name, render_html(run.path, title, sections, config=run.config, code=code,
+                                               command=command))

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ from experiments.sweep import POSITIONS
 NAME = "run_all"
 TITLE = "The five experiments"
 DEFAULT_MODELS = "direct,text-routed"
+EXPERIMENTS = ("lens", "study_lens", "knockout", "drop", "patching")  # in the order they run
 COLOUR_SUBSETS = {  # per model kind: (colours, objects, seeds) of the default colour-bucket subset
     "organism": ("red,yellow,green,blue", "circle,triangle", "0"),  # 8 tasks, 24 study-rule pairs
     "folder": ("red,green,blue,yellow", "ball", "0"),
@@ -109,6 +111,13 @@ def plan(config, blocks_spec: str, source_steps: int, kind: str, pairs: Path | N
     drop.validate(out["drop"], config)
     patching.validate(out["patching"], config)
     return out
+
+
+def describe_settings(args: argparse.Namespace) -> str:
+    """What this invocation runs, in a few words: a report's title names it."""
+    if args.study:
+        return f"the study's {args.bucket} cells (--study)"
+    return f"the five experiments, blocks {args.blocks} swept"
 
 
 def summary_note(kind: str) -> str:
@@ -178,6 +187,7 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
             run.discard()
             cli.fail(parser, str(e))
         pair_found = cli.load_pair_tasks(spec)
+        cli.announce(ctx, found, [name for name in EXPERIMENTS if name in settings])
         sections = lens.run(ctx, found, settings["lens"], "lens")
         if "study_lens" in settings:
             sections += lens.run(ctx, found, settings["study_lens"], "study-lens")
@@ -193,17 +203,20 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
                         f"{time.perf_counter() - start:.0f} s"
                         f"{' (resumed)' if run.resumed else ''}."),
             study.table(run.path, settings, model.config, summary_note(kind))])
-        path = report.write_run_report(run, f"{TITLE}: {model_record['name']}", [intro, *sections])
+        path = report.write_run_report(run, f"{describe_settings(args)[:1].upper()}{describe_settings(args)[1:]}: "
+                                            f"{models.name(args.model)}", [intro, *sections], command=args.command)
         run.write_summary({"experiment": NAME, "tasks": len(found), "seconds": time.perf_counter() - start,
-                           "resumed": run.resumed})
+                           "resumed": run.resumed, "cells": run.counts()})
         run.mark_finished()
+        print(run.counts_line())
     print(f"report: {path}")
     return Outcome(name=models.name(args.model), kind=kind, run_path=run.path, report=path, settings=settings,
                    config=model.config)
 
 
-def comparison_report(folder: Path, outcomes: Sequence[Outcome]) -> Path:
-    """`folder/report.html`: the models' headline pass rates side by side, then their sweep plots."""
+def comparison_report(folder: Path, outcomes: Sequence[Outcome], args: argparse.Namespace) -> Path:
+    """`folder/report.html`: the models' headline pass rates side by side, links to each model's report
+    and grids, then their sweep plots side by side."""
     rows = {}
     for o in outcomes:
         for r in study.rows(o.run_path, o.settings):
@@ -218,17 +231,55 @@ def comparison_report(folder: Path, outcomes: Sequence[Outcome]) -> Path:
                          rows=list(rows.values()), note=f"{study.mapping_note(outcomes[0].config)} Each model's "
                          "rate comes with its 95 % interval (Wilson) and whether the study's number lies inside it. "
                          f"{summary_note(kinds.pop() if len(kinds) == 1 else 'mixed')}")
-    links = report.Text("Each model's full report (grids, tables, every setting): " + "; ".join(
-        f"{o.name}: {o.report.relative_to(folder.resolve()).as_posix()}" for o in outcomes) + ".")
-    sections = [report.Section("The study's cells", [table, links])]
+    links = []
+    for o in outcomes:
+        report_file = o.report.relative_to(folder.resolve()).as_posix()
+        sections = [(title, report.anchor(title)) for title in _grid_sections(o.settings)]
+        links.append(report.Links(f"{o.name}:", [("full report (tables, plots, every setting)", report_file)]
+                                  + [(title, f"{report_file}#{anchor}") for title, anchor in sections]))
+    parts = [report.Section("The study's cells", [table]),
+             report.Section("Each model's report and grids", [
+                 report.Text("Each model's run folder has its own report: its tables, plots and, per experiment, "
+                             "the per-task image grids (reference, baseline edit, text-to-image, then the cells)."),
+                 *links])]
     plots = {}
     for o in outcomes:
         for png in sorted((o.run_path / "plots").glob("*.png")):
-            plots.setdefault(png.stem, []).append(report.Figure(path=png, caption=o.name))
-    rows_of_plots = [report.FigureRow(figures, caption=stem) for stem, figures in plots.items()]
+            plots.setdefault(png.stem, []).append((o, png))
+    rows_of_plots = []
+    for stem, found in plots.items():
+        about = _plot_caption(found[0][1])
+        rows_of_plots.append(report.FigureRow([report.Figure(path=png, caption=o.name) for o, png in found],
+                                              caption=about or stem))
     if rows_of_plots:
-        sections.append(report.Section("Block sweeps side by side", rows_of_plots))
-    return report.write_report(folder, f"{TITLE}: {', '.join(names)}", sections)
+        parts.append(report.Section("Block sweeps side by side", rows_of_plots))
+    what = describe_settings(args)
+    return report.write_report(folder, f"{what[:1].upper()}{what[1:]}: {', '.join(names)}", parts,
+                               command=args.command)
+
+
+def _grid_sections(settings: Mapping) -> list[str]:
+    """The titles of a run report's per-task grid sections, in the order the experiments ran."""
+    out = []
+    if "lens" in settings:
+        out.append(f"{lens.form_title(settings['lens'])}: per-task grids")
+    if "study_lens" in settings:
+        out.append(f"{lens.form_title(settings['study_lens'])}: per-task grids")
+    for name, module, kind in (("knockout", knockout, "task"), ("drop", drop, "task"), ("patching", patching, "pair")):
+        if name in settings:
+            out.append(f"{module.TITLE}: per-{kind} grids")
+    return out
+
+
+def _plot_caption(png: Path) -> str:
+    """A plot's title and caption in words (`experiments.tables.plot` writes them beside it)."""
+    import json
+
+    try:
+        about = json.loads(png.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return ": ".join(part for part in (about.get("title"), about.get("caption")) if part)
 
 
 def counts(checked: cli.Checked) -> dict[str, str]:
@@ -257,7 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     cli.add_arguments(parser, out_default="runs/main", model_default=DEFAULT_MODELS,
                       colour_defaults=COLOUR_SUBSETS, pair_tasks=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command = cli.command_line(NAME, argv)
     if args.study and args.bucket != "colour" and args.tasks is None:
         cli.fail(parser, f"--study --bucket {args.bucket}: give the bucket's task files with --tasks (the study's "
                          f"data/tasks/<bucket>/tasks.jsonl); only the colour bucket is generated")
@@ -285,13 +338,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plan:
         print_plan(names, checked)
         return 0
+    if args.check:
+        for c in checked:
+            print(cli.checked_line(c))
+        return 0
     if len(specs) == 1:
         run_model(parser, _with_model(args, specs[0]), args.out, checked[0])
         return 0
     folder = Path(args.out).resolve()
     outcomes = [run_model(parser, _with_model(args, m), str(folder / cli.slug(name)), c)
                 for m, name, c in zip(specs, names, checked)]
-    path = comparison_report(folder, outcomes)
+    path = comparison_report(folder, outcomes, args)
     print(f"report: {path}")
     return 0
 

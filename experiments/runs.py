@@ -42,6 +42,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -304,6 +305,9 @@ class RunFolder:
     resumed: bool
     _lock: Path | None = None
     _checked: set = dataclasses.field(default_factory=set)  # cells found intact by this invocation
+    _skipped: set = dataclasses.field(default_factory=set)  # complete and intact when first asked: not recomputed
+    _repaired: set = dataclasses.field(default_factory=set)  # finished once, found damaged, reopened
+    _computed: set = dataclasses.field(default_factory=set)  # finished by this invocation
 
     def cell(self, key: str) -> Cell:
         rel = check_key(key)
@@ -326,8 +330,11 @@ class RunFolder:
         if problems:
             print(f"{self.path.name}: cell {cell.key}: {'; '.join(problems)}; computing it again", file=sys.stderr)
             cell.reopen()
+            self._repaired.add(cell.key)
             return False
         self._checked.add(cell.key)
+        if cell.key not in self._computed:
+            self._skipped.add(cell.key)
         return True
 
     def pending(self, keys: Iterable[str]) -> list[str]:
@@ -338,6 +345,24 @@ class RunFolder:
         """Mark `cell` complete (`Cell.finish`); it counts as checked for the rest of this invocation."""
         cell.finish(record)
         self._checked.add(cell.key)
+        self._computed.add(cell.key)
+
+    @property
+    def reopened(self) -> frozenset[str]:
+        """The cells this invocation found damaged and reopened (`intact`)."""
+        return frozenset(self._repaired)
+
+    def counts(self) -> dict[str, int]:
+        """This invocation's cells so far: skipped (complete and intact), repaired (damaged, computed
+        again) and computed (new: neither)."""
+        return {"skipped": len(self._skipped), "repaired": len(self._repaired & self._computed),
+                "computed": len(self._computed - self._repaired)}
+
+    def counts_line(self) -> str:
+        """One line: what this invocation did with the folder's cells."""
+        c = self.counts()
+        return (f"{self.path}: {'resumed' if self.resumed else 'new run folder'}: {c['skipped']} cells skipped "
+                f"(complete and intact), {c['repaired']} repaired (damaged, computed again), {c['computed']} computed")
 
     def cells(self) -> Iterator[Cell]:
         """Every complete cell, in key order."""
@@ -585,3 +610,69 @@ def progress(iterable: Iterable | None = None, *, desc: str, unit: str = "task",
     return tqdm(iterable, desc=desc, unit=unit, total=total, initial=initial, leave=not nested,
                 position=1 if nested else 0, dynamic_ncols=True,
                 disable=None if enabled is None else not enabled)
+
+
+def is_terminal(stream=None) -> bool:
+    """Whether `stream` (default stderr, where progress goes) is a terminal, where bars draw."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '1 h 02 min'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class ProgressLines:
+    """Progress as lines of text, for a log: what the bars show on a terminal, one line per task
+    done and per sweep chunk, with the time elapsed and an estimate of the time left.
+
+    total: the tasks; complete: those already complete (skipped); the estimate extrapolates the
+    time per task computed so far over the tasks left. Lines go to stderr, flushed; disabled, it
+    writes nothing.
+    """
+
+    def __init__(self, desc: str, total: int, complete: int = 0, *, unit: str = "task", enabled: bool = True,
+                 stream=None):
+        self.desc, self.total, self.done, self.unit, self.enabled = desc, total, complete, unit, enabled
+        self.todo = total - complete
+        self.computed = 0
+        self.stream = stream
+        self.start = time.monotonic()
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            print(f"{self.desc}: {text}", file=self.stream or sys.stderr, flush=True)
+
+    def _times(self, fraction_of_task: float = 0.0) -> str:
+        elapsed = time.monotonic() - self.start
+        share = (self.computed + fraction_of_task) / self.todo if self.todo else 1.0
+        left = f", about {duration(elapsed * (1 - share) / share)} left" if 0 < share < 1 else ""
+        return f"{duration(elapsed)} elapsed{left}"
+
+    def begin(self, title: str = "", repaired: int = 0) -> None:
+        skipped = self.total - self.todo
+        self.write(f"{title + ', ' if title else ''}{self.total} {self.unit}s: {skipped} complete (skipped), "
+                   f"{self.todo} to compute"
+                   + (f" ({repaired} of them damaged, computed again)" if repaired else ""))
+
+    def chunk(self, task: str, cells_done: int, cells: int) -> None:
+        """A sweep call of the task in progress has finished: `cells_done` of its `cells`."""
+        self.write(f"{self.unit} {self.done + 1}/{self.total} ({task}): sweep {cells_done}/{cells} cells, "
+                   f"{self._times(cells_done / cells)}")
+
+    def task_done(self, task: str) -> None:
+        self.done += 1
+        self.computed += 1
+        self.write(f"{self.unit} {self.done}/{self.total} done ({task}), {self._times()}")
+
+    def end(self) -> None:
+        if self.todo:
+            self.write(f"{self.done}/{self.total} {self.unit}s complete, {self.computed} computed in "
+                       f"{duration(time.monotonic() - self.start)}")

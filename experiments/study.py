@@ -36,6 +36,13 @@ LENS_BLOCK = {"colour": 17, "style": 7, "identity": 7, "add": 7, "remove": 7}
 PATCH_BLOCK = {"colour": 17, "style": 7, "identity": 7}
 PROPERTY = {"colour": "colour", "style": "style", "identity": "identity", "add": "reference", "remove": "reference"}
 BUCKETS = tuple(LENS_BLOCK)
+# The study's sample sizes per bucket and experiment (docs: the paper protocol): the colour bucket's
+# 320 tasks and 448 pairs; 450 style tasks and pairs; 90 identity tasks and 90 directed pairs x 5
+# prompts; the add and remove buckets' 789 and 726 tasks.
+STUDY_N = {"colour": {"lens": 320, "knockout": 320, "patching": 448},
+           "style": {"lens": 450, "knockout": 450, "patching": 450},
+           "identity": {"lens": 90, "knockout": 90, "patching": 450},
+           "add": {"lens": 789}, "remove": {"lens": 726}}
 
 # The study's numbers: {bucket: {cell: number}}, cells named as in `cells`.
 NUMBERS = {
@@ -129,12 +136,14 @@ def _number(r: Mapping, key: str) -> float | None:
     return None if value in ("", None) else float(value)
 
 
-def _shown(r: Mapping, key: str, n: str) -> str | None:
-    """'rate [low, high] (n = N)' of a pass-rates CSV row's rate `key`, None where it is empty."""
+def _shown(r: Mapping, key: str, n: str, asked: str = "") -> str | None:
+    """'rate asked [low, high] (n = N)' of a pass-rates CSV row's rate `key` (asked: ' lost' or ' kept',
+    as the study writes its knockouts), None where it is empty."""
     rate = _number(r, key)
     if rate is None:
         return None
-    return f"{tables.rate_text(rate, _number(r, f'{key}_low'), _number(r, f'{key}_high'))} (n = {r[n]})"
+    low, high = _number(r, f"{key}_low"), _number(r, f"{key}_high")
+    return f"{report.percent(rate)}{asked} [{report.percent(low)}, {report.percent(high)}] (n = {r[n]})"
 
 
 def rows(run_path: Path, s: Mapping) -> list[dict]:
@@ -150,8 +159,11 @@ def rows(run_path: Path, s: Mapping) -> list[dict]:
         number = NUMBERS[bucket].get(cell, "-")
         here = absolute = rule = strict = inside = None
         if r is not None:
-            here = _shown(r, "rate", "n")
-            strict = _shown(r, "rate_strict", "n_strict")
+            asked = f" {r['judge']}" if r["judge"] in ("lost", "kept") else ""
+            here = _shown(r, "rate", "n", asked)
+            if here is not None and tables.caveat(r):
+                here = f"{here}: {tables.caveat(r, short=True)}"
+            strict = _shown(r, "rate_strict", "n_strict", asked)
             if strict is not None:
                 strict += f", {r['excluded']} excluded"
             absolute = _shown(r, "rate_absolute", "n_absolute")
@@ -159,9 +171,18 @@ def rows(run_path: Path, s: Mapping) -> list[dict]:
             theirs, low, high = study_rate(number), _number(r, "rate_low"), _number(r, "rate_high")
             if theirs is not None and low is not None:
                 inside = "yes" if low - 1e-9 <= theirs <= high + 1e-9 else "no"
-        out.append({"cell": what, "study": number, "this run": here, "study inside": inside, "strict": strict,
-                    "absolute": absolute, "rule": rule})
+        out.append({"cell": what, "study": study_number(bucket, cell), "this run": here, "study inside": inside,
+                    "strict": strict, "absolute": absolute, "rule": rule})
     return out
+
+
+def study_number(bucket: str, cell: str) -> str:
+    """The study's number of a cell with its n, e.g. '86 % lost (n = 320)'; '-' where it reports none."""
+    number = NUMBERS[bucket].get(cell)
+    if number is None:
+        return "-"
+    experiment = "lens" if cell.startswith("lens") else "patching" if cell.startswith("patching") else "knockout"
+    return f"{number} (n = {STUDY_N[bucket][experiment]})"
 
 
 def table(run_path: Path, s: Mapping, config, note: str = "") -> report.Table:
@@ -172,7 +193,7 @@ def table(run_path: Path, s: Mapping, config, note: str = "") -> report.Table:
         title=f"The study's table, {bucket} bucket: its cells beside ours",
         columns=["cell", "study", "this run", "study inside", *(["strict"] if strict else []), "absolute", "rule"],
         rows=shown,
-        note=f"{mapping_note(config)} 'this run': the study's rule, relative to its control, over every task (as the "
+        note=f"{mapping_note(config)} 'study': its number and n (the paper protocol); 'this run': the study's rule, relative to its control, over every task (as the "
              f"study judged every one), with its 95 % interval (Wilson); 'study inside': whether the study's number "
              f"lies in that interval (a model and sample other than the study's: a check of scale, not of "
              f"agreement). "

@@ -1,7 +1,7 @@
 """Sampler calls of the experiments: an edit prepared once, then run plainly, with captures, or as
-a vmapped sweep over intervention values.
+a vmapped sweep over intervention values (`prepare`, `run` and `Edit` live in `experiments.backend`).
 
-    edit = sweep.prepare(model, text, reference="red.png", seed=task.seed, height=64, width=64)
+    edit = sweep.prepare(model, text, references=["red.png"], seed=task.seed, height=64, width=64)
     pixels, captures = sweep.run(model, edit, options, capture=Capture(text=(3,)))
     pixels = sweep.sweep(model, edit, options, [Interventions(knockout=k) for k in tables])  # [V, H, W, 3]
 
@@ -13,7 +13,7 @@ values, masks, knockout tables) and runs them as `jax.vmap` over one compiled sa
 same shape and reuses the same program), then decodes the whole chunk with the VAE in one batch.
 
 The model is a FLUX.2 `fluxjax.pipeline.Flux2Model` or any `experiments.backend.ModelBackend`
-(`organisms.experiment_model.OrganismModel`).
+(`experiments.organism.OrganismModel`).
 
 Axes as in `fluxjax.numerics`; V is the sweep axis.
 """
@@ -22,74 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.backend import backend
+from experiments.backend import POSITIONS, Edit, backend, prepare, run  # one edit; the sweep of many is here
 from fluxjax import sampler as samplerlib
 from fluxjax.interventions import Capture, Captures, Interventions, check_sites, stack
 from fluxjax.layout import TokenLayout
-
-
-# Text positions of a substitution: the names of the command line and the token groups they cover.
-POSITIONS = {"all": "text", "padding": "text[padding]", "content": "text[content]"}
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Edit:
-    """One sample's inputs, shared by every cell of a sweep (batch 1)."""
-
-    txt: jax.Array  # [1, T, C] prompt embeddings, model dtype
-    txt_ids: np.ndarray  # int32 [T, 4]
-    content_mask: np.ndarray  # bool [1, T]: the prompt's own tokens
-    refs: jax.Array | None  # [1, N_ref, P] reference tokens, or None (text-to-image)
-    layout: TokenLayout
-    noise: jax.Array  # [1, N_img, P]
-    height: int  # output pixels (multiples of 16)
-    width: int
-    uncond: jax.Array | None = None  # [1, T, C] empty-prompt embeddings, for guidance "cfg" only
-
-    def text_mask(self, positions: str) -> np.ndarray:
-        """bool [1, T]: the text positions named by `positions`, a key of POSITIONS."""
-        return self.layout.text_mask(POSITIONS[positions], self.content_mask)
-
-
-def prepare(model, text, *, reference=None, seed: int, height: int, width: int, uncond=None) -> Edit:
-    """An edit of `text` (a one-prompt `TextConditioning`) with an optional reference image (path
-    or PIL) and the noise of `seed` (`fluxjax.sampler.initial_noise`, as `pipeline.generate`)."""
-    model = backend(model)
-    dtype = model.params.img_in.dtype
-    embeds = jnp.asarray(np.asarray(text.embeds, np.float32), dtype)
-    if embeds.shape[0] != 1:
-        raise ValueError(f"an Edit holds one prompt; got {embeds.shape[0]}")
-    refs, grids = None, ()
-    if reference is not None:
-        refs, grids, _ = model.reference_tokens([reference])
-    grid = model.image_grid(height, width)
-    layout = TokenLayout(n_txt=embeds.shape[1], img_grid=grid, ref_grids=tuple(grids))
-    noise = samplerlib.initial_noise(seed, 1, layout.n_img, model.config.in_channels, dtype)
-    if model.options.guidance == "cfg" and uncond is None:
-        raise ValueError("this model samples with classifier-free guidance: pass `uncond`, the empty prompt's "
-                         "TextConditioning")
-    return Edit(txt=embeds, txt_ids=np.asarray(text.txt_ids), content_mask=np.asarray(text.content_mask, bool),
-                refs=refs, layout=layout, noise=noise, height=grid[0] * model.multiple_of,
-                width=grid[1] * model.multiple_of,
-                uncond=None if uncond is None else jnp.asarray(np.asarray(uncond.embeds, np.float32), dtype))
-
-
-def run(model, edit: Edit, options: samplerlib.SamplerOptions, interventions: Interventions | None = None,
-        capture: Capture | None = None, attn_impl: str | None = None) -> tuple[np.ndarray, Captures | None]:
-    """One sampler call: (pixels uint8 [1, H, W, 3], captures with a leading [num_steps] axis or None)."""
-    model = backend(model)
-    interventions = model.with_cuts(edit.layout, edit.content_mask, interventions)
-    latents, captures = samplerlib.sample(model.params, model.config, options, edit.txt, edit.txt_ids,
-                                          edit.layout.img_ids(), noise=edit.noise, refs=edit.refs,
-                                          uncond_txt=edit.uncond, interventions=interventions, capture=capture,
-                                          sigmas=model.sigmas(options.num_steps), attn_impl=attn_impl)
-    return model.decode(latents, edit.height, edit.width), captures
 
 
 @functools.partial(jax.jit, static_argnames=("config", "options", "attn_impl"))
@@ -165,12 +107,13 @@ def fitting_chunk(model, edit: Edit, options: samplerlib.SamplerOptions, cells: 
 
 
 def sweep(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence[Interventions], *,
-          chunk: int | None = None, attn_impl: str | None = None) -> np.ndarray:
+          chunk: int | None = None, attn_impl: str | None = None,
+          on_chunk: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Every cell's image, as vmapped calls of one compiled sampler: uint8 [V, H, W, 3].
 
     cells: interventions of one pytree structure (a sweep varies values only). chunk: cells per
     call (None: all at once; an `AutoChunk`: as many as fit the device, `fitting_chunk`); bounds
-    memory on large models.
+    memory on large models. on_chunk(cells done, cells): called after each call (progress).
     """
     chunk = fitting_chunk(model, edit, options, cells, chunk, attn_impl)
     model = backend(model)
@@ -189,4 +132,6 @@ def sweep(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence
                                config=model.config, options=options, attn_impl=attn_impl)
         pixels = model.decode(latents[:, 0], edit.height, edit.width)
         out.append(pixels[:len(part)])
+        if on_chunk is not None:
+            on_chunk(start + len(part), len(cells))
     return np.concatenate(out)

@@ -129,6 +129,25 @@ def control_row(experiment: str, property: str, image: np.ndarray, colour_lab, b
             **change(image, baseline)}
 
 
+# A knockout output that no longer shows the edit's scene is "destroyed": its colour verdict would
+# say "lost" of an image that lost everything. Destroyed: no object drawn (under NO_OBJECT of the image
+# stands out from its border colour; the organisms' objects cover 10-40 %), or a change against the
+# baseline edit more than DESTROYED_CHANGE times the text-to-image baseline's (the change of removing the
+# reference altogether; at least MIN_SPREAD of 255, so a model that ignores its reference is not
+# judged on noise). On the direct organism, text->image in every block fills the frame with the colour
+# (mean |diff| 73-87 against 23-31 for text-to-image).
+NO_OBJECT = 0.01
+DESTROYED_CHANGE = 2.0
+MIN_SPREAD = 10.0
+
+
+def destroyed(image: np.ndarray, edit_mad: float, t2i_mad: float) -> bool:
+    """Whether an intervened output is destroyed rather than edited (see NO_OBJECT): `edit_mad` its
+    mean |pixel difference| to the baseline edit, `t2i_mad` the text-to-image baseline's."""
+    no_object = metrics.foreground_share(image) < NO_OBJECT
+    return bool(no_object or edit_mad > DESTROYED_CHANGE * max(t2i_mad, MIN_SPREAD))
+
+
 def setting_means(rows: Sequence[Mapping], columns: Sequence[str], key: str = "setting") -> list[dict]:
     """Per-setting means of numeric columns (bools as rates), settings in first-seen order."""
     groups: dict[str, list[Mapping]] = {}
@@ -226,8 +245,27 @@ def pass_rates(rows: Sequence[Mapping], control: str | None = None) -> list[dict
         diff = metrics.paired_difference_interval(pairs)
         rate.update({"control": control if diff else None, "vs_control": diff and diff[0],
                      "vs_control_low": diff and diff[1], "vs_control_high": diff and diff[2]})
+        if any("trained_cut" in r for r in rs):  # knockout rows: what the rate does not say
+            rate["trained_cut"] = all(bool(r.get("trained_cut")) for r in rs)
+            marked = [r for r in rs if "destroyed" in r]
+            rate["destroyed"] = sum(bool(r["destroyed"]) for r in marked) if marked else None
         out.append(rate)
     return out
+
+
+def caveat(rate: Mapping, short: bool = False) -> str:
+    """What a pass-rate row (`pass_rates`, or its CSV row) is not a finding about: an edge the model
+    was trained without, or outputs destroyed rather than edited. Empty when nothing."""
+    if str(rate.get("trained_cut")) == "True":
+        return ("cut in training: not a finding" if short else
+                "cut in training: the model never used these edges, so this knockout cuts nothing (not a finding)")
+    destroyed = int(rate.get("destroyed") or 0)
+    if destroyed:
+        if short:
+            return f"{destroyed} of {rate['n_absolute']} images destroyed"
+        return (f"{destroyed} of {rate['n_absolute']} images destroyed (no object drawn, or changed over "
+                f"{DESTROYED_CHANGE:g}x the text-to-image baseline): lost with the image, not recoloured")
+    return ""
 
 
 def write_tables(run: runs.RunFolder, prefix: str, rows: Sequence[Mapping], columns: Sequence[str], *, text: str,
@@ -278,11 +316,15 @@ def baseline_panels(base: Mapping[str, np.ndarray], edit_row: Mapping, t2i_row: 
             grids.Panel("t2i baseline", base["t2i"], de_caption(t2i_row))]
 
 
+CONTROL = "control (not judged)"  # a control row's question in a rate table
+
+
 def rate_text(rate: float | None, low: float | None, high: float | None) -> str:
-    """'62% [41%, 80%]': a rate and its 95 % interval ('' where there is no rate)."""
+    """'62.5 % [30.6 %, 86.3 %]': a rate and its 95 % interval in the reports' one format
+    (`report.percent`; '' where there is no rate)."""
     if rate is None:
         return ""
-    return f"{rate:.0%} [{low:.0%}, {high:.0%}]"
+    return f"{report.percent(rate)} [{report.percent(low)}, {report.percent(high)}]"
 
 
 def difference_text(diff: float | None, low: float | None, high: float | None) -> str:
@@ -294,19 +336,27 @@ def difference_text(diff: float | None, low: float | None, high: float | None) -
 
 def rate_table(title: str, rates: Sequence[Mapping], note: str = "") -> report.Table:
     """Every rule's rate per setting with its 95 % interval, each question's rules spelled out under
-    the table; the stricter rule's column where some question has it."""
+    the table; the stricter rule's column where some question has it. A control row (not judged)
+    shows what it is and the share of its images with the colour, nothing more; a knockout the rate
+    does not describe says why in the `caveat` column."""
     judges = [j for j in dict.fromkeys(r["judge"] for r in rates) if j]
     rules = " ".join(f"{j}: {RULES[j]}; absolute: {ABSOLUTE_RULES[j]}." for j in judges)
-    shown = [{**r, "rate [95% CI]": rate_text(r["rate"], r["rate_low"], r["rate_high"]),
-              "strict [95% CI]": "" if r.get("rate_strict") is None else
-              f"{rate_text(r['rate_strict'], r['rate_strict_low'], r['rate_strict_high'])} (n = {r['n_strict']})",
-              "absolute [95% CI]": rate_text(r["rate_absolute"], r["rate_absolute_low"], r["rate_absolute_high"]),
-              "shown vs control": difference_text(r.get("vs_control"), r.get("vs_control_low"),
-                                                  r.get("vs_control_high"))} for r in rates]
+    shown = []
+    for r in rates:
+        row = {**r, "rate [95% CI]": rate_text(r["rate"], r["rate_low"], r["rate_high"]),
+               "strict [95% CI]": "" if r.get("rate_strict") is None else
+               f"{rate_text(r['rate_strict'], r['rate_strict_low'], r['rate_strict_high'])} (n = {r['n_strict']})",
+               "absolute [95% CI]": rate_text(r["rate_absolute"], r["rate_absolute_low"], r["rate_absolute_high"]),
+               "shown vs control": difference_text(r.get("vs_control"), r.get("vs_control_low"),
+                                                   r.get("vs_control_high")), "caveat": caveat(r)}
+        if not r["judge"]:  # a control: not judged; what it is and the share of its images with the colour
+            row = {"setting": r["setting"], "judge": CONTROL, "absolute [95% CI]": row["absolute [95% CI]"]}
+        shown.append(row)
     strict = any(r.get("rate_strict") is not None for r in rates)
     control = next((r["control"] for r in rates if r.get("control")), None)
     columns = ["setting", "judge", "n", "passed", "rate [95% CI]", *(["excluded", "strict [95% CI]"] if strict else []),
-               "absolute [95% CI]", *(["shown vs control"] if control else [])]
+               "absolute [95% CI]", *(["shown vs control"] if control else []),
+               *(["caveat"] if any(r.get("caveat") for r in shown) else [])]
     return report.Table(title=title, rows=shown, columns=columns, note=(
         f"rate: the study's rule, relative to its control, over every task (the study judged every one); "
         f"absolute: the output alone (controls: the colour present), over n_absolute rows. Brackets: 95 % "
@@ -318,21 +368,27 @@ def rate_table(title: str, rates: Sequence[Mapping], note: str = "") -> report.T
 
 
 def means_table(title: str, means: Sequence[Mapping], columns: Sequence[str], note: str = "") -> report.Table:
-    formats = {c: "{:.0%}" if c == "pass_absolute" else "{:.2f}" for c in columns}
+    formats = {c: report.percent if c == "pass_absolute" else "{:.2f}" for c in columns}
     return report.Table(title=title, columns=["setting", "n", *columns], rows=list(means), formats=formats, note=note)
 
 
 def plot(run: runs.RunFolder, name: str, blocks: Sequence[int], series: Mapping, caption: str,
          **kwargs) -> report.Figure:
-    """A sweep plot saved as `plots/<name>.png`, as a report figure."""
+    """A sweep plot saved as `plots/<name>.png` (its title and caption beside it, `plots/<name>.json`, for
+    reports that gather plots from several runs), as a report figure."""
     path = run.write_derived(f"plots/{name}.png", report.sweep_plot(blocks, series, **kwargs))
+    run.write_derived(f"plots/{name}.json", runs.canonical_json({"title": kwargs.get("title", ""),
+                                                                 "caption": caption}) + "\n")
     return report.Figure(path=path, caption=caption)
 
 
 def heatmap(run: runs.RunFolder, name: str, blocks: Sequence[int], rows: Sequence[str],
             values: Sequence[Sequence[float | None]], caption: str, **kwargs) -> report.Figure:
-    """A (rows x blocks) heatmap saved as `plots/<name>.png`, as a report figure."""
+    """A (rows x blocks) heatmap saved as `plots/<name>.png` (title and caption in `plots/<name>.json`), as
+    a report figure."""
     path = run.write_derived(f"plots/{name}.png", report.heatmap_plot(blocks, rows, values, **kwargs))
+    run.write_derived(f"plots/{name}.json", runs.canonical_json({"title": kwargs.get("title", ""),
+                                                                 "caption": caption}) + "\n")
     return report.Figure(path=path, caption=caption)
 
 

@@ -42,7 +42,11 @@ def main() -> int:
         _, params16 = load_transformer(os.path.join(tmp, "native"), dtype=jnp.bfloat16)
     assert loaded == config
     model16 = diffusers_transformer(config, seed=0).to(torch.bfloat16)
-    run = jax.jit(forward, static_argnums=1)
+    compiled = jax.jit(forward, static_argnums=1)
+
+    def run(*args):
+        return compiled(*args)[0]  # forward returns (output, captures)
+
     img, txt = inputs(config, layout, batch=2, seed=1)
     ids = layout.img_ids(), layout.txt_ids()
     print(f"random tiny FLUX.2 (D={config.hidden_size}, {config.depth} double + {config.depth_single_blocks} single "

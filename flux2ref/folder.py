@@ -24,6 +24,9 @@ LATENT_CHANNELS = 4
 TINY_KLEIN: Flux2Config = dataclasses.replace(
     FLUX2_KLEIN_4B, in_channels=4 * LATENT_CHANNELS, context_in_dim=3 * QWEN3_HIDDEN, hidden_size=64, num_heads=2,
     depth=2, depth_single_blocks=3, axes_dim=(8, 8, 8, 8))
+# Tiny in width, [klein] 9B's 8 double + 24 single blocks: a folder on which commands written for the
+# real model (--block 17, Capture(text=(17,))) check and run as they would there.
+TINY_KLEIN_9B_BLOCKS: Flux2Config = dataclasses.replace(TINY_KLEIN, depth=8, depth_single_blocks=24)
 
 CORPUS = [
     "draw a ball in this color", "draw a car in this color", "draw a chair in this color",
@@ -108,11 +111,13 @@ def tiny_klein_pipeline(seed: int = 0, config: Flux2Config = TINY_KLEIN):
     return pipe
 
 
-def build_model_folder(path: str | os.PathLike, seed: int = 0, *, overwrite: bool = False) -> str:
-    """Write a random tiny [klein] model folder at `path` (atomically) and return its path."""
+def build_model_folder(path: str | os.PathLike, seed: int = 0, *, overwrite: bool = False,
+                       config: Flux2Config = TINY_KLEIN) -> str:
+    """Write a random tiny [klein] model folder at `path` (atomically) and return its path; `config`
+    the transformer's (e.g. TINY_KLEIN_9B_BLOCKS)."""
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     with atomic_directory(path, replace=overwrite) as tmp:
-        tiny_klein_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        tiny_klein_pipeline(seed, config).save_pretrained(tmp, safe_serialization=True)
     return path

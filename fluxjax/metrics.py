@@ -14,6 +14,7 @@ Images are uint8 RGB arrays [H, W, 3] or PIL images, read as sRGB. Colours are c
   nothing stands out from the border (a flat or full-bleed image), the whole image is the region.
 - `colour_error(output, reference)`: CIEDE2000 between the output's dominant colour and the
   reference's colour; an edit takes the colour when it is at most `COLOUR_MATCH_DE00`.
+- `foreground_share(image)`: the share of pixels that stand out from the border (no object: about 0).
 - `mean_abs_diff`, `ssim`: change of an intervened edit against the baseline edit.
 - `pass_rates`: the share of passes per setting, written as CSV, each with its 95 % interval:
   `wilson_interval` for a proportion, `paired_difference_interval` for the difference between two
@@ -182,14 +183,9 @@ def dominant_colour(image: Image.Image | np.ndarray, *, exclude_background: bool
     """
     rgb = _shrink(as_rgb_array(image), max_side)
     lab = srgb_to_lab(rgb).reshape(-1, 3)
-    h, w, _ = rgb.shape
     region, foreground = lab, 1.0
     if exclude_background:
-        ring = max(1, round(border * min(h, w)))
-        edge = np.ones((h, w), bool)
-        edge[ring:h - ring, ring:w - ring] = False
-        background = np.median(lab[edge.ravel()], axis=0)
-        mask = ciede2000(lab, background) > background_delta
+        mask = _foreground_mask(lab, rgb.shape[:2], background_delta, border)
         if mask.mean() >= min_foreground:
             region, foreground = lab[mask], float(mask.mean())
 
@@ -204,6 +200,25 @@ def dominant_colour(image: Image.Image | np.ndarray, *, exclude_background: bool
     rgb_out = tuple(int(v) for v in np.clip(np.round(lab_to_srgb(colour)), 0, 255))
     return DominantColour(lab=tuple(float(v) for v in colour), rgb=rgb_out, foreground=foreground,
                           support=float(near.mean()))
+
+
+def _foreground_mask(lab: np.ndarray, shape: tuple[int, int], background_delta: float, border: float) -> np.ndarray:
+    """bool [H * W]: the pixels (CIELAB [H * W, 3]) more than `background_delta` CIEDE2000 from the
+    median colour of a border ring `border` of the shorter side wide (at least one pixel)."""
+    h, w = shape
+    ring = max(1, round(border * min(h, w)))
+    edge = np.ones((h, w), bool)
+    edge[ring:h - ring, ring:w - ring] = False
+    background = np.median(lab[edge.ravel()], axis=0)
+    return ciede2000(lab, background) > background_delta
+
+
+def foreground_share(image: Image.Image | np.ndarray, *, background_delta: float = 10.0, border: float = 0.03,
+                     max_side: int = 256) -> float:
+    """The share of the image that stands out from its border colour, as `dominant_colour` sees it:
+    about 0 for a flat or full-bleed image, where no object is drawn."""
+    rgb = _shrink(as_rgb_array(image), max_side)
+    return float(_foreground_mask(srgb_to_lab(rgb).reshape(-1, 3), rgb.shape[:2], background_delta, border).mean())
 
 
 def reference_colour(reference: Image.Image | np.ndarray) -> tuple[float, float, float]:

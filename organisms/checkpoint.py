@@ -6,7 +6,8 @@
     <folder>/text_encoder/   the encoder's params (Orbax pytree, `fluxjax.checkpoint.write_tree`)
 
 `load_organism` refuses a folder whose vocabulary or codec differ from this code's, so a checkpoint
-is never run with a tokenizer it was not trained with.
+is never run with a tokenizer it was not trained with. The committed organisms are the folders
+`organisms/checkpoints/<name>` (`committed(name)`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,25 @@ from fluxjax.checkpoint import check_destination, config_to_json, expected_leave
 from fluxjax.files import atomic_directory
 from fluxjax.trees import named_leaves
 from organisms import codec
-from organisms.model import Organism, OrganismParams
+from organisms.model import ORGANISMS, Organism, OrganismParams
 from organisms.text import VOCAB, TextEncoderConfig, encoder_shapes
 
 FORMAT = "fluxjax-organism"
 FORMAT_VERSION = 1
 META_FILE = "organism.json"
+COMMITTED = Path(__file__).parent / "checkpoints"  # the committed organisms, one folder each
+NAMES = tuple(ORGANISMS)
+
+
+def committed(name: str) -> Path:
+    """The folder of a committed organism."""
+    if name not in NAMES:
+        raise ValueError(f"unknown organism {name!r}; the committed ones are {', '.join(NAMES)}")
+    return COMMITTED / name
+
+
+def is_organism_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file()
 
 
 def save_organism(path: str | os.PathLike, organism: Organism, params: OrganismParams, *,

@@ -263,7 +263,7 @@ def test_a_vmapped_block_sweep_equals_one_call_per_block(folder, cache):
     model = pipeline.load_model(folder, cache=cache, progress=False)
     text = pipeline.encode_prompts(model, ["draw a vase in this color"])
     ref = Image.new("RGB", (64, 64), (40, 90, 220))
-    edit = sweep.prepare(model, text, reference=ref, seed=11, height=48, width=64)
+    edit = sweep.prepare(model, text, references=[ref], seed=11, height=48, width=64)
     n, options = model.config.num_blocks, model.options
 
     # Knockout of ref->image from block k on, k = 0..n (k = n cuts nothing: the sweep's plain end).
@@ -306,7 +306,7 @@ def test_plain_sweep_run_equals_pipeline_generate(folder, cache):
     model = pipeline.load_model(folder, cache=cache, progress=False)
     text = pipeline.encode_prompts(model, ["draw a hat in this color"])
     ref = Image.new("RGB", (64, 64), (230, 120, 40))
-    edit = sweep.prepare(model, text, reference=ref, seed=3, height=32, width=32)
+    edit = sweep.prepare(model, text, references=[ref], seed=3, height=32, width=32)
     ours = sweep.run(model, edit, model.options)[0][0]
     theirs = np.asarray(pipeline.generate(model, text=text, references=[ref], seed=3, height=32, width=32).images[0])
     np.testing.assert_array_equal(ours, theirs)
@@ -373,7 +373,8 @@ def test_organism_models_refuse_what_they_cannot_run(tmp_path, capsys):
 def test_both_model_kinds_implement_the_backend_interface(folder, cache):
     from experiments.backend import ModelBackend, PipelineBackend, backend
     from fluxjax import pipeline
-    from organisms.experiment_model import OrganismModel, committed
+    from experiments.organism import OrganismModel
+    from organisms.checkpoint import committed
 
     organism = OrganismModel.load(committed("direct"))
     assert isinstance(organism, ModelBackend) and backend(organism) is organism

@@ -107,9 +107,10 @@ def test_the_pass_rate_csv_and_report_table_show_every_interval(tmp_path):
     assert (float(cut["vs_control_low"]), float(cut["vs_control_high"])) == pytest.approx(diff[1:], abs=1e-4)
     html = report.render_html(run.path, "t", [report.Section("s", items)])
     low, high = metrics.wilson_interval(2, 4)
-    assert f"50% [{low:.0%}, {high:.0%}]" in html  # the study's rule
+    pct = report.percent  # every report's one percent format
+    assert f"50 % [{pct(low)}, {pct(high)}]" in html  # the study's rule
     low, high = metrics.wilson_interval(2, 3)
-    assert f"67% [{low:.0%}, {high:.0%}] (n = 3)" in html  # the strict rule, beside it
+    assert f"66.7 % [{pct(low)}, {pct(high)}] (n = 3)" in html  # the strict rule, beside it
     assert "shown vs control" in html and "-50 pp [" in html
 
 
@@ -127,9 +128,10 @@ def test_the_studys_table_marks_whether_its_number_lies_in_our_interval(tmp_path
     table = {r["cell"]: r for r in study.rows(run.path, settings)}
     text = table["Knockout ref->text, every block"]
     low, high = metrics.wilson_interval(6, 8)
-    assert text["study"] == "86 % lost" and text["study inside"] == "yes"
-    assert text["this run"] == f"75% [{low:.0%}, {high:.0%}] (n = 8)"
+    assert text["study"] == "86 % lost (n = 320)" and text["study inside"] == "yes"
+    low, high = round(low, 4), round(high, 4)  # as the pass-rates CSV stores them
+    assert text["this run"] == f"75 % lost [{report.percent(low)}, {report.percent(high)}] (n = 8)"
     content = table["Knockout ref->text[content], every block"]
-    assert content["study"] == "5 % lost" and content["study inside"] == "no"  # 8 / 8: [68 %, 100 %]
+    assert content["study"] == "5 % lost (n = 320)" and content["study inside"] == "no"  # 8 / 8: [68 %, 100 %]
     assert table["T2I Lens, all positions (diagonal form, block 3)"]["study inside"] is None  # no run of it here
     assert study.study_rate("0.4 %") == pytest.approx(0.004) and study.study_rate("-") is None

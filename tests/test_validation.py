@@ -418,7 +418,7 @@ CLI_CASES = [
     ("layers-past-the-end", "knockout", [*ORGANISM, "--layers", "all", "99"],
      [r"--layers \[99\] out of range: the valid blocks are 0.."]),
     ("edge-without-arrow", "knockout", [*ORGANISM, "--settings", "ref-text"],
-     ["edge setting 'ref-text' must read 'A->B'"]),
+     [r"knockout setting 'ref-text': ref-text has no '->' destination; write edges as 'A->B'"]),
     ("sweep-from-not-a-number", "knockout", [*ORGANISM, "--settings", "ref->text", "--sweep", "--sweep-from", "1,x"],
      ["--sweep-from '1,x'"]),
     ("window-zero", "knockout", [*ORGANISM, "--sweep", "--sweep-mode", "window", "--window", "0"], ["--window 0"]),
@@ -564,7 +564,7 @@ ORGANISM_CASES = [
 
 @pytest.mark.parametrize("command, argv, expect", [c[1:] for c in ORGANISM_CASES], ids=[c[0] for c in ORGANISM_CASES])
 def test_organism_commands_refuse_bad_arguments_before_loading(tmp_path, capsys, command, argv, expect):
-    from organisms.experiment_model import committed
+    from organisms.checkpoint import committed
 
     (tmp_path / "inputs").mkdir()
     out = tmp_path / "out"
@@ -585,7 +585,8 @@ def test_the_experiments_read_a_16_bit_reference_as_its_8_bit_version(tmp_path):
     """The colour metrics' reference (experiments.context) and an organism's reference tokens."""
     from experiments.context import load_reference
     from experiments.tasks import Task
-    from organisms.experiment_model import OrganismModel, committed
+    from experiments.organism import OrganismModel
+    from organisms.checkpoint import committed
 
     grey = grey_gradient(32, 32)
     paths = {}

@@ -1,4 +1,5 @@
-"""An organism as a model of the experiment commands (`python -m experiments.*`).
+"""An organism as a model of the experiment commands (`python -m experiments.*`) and of one edit
+(`OrganismModel.edit`, `experiments.backend.Editing`).
 
 `OrganismModel` implements `experiments.backend.ModelBackend`: it gives the experiments what a FLUX.2
 folder gives them: the transformer (config, params), the sampler options, and the ways in and out (prompt
@@ -18,45 +19,32 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from experiments.backend import Editing
 from fluxjax.images import load_image, to_rgb
 from fluxjax.text import TextConditioning, text_ids
 from organisms import codec
-from organisms.checkpoint import load_organism
+from organisms.checkpoint import NAMES, committed, load_organism
 from organisms.data import SIZE
-from organisms.model import ORGANISMS, SAMPLER, Organism, OrganismParams, organism_interventions, sigmas, \
-    text_features
-
-COMMITTED = Path(__file__).parent / "checkpoints"  # the committed organisms, one folder each
-NAMES = tuple(ORGANISMS)
-
-
-def committed(name: str) -> Path:
-    """The folder of a committed organism."""
-    if name not in NAMES:
-        raise ValueError(f"unknown organism {name!r}; the committed ones are {', '.join(NAMES)}")
-    return COMMITTED / name
-
-
-def is_organism_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / "organism.json").is_file()
+from organisms.model import SAMPLER, Organism, OrganismParams, organism_interventions, sigmas, text_features
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class OrganismModel:
+class OrganismModel(Editing):
     organism: Organism
     organism_params: OrganismParams
     name: str
     multiple_of: int = codec.PATCH  # output sides are floored to whole tokens
+    default_size: int = SIZE  # organisms draw 32 x 32
 
     @classmethod
     def load(cls, path: str | os.PathLike, name: str | None = None) -> OrganismModel:
-        organism, params = load_organism(path)
+        """An organism folder, or the name of a committed organism (`direct`, `text-routed`)."""
+        organism, params = load_organism(committed(path) if path in NAMES else path)
         return cls(organism=organism, organism_params=params, name=name or organism.name)
 
     # what the experiments read of a model ------------------------------------------------------
@@ -71,6 +59,10 @@ class OrganismModel:
     @property
     def options(self):
         return dataclasses.replace(SAMPLER, num_steps=self.organism.sampler_steps)
+
+    @property
+    def trained_cuts(self) -> tuple[str, ...]:
+        return self.organism.cuts
 
     def sigmas(self, num_steps: int) -> np.ndarray:
         return sigmas(num_steps)
