@@ -116,7 +116,7 @@ EXAMPLES = {
         ("python", "test_interventions_examples"),
     ("docs/interventions.md", "_, edit = run(capture=fluxjax.Capture(text=(1,)))"):
         ("python", "test_interventions_examples"),
-    ("docs/interventions.md", '_, plain = run(capture=fluxjax.Capture(sites=("b2.image.output", "b3.text.attn_out", '
+    ("docs/interventions.md", '_, sites = run(capture=fluxjax.Capture(sites=("b2.image.output", "b3.text.attn_out", '
                               '"b3.text.mlp_out")))'): ("python", "test_interventions_examples"),
     ("docs/interventions.md", 'ko = fluxjax.knockout(config, layout, content, "ref->text[padding]", blocks="all")'):
         ("python", "test_interventions_examples"),
