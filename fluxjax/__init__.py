@@ -1,7 +1,9 @@
 """fluxjax: a pure-functional JAX/Flax FLUX.2 transformer built to be taken apart.
 
     config, params = fluxjax.load_transformer("klein9b-native/")
-    out, captures = fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids)
+    out, caps = fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids,
+                                capture=("b3.text.output", "b17.image.attn_out"), num_ref_tokens=layout.n_ref)
+    caps["b17.image.attn_out"]                   # [B, N_img, D]
 
 `import fluxjax` never imports torch or diffusers, and imports jax only when a name below is first
 used: the submodules that need no jax (`fluxjax.metrics`, `fluxjax.files`, `fluxjax.layout`) stay
@@ -15,12 +17,15 @@ _EXPORTS = {
     "CheckpointError": "checkpoint", "load_transformer": "checkpoint", "save_transformer": "checkpoint",
     "FLUX2_DEV": "config", "FLUX2_KLEIN_4B": "config", "FLUX2_KLEIN_9B": "config", "PRESETS": "config",
     "Flux2Config": "config",
-    "BLOCK0_INPUT": "interventions", "Capture": "interventions", "Captures": "interventions",
-    "DropReference": "interventions", "Interventions": "interventions", "Knockout": "interventions",
-    "Substitution": "interventions", "allow_all": "interventions", "cut_reference": "interventions",
-    "drop_reference": "interventions", "knockout": "interventions", "substitution": "interventions",
+    "Capture": "captures", "Captures": "captures",
+    "BLOCK0_INPUT": "interventions", "DropReference": "interventions", "Interventions": "interventions",
+    "Knockout": "interventions", "Substitution": "interventions", "allow_all": "interventions",
+    "cut_reference": "interventions", "drop_reference": "interventions", "knockout": "interventions",
+    "per_step": "interventions", "stack": "interventions", "substitution": "interventions",
     "TokenLayout": "layout",
     "forward": "model",
+    "RuntimeOptions": "options",
+    "Site": "sites", "site": "sites",
     "Flux2Weights": "params", "count_params": "params", "init_params": "params", "param_shapes": "params",
     "SamplerOptions": "sampler", "sample": "sampler",
     "FLUX2_VAE": "vae", "VAEConfig": "vae", "VAEParams": "vae", "decode_tokens": "vae", "encode_to_tokens": "vae",

@@ -1,35 +1,31 @@
-"""Interventions as values and captures as return values.
+"""Interventions as values: substitutions at sites, attention-edge knockouts, reference removal.
 
 `Interventions` is one pytree argument of `fluxjax.forward`. Which interventions exist is its
-structure (`()` / `None` where absent, plus the static fields of `DropReference`); their contents
-are arrays. So `jit` compiles one program per structure and reuses it when only values change
-(mask contents, substituted activations, knockout matrices, substitution sites), and `vmap` over
-those arrays sweeps blocks, seeds and tasks in one call (see `stack`).
+structure (`()` / `None` where absent, each substitution's stream and point, the static fields of
+`DropReference`); their contents are arrays. So `jit` compiles one program per structure and reuses
+it when only values change (substituted activations, masks, substitution blocks, knockout tables),
+and `vmap` over those arrays sweeps blocks, seeds and tasks in one call (see `stack`): a sweep over
+the sites of one kind (stream, point) is one compiled call.
 
-Sites name where the text stream is read or written. Blocks are numbered globally, double blocks
-first (klein-9B: 0..7 double, 8..31 single):
-
-    site -1 (BLOCK0_INPUT)  input of block 0, i.e. the output of the text input projection
-    site b >= 0             output of block b (in single blocks, the text slice of the joint stream)
-
-At a site, substitutions apply first, in order, and a capture at the same site sees the result:
-what is captured is what the next block reads. `Interventions.image_substitutions` write the image
-stream at the same sites (its noisy-image tokens come first, then the references: a value of
-N' tokens replaces the stream's first N', e.g. `layout.n_img` for the noisy image alone; the
-study's image-category T2I Lens).
+Sites are `fluxjax.sites` (block, stream, point): `"b17.text.attn_out"`, `fluxjax.site(3, "image",
+"output")`. The older integer sites still work and name the text stream: -1 (`BLOCK0_INPUT`) the
+input of block 0 (the output of the text input projection, 'embed.text.output'), b >= 0 the output
+of block b; `Interventions.image_substitutions` write the image stream's leading N' tokens at those
+sites (a value [B, N', D]; N' = `layout.n_img` is the named site 'b<k>.image.output'). At a site,
+substitutions apply first, in order (the text stream's, then the image stream's), and a capture at
+the same site sees the result.
 
 Per-step values. The sampler (`fluxjax.sample`) runs the forward once per denoising step. An
 intervention value that differs between steps is wrapped in `PerStep` (every array in it carries a
 leading [S] axis: step s sees slice s); anything not wrapped is shared by every step. The forward
 itself takes no `PerStep` value: the wrapping says explicitly which axis is the step axis.
 
-Axis names as in `fluxjax.numerics`; V is a sweep axis added by `vmap`.
+Captures (`Capture`, `Captures`) live in `fluxjax.captures` and are re-exported here. Axis names as
+in `fluxjax.numerics`; V is a sweep axis added by `vmap`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import operator
 from collections.abc import Iterable, Mapping, Sequence
 
 import jax
@@ -37,10 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from fluxjax.captures import Capture, Captures  # noqa: F401  (re-exported: the older import path)
 from fluxjax.config import Flux2Config
 from fluxjax.layout import TokenLayout
+from fluxjax.sites import EMBED, POINTS, STREAMS, Lanes, Site, as_site, static_index
 
-BLOCK0_INPUT = -1
+BLOCK0_INPUT = EMBED  # the older integer text site -1: the input of block 0 ('embed.text.output')
 
 
 @struct.dataclass
@@ -73,44 +71,66 @@ def is_per_step(node) -> bool:
 
 @struct.dataclass
 class Substitution:
-    """Write a stream at `site` where `mask` is True: new = where(mask, value + keep * current,
+    """Write a stream at a site where `mask` is True: new = where(mask, value + keep * current,
     current). keep = 0 replaces (patching); keep = 1 adds `value` (additive patching, value = the
     source's activation minus the target's). keep is a value, so changing it does not recompile.
-    The text stream's ([B, T, D]; mask [B, T]) in `Interventions.substitutions`, the image stream's
-    leading N' tokens ([B, N', D]; mask [B, N']) in `Interventions.image_substitutions`.
 
-    A batch axis of 1 is shared by every sample. Build it with `substitution`.
+    The site is (block, stream, point): the block is a value (a sweep over blocks is one program),
+    the stream and point are static. A batch axis of 1 is shared by every sample. Build it with
+    `substitution`.
     """
 
-    site: jax.Array  # int32 []: BLOCK0_INPUT or a global block index
-    value: jax.Array  # [B or 1, T, D] (image: [B or 1, N', D])
-    mask: jax.Array  # bool [B or 1, T] (image: [B or 1, N'])
+    block: jax.Array  # int32 []: a global block index (-1: the input projections, point "output")
+    value: jax.Array  # [B or 1, n, D], n the stream's tokens (T, N_img or N_ref)
+    mask: jax.Array  # bool [B or 1, n]
     keep: jax.Array  # float32 []: the weight of the current activations
+    stream: str = struct.field(pytree_node=False, default="text")
+    point: str = struct.field(pytree_node=False, default="output")
+
+    @property
+    def site(self):
+        """The older name of `block` (a text-output substitution's integer site)."""
+        return self.block
 
 
 @struct.dataclass
 class Knockout:
-    """Attention-edge knockout: per block, which query group may attend to which key group.
+    """Attention-edge knockout: per block (and optionally per head), which query group may attend
+    to which key group.
 
     allowed[b, gq, gk] is False where queries of group gq may not attend to keys of group gk in
-    block b; `groups` gives every joint-sequence token's group (see fluxjax.layout).
+    block b; allowed[b, h, gq, gk] gives each head h its own table. `groups` gives every
+    joint-sequence token's group (see fluxjax.layout). No [L, L] mask is ever formed from them.
     """
 
-    allowed: jax.Array  # bool [num_blocks, G, G]
+    allowed: jax.Array  # bool [num_blocks, G, G] or [num_blocks, H, G, G]
     groups: jax.Array  # int32 [B, L] (B may be 1: shared by the batch)
     # (n_img, *ref_counts) of the layout (static): lets attention treat the image and each
     # reference as key segments of one group; None treats the image stream as one segment
     stream_counts: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
 
+    @property
+    def per_head(self) -> bool:
+        return np.ndim(self.allowed) == 4
+
     def __and__(self, other: "Knockout") -> "Knockout":
-        """Both knockouts at once: an edge is allowed only where both allow it."""
-        if np.shape(self.allowed) != np.shape(other.allowed) or np.shape(self.groups) != np.shape(other.groups):
+        """Both knockouts at once: an edge is allowed only where both allow it (a table shared by
+        the heads combines with a per-head one head by head)."""
+        a, b = np.shape(self.allowed), np.shape(other.allowed)
+        if a[0] != b[0] or a[-2:] != b[-2:] or np.shape(self.groups) != np.shape(other.groups):
             raise ValueError("knockouts built for different layouts or models cannot be combined")
-        if not any(isinstance(a, jax.core.Tracer) for a in (self.groups, other.groups)):
+        if len(a) == len(b) == 4 and a != b:
+            raise ValueError(f"per-head knockouts of {a[1]} and {b[1]} heads cannot be combined")
+        if not any(isinstance(x, jax.core.Tracer) for x in (self.groups, other.groups)):
             if not np.array_equal(np.asarray(self.groups), np.asarray(other.groups)):
                 raise ValueError("knockouts built from different content masks cannot be combined")
-        return Knockout(allowed=jnp.logical_and(self.allowed, other.allowed), groups=self.groups,
-                        stream_counts=self.stream_counts)
+        return Knockout(allowed=jnp.logical_and(_heads_axis(self.allowed, b), _heads_axis(other.allowed, a)),
+                        groups=self.groups, stream_counts=self.stream_counts)
+
+
+def _heads_axis(allowed, other_shape):
+    """A shared table [nb, G, G] with a head axis of 1 when the other table is per head."""
+    return allowed[:, None] if np.ndim(allowed) == 3 and len(other_shape) == 4 else allowed
 
 
 @struct.dataclass
@@ -126,52 +146,12 @@ class DropReference:
 
 @struct.dataclass
 class Interventions:
-    substitutions: tuple[Substitution, ...] = ()  # of the text stream
+    substitutions: tuple[Substitution, ...] = ()
     knockout: Knockout | None = None
     drop_reference: DropReference | None = None
-    image_substitutions: tuple[Substitution, ...] = ()  # of the image stream's leading tokens (value [B, N', D])
-
-
-@dataclasses.dataclass(frozen=True)
-class Capture:
-    """What a forward returns besides its output (static). Only what is asked for is kept.
-
-    text, image: sites to capture (see module docstring), each at most once. image_tokens: how
-    many leading image-stream tokens to keep (e.g. `layout.n_img` for the noisy image only); None
-    keeps the whole stream, which needs a fixed stream length (so not with `DropReference`).
-    """
-
-    text: tuple[int, ...] = ()
-    image: tuple[int, ...] = ()
-    image_tokens: int | None = None
-
-    def __post_init__(self):
-        for name in ("text", "image"):
-            sites = getattr(self, name)
-            if isinstance(sites, (str, bytes, Mapping)) or not isinstance(sites, Iterable):
-                raise TypeError(f"Capture {name} must be a tuple of site indices (e.g. {name}=(3,)), got {sites!r}")
-            sites = tuple(static_index(s, f"capture {name} site") for s in sites)
-            if len(set(sites)) != len(sites):
-                raise ValueError(f"capture {name} sites {sites} repeat a site; ask for each site once")
-            object.__setattr__(self, name, sites)
-        if self.image_tokens is not None:
-            tokens = static_index(self.image_tokens, "Capture image_tokens")
-            if tokens <= 0:
-                raise ValueError(f"Capture image_tokens must be positive or None, got {tokens}")
-            object.__setattr__(self, "image_tokens", tokens)
-
-    def validate(self, config: Flux2Config):
-        for name in ("text", "image"):
-            for s in getattr(self, name):
-                if not BLOCK0_INPUT <= s < config.num_blocks:
-                    raise ValueError(f"capture {name} site {s} out of range: this model's sites are -1 (input of "
-                                     f"block 0) and its blocks 0..{config.num_blocks - 1}")
-
-
-@struct.dataclass
-class Captures:
-    text: jax.Array | None = None  # [n_text_sites, B, T, D], in Capture.text order
-    image: jax.Array | None = None  # [n_image_sites, B, N', D], in Capture.image order
+    # The older image-stream spelling: integer sites, each value [B, N', D] writing the image stream's
+    # first N' tokens (the noisy image first, then the references), its mask [B, N'].
+    image_substitutions: tuple[Substitution, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,17 +160,6 @@ class Captures:
 
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
-
-
-def static_index(value, what: str) -> int:
-    """`value` as a Python int: an int, a numpy integer or a concrete integer array of one element;
-    bools, floats and anything else raise a TypeError naming `what`."""
-    if isinstance(value, (bool, np.bool_)) or np.dtype(getattr(value, "dtype", np.int32)) == np.bool_:
-        raise TypeError(f"{what} must be an integer, got the bool {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an integer, got {value!r}") from None
 
 
 def _dtype_of(x) -> np.dtype:
@@ -205,32 +174,50 @@ def _check_float_value(dtype, what: str) -> None:
                         "yourself if that is what you mean")
 
 
-def _check_safe_cast(dtype, stream, what: str) -> None:
+def _check_safe_cast(dtype, stream_dtype, what: str, stream: str = "text") -> None:
     """Refuse a value whose dtype does not cast into the stream's without loss (e.g. float32 into a
     bfloat16 stream, float16 into bfloat16): jnp.promote_types(value, stream) must be the stream's."""
-    if jnp.promote_types(dtype, stream) != jnp.dtype(stream):
-        raise TypeError(f"{what} is {dtype} but the model's text stream is {jnp.dtype(stream)}: the cast would "
-                        f"lose precision; cast the value to {jnp.dtype(stream)} yourself if the rounding is intended")
+    if jnp.promote_types(dtype, stream_dtype) != jnp.dtype(stream_dtype):
+        raise TypeError(f"{what} is {dtype} but the model's {stream} stream is {jnp.dtype(stream_dtype)}: the cast "
+                        f"would lose precision; cast the value to {jnp.dtype(stream_dtype)} yourself if the rounding "
+                        "is intended")
+
+
+def _first_block(point: str) -> int:
+    """The smallest block a site of `point` has: -1 (the input projections) for outputs, else 0."""
+    return EMBED if point == "output" else 0
+
+
+def _range_error(what: str, sub: Substitution, block: int, nb: int) -> ValueError:
+    if (sub.stream, sub.point) == ("text", "output"):
+        return ValueError(f"{what}: site {block} out of range: this model's sites are -1 (input of block 0) "
+                          f"and its blocks 0..{nb - 1}")
+    return ValueError(f"{what}: block {block} out of range for {sub.stream}.{sub.point}: this model's "
+                      f"blocks are {_first_block(sub.point)}..{nb - 1}")
+
+
+def _all_substitutions(iv: Interventions):
+    """(what, substitution) of every substitution, the older image-stream ones named as such."""
+    return [(f"substitution {i}", s) for i, s in enumerate(iv.substitutions)] + \
+           [(f"image substitution {i}", s) for i, s in enumerate(iv.image_substitutions)]
 
 
 def check_sites(iv: Interventions | None, config: Flux2Config) -> None:
-    """Raise a ValueError for a substitution whose site (concrete: given, not traced) is not one of
-    this model's: -1 or a block 0..num_blocks-1. The forward checks this when it is called outside
-    jit; under jit the site is a traced value (changing it does not recompile), so `fluxjax.sample`
-    and the experiments call this before compiling. Sites stacked for a sweep or per step are
-    checked element by element."""
+    """Raise a ValueError for a substitution whose block (concrete: given, not traced) is not one of
+    this model's: 0..num_blocks-1, or -1 (the input projections) at point 'output'. The forward
+    checks this when it is called outside jit; under jit the block is a traced value (changing it
+    does not recompile), so `fluxjax.sample` and the experiments call this before compiling. Blocks
+    stacked for a sweep or per step are checked element by element."""
     if iv is None:
         return
     nb = config.num_blocks
-    for what, subs in (("substitution", iv.substitutions), ("image substitution", iv.image_substitutions)):
-        for i, sub in enumerate(subs):
-            site = sub.site.value if is_per_step(sub.site) else sub.site
-            if not _is_concrete(site):
-                continue
-            bad = [int(s) for s in np.unique(np.asarray(site)) if not BLOCK0_INPUT <= int(s) < nb]
-            if bad:
-                raise ValueError(f"{what} {i}: site {bad[0]} out of range: this model's sites are -1 (input of "
-                                 f"block 0) and its blocks 0..{nb - 1}")
+    for what, sub in _all_substitutions(iv):
+        block = sub.block.value if is_per_step(sub.block) else sub.block
+        if not _is_concrete(block):
+            continue
+        bad = [int(b) for b in np.unique(np.asarray(block)) if not _first_block(sub.point) <= int(b) < nb]
+        if bad:
+            raise _range_error(what, sub, bad[0], nb)
 
 
 def _broadcasts_to(shape, target) -> bool:
@@ -240,41 +227,52 @@ def _broadcasts_to(shape, target) -> bool:
         return False
 
 
-def _check_substitution(sub: Substitution, what: str, nb: int, dtype) -> None:
-    """A substitution's site, value dtype and mask dtype (its shapes depend on the stream it writes)."""
-    if np.ndim(sub.site) != 0:
-        raise ValueError(f"{what}: site must be a scalar, got shape {np.shape(sub.site)}; "
-                         "to sweep sites, vmap over a stacked site array")
-    if not jnp.issubdtype(_dtype_of(sub.site), jnp.integer):
-        raise TypeError(f"{what}: site must be an integer, got dtype {_dtype_of(sub.site)}")
-    if _is_concrete(sub.site) and not BLOCK0_INPUT <= int(sub.site) < nb:
-        raise ValueError(f"{what}: site {int(sub.site)} out of range: this model's sites are -1 "
-                         f"(input of block 0) and its blocks 0..{nb - 1}")
-    _check_float_value(_dtype_of(sub.value), f"{what}: value")
-    if dtype is not None:
-        _check_safe_cast(_dtype_of(sub.value), dtype, f"{what}: value")
-    if _dtype_of(sub.mask) != np.bool_:
-        raise TypeError(f"{what}: mask must be boolean, got dtype {_dtype_of(sub.mask)}")
-
-
-def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: int, n_txt: int, n_stream: int,
-             dtype=None):
+def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: int, lanes: Lanes,
+             refs_known: bool = True, dtype=None, cached_refs: int = 0):
     """Raise a ValueError (TypeError for a dtype) that says what to fix if `iv` or `capture` do not
-    fit this forward. Shapes, dtypes and static fields only, plus the sites where they are concrete.
+    fit this forward. Shapes, dtypes and static fields only, plus the blocks where they are concrete.
 
-    batch, n_txt, n_stream: B, T and N of the forward's inputs (the image stream N includes the
-    reference tokens). dtype: the text stream's (the model's); substitution values must cast into
-    it without loss.
+    batch: B; lanes: the token counts of the forward's streams. refs_known: whether the forward knows
+    which image-stream tokens are references (otherwise image and reference sites are refused).
+    dtype: the model's; substitution values must cast into it without loss. cached_refs: the
+    reference keys of a [klein] KV cache (the cached forward's references are keys and values only:
+    no reference tokens to capture; knockout groups cover them after the image).
     """
     capture.validate(config)
     if any(is_per_step(n) for n in jax.tree_util.tree_leaves(iv, is_leaf=is_per_step)):
         raise ValueError("a PerStep intervention value has one slice per sampler step: give it to fluxjax.sample, "
                          "or pass one step's slice to the forward")
-    nb, width, length = config.num_blocks, config.hidden_size, n_txt + n_stream
+    nb, width, n_txt = config.num_blocks, config.hidden_size, lanes.n_txt
+    n_stream = lanes.n_img + lanes.n_ref
+    drop = iv.drop_reference
+    wants_refs = [s.name for s in capture.sites if s.stream != "text"] + \
+                 [f"substitution {i}" for i, sub in enumerate(iv.substitutions) if sub.stream != "text"]
+    if wants_refs and not refs_known:
+        raise ValueError(f"{wants_refs[0]} reads the image stream, but this forward does not know which of its tokens "
+                         "are references: pass num_ref_tokens=layout.n_ref (0 without references)")
+    for what, sub in _all_substitutions(iv):
+        if sub.stream not in STREAMS or sub.point not in POINTS:
+            raise ValueError(f"{what}: unknown site kind {sub.stream}.{sub.point}; build it with "
+                             "fluxjax.substitution")
+        if np.ndim(sub.block) != 0:
+            raise ValueError(f"{what}: site must be a scalar, got shape {np.shape(sub.block)}; "
+                             "to sweep sites, vmap over a stacked site array")
+        if not jnp.issubdtype(_dtype_of(sub.block), jnp.integer):
+            raise TypeError(f"{what}: site must be an integer, got dtype {_dtype_of(sub.block)}")
+        if _is_concrete(sub.block) and not _first_block(sub.point) <= int(sub.block) < nb:
+            raise _range_error(what, sub, int(sub.block), nb)
+        _check_float_value(_dtype_of(sub.value), f"{what}: value")
+        if dtype is not None:
+            _check_safe_cast(_dtype_of(sub.value), dtype, f"{what}: value",
+                             "image" if what.startswith("image") else sub.stream)
+        if _dtype_of(sub.mask) != np.bool_:
+            raise TypeError(f"{what}: mask must be boolean, got dtype {_dtype_of(sub.mask)}")
+    kept = n_stream - (drop.num_ref_tokens if drop is not None and lanes.n_ref else 0)
     for i, sub in enumerate(iv.image_substitutions):
-        _check_substitution(sub, f"image substitution {i}", nb, dtype)
+        if (sub.stream, sub.point) != ("text", "output"):
+            raise ValueError(f"image substitution {i} is built for the site {sub.stream}.{sub.point}; "
+                             "image_substitutions take integer sites: put named sites in substitutions")
         n_lead = np.shape(sub.value)[-2] if np.ndim(sub.value) == 3 else None
-        kept = n_stream - (iv.drop_reference.num_ref_tokens if iv.drop_reference is not None else 0)
         if n_lead is None or not 0 < n_lead <= kept or not _broadcasts_to(np.shape(sub.value), (batch, n_lead, width)):
             raise ValueError(f"image substitution {i}: value of shape {np.shape(sub.value)} does not fit the image "
                              f"stream [B, N', D] with N' <= {kept} leading tokens and D = {width} (a batch axis of 1 "
@@ -283,37 +281,54 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
             raise ValueError(f"image substitution {i}: mask of shape {np.shape(sub.mask)} does not fit its value's "
                              f"tokens [B, N'] = {(batch, n_lead)}")
     for i, sub in enumerate(iv.substitutions):
-        _check_substitution(sub, f"substitution {i}", nb, dtype)
-        if np.ndim(sub.value) != 3 or not _broadcasts_to(np.shape(sub.value), (batch, n_txt, width)):
-            raise ValueError(f"substitution {i}: value of shape {np.shape(sub.value)} does not fit the text stream "
-                             f"[B, T, D] = {(batch, n_txt, width)} (a batch axis of 1 is shared)")
-        if np.ndim(sub.mask) != 2 or not _broadcasts_to(np.shape(sub.mask), (batch, n_txt)):
-            raise ValueError(f"substitution {i}: mask of shape {np.shape(sub.mask)} does not fit the text tokens "
-                             f"[B, T] = {(batch, n_txt)} (a batch axis of 1 is shared)")
+        if sub.stream == "reference" and lanes.n_ref == 0:
+            if cached_refs:
+                continue  # acts where the cache is extracted: the cached forward has no reference tokens
+            raise ValueError(f"substitution {i} writes the reference stream, but this forward has no reference "
+                             "tokens")
+        n = lanes.size(sub.stream)
+        if np.ndim(sub.value) != 3 or not _broadcasts_to(np.shape(sub.value), (batch, n, width)):
+            raise ValueError(f"substitution {i}: value of shape {np.shape(sub.value)} does not fit the {sub.stream} "
+                             f"stream [B, n, D] = {(batch, n, width)} (a batch axis of 1 is shared)")
+        if np.ndim(sub.mask) != 2 or not _broadcasts_to(np.shape(sub.mask), (batch, n)):
+            raise ValueError(f"substitution {i}: mask of shape {np.shape(sub.mask)} does not fit the {sub.stream} "
+                             f"tokens [B, n] = {(batch, n)} (a batch axis of 1 is shared)")
+        if sub.stream == "reference" and drop is not None and _is_concrete(sub.block) and \
+                int(sub.block) >= drop.from_block:
+            raise ValueError(f"substitution {i} writes the reference stream at block {int(sub.block)}, but the "
+                             f"references leave the sequence at block {drop.from_block}")
+    for s in capture.sites:
+        if s.stream == "reference" and (lanes.n_ref == 0 or (drop is not None and s.block >= drop.from_block)):
+            why = ("this forward has no reference tokens" if lanes.n_ref == 0 else
+                   f"the references leave the sequence at block {drop.from_block}")
+            raise ValueError(f"capture site {s.name}: {why}")
     knock = iv.knockout
     if knock is not None:
-        if np.ndim(knock.allowed) != 3 or np.shape(knock.allowed)[0] != nb or \
-                np.shape(knock.allowed)[1] != np.shape(knock.allowed)[2]:
-            raise ValueError(f"knockout.allowed has shape {np.shape(knock.allowed)}; it must be [num_blocks, G, G] "
-                             f"with num_blocks = {nb}")
+        shape = np.shape(knock.allowed)
+        if len(shape) not in (3, 4) or shape[0] != nb or shape[-1] != shape[-2] or \
+                (len(shape) == 4 and shape[1] != config.num_heads):
+            raise ValueError(f"knockout.allowed has shape {shape}; it must be [num_blocks, G, G] or per head "
+                             f"[num_blocks, H, G, G] with num_blocks = {nb}, H = {config.num_heads}")
         if jnp.result_type(knock.allowed) != jnp.bool_:
             raise ValueError(f"knockout.allowed must be boolean, got {jnp.result_type(knock.allowed)}")
-        g_shape = np.shape(knock.groups)
+        g_shape, length = np.shape(knock.groups), lanes.length + cached_refs
         if len(g_shape) != 2 or g_shape[1] != length or g_shape[0] not in (1, batch):
             raise ValueError(f"knockout groups of shape {g_shape} do not match this forward's joint sequence "
                              f"[B, T + N] = {(batch, length)}; build the knockout from this forward's layout")
-    drop = iv.drop_reference
+        if knock.stream_counts is not None and sum(knock.stream_counts) != length - lanes.n_txt:
+            raise ValueError(f"the knockout was built for an image stream of {sum(knock.stream_counts)} tokens, this "
+                             f"forward has {length - lanes.n_txt}; build it from this forward's layout")
     if drop is not None:
         if not 0 <= drop.from_block <= nb:
             raise ValueError(f"drop_reference from block {drop.from_block} out of range: give 0..{nb} (this model "
                              f"has blocks 0..{nb - 1}; {nb}: the references leave after the last block)")
-        if not 0 < drop.num_ref_tokens < n_stream:
+        if drop.num_ref_tokens != lanes.n_ref + cached_refs or lanes.n_img <= 0:
             raise ValueError(f"drop_reference removes {drop.num_ref_tokens} tokens from an image stream of "
-                             f"{n_stream}; build it from this forward's layout")
+                             f"{n_stream + cached_refs}; build it from this forward's layout")
         if capture.image and capture.image_tokens is None:
             raise ValueError("an image capture with drop_reference needs Capture(image_tokens=...): the image "
                              "stream changes length when the references leave; e.g. image_tokens=layout.n_img")
-    keep_max = n_stream - (drop.num_ref_tokens if drop is not None else 0)
+    keep_max = lanes.n_img if drop is not None else n_stream
     if capture.image and capture.image_tokens is not None and capture.image_tokens > keep_max:
         raise ValueError(f"capture asks for {capture.image_tokens} image tokens but at most {keep_max} are in the "
                          "stream at every site")
@@ -328,17 +343,22 @@ def _unwrap(x):
     return (True, x.value) if is_per_step(x) else (False, x)
 
 
-def substitution(site, value, mask=None, keep=0.0) -> Substitution:
-    """A stream substitution at `site` (`Interventions.substitutions`: the text stream;
-    `image_substitutions`: the image stream's leading tokens); mask None replaces every position;
-    keep 1.0 adds `value` to the current activations instead of replacing them.
+def _is_named_site(site) -> bool:
+    return isinstance(site, (Site, str)) or (isinstance(site, tuple) and len(site) == 3)
 
-    site: -1 (BLOCK0_INPUT) or a block index, an integer (the forward, or `fluxjax.sample` before
-    compiling, checks it against the model's blocks). value: [B, T, D] or [T, D] (shared by the
-    batch), floating point of a dtype that casts into the model's without loss (checked by the
-    forward); mask: bool [B, T] or [T], e.g. `layout.text_mask('text[padding]', content_mask)` for
-    padding-only patching. For a sampler run, site, value or mask may be `per_step(...)` of [S, ...]
-    arrays (one slice per denoising step).
+
+def substitution(site, value, mask=None, keep=0.0) -> Substitution:
+    """A substitution at `site`; mask None replaces every token of the stream; keep 1.0 adds `value`
+    to the current activations instead of replacing them.
+
+    site: a site of `fluxjax.sites` ('b17.image.attn_out', `fluxjax.site(3, "text", "output")`), or
+    an integer, the older text-stream site (-1 = BLOCK0_INPUT the input of block 0, b the output of
+    block b). The forward, or `fluxjax.sample` before compiling, checks the block against the
+    model's. value: [B, n, D] or [n, D] (shared by the batch), n the stream's tokens (T, N_img or
+    N_ref), floating point of a dtype that casts into the model's without loss (checked by the
+    forward); mask: bool [B, n] or [n], e.g. `layout.text_mask('text[padding]', content_mask)` for
+    padding-only patching. For a sampler run, an integer site, the value or the mask may be
+    `per_step(...)` of [S, ...] arrays (one slice per denoising step).
     """
     value_steps, value = _unwrap(value)
     _check_float_value(_dtype_of(value), "substitution value")
@@ -349,7 +369,7 @@ def substitution(site, value, mask=None, keep=0.0) -> Substitution:
     lead = int(value_steps)
     if value.ndim - lead not in (2, 3):
         hint = "; a leading step axis must be marked with per_step(value)" if value.ndim == 4 and not lead else ""
-        raise ValueError(f"substitution value must be [B, T, D] or [T, D]{' after its step axis' if lead else ''}, "
+        raise ValueError(f"substitution value must be [B, n, D] or [n, D]{' after its step axis' if lead else ''}, "
                          f"got shape {value.shape}{hint}")
     value = jnp.expand_dims(value, lead) if value.ndim - lead == 2 else value
     mask_steps, mask = _unwrap(mask)
@@ -361,9 +381,14 @@ def substitution(site, value, mask=None, keep=0.0) -> Substitution:
     if not _broadcasts_to(mask.shape[int(mask_steps):], value.shape[lead:-1]) and \
             not _broadcasts_to(value.shape[lead:-1], mask.shape[int(mask_steps):]):
         raise ValueError(f"substitution mask {mask.shape} does not fit value {value.shape} without its last axis")
+    stream, point = "text", "output"
+    if _is_named_site(site):
+        named = as_site(site)
+        site, stream, point = named.block, named.stream, named.point
     site_steps, site = _unwrap(site)
     if isinstance(site, (bool, np.bool_)) or not jnp.issubdtype(_dtype_of(site), jnp.integer):
-        raise TypeError(f"substitution site must be an integer (-1 or a block index), got {site!r}")
+        raise TypeError(f"substitution site must be an integer (-1 or a block index) or a site such as "
+                        f"'b3.text.output', got {site!r}")
     site = jnp.asarray(site, jnp.int32)
     if site.ndim != int(site_steps):
         raise ValueError(f"substitution site must be a scalar{' per step' if site_steps else ''}, got shape "
@@ -373,8 +398,9 @@ def substitution(site, value, mask=None, keep=0.0) -> Substitution:
     keep_dtype = _dtype_of(keep)
     if keep_dtype == np.bool_ or jnp.issubdtype(keep_dtype, jnp.complexfloating) or np.ndim(keep) != 0:
         raise TypeError(f"substitution keep must be a real scalar (0.0 replaces, 1.0 adds), got {keep!r}")
-    return Substitution(site=PerStep(site) if site_steps else site, value=PerStep(value) if value_steps else value,
-                        mask=PerStep(mask) if mask_steps else mask, keep=jnp.asarray(keep, jnp.float32))
+    return Substitution(block=PerStep(site) if site_steps else site, value=PerStep(value) if value_steps else value,
+                        mask=PerStep(mask) if mask_steps else mask, keep=jnp.asarray(keep, jnp.float32),
+                        stream=stream, point=point)
 
 
 def stack(items: Sequence):
@@ -390,20 +416,21 @@ def stack(items: Sequence):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *items)
 
 
-def block_indices(blocks, num_blocks: int, *, allow_empty: bool = False, what: str = "blocks") -> list[int]:
+def block_indices(blocks, num_blocks: int, *, allow_empty: bool = False, what: str = "blocks",
+                  unit: str = "block") -> list[int]:
     """Blocks given as 'all', an int, 'a:b' / ':k' / 'k:' slices, a range or a list of ints.
 
     Raises a ValueError (TypeError for a bool, a float or another type) for a block the model does
     not have, a range past its last block, and a spec that selects no block (an empty list, 'k:k',
     '4:2'), unless allow_empty (a sweep's no-knockout end, e.g. range(n, n)). `what` names the
-    argument in messages.
+    argument in messages, `unit` what is counted (heads are selected the same way).
     """
-    last = f"the valid blocks are 0..{num_blocks - 1}"
+    last = f"the valid {unit}s are 0..{num_blocks - 1}"
     if blocks is None or (isinstance(blocks, str) and blocks.strip() == "all"):
         out = list(range(num_blocks))
     elif isinstance(blocks, (bool, np.bool_)):
-        raise TypeError(f"{what} {blocks!r}: a bool selects no block; give 'all', a block index, 'a:b', ':k', 'k:' "
-                        "or a list of block indices")
+        raise TypeError(f"{what} {blocks!r}: a bool selects no {unit}; give 'all', a {unit} index, 'a:b', ':k', "
+                        f"'k:' or a list of {unit} indices")
     elif isinstance(blocks, (int, np.integer)):
         out = [int(blocks)]
     elif isinstance(blocks, str):
@@ -417,21 +444,22 @@ def block_indices(blocks, num_blocks: int, *, allow_empty: bool = False, what: s
                 raise ValueError(f"{what} {blocks!r}: the bounds must be whole numbers, as in 'a:b', ':k' or 'k:'")
             bounds.append(int(p) if p else None)
         if any(v is not None and v < 0 for v in bounds):
-            raise ValueError(f"{what} {blocks!r}: negative bounds are not allowed; count blocks from 0")
+            raise ValueError(f"{what} {blocks!r}: negative bounds are not allowed; count {unit}s from 0")
         start, stop = bounds[0] or 0, num_blocks if bounds[1] is None else bounds[1]
         if start > num_blocks or stop > num_blocks:
-            raise ValueError(f"{what} {blocks!r} reaches past the last block: {last} (a range a:b stops at most at "
+            raise ValueError(f"{what} {blocks!r} reaches past the last {unit}: {last} (a range a:b stops at most at "
                              f"{num_blocks})")
         out = list(range(start, stop))
     elif isinstance(blocks, Iterable) and not isinstance(blocks, (bytes, Mapping)):
-        out = [static_index(b, f"{what}: block index") for b in blocks]
+        out = [static_index(b, f"{what}: {unit} index") for b in blocks]
     else:
-        raise TypeError(f"{what} {blocks!r}: give 'all', a block index, 'a:b', ':k', 'k:' or a list of block indices")
+        raise TypeError(f"{what} {blocks!r}: give 'all', a {unit} index, 'a:b', ':k', 'k:' or a list of {unit} "
+                        "indices")
     bad = [b for b in out if not 0 <= b < num_blocks]
     if bad:
         raise ValueError(f"{what} {bad} out of range: {last}")
     if not out and not allow_empty:
-        raise ValueError(f"{what} {blocks!r} select no block ({last}); a knockout that cuts nothing is no knockout")
+        raise ValueError(f"{what} {blocks!r} select no {unit} ({last}); a knockout that cuts nothing is no knockout")
     return sorted(set(out))
 
 
@@ -449,14 +477,16 @@ def _parse_edge(setting: str, layout: TokenLayout):
 
 
 def knockout(config: Flux2Config, layout: TokenLayout, content_mask, edges: str | Sequence[str],
-             blocks="all", *, allow_empty: bool = False) -> Knockout:
+             blocks="all", *, heads=None, allow_empty: bool = False) -> Knockout:
     """Build a knockout that cuts `edges` (e.g. 'ref->text' or ['ref->text', 'ref->image']) in `blocks`.
 
-    content_mask: bool [B, T] or [T], True at the instruction's tokens. Raises if some query of
-    some sample would be left with no key to attend to in some block, and if the spec cuts nothing
-    (no edge, no block, an edge between groups the layout lacks) unless allow_empty: a sweep's
-    no-knockout cell (e.g. blocks k..n-1 at k = n), equal to no knockout. Combine knockouts with
-    different block ranges with `&`.
+    content_mask: bool [B, T] or [T], True at the instruction's tokens. heads: None cuts the edges in
+    every head (a table shared by the heads, [num_blocks, G, G]); heads given as blocks are ('a:b',
+    an int, a list) cut them in those heads only (a table per head, [num_blocks, H, G, G]). Raises
+    if some query of some sample would be left with no key to attend to in some block (and head),
+    and if the spec cuts nothing (no edge, no block, no head, an edge between groups the layout
+    lacks) unless allow_empty: a sweep's no-knockout cell (e.g. blocks k..n-1 at k = n), equal to no
+    knockout. Combine knockouts with different block or head ranges with `&`.
     """
     edges = [edges] if isinstance(edges, str) else list(edges)
     if not edges and not allow_empty:
@@ -473,6 +503,11 @@ def knockout(config: Flux2Config, layout: TokenLayout, content_mask, edges: str 
     allowed = np.ones((config.num_blocks, G, G), bool)
     for b in block_indices(blocks, config.num_blocks, allow_empty=allow_empty, what="knockout blocks"):
         allowed[b] = cut
+    if heads is not None:
+        chosen = block_indices(heads, config.num_heads, allow_empty=allow_empty, what="knockout heads", unit="head")
+        per_head = np.ones((config.num_blocks, config.num_heads, G, G), bool)
+        per_head[:, chosen] = allowed[:, None]
+        allowed = per_head
     check_knockout(allowed, groups, layout)
     return Knockout(allowed=jnp.asarray(allowed), groups=jnp.asarray(groups),
                     stream_counts=(layout.n_img, *layout.ref_counts))
@@ -514,17 +549,20 @@ def drop_reference(layout: TokenLayout, from_block: int) -> DropReference:
 
 
 def check_knockout(allowed, groups, layout: TokenLayout | None = None):
-    """Raise if any query token of any sample has no allowed key in any block."""
+    """Raise if any query token of any sample has no allowed key in any block (and head).
+
+    allowed: bool [blocks, G, G] or per head [blocks, H, G, G]."""
     allowed = np.asarray(allowed, bool)
     groups = np.asarray(groups)
     names = layout.group_names if layout is not None else None
     for row in range(groups.shape[0]):
         present = np.zeros(allowed.shape[-1], bool)
         present[np.unique(groups[row])] = True
-        reachable = (allowed & present[None, None, :]).any(axis=-1)  # [blocks, G]
-        empty = np.argwhere(~reachable & present[None, :])
+        reachable = (allowed & present).any(axis=-1)  # [blocks, (H,) G]
+        empty = np.argwhere(~reachable & present)
         if empty.size:
-            b, g = empty[0]
+            b, g = empty[0][0], empty[0][-1]
             who = names[g] if names else f"group {g}"
+            head = f" (head {empty[0][1]})" if allowed.ndim == 4 else ""
             raise ValueError(f"knockout leaves the {who} queries of sample {row} with no key to attend to "
-                             f"in block {b}; keep at least one key group for every query group")
+                             f"in block {b}{head}; keep at least one key group for every query group")

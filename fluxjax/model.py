@@ -1,35 +1,25 @@
 """The FLUX.2 transformer forward: embed, modulations once, double blocks, join, single blocks,
 final layer (spec section 3), with interventions as an argument and captures as return values.
 
-Blocks run under `lax.scan` over stacked parameters: compile time does not grow with depth, and
-intervention values indexed by block (knockout tables, capture slots) are scanned along. The
-steps before and after the blocks are public functions (`scale_timestep`, `conditioning`,
-`modulations`, `embed`, `positions`, `final_layer`), shared with the [klein] KV variant
-(`fluxjax.kv`).
+The blocks run in `fluxjax.runner.run_blocks` (one `lax.scan` per run of blocks of a kind, which
+is also where interventions and captures meet them). The steps before and after the blocks are
+public functions (`scale_timestep`, `conditioning`, `modulations`, `embed`, `positions`,
+`final_layer`), shared with the [klein] KV variant (`fluxjax.kv`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from fluxjax.blocks import double_block, single_block
+from fluxjax.blocks import Modulations
+from fluxjax.captures import Capture, Captures, as_capture
 from fluxjax.config import Flux2Config
-from fluxjax.apply import (begin_captures, block_segments, layer_values, record_block, substitute,
-                           substitute_leading)
-from fluxjax.interventions import BLOCK0_INPUT, Capture, Captures, Interventions, validate
+from fluxjax.interventions import Interventions, validate
 from fluxjax.numerics import linear, modulate, rope_tables, timestep_embedding
+from fluxjax.options import RuntimeOptions, runtime_options
 from fluxjax.params import Flux2Weights, MLPEmbedder
-
-
-@struct.dataclass
-class Modulations:
-    """(shift, scale, gate) triples, each [B, 1, D] (or per token), shared by every block of a kind."""
-
-    img: tuple  # two triples: attention, then MLP, of the double blocks' image stream
-    txt: tuple  # two triples, text stream
-    single: tuple  # one triple of the single blocks
+from fluxjax.runner import run_blocks, stream_lanes
 
 
 def scale_timestep(x, dtype):
@@ -109,83 +99,30 @@ def final_layer(params: Flux2Weights, vec, x):
 
 def forward(params: Flux2Weights, config: Flux2Config, img, txt, timestep, img_ids, txt_ids, guidance=None, *,
             interventions: Interventions | None = None, capture: Capture | None = None,
+            num_ref_tokens: int | None = None, runtime: RuntimeOptions | None = None,
             attn_impl: str | None = None) -> tuple[jax.Array, Captures]:
     """FLUX.2 transformer forward with the semantics of diffusers' `Flux2Transformer2DModel.forward`.
 
     img: [B, N, in_channels], noisy-image tokens then reference tokens; txt: [B, T, C];
     timestep: [B] in [0, 1]; img_ids: int [N, 4] or [B, N, 4]; txt_ids: int [T, 4] or [B, T, 4];
     guidance: [B] or None (ignored by models without a guidance embedder, as in diffusers).
-    interventions: see fluxjax.interventions; capture: static `Capture` spec.
+    interventions: see fluxjax.interventions; capture: a `Capture` (or sites: fluxjax.sites).
+    num_ref_tokens: how many of img's tokens are references (`layout.n_ref`), needed by image and
+    reference sites unless a knockout or reference removal already says it. runtime: the attention
+    kernel and its tiles (`fluxjax.RuntimeOptions`; `attn_impl="xla"` is the older spelling).
 
     Returns (output [B, N', out_channels], Captures): N' = N, or N minus the reference tokens when
-    they are dropped; the captures hold what `capture` asked for (None fields otherwise). jit with
-    config, capture and attn_impl static.
+    they are dropped; the captures hold what `capture` asked for. jit with config, capture,
+    num_ref_tokens and runtime static.
     """
-    iv, cap = interventions or Interventions(), capture or Capture()
-    n_txt = txt.shape[1]
-    validate(iv, cap, config, img.shape[0], n_txt, img.shape[1], params.img_in.dtype)
-    dtype = params.img_in.dtype
+    runtime = runtime_options(runtime, attn_impl)
+    iv, cap = interventions or Interventions(), as_capture(capture)
+    n_txt, dtype = txt.shape[1], params.img_in.dtype
+    lanes, refs_known = stream_lanes(n_txt, img.shape[1], num_ref_tokens, iv)
+    validate(iv, cap, config, img.shape[0], lanes, refs_known, dtype)
     vec = conditioning(params, config, scale_timestep(timestep, dtype),
                        None if guidance is None else scale_timestep(guidance, dtype))
-    mods = modulations(params, vec)
     x, c = embed(params, img, txt)
-    rope = positions(config, txt_ids, img_ids)
-    c = substitute(iv.substitutions, c, BLOCK0_INPUT)
-    x = substitute_leading(iv.image_substitutions, x, BLOCK0_INPUT)
-    captures = begin_captures(cap, c, x)
-    z = None  # the joint [text, image] stream, from the first single block on
-
-    for seg in block_segments(config, iv.drop_reference):
-        if seg.drop_refs:  # the references are last: dropping them truncates the image stream
-            n = iv.drop_reference.num_ref_tokens
-            x, z = (x[:, :-n], None) if z is None else (None, z[:, :-n])
-        values = layer_values(iv, cap, config, seg.start, seg.stop)
-        if seg.double:
-            x, c, captures = _double_blocks(params, seg, x, c, mods, rope, iv, values, captures, attn_impl)
-        else:
-            z = jnp.concatenate([c, x], axis=1) if z is None else z  # join, text first
-            z, captures = _single_blocks(params, config, seg, z, n_txt, mods, rope, iv, values, captures, attn_impl)
-    if z is None:  # a model without single blocks
-        z = jnp.concatenate([c, x], axis=1)
+    z, captures, _ = run_blocks(params, config, c, x, modulations(params, vec), positions(config, txt_ids, img_ids),
+                                lanes, iv, cap, runtime)
     return final_layer(params, vec, z[:, n_txt:]), captures
-
-
-def _rope(rope, length: int):
-    return tuple(r[:, :length] for r in rope)
-
-
-def _double_blocks(params, seg, x, c, mods, rope, iv, values, captures, attn_impl):
-    """Double blocks [seg.start, seg.stop) under `lax.scan`; substitutions and captures at each output."""
-    length = c.shape[1] + x.shape[1]
-    blocks = jax.tree_util.tree_map(lambda a: a[seg.start:seg.stop], params.double_blocks)
-
-    def body(carry, xs):
-        x, c, captures = carry
-        p, layer = xs
-        x, c = double_block(p, x, c, mods.img, mods.txt, _rope(rope, length), layer.mask(iv.knockout, c.shape[1], length),
-                            attn_impl)
-        c = substitute(iv.substitutions, c, layer.index)
-        x = substitute_leading(iv.image_substitutions, x, layer.index)
-        return (x, c, record_block(captures, layer, c, x)), None
-
-    (x, c, captures), _ = jax.lax.scan(body, (x, c, captures), (blocks, values))
-    return x, c, captures
-
-
-def _single_blocks(params, config, seg, z, n_txt, mods, rope, iv, values, captures, attn_impl):
-    """Single blocks [seg.start, seg.stop) on the joint stream, as `_double_blocks`."""
-    length, nd = z.shape[1], config.depth
-    blocks = jax.tree_util.tree_map(lambda a: a[seg.start - nd:seg.stop - nd], params.single_blocks)
-
-    def body(carry, xs):
-        z, captures = carry
-        p, layer = xs
-        z = single_block(p, z, mods.single, _rope(rope, length), layer.mask(iv.knockout, n_txt, length), attn_impl)
-        if iv.substitutions:
-            z = z.at[:, :n_txt].set(substitute(iv.substitutions, z[:, :n_txt], layer.index))
-        if iv.image_substitutions:
-            z = z.at[:, n_txt:].set(substitute_leading(iv.image_substitutions, z[:, n_txt:], layer.index))
-        return (z, record_block(captures, layer, z[:, :n_txt], z[:, n_txt:])), None
-
-    (z, captures), _ = jax.lax.scan(body, (z, captures), (blocks, values))
-    return z, captures

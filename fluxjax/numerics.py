@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from fluxjax.options import DEFAULT, RuntimeOptions, runtime_options
+
 LN_EPS = 1e-6  # every LayerNorm and QK RMSNorm in FLUX.2
 ROPE_TABLE_SIZE = 8192  # positions 0..8191 on every axis: 131k px per side, 8192 text tokens
 
@@ -126,16 +128,16 @@ def apply_rope(x, cos, sin):
 # --- attention ---------------------------------------------------------------------------------
 #
 # One function, `attention`, is the only place softmax attention happens. It takes either nothing,
-# a dense boolean mask [B, Lq, Lk], or `KeyGroups`: a knockout table over token groups applied
-# without any [Lq, Lk] array. With key groups the keys are cut into contiguous segments (text,
+# a dense boolean mask [B, Lq, Lk] (or per head [B, H, Lq, Lk]), or `KeyGroups`: a knockout table
+# over token groups (shared by the heads or one per head) applied without any [Lq, Lk] array. With key groups the keys are cut into contiguous segments (text,
 # image stream, or finer: see `KeyGroups`); a kernel attends to each segment and returns its
 # normalised output and log-sum-exp, and the partial results are merged with weights
 # exp(lse_s - lse) where lse = log sum_s exp(lse_s), a segment a query may not read entering with
 # lse_s = -inf (weight 0). This is exact: softmax over a union of disjoint key sets is the
 # LSE-weighted mixture of the softmaxes over each set (FlashAttention-2's rescaling, section 3.1).
 
-ATTENTION_QUERY_BLOCK = 256  # queries per block: a [B, 256, L] float32 logits tile stays in cache
-PALLAS_BLOCK = 128  # query and key tile of the Pallas kernel (TPU lanes are 128 wide)
+ATTENTION_QUERY_BLOCK = DEFAULT.query_block  # queries per tile of the blocked kernel (RuntimeOptions)
+PALLAS_BLOCK = DEFAULT.pallas_block  # query and key tile of the Pallas kernel (RuntimeOptions)
 _MASKED = -1e30  # the Pallas kernel's masked logit: finite, so exp(masked - masked) is never NaN
 
 
@@ -144,28 +146,46 @@ class KeyGroups:
     """A knockout table over token groups, as `attention` applies it (no [Lq, Lk] mask).
 
     allowed[gq, gk]: queries of group gq may attend to keys of group gk (one block's table; a value,
-    so changing it never retraces). groups: int32 [B or 1, L], every token's group; queries and
-    keys are the same joint sequence. segments (static): ((start, stop, key_groups), ...), the
-    contiguous key ranges that tile [0, L) in order, each with the groups its keys can belong to.
+    so changing it never retraces); allowed[h, gq, gk] gives each head its own table. groups: int32
+    [B or 1, Lq], every query's group; key_groups: int32 [B or 1, Lk], every key's group, or None
+    when the keys are the queries' own sequence (keys from a cache are not). segments (static):
+    ((start, stop, key_groups), ...), the
+    contiguous key ranges that tile [0, Lk) in order, each with the groups its keys can belong to.
     A range of one group (the image, one reference) is read or skipped whole by every query: the
     table enters only through its LSE weight. A range of several groups (the text span, where
     content and padding positions interleave per sample) is attended with the per-key mask
     may_read[b, q, group(b, k)], which the kernels build tile by tile from the table row of each
     query and a [B, S, m] one-hot of the keys' groups: [Lq, S] at most, never [L, L] unless a
-    single segment covers everything.
+    single segment covers everything. A per-head table adds a head axis to each query's row
+    ([B, Lq, H, m]), never to the keys.
     """
 
-    allowed: jax.Array  # bool [G, G]
-    groups: jax.Array  # int32 [B or 1, L]
+    allowed: jax.Array  # bool [G, G], or [H, G, G] per head
+    groups: jax.Array  # int32 [B or 1, Lq]
     segments: tuple[tuple[int, int, tuple[int, ...]], ...] = struct.field(pytree_node=False)
+    key_groups: jax.Array | None = None  # int32 [B or 1, Lk]; None: the keys are `groups`' tokens
+
+    @property
+    def keys(self):
+        """int32 [B or 1, Lk]: every key's group."""
+        return self.groups if self.key_groups is None else self.key_groups
+
+    def may_read(self):
+        """bool [B or 1, Lq, G] (per head [B or 1, Lq, H, G]): the key groups each query may read."""
+        if self.allowed.ndim == 2:
+            return self.allowed[self.groups]
+        return jnp.moveaxis(self.allowed[:, self.groups], 0, 2)
 
     def dense_mask(self):
-        """bool [B, L, L]: mask[b, q, k] = allowed[group(b, q), group(b, k)] (the reference form)."""
+        """bool [B, Lq, Lk] (per head [B, H, Lq, Lk]): mask[b, (h,) q, k] = allowed[(h,) group(b, q),
+        group(b, k)], the reference form."""
         G = self.allowed.shape[-1]
-        may_read = self.allowed[self.groups]  # [B, Lq, G]: the key groups each query may attend to
-        key_group = self.groups[:, :, None] == jnp.arange(G)  # [B, Lk, G] one-hot
+        key_group = self.keys[:, :, None] == jnp.arange(G)  # [B, Lk, G] one-hot
+        may_read = self.may_read()
         # a fused compare-and-reduce rather than an [L, L] gather (which XLA on CPU runs slowly)
-        return jnp.any(may_read[:, :, None, :] & key_group[:, None, :, :], axis=-1)
+        if self.allowed.ndim == 2:
+            return jnp.any(may_read[:, :, None, :] & key_group[:, None, :, :], axis=-1)
+        return jnp.any(may_read[:, :, :, None, :] & key_group[:, None, None, :, :], axis=-1).swapaxes(1, 2)
 
     def whole(self) -> "KeyGroups":
         """The same table over one segment spanning every key (its mask still built per query tile):
@@ -198,20 +218,26 @@ def _unnormalised_softmax(logits, mask):
     return p, jnp.sum(p, axis=-1)
 
 
+def _with_heads(mask):
+    """A dense mask [B, Lq, Lk] (shared by the heads) or [B, H, Lq, Lk] as [B, 1 or H, Lq, Lk]."""
+    return mask[:, None] if mask.ndim == 3 else mask
+
+
 def _dense_attention(q, k, v, mask):
     """All heads and queries at once: the [B, H, Lq, Lk] float32 logits exist in full."""
     logits = jnp.einsum("bqhk,blhk->bhql", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-    p, denom = _unnormalised_softmax(logits, None if mask is None else mask[:, None])  # [B, H, Q, L], [B, H, Q]
+    p, denom = _unnormalised_softmax(logits, None if mask is None else _with_heads(mask))  # [B, H, Q, L], [B, H, Q]
     o = jnp.einsum("bhql,blhk->bqhk", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (o / jnp.swapaxes(denom, 1, 2)[..., None]).astype(v.dtype)
 
 
-def _heads_and_query_blocks(q, k, v, per_query, query_side, block: int = ATTENTION_QUERY_BLOCK):
+def _heads_and_query_blocks(q, k, v, per_query, query_side, block: int = ATTENTION_QUERY_BLOCK, head_side=()):
     """Run per_query(q_i [B, Q, K], kt_h [B, K, S], v_h [B, S, K], *extras_i) one head at a time and,
     within a head, one block of queries at a time (nested `lax.map`), so the [B, H, Lq, S] logits
     never exist at once. query_side: arrays [B, Lq, ...] blocked with the queries (padded with True,
-    or -1, every bit set: a padding query reads every key). per_query returns arrays [B, Q, ...];
-    they come back as [B, Lq, H, ...].
+    or -1, every bit set: a padding query reads every key); head_side: arrays [B, Lq, H, ...], one
+    slice per head, blocked the same way and passed after them. per_query returns arrays
+    [B, Q, ...]; they come back as [B, Lq, H, ...].
 
     K is transposed once, outside the loops, so every dot in the loop is a plain [Q, K] x [K, S]
     and [Q, S] x [S, K] product on contiguous slices. The batch axis stays a batch axis of the
@@ -226,16 +252,20 @@ def _heads_and_query_blocks(q, k, v, per_query, query_side, block: int = ATTENTI
         a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2), constant_values=fill)
         return a.reshape(B, n, block, *a.shape[2:]).swapaxes(0, 1)
 
+    def fill(a):  # padded queries see all keys
+        return True if a.dtype == jnp.bool_ else -1
+
     qb = blocks(q, 0).transpose(3, 0, 1, 2, 4)  # [H, n, B, Q, K]
-    extras = tuple(blocks(a, True if a.dtype == jnp.bool_ else -1) for a in query_side)  # padded queries see all keys
+    extras = tuple(blocks(a, fill(a)) for a in query_side)
+    per_head = tuple(jnp.moveaxis(blocks(a, fill(a)), 3, 0) for a in head_side)  # [H, n, B, Q, ...]
     kt = k.transpose(2, 0, 3, 1)  # [H, B, K, S]
     vh = v.transpose(2, 0, 1, 3)  # [H, B, S, K]
 
     def head(xs):
-        q_h, kt_h, v_h = xs  # [n, B, Q, K], [B, K, S], [B, S, K]
-        return jax.lax.map(lambda ys: per_query(ys[0], kt_h, v_h, *ys[1:]), (q_h, *extras))
+        q_h, kt_h, v_h, *own = xs  # [n, B, Q, K], [B, K, S], [B, S, K], each [n, B, Q, ...]
+        return jax.lax.map(lambda ys: per_query(ys[0], kt_h, v_h, *ys[1:]), (q_h, *extras, *own))
 
-    out = jax.lax.map(head, (qb, kt, vh))  # each [H, n, B, Q, ...]
+    out = jax.lax.map(head, (qb, kt, vh, *per_head))  # each [H, n, B, Q, ...]
     return jax.tree_util.tree_map(
         lambda o: o.transpose(2, 1, 3, 0, *range(4, o.ndim)).reshape(B, n * block, H, *o.shape[4:])[:, :Lq], out)
 
@@ -256,6 +286,8 @@ def _blocked_attention(q, k, v, mask, block: int = ATTENTION_QUERY_BLOCK):
         o = jnp.einsum("bql,blk->bqk", p.astype(v_h.dtype), v_h, preferred_element_type=jnp.float32)
         return (o / denom[..., None]).astype(v_h.dtype)
 
+    if mask is not None and mask.ndim == 4:  # per head [B, H, Lq, Lk]: each head reads its own slice
+        return _heads_and_query_blocks(q, k, v, per_query, (), block, head_side=(mask.swapaxes(1, 2),))
     return _heads_and_query_blocks(q, k, v, per_query, () if mask is None else (mask,), block)
 
 
@@ -264,7 +296,8 @@ def _blocked_attention(q, k, v, mask, block: int = ATTENTION_QUERY_BLOCK):
 # Each kernel below takes q [B, Lq, H, K], the segment's k, v [B, S, H, K] and either nothing (every
 # query reads every key of the segment) or (reads, key_onehot): reads bool [B, Lq, m], which of the
 # segment's m key groups each query may read, and key_onehot bool [B, S, m], the group of each key;
-# query q may read key s iff any_j reads[q, j] & key_onehot[s, j]. It returns o float32
+# query q may read key s iff any_j reads[q, j] & key_onehot[s, j]; with a per-head table reads is
+# [B, Lq, H, m], one row per head. It returns o float32
 # [B, Lq, H, K] normalised over the keys the query read, and lse float32 [B, Lq, H], the
 # log-sum-exp of those scaled logits (-inf, or below -1e29 for Pallas, where the query read none).
 
@@ -272,6 +305,15 @@ def _blocked_attention(q, k, v, mask, block: int = ATTENTION_QUERY_BLOCK):
 def _may_read(reads, key_onehot):
     """bool [B, Q, S] from reads [B, Q, m] and key_onehot [B, S, m] (m is a handful)."""
     return jnp.any(reads[:, :, None, :] & key_onehot[:, None, :, :], axis=-1)
+
+
+def _head_mask(group_mask):
+    """bool [B, 1 or H, Q, S]: the mask of (reads, key_onehot), reads shared [B, Q, m] or per head
+    [B, Q, H, m]."""
+    reads, key_onehot = group_mask
+    if reads.ndim == 3:
+        return _may_read(reads, key_onehot)[:, None]
+    return jnp.any(reads[:, :, :, None, :] & key_onehot[:, None, None, :, :], axis=-1).swapaxes(1, 2)
 
 
 def _lse_and_normalised(p_v, denom, row_max):
@@ -284,7 +326,7 @@ def _partial_dense(q, k, v, group_mask=None):
     """All heads and queries at once ([B, H, Lq, S] float32 logits): the reference of the kernels."""
     logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     if group_mask is not None:
-        logits = jnp.where(_may_read(*group_mask)[:, None], logits, -jnp.inf)
+        logits = jnp.where(_head_mask(group_mask), logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1)
     p = jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0.0)[..., None])
     p_v = jnp.einsum("bhqs,bshk->bhqk", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -296,13 +338,14 @@ def _partial_blocked(q, k, v, group_mask=None, block: int = ATTENTION_QUERY_BLOC
     """`_partial_dense` one (head, query block) at a time (CPU): the mask of a multi-group segment is
     built per query block from the table rows, in cache, and never exists for all queries."""
     scale = q.shape[-1] ** -0.5
-    query_side = ()
+    query_side = head_side = ()
     if group_mask is not None:  # each query's readable groups and each key's group as bit sets
         reads, key_onehot = group_mask
         if reads.shape[-1] > 31:
             raise ValueError(f"the blocked kernel takes at most 31 key groups in a segment, got {reads.shape[-1]}")
         bit = (1 << np.arange(reads.shape[-1])).astype(np.int32)
-        query_side = (jnp.sum(jnp.where(reads, bit, 0), axis=-1),)  # int32 [B, Lq]
+        bits = jnp.sum(jnp.where(reads, bit, 0), axis=-1)  # int32 [B, Lq], or per head [B, Lq, H]
+        query_side, head_side = ((bits,), ()) if bits.ndim == 2 else ((), (bits,))
         key_bits = jnp.sum(jnp.where(key_onehot, bit, 0), axis=-1)  # int32 [B, S]
 
     def per_query(q_i, kt_h, v_h, *reads_i):  # [B, Q, K], [B, K, S], [B, S, K], int32 [B, Q]?
@@ -314,12 +357,12 @@ def _partial_blocked(q, k, v, group_mask=None, block: int = ATTENTION_QUERY_BLOC
         p_v = jnp.einsum("bqs,bsk->bqk", p.astype(v_h.dtype), v_h, preferred_element_type=jnp.float32)
         return _lse_and_normalised(p_v, jnp.sum(p, axis=-1), row_max)
 
-    return _heads_and_query_blocks(q, k, v, per_query, query_side, block)
+    return _heads_and_query_blocks(q, k, v, per_query, query_side, block, head_side)
 
 
 def _cudnn_kernel(q, k, v, bias):
     """jax's cuDNN fused flash attention (GPU, bfloat16 / float16) with an additive bias None or
-    [B, 1, Lq, S]: (o float32 [B, Lq, H, K], lse float32 [B, Lq, H]).
+    [B, 1 or H, Lq, S]: (o float32 [B, Lq, H, K], lse float32 [B, Lq, H]).
 
     The private entry point is used because `jax.nn.dot_product_attention(return_residual=True)`
     (jax 0.10.2) rounds the log-sum-exp to the output dtype: in bfloat16 an LSE near 10 is off by up
@@ -334,9 +377,10 @@ def _cudnn_kernel(q, k, v, bias):
 
 def _group_bias(group_mask, dtype):
     """The additive bias [B, 1, Lq, S] of a multi-group segment: 0 where a query may read a key, else
-    -2^40 (what jax uses for bfloat16 masks: cuDNN mishandles -inf - -inf). One head: cuDNN
-    broadcasts it, so it is Lq x S per sample, not H x Lq x S."""
-    return jnp.where(_may_read(*group_mask)[:, None], 0.0, -2.0 ** 40).astype(dtype)
+    -2^40 (what jax uses for bfloat16 masks: cuDNN mishandles -inf - -inf). One head for a table
+    shared by the heads: cuDNN broadcasts it, so it is Lq x S per sample, not H x Lq x S; a table
+    per head gives [B, H, Lq, S]."""
+    return jnp.where(_head_mask(group_mask), 0.0, -2.0 ** 40).astype(dtype)
 
 
 def _fold_vmap(fn):
@@ -444,6 +488,9 @@ def _partial_pallas(q, k, v, group_mask=None, block: int = PALLAS_BLOCK, interpr
     else:
         reads, key_onehot = (jnp.broadcast_to(a, (B, *a.shape[1:])) for a in group_mask)
     m = reads.shape[-1]
+    heads_per_row = H  # programs h = b H + head read row b of `reads`
+    if reads.ndim == 4:  # per head [B, Lq, H, m]: a row of reads per (batch, head) program
+        reads, heads_per_row = reads.swapaxes(1, 2).reshape(B * H, Lq, m), 1
 
     def pad(a, n, axis):
         widths = [(0, 0)] * a.ndim
@@ -452,7 +499,7 @@ def _partial_pallas(q, k, v, group_mask=None, block: int = PALLAS_BLOCK, interpr
 
     qh = pad(q, nq * bq, 1).transpose(0, 2, 1, 3).reshape(B * H, nq * bq, K)
     kh, vh = (pad(a, nk * bk, 1).transpose(0, 2, 1, 3).reshape(B * H, nk * bk, K) for a in (k, v))
-    reads_f = pad(reads, nq * bq, 1).astype(jnp.float32)  # [B, Lq', m]
+    reads_f = pad(reads, nq * bq, 1).astype(jnp.float32)  # [B or B H, Lq', m]
     keys_f = pad(key_onehot, nk * bk, 1).astype(jnp.float32).swapaxes(1, 2)  # [B, m, S']: padding keys in no group
     kernel = functools.partial(_pallas_kernel, scale=K ** -0.5, num_groups=m)
     acc, row_max, denom = pl.pallas_call(
@@ -461,7 +508,7 @@ def _partial_pallas(q, k, v, group_mask=None, block: int = PALLAS_BLOCK, interpr
         in_specs=[pl.BlockSpec((None, bq, K), lambda h, i, j: (h, i, 0)),
                   pl.BlockSpec((None, bk, K), lambda h, i, j: (h, j, 0)),
                   pl.BlockSpec((None, bk, K), lambda h, i, j: (h, j, 0)),
-                  pl.BlockSpec((None, bq, m), lambda h, i, j: (h // H, i, 0)),
+                  pl.BlockSpec((None, bq, m), lambda h, i, j: (h // heads_per_row, i, 0)),
                   pl.BlockSpec((None, m, bk), lambda h, i, j: (h // H, 0, j))],
         out_specs=[pl.BlockSpec((None, bq, K), lambda h, i, j: (h, i, 0)),
                    pl.BlockSpec((None, bq, 1), lambda h, i, j: (h, i, 0)),
@@ -476,27 +523,25 @@ def _partial_pallas(q, k, v, group_mask=None, block: int = PALLAS_BLOCK, interpr
     return o, lse.reshape(B, H, nq * bq)[:, :, :Lq].swapaxes(1, 2)
 
 
-_PARTIALS = {"xla": _partial_dense, "blocked": _partial_blocked, "cudnn": _partial_cudnn, "pallas": _partial_pallas}
-
-
 def _grouped_attention(q, k, v, kg: KeyGroups, partial):
     """Attend to each key segment with `partial` and merge the results with the table's weights."""
-    B, L = q.shape[0], q.shape[1]
-    if k.shape[1] != L:
-        raise ValueError(f"KeyGroups attention needs queries and keys from one sequence; got {L} queries and "
-                         f"{k.shape[1]} keys (use a dense mask for spliced keys)")
-    kg.check(L)
-    groups = jnp.broadcast_to(kg.groups, (B, L))
-    may_read = kg.allowed[groups]  # [B, Lq, G]
+    B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
+    if kg.key_groups is None and Lk != Lq:
+        raise ValueError(f"KeyGroups without key_groups needs queries and keys from one sequence; got {Lq} queries "
+                         f"and {Lk} keys (give key_groups, every key's group, for keys from elsewhere)")
+    kg.check(Lk)
+    may_read = kg.may_read()
+    may_read = jnp.broadcast_to(may_read, (B, *may_read.shape[1:]))  # [B, Lq, (H,) G]
+    keys = jnp.broadcast_to(kg.keys, (B, Lk))
     outs, lses = [], []
     for start, stop, key_groups in kg.segments:
-        reads = may_read[..., np.asarray(key_groups)]  # [B, Lq, m]
+        reads = may_read[..., np.asarray(key_groups)]  # [B, Lq, (H,) m]
         ks, vs = k[:, start:stop], v[:, start:stop]
         if len(key_groups) == 1:  # one group: read whole or not at all, through the LSE weight alone
             o, lse = partial(q, ks, vs)
-            lse = jnp.where(reads, lse, -jnp.inf)  # [B, Lq, H] where [B, Lq, 1]
+            lse = jnp.where(reads[..., 0] if reads.ndim == 4 else reads, lse, -jnp.inf)  # [B, Lq, H]
         else:
-            key_onehot = groups[:, start:stop, None] == np.asarray(key_groups)  # [B, S, m]
+            key_onehot = keys[:, start:stop, None] == np.asarray(key_groups)  # [B, S, m]
             o, lse = partial(q, ks, vs, (reads, key_onehot))
         outs.append(o)
         lses.append(lse)
@@ -534,13 +579,17 @@ def default_implementation(dtype, masked: bool = False, head_dim: int = 128) -> 
     return "blocked"
 
 
-def attention(q, k, v, mask=None, implementation: str | None = None):
+def attention(q, k, v, mask=None, options: RuntimeOptions | str | None = None, *,
+              implementation: str | None = None):
     """The one softmax attention of the package: softmax(q k^T / sqrt(K)) v.
 
-    q: [B, Lq, H, K]; k, v: [B, Lk, H, K]; mask: None, bool [B, Lq, Lk] (True = may attend), or
-    `KeyGroups` (a knockout table over token groups, applied without an [Lq, Lk] mask). Every
-    attention-edge knockout goes through here, so the clean and the masked paths share their
-    numerics. `implementation` (None: `default_implementation`):
+    q: [B, Lq, H, K]; k, v: [B, Lk, H, K]; mask: None, bool [B, Lq, Lk] or per head
+    [B, H, Lq, Lk] (True = may attend), or `KeyGroups` (a knockout table over token groups, shared
+    or per head, applied without an [Lq, Lk] mask). Every attention-edge knockout goes through
+    here, so the clean and the masked paths share their numerics. `options`: a
+    `fluxjax.RuntimeOptions` (or a kernel name as shorthand), whose `attention` picks the kernel
+    (None: `default_implementation`) and whose tile sizes the blocked and Pallas kernels use
+    (`implementation="xla"` is the older spelling of options="xla"):
       "xla"     one einsum over all heads and queries (float32 logits and softmax); with KeyGroups,
                 the dense mask (`KeyGroups.dense_mask`): the reference every other path is tested
                 against;
@@ -549,26 +598,28 @@ def attention(q, k, v, mask=None, implementation: str | None = None):
       "cudnn"   jax's cuDNN fused kernel (GPU, bfloat16 / float16); with KeyGroups, per segment;
       "pallas"  the Pallas flash kernel (TPU; interpret mode on other backends); no dense masks.
     """
+    options = runtime_options(options, implementation)
+    implementation = options.attention
     if implementation is None:
         implementation = default_implementation(q.dtype, masked=mask is not None and not isinstance(mask, KeyGroups),
                                                 head_dim=q.shape[-1])
-    if implementation not in _PARTIALS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; use None, 'xla', 'blocked', "
-                         "'cudnn' or 'pallas'")
+    partial = {"xla": _partial_dense, "cudnn": _partial_cudnn,
+               "blocked": functools.partial(_partial_blocked, block=options.query_block),
+               "pallas": functools.partial(_partial_pallas, block=options.pallas_block)}[implementation]
     if isinstance(mask, KeyGroups):
         if implementation == "xla":
             mask = mask.dense_mask()
         else:  # blocked (CPU): one pass over all keys, measured faster than one per segment
             groups = mask.whole() if implementation == "blocked" else mask
-            return _grouped_attention(q, k, v, groups, _PARTIALS[implementation])
+            return _grouped_attention(q, k, v, groups, partial)
     if implementation == "cudnn":
-        m = None if mask is None else mask[:, None, :, :]
+        m = None if mask is None else _with_heads(mask)
         return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
     if implementation == "xla":
         return _dense_attention(q, k, v, mask)
     if implementation == "blocked":
-        return _blocked_attention(q, k, v, mask)
+        return _blocked_attention(q, k, v, mask, block=options.query_block)
     if mask is not None:
         raise ValueError("the Pallas kernel takes KeyGroups, not a dense [B, Lq, Lk] mask; use "
-                         "implementation='xla' or 'blocked' for a dense mask")
-    return _partial_pallas(q, k, v)[0].astype(v.dtype)
+                         "RuntimeOptions(attention='xla') or 'blocked' for a dense mask")
+    return partial(q, k, v)[0].astype(v.dtype)

@@ -48,7 +48,9 @@ from fluxjax.conversion.convert import convert_transformer
 from fluxjax.conversion.vae import convert_vae
 from fluxjax.config import Flux2Config
 from fluxjax.files import LockHeld, acquire_lock, remove_stale_temporaries
-from fluxjax.interventions import Capture, Captures, Interventions
+from fluxjax.captures import Capture, Captures
+from fluxjax.interventions import Interventions
+from fluxjax.options import RuntimeOptions
 from fluxjax.layout import TokenLayout
 from fluxjax.params import Flux2Weights
 from fluxjax.vae_checkpoint import load_vae
@@ -296,7 +298,7 @@ def encode_prompts(model: Flux2Model, prompts):
 def generate(model: Flux2Model, prompts=None, references=None, *, text=None, seed=0, noise=None,
              height: int | None = None, width: int | None = None, options: samplerlib.SamplerOptions | None = None,
              negative_text=None, interventions: Interventions | None = None, capture: Capture | None = None,
-             attn_impl: str | None = None) -> Generation:
+             runtime: RuntimeOptions | None = None, attn_impl: str | None = None) -> Generation:
     """Generate (or edit) images.
 
     prompts: a string or a list (one sample each); or `text=` a precomputed `TextConditioning`
@@ -330,7 +332,7 @@ def generate(model: Flux2Model, prompts=None, references=None, *, text=None, see
     latents, captures = samplerlib.sample(model.params, model.config, options, embeds, text.txt_ids,
                                           layout.img_ids(), noise=noise, seed=None if noise is not None else seed,
                                           refs=refs, uncond_txt=uncond, interventions=interventions,
-                                          capture=capture, attn_impl=attn_impl)
+                                          capture=capture, runtime=runtime, attn_impl=attn_impl)
     pixels = np.asarray(decode_pixels(model.vae_params, model.vae_config, latents, height, width))
     return Generation(images=[PIL.Image.fromarray(p) for p in pixels], latents=np.asarray(latents),
                       layout=layout, content_mask=np.asarray(text.content_mask), captures=captures)

@@ -33,9 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fluxjax.captures import Capture, Captures, as_capture
 from fluxjax.config import Flux2Config
-from fluxjax.interventions import Capture, Captures, Interventions, check_sites, is_per_step
+from fluxjax.interventions import Interventions, check_sites, is_per_step
 from fluxjax.model import forward
+from fluxjax.options import RuntimeOptions, runtime_options
 from fluxjax.schedule import NUM_TRAIN_TIMESTEPS, flux2_sigmas
 
 GUIDANCE_MODES = ("none", "embedded", "cfg")
@@ -146,6 +148,19 @@ def check_step_axes(interventions: Interventions | None, num_steps: int) -> None
                                  f"{axis}, but the sampler runs {num_steps} steps")
 
 
+def step_slices(interventions):
+    """(the arrays of every `PerStep` value of `interventions`, each [S, ...], to scan along the steps;
+    at_step(slices) -> the interventions of one step, every PerStep replaced by its slice)."""
+    nodes, treedef = jax.tree_util.tree_flatten(interventions, is_leaf=is_per_step)
+    per_step = [n.value for n in nodes if is_per_step(n)]
+
+    def at_step(step_values):
+        it = iter(step_values)
+        return jax.tree_util.tree_unflatten(treedef, [next(it) if is_per_step(n) else n for n in nodes])
+
+    return per_step, at_step
+
+
 def start(params, config: Flux2Config, options: SamplerOptions, txt, img_ids, refs, noise, seed, sigmas):
     """The checked initial latents [B, N_img, in_channels] (model dtype) and float32 sigmas
     [num_steps + 1] of a sampler run (arguments as `sample`)."""
@@ -171,7 +186,8 @@ def start(params, config: Flux2Config, options: SamplerOptions, txt, img_ids, re
 
 def sample(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids, img_ids, *, noise=None, seed=None,
            refs=None, uncond_txt=None, interventions: Interventions | None = None,
-           capture: Capture | None = None, sigmas=None, attn_impl: str | None = None):
+           capture: Capture | None = None, sigmas=None, runtime: RuntimeOptions | None = None,
+           attn_impl: str | None = None):
     """Denoise from noise to clean latents.
 
     params, config: the transformer. txt: [B, T, C] prompt embeddings; txt_ids: int [T, 4].
@@ -181,13 +197,15 @@ def sample(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids, i
     reference tokens (`fluxjax.images.reference_tokens`). uncond_txt: [B, T, C] empty-prompt
     embeddings, required by guidance "cfg". interventions: applied to every forward of every step
     (both CFG branches, as a module hook in the reference would be); `per_step` values give each
-    step its own slice (module docstring). capture: static spec; captures come from the conditional branch.
-    sigmas: float32 [num_steps + 1] to override the FLUX.2 schedule of N_img tokens.
+    step its own slice (module docstring). capture: static spec (or sites); captures come from the
+    conditional branch. sigmas: float32 [num_steps + 1] to override the FLUX.2 schedule of N_img
+    tokens. runtime: the attention kernel (`fluxjax.RuntimeOptions`; `attn_impl=` is the older
+    spelling).
 
     Latents live in the model's dtype (diffusers keeps them in the prompt embeddings' dtype, the
     same one whenever the embeddings are in the model dtype, as the pipelines produce them).
     Returns (latents [B, N_img, in_channels], Captures whose arrays have a leading [num_steps] axis;
-    None fields where nothing was asked for).
+    empty where nothing was asked for).
     """
     if options.guidance == "cfg" and uncond_txt is None:
         raise ValueError("guidance 'cfg' needs `uncond_txt`, the empty-prompt embeddings")
@@ -196,33 +214,29 @@ def sample(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids, i
     noise, sigmas = start(params, config, options, txt, img_ids, refs, noise, seed, sigmas)
     check_step_axes(interventions, options.num_steps)
     check_sites(interventions, config)  # before compiling: inside, a site is a traced value
-    if capture is not None:
-        capture.validate(config)
+    capture = as_capture(capture)
+    capture.validate(config)
     return _denoise(params, noise, jnp.asarray(txt), jnp.asarray(txt_ids),
                     jnp.asarray(img_ids), None if refs is None else jnp.asarray(refs),
                     None if uncond_txt is None else jnp.asarray(uncond_txt), sigmas,
                     jnp.asarray(options.guidance_scale, jnp.float32), interventions,
-                    config=config, guidance=options.guidance, capture=capture, attn_impl=attn_impl)
+                    config=config, guidance=options.guidance, capture=capture,
+                    runtime=runtime_options(runtime, attn_impl))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "guidance", "capture", "attn_impl"))
+@functools.partial(jax.jit, static_argnames=("config", "guidance", "capture", "runtime"))
 def _denoise(params, noise, txt, txt_ids, img_ids, refs, uncond_txt, sigmas, guidance_scale, interventions, *,
-             config, guidance, capture, attn_impl):
-    n_img = noise.shape[1]
+             config, guidance, capture, runtime):
+    n_img, n_ref = noise.shape[1], 0 if refs is None else refs.shape[1]
     if refs is not None:  # the same clean references for every sample unless given per sample
         refs = jnp.broadcast_to(refs, (noise.shape[0], *refs.shape[1:])).astype(noise.dtype)
-    nodes, treedef = jax.tree_util.tree_flatten(interventions, is_leaf=is_per_step)
-    per_step = [n.value for n in nodes if is_per_step(n)]  # scanned along the steps
-
-    def at_step(step_values):  # the interventions of one step: every PerStep replaced by its slice
-        it = iter(step_values)
-        return jax.tree_util.tree_unflatten(treedef, [next(it) if is_per_step(n) else n for n in nodes])
+    per_step, at_step = step_slices(interventions)  # scanned along the steps
 
     def predict(x, text, t, iv, cap):
         model_in = x if refs is None else jnp.concatenate([x, refs], axis=1)
         g = jnp.full(x.shape[:1], guidance_scale) if guidance == "embedded" else None
         out, caps = forward(params, config, model_in, text, t, img_ids, txt_ids, g, interventions=iv, capture=cap,
-                            attn_impl=attn_impl)
+                            num_ref_tokens=n_ref, runtime=runtime)
         return out[:, :n_img], caps
 
     def step(x, xs):

@@ -16,16 +16,16 @@ usual: `jit` follows the input shardings and XLA partitions the program.
     img, txt, t = shard_batch((img, txt, t), mesh)
     out, _ = jax.jit(forward, static_argnums=1)(params, config, img, txt, t, img_ids, txt_ids)
 
-The plan for each parameter comes from `fluxjax.params.param_shapes`, so it is known before any
-weight exists (`jax.eval_shape`):
+The plan for each parameter comes from its logical axes, declared once beside its shape
+(`fluxjax.params.param_infos`), so it is known before any weight exists (`jax.eval_shape`):
 
-    stacked block leaves  [layers, in, out]: layer axis whole, `out` split (else `in`)
-    other matrices        [in, out]:         `out` split (else `in`)
-    vectors (QK norms)    [layers, K]:       replicated (a few KiB per layer)
+    out           split over fsdp when the fsdp size divides it
+    in            split instead when `out` is not divisible
+    layers        whole (the blocks' scan runs over it)
+    head_dim      whole: QK-norm scales are replicated (a few KiB per layer)
 
-A matrix axis is split only when the fsdp size divides it; a matrix with neither axis divisible
-stays replicated (`bytes_per_device` shows the cost). Every matrix of the released presets splits
-over 2, 4 and 8 devices.
+A matrix with neither axis divisible stays replicated (`bytes_per_device` shows the cost). Every
+matrix of the released presets splits over 2, 4 and 8 devices.
 
 Several processes (multi-controller JAX, after `jax.distributed.initialize`): every process runs
 the same program, and a mesh may span the devices of all of them (`global_mesh`). Each process
@@ -47,11 +47,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fluxjax.config import Flux2Config
-from fluxjax.params import Flux2Weights, param_shapes
+from fluxjax.params import IN, OUT, Flux2Weights, leaf_axes, param_shapes
+from fluxjax.trees import leaf_name
 
 DATA = "data"
 FSDP = "fsdp"
-_STACKED = ("double_blocks", "single_blocks")  # Flux2Weights fields whose leaves carry a layer axis
 
 
 def make_mesh(data: int = 1, fsdp: int | None = None, devices=None) -> Mesh:
@@ -69,13 +69,11 @@ def make_mesh(data: int = 1, fsdp: int | None = None, devices=None) -> Mesh:
     return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
-def _leaf_spec(path, shape: tuple[int, ...], fsdp: int) -> P:
-    lead = 1 if getattr(path[0], "name", None) in _STACKED else 0
-    if len(shape) - lead < 2:
-        return P()  # norm weights: replicated
-    for axis in (len(shape) - 1, len(shape) - 2):  # the out axis, else the in axis
-        if shape[axis] % fsdp == 0:
-            return P(*(FSDP if a == axis else None for a in range(len(shape))))
+def _leaf_spec(axes: tuple[str, ...], shape: tuple[int, ...], fsdp: int) -> P:
+    """fsdp on the `out` axis, else on the `in` axis, where its size divides it; else replicated."""
+    for name in (OUT, IN):
+        if name in axes and shape[axes.index(name)] % fsdp == 0:
+            return P(*(FSDP if a == name else None for a in axes))
     return P()
 
 
@@ -83,7 +81,9 @@ def partition_specs(tree, fsdp: int):
     """PartitionSpecs for a Flux2Weights-structured pytree of arrays or ShapeDtypeStructs."""
     if fsdp < 1:
         raise ValueError(f"fsdp must be >= 1, got {fsdp}")
-    return jax.tree_util.tree_map_with_path(lambda path, x: _leaf_spec(path, tuple(x.shape), fsdp), tree)
+    axes = leaf_axes()
+    return jax.tree_util.tree_map_with_path(lambda path, x: _leaf_spec(axes[leaf_name(path)], tuple(x.shape), fsdp),
+                                            tree)
 
 
 def param_partition_specs(config: Flux2Config, fsdp: int) -> Flux2Weights:

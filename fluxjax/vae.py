@@ -42,6 +42,7 @@ from jaxtyping import Array, Float
 from fluxjax.config import as_tuple, type_problems
 from fluxjax.init import init_tree
 from fluxjax.numerics import attention
+from fluxjax.options import RuntimeOptions, runtime_options
 
 GN_EPS = 1e-6  # every GroupNorm of the autoencoder (diffusers `resnet_eps=1e-6`, BFL `eps=1e-6`)
 
@@ -312,21 +313,21 @@ def resnet_block(p: ResnetBlock, x, groups: int):
     return x + h
 
 
-def attn_block(p: AttnBlock, x, groups: int, attn_impl: str | None = None):
+def attn_block(p: AttnBlock, x, groups: int, runtime: RuntimeOptions | None = None):
     """Mid-block self-attention with one head of width C, residual added (diffusers `Attention` with
     `residual_connection=True`, `rescale_output_factor=1`); the softmax goes through
     `fluxjax.numerics.attention` (float32 logits)."""
     b, h, w, c = x.shape
     t = group_norm(p.norm, x, groups).reshape(b, h * w, 1, c)  # [B, L, 1 head, C]
     q, k, v = (jnp.einsum("blhc,cd->blhd", t, d.kernel) + d.bias for d in (p.q, p.k, p.v))
-    o = attention(q, k, v, implementation=attn_impl)[:, :, 0]
+    o = attention(q, k, v, None, runtime)[:, :, 0]
     return x + (jnp.einsum("blc,cd->bld", o, p.proj_out.kernel) + p.proj_out.bias).reshape(b, h, w, c)
 
 
-def mid_block(p: MidBlock, x, groups: int, attn_impl: str | None = None):
+def mid_block(p: MidBlock, x, groups: int, runtime: RuntimeOptions | None = None):
     x = resnet_block(p.block_1, x, groups)
     if p.attn_1 is not None:
-        x = attn_block(p.attn_1, x, groups, attn_impl)
+        x = attn_block(p.attn_1, x, groups, runtime)
     return resnet_block(p.block_2, x, groups)
 
 
@@ -346,14 +347,16 @@ def upsample(p: Conv, x):
 
 
 def encode(params: VAEParams, config: VAEConfig, images: Float[Array, "B H W Cin"], *,
-           attn_impl: str | None = None) -> Float[Array, "B h w c"]:
+           runtime: RuntimeOptions | None = None) -> Float[Array, "B h w c"]:
     """Images [B, H, W, in_channels] in [-1, 1] -> posterior mean latents [B, h, w, c].
 
     The mean is the first `latent_channels` of the quant_conv output (diffusers
     `retrieve_latents(..., sample_mode="argmax")`, BFL `torch.chunk(moments, 2)[0]`); only those
     output channels of quant_conv are computed. Images are cast to the parameters' dtype, as the
-    reference pipelines cast them to the VAE's dtype.
+    reference pipelines cast them to the VAE's dtype. runtime: the attention kernel
+    (`fluxjax.RuntimeOptions`), as in every function below.
     """
+    runtime = runtime_options(runtime)
     p, g = params.encoder, config.norm_num_groups
     x = conv(p.conv_in, images.astype(p.conv_in.kernel.dtype))
     for level in p.down:
@@ -361,7 +364,7 @@ def encode(params: VAEParams, config: VAEConfig, images: Float[Array, "B H W Cin
             x = resnet_block(block, x, g)
         if level.downsample is not None:
             x = downsample(level.downsample, x)
-    x = mid_block(p.mid, x, g, attn_impl)
+    x = mid_block(p.mid, x, g, runtime)
     x = conv(p.conv_out, jax.nn.silu(group_norm(p.norm_out, x, g)))
     lat = config.latent_channels
     if p.quant_conv is None:
@@ -370,13 +373,14 @@ def encode(params: VAEParams, config: VAEConfig, images: Float[Array, "B H W Cin
 
 
 def decode(params: VAEParams, config: VAEConfig, latents: Float[Array, "B h w c"], *,
-           attn_impl: str | None = None) -> Float[Array, "B H W Cout"]:
+           runtime: RuntimeOptions | None = None) -> Float[Array, "B H W Cout"]:
     """Latents [B, h, w, c] -> images [B, h * 8, w * 8, out_channels], nominally in [-1, 1] (not clamped)."""
+    runtime = runtime_options(runtime)
     p, g = params.decoder, config.norm_num_groups
     x = latents.astype(p.conv_in.kernel.dtype)
     if p.post_quant_conv is not None:
         x = conv(p.post_quant_conv, x)
-    x = mid_block(p.mid, conv(p.conv_in, x), g, attn_impl)
+    x = mid_block(p.mid, conv(p.conv_in, x), g, runtime)
     for level in reversed(p.up):
         for block in level.block:
             x = resnet_block(block, x, g)
@@ -454,33 +458,33 @@ def token_grid(config: VAEConfig, height: int, width: int) -> tuple[int, int]:
 
 
 def encode_to_grid(params: VAEParams, config: VAEConfig, images: Float[Array, "B H W Cin"], *,
-                   attn_impl: str | None = None) -> Float[Array, "B Hl Wl P"]:
+                   runtime: RuntimeOptions | None = None) -> Float[Array, "B Hl Wl P"]:
     """Images [B, H, W, 3] in [-1, 1] -> normalised, patchified latents [B, H/16, W/16, 128].
 
     What diffusers' Flux2 pipelines do to a reference image (`_encode_vae_image`, channels-last)
     and BFL's `AutoEncoder.encode`: posterior mean, patchify, normalise.
     """
     token_grid(config, images.shape[1], images.shape[2])
-    z = patchify(encode(params, config, images, attn_impl=attn_impl), config.patch_size)
+    z = patchify(encode(params, config, images, runtime=runtime_options(runtime)), config.patch_size)
     return normalize(params, config, z)
 
 
 def encode_to_tokens(params: VAEParams, config: VAEConfig, images: Float[Array, "B H W Cin"], *,
-                     attn_impl: str | None = None) -> Float[Array, "B N P"]:
+                     runtime: RuntimeOptions | None = None) -> Float[Array, "B N P"]:
     """Images [B, H, W, 3] in [-1, 1] -> normalised packed tokens [B, (H/16) * (W/16), 128]
     (`encode_to_grid`, then `pack`, as diffusers' `_pack_latents`)."""
-    return pack(encode_to_grid(params, config, images, attn_impl=attn_impl))
+    return pack(encode_to_grid(params, config, images, runtime=runtime_options(runtime)))
 
 
 def decode_tokens(params: VAEParams, config: VAEConfig, tokens: Float[Array, "B N P"], height: int, width: int,
-                  *, attn_impl: str | None = None) -> Float[Array, "B H W Cout"]:
+                  *, runtime: RuntimeOptions | None = None) -> Float[Array, "B H W Cout"]:
     """Normalised packed tokens of an H x W image -> images [B, H, W, 3], not clamped.
 
     The decode branch of diffusers' Flux2 pipelines (and BFL's `AutoEncoder.decode`): unpack,
     denormalise, unpatchify, decode. Clamping to [-1, 1] and mapping to uint8 is the caller's.
     """
     return decode(params, config, latent_grid(params, config, tokens, token_grid(config, height, width)),
-                  attn_impl=attn_impl)
+                  runtime=runtime_options(runtime))
 
 
 def latent_grid(params: VAEParams, config: VAEConfig, tokens: Float[Array, "B N P"],

@@ -178,6 +178,100 @@ def test_changing_the_table_never_retraces(qkv):
 
 
 # ------------------------------------------------------------------------------------------------
+# a table per head, and keys from elsewhere (a KV cache)
+
+# head 0 cuts ref->text, head 1 cuts image->ref and text->image: the two heads' masks differ
+PER_HEAD = (fluxjax.knockout(TINY, LAYOUT, CONTENT, "ref->text", heads=[0]) &
+            fluxjax.knockout(TINY, LAYOUT, CONTENT, ["image->ref", "text->image"], heads=[1]))
+
+
+def _head_by_head(q, k, v, allowed, groups):
+    """The per-head reference built from shared tables alone: each head on its own, with its table's
+    dense mask, through the xla kernel."""
+    return np.concatenate([np.asarray(_dense_reference(q[:, :, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1],
+                                                       allowed[h], groups)) for h in range(q.shape[2])], axis=2)
+
+
+@pytest.mark.parametrize("segments", [EXACT, FALLBACK], ids=["exact", "fallback"])
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_per_head_tables_equal_a_per_head_dense_mask(qkv, kernel, segments):
+    q, k, v = qkv
+    allowed = PER_HEAD.allowed[0]  # [H, G, G]
+    assert allowed.shape == (2, LAYOUT.num_groups, LAYOUT.num_groups)
+    ref = _head_by_head(q, k, v, allowed, PER_HEAD.groups)
+    dense = numerics.KeyGroups(allowed, PER_HEAD.groups, EXACT).dense_mask()  # [B, H, L, L]
+    assert dense.shape == (3, 2, LAYOUT.total, LAYOUT.total)
+    np.testing.assert_allclose(np.asarray(numerics.attention(q, k, v, dense, "xla")), ref, atol=GROUP_TOL)
+    out = np.asarray(_grouped(kernel, segments)(q, k, v, allowed, PER_HEAD.groups))
+    assert np.abs(out - ref).max() <= GROUP_TOL
+    shared = _head_by_head(q, k, v, jnp.stack([allowed[0], allowed[0]]), PER_HEAD.groups)
+    assert np.abs(out[:, :, 1] - shared[:, :, 1]).max() > 100 * GROUP_TOL  # head 1 has its own table
+
+
+@pytest.mark.parametrize("implementation", ["xla", "blocked", "pallas"])
+def test_public_attention_takes_per_head_tables_and_masks(qkv, implementation):
+    q, k, v = qkv
+    kg = numerics.KeyGroups(PER_HEAD.allowed[0], PER_HEAD.groups, EXACT)
+    ref = _head_by_head(q, k, v, PER_HEAD.allowed[0], PER_HEAD.groups)
+    attend = jax.jit(numerics.attention, static_argnums=4)
+    assert np.abs(np.asarray(attend(q, k, v, kg, implementation)) - ref).max() <= GROUP_TOL
+    if implementation != "pallas":  # dense per-head masks: the xla and blocked kernels
+        assert np.abs(np.asarray(attend(q, k, v, kg.dense_mask(), implementation)) - ref).max() <= GROUP_TOL
+
+
+def _stand_in_cudnn(q, k, v, bias):
+    """What the cuDNN kernel computes (`numerics._cudnn_kernel`'s contract: an additive bias None or
+    [B, 1 or H, Lq, S]; float32 output and log-sum-exp), on CPU."""
+    if bias is not None:
+        assert bias.shape[0] == q.shape[0] and bias.shape[1] in (1, q.shape[2]) and bias.shape[2:] == \
+            (q.shape[1], k.shape[1]), bias.shape
+    logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.einsum("bhqs,bshk->bqhk", jnp.exp(logits - lse[..., None]), v), jnp.swapaxes(lse, 1, 2)
+
+
+def test_cudnn_path_takes_per_head_tables(qkv):
+    """The cuDNN path's wrapper (`numerics._kernel_partial`: its bias, vmap folded into the batch)
+    around a CPU stand-in for the cuDNN kernel: with a table per head the bias gets a head axis
+    [B, H, Lq, T], and the result is the per-head reference, also in a vmapped sweep over tables."""
+    q, k, v = qkv
+    partial = numerics._kernel_partial(_stand_in_cudnn)
+    other = fluxjax.knockout(TINY, LAYOUT, CONTENT, ["ref->text[content]", "image->text"], heads=[1]).allowed[0]
+    tables = jnp.stack([PER_HEAD.allowed[0], other])
+    sweep = jax.jit(jax.vmap(lambda a: numerics._grouped_attention(
+        q, k, v, numerics.KeyGroups(a, PER_HEAD.groups, EXACT), partial)))(tables)
+    for j in range(2):
+        assert np.abs(np.asarray(sweep[j]) - _head_by_head(q, k, v, tables[j], PER_HEAD.groups)).max() <= GROUP_TOL
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
+def test_cudnn_per_head_tables_equal_the_dense_reference(qkv):
+    q, k, v = (a.astype(jnp.bfloat16) for a in qkv)
+    kg = numerics.KeyGroups(PER_HEAD.allowed[0], PER_HEAD.groups, EXACT)
+    ref = np.asarray(numerics.attention(q, k, v, kg, "xla"), np.float32)
+    out = np.asarray(jax.jit(numerics.attention, static_argnums=4)(q, k, v, kg, "cudnn"), np.float32)
+    assert rel_err(out, ref) <= 1e-2  # bfloat16 inputs and outputs (8 mantissa bits)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "blocked", "pallas"])
+def test_keys_from_elsewhere(qkv, implementation):
+    """Queries of text and image only, keys of the whole sequence (a KV cache: the references' keys
+    follow the image's): each query row is the full attention's row."""
+    q, k, v = qkv
+    n_q = LAYOUT.n_txt + LAYOUT.n_img
+    for knock in (PER_HEAD, _knockout(["ref->text", "ref[1]->image"])):
+        allowed = knock.allowed[-1]
+        full = np.asarray(numerics.attention(q, k, v, numerics.KeyGroups(allowed, knock.groups, EXACT), "xla"))
+        kg = numerics.KeyGroups(allowed, knock.groups[:, :n_q], EXACT, key_groups=knock.groups)
+        out = np.asarray(jax.jit(numerics.attention, static_argnums=4)(q[:, :n_q], k, v, kg, implementation))
+        assert np.abs(out - full[:, :n_q]).max() <= GROUP_TOL
+    with pytest.raises(ValueError, match="give key_groups"):
+        numerics.attention(q[:, :n_q], k, v, numerics.KeyGroups(allowed, knock.groups[:, :n_q], EXACT), "blocked")
+
+
+# ------------------------------------------------------------------------------------------------
 # the forward: the default (blocked, key groups) and Pallas paths against attn_impl="xla" (dense mask)
 
 fwd = jax.jit(fluxjax.forward, static_argnames=("config", "capture", "attn_impl"))

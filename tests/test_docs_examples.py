@@ -112,13 +112,19 @@ EXAMPLES = {
     ("docs/interventions.md", "out, caps = fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids,"):
         ("omitted", "the signature, with `...` for the arguments; every argument is used in the blocks after it"),
     ("docs/interventions.md", "import dataclasses"): ("python", "test_interventions_examples"),
-    ("docs/interventions.md", "out, caps = run(capture=fluxjax.Capture(text=(fluxjax.BLOCK0_INPUT, 1, 4)))"):
+    ("docs/interventions.md", 'out, caps = run(capture=fluxjax.Capture(sites=("embed.text.output", "b1.image.attn_out",'):
         ("python", "test_interventions_examples"),
     ("docs/interventions.md", "_, edit = run(capture=fluxjax.Capture(text=(1,)))"):
         ("python", "test_interventions_examples"),
+    ("docs/interventions.md", '_, sites = run(capture=fluxjax.Capture(sites=("b2.image.output", "b3.text.attn_out", '
+                              '"b3.text.mlp_out")))'): ("python", "test_interventions_examples"),
     ("docs/interventions.md", 'ko = fluxjax.knockout(config, layout, content, "ref->text[padding]", blocks="all")'):
         ("python", "test_interventions_examples"),
+    ("docs/interventions.md", 'per_head = fluxjax.knockout(config, layout, content, "ref->text[padding]", heads=[0]) \\'):
+        ("python", "test_interventions_examples"),
     ("docs/interventions.md", "k = 3"): ("python", "test_interventions_examples"),
+    ("docs/interventions.md", 'names = [f"b{b}.image.attn_out" for b in range(config.num_blocks)]'):
+        ("python", "test_interventions_examples"),
     ("docs/interventions.md", "other_txt = jax.random.normal(jax.random.key(3), txt.shape)"):
         ("python", "test_interventions_examples"),
     ("docs/gpu.md", "python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\"):
@@ -289,7 +295,8 @@ def test_readme_python(scratch, klein_folder):
                      captured_text=np.zeros((1, 8, tiny.hidden_size), namespace["params"].img_in.dtype))
     run_python(block("README.md", 'ko  = fluxjax.knockout(config, layout, content_mask, "ref->text[padding]", '
                                   'blocks="all")').text, namespace, scratch)
-    assert namespace["caps"].text.shape == (2, 1, 8, 64)
+    assert namespace["caps"]["b7.text.output"].shape == (1, 8, 64)
+    assert namespace["caps"]["b17.image.attn_out"].shape == (1, 16, 64)
 
     code = substitute(block("README.md", "from fluxjax import pipeline").text,
                       ('"FLUX.2-klein-9B/"', repr(str(klein_folder))))

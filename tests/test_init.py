@@ -95,3 +95,31 @@ def test_bfloat16_and_vae_rule():
             assert abs(x.std() * np.sqrt(np.prod(x.shape[:-1])) - 1) < 0.3, name
         elif name.endswith(".weight"):
             assert abs(x.mean() - 1) < 0.1, name
+
+
+def test_each_parameter_is_declared_once_and_init_and_sharding_follow():
+    """`param_infos` holds each leaf's shape, logical axes and init rule; the shapes, the draw of
+    every leaf and the fsdp plan are read from it (changing a declaration changes all three)."""
+    from fluxjax import params as P
+    from fluxjax import sharding
+
+    infos = dict(named_leaves(P.param_infos(TINY)))
+    shapes = dict(named_leaves(fluxjax.param_shapes(TINY)))
+    assert infos.keys() == shapes.keys()
+    from jax.sharding import PartitionSpec
+
+    from fluxjax.trees import leaf_name
+    flat = jax.tree_util.tree_flatten_with_path(sharding.param_partition_specs(TINY, 2),
+                                                is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    specs = {leaf_name(path): tuple(spec) for path, spec in flat}
+    for name, info in infos.items():
+        assert tuple(shapes[name].shape) == info.shape and len(info.axes) == len(info.shape), name
+        assert (P.IN in info.axes) == (info.init != P.NORM), name  # every matrix has a fan-in
+        split = [a for a, s in zip(info.axes, specs[name]) if s == "fsdp"]
+        assert split == ([P.OUT] if P.OUT in info.axes and info.shape[info.axes.index(P.OUT)] % 2 == 0 else
+                         [P.IN] if P.IN in info.axes and info.shape[info.axes.index(P.IN)] % 2 == 0 else []), name
+        zero = info.draw(training=True).scale == 0 and info.draw(training=True).offset == 0
+        assert zero == (info.init == P.ADALN_ZERO), name
+    assert {n for n, i in infos.items() if i.init == P.ADALN_ZERO} == {
+        "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
+        "final_layer.adaLN_modulation", "final_layer.linear"}

@@ -215,13 +215,13 @@ def test_substitution_values_must_cast_into_the_stream_without_loss(params, valu
 
 
 @pytest.mark.parametrize("iv, capture, error, match", [
-    (fluxjax.Interventions(substitutions=(fluxjax.Substitution(site=jnp.int32(1), value=VALUE[None].astype(jnp.int32),
+    (fluxjax.Interventions(substitutions=(fluxjax.Substitution(block=jnp.int32(1), value=VALUE[None].astype(jnp.int32),
                                                                mask=jnp.ones((1, T), bool), keep=jnp.float32(0)),)),
      None, TypeError, "value must be a floating-point array"),
     (fluxjax.Interventions(substitutions=(fluxjax.Substitution(
-        site=jnp.int32(1), value=VALUE[None], mask=jnp.ones((1, T), jnp.int32), keep=jnp.float32(0)),)),
+        block=jnp.int32(1), value=VALUE[None], mask=jnp.ones((1, T), jnp.int32), keep=jnp.float32(0)),)),
      None, TypeError, "mask must be boolean, got dtype int32"),
-    (fluxjax.Interventions(substitutions=(fluxjax.Substitution(site=jnp.float32(1), value=VALUE[None],
+    (fluxjax.Interventions(substitutions=(fluxjax.Substitution(block=jnp.float32(1), value=VALUE[None],
                                                                mask=jnp.ones((1, T), bool), keep=jnp.float32(0)),)),
      None, TypeError, "site must be an integer, got dtype float32"),
     (fluxjax.Interventions(drop_reference=fluxjax.drop_reference(LAYOUT, NB + 1)), None, ValueError,
