@@ -134,6 +134,28 @@ def _heads_axis(allowed, other_shape):
 
 
 @struct.dataclass
+class EdgeGates:
+    """A gate on every attention edge between token groups, in every block (and head): queries of
+    group gq weigh the keys of group gk by gate[b, (h,) gq, gk] (`fluxjax.numerics.gated_attention`).
+
+    All ones is the plain forward; 0 on an edge is its knockout (`Knockout` with that edge cut), both
+    exactly; the gates are values, differentiable in between, so `jax.grad` of a metric with respect
+    to `gate` at 1 gives every edge's knockout linearised at once (attribution patching). With a
+    knockout, an edge the knockout cuts stays cut whatever its gate. Build it with `edge_gates`.
+    """
+
+    gate: jax.Array  # float32 [num_blocks, G, G] or per head [num_blocks, H, G, G]
+    groups: jax.Array  # int32 [B or 1, L], as `Knockout.groups`
+    stream_counts: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
+    # AtP*'s softmax remedy for the gradient at gate = 1 (`fluxjax.numerics.gated_attention`)
+    softmax_fix: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def per_head(self) -> bool:
+        return np.ndim(self.gate) == 4
+
+
+@struct.dataclass
 class DropReference:
     """The reference tokens leave the sequence from block `from_block` on (static: shapes change).
 
@@ -152,6 +174,7 @@ class Interventions:
     # The older image-stream spelling: integer sites, each value [B, N', D] writing the image stream's
     # first N' tokens (the noisy image first, then the references), its mask [B, N'].
     image_substitutions: tuple[Substitution, ...] = ()
+    gates: EdgeGates | None = None  # edge gates (`edge_gates`): the knockouts made differentiable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +341,25 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
         if knock.stream_counts is not None and sum(knock.stream_counts) != length - lanes.n_txt:
             raise ValueError(f"the knockout was built for an image stream of {sum(knock.stream_counts)} tokens, this "
                              f"forward has {length - lanes.n_txt}; build it from this forward's layout")
+    gates = iv.gates
+    if gates is not None:
+        shape = np.shape(gates.gate)
+        if len(shape) not in (3, 4) or shape[0] != nb or shape[-1] != shape[-2] or \
+                (len(shape) == 4 and shape[1] != config.num_heads):
+            raise ValueError(f"edge gates have shape {shape}; they must be [num_blocks, G, G] or per head "
+                             f"[num_blocks, H, G, G] with num_blocks = {nb}, H = {config.num_heads}")
+        if not jnp.issubdtype(jnp.result_type(gates.gate), jnp.floating):
+            raise TypeError(f"edge gates must be floating point, got {jnp.result_type(gates.gate)}")
+        g_shape, length = np.shape(gates.groups), lanes.length + cached_refs
+        if len(g_shape) != 2 or g_shape[1] != length or g_shape[0] not in (1, batch):
+            raise ValueError(f"edge gate groups of shape {g_shape} do not match this forward's joint sequence "
+                             f"[B, T + N] = {(batch, length)}; build the gates from this forward's layout")
+        if knock is not None and np.shape(knock.allowed)[-1] != shape[-1]:
+            raise ValueError(f"the knockout has {np.shape(knock.allowed)[-1]} token groups, the edge gates "
+                             f"{shape[-1]}; build both from this forward's layout")
+        if knock is None and gates.stream_counts is not None and sum(gates.stream_counts) != length - lanes.n_txt:
+            raise ValueError(f"the edge gates were built for an image stream of {sum(gates.stream_counts)} tokens, "
+                             f"this forward has {length - lanes.n_txt}; build them from this forward's layout")
     if drop is not None:
         if not 0 <= drop.from_block <= nb:
             raise ValueError(f"drop_reference from block {drop.from_block} out of range: give 0..{nb} (this model "
@@ -535,6 +577,19 @@ def cut_reference(config: Flux2Config, layout: TokenLayout, content_mask, from_b
                          f"{n} blocks; {n} cuts nothing, allowed only with allow_empty=True)")
     edges = [f"ref->{g}" for g in ("text", "image")] + [f"{g}->ref" for g in ("text", "image")]
     return knockout(config, layout, content_mask, edges, blocks=range(from_block, n), allow_empty=allow_empty)
+
+
+def edge_gates(config: Flux2Config, layout: TokenLayout, content_mask, *, per_head: bool = True, value=1.0,
+               softmax_fix: bool = False) -> EdgeGates:
+    """Gates on every edge between the layout's token groups in every block, all at `value` (1: the
+    plain forward): one table per head [num_blocks, H, G, G], or shared by the heads
+    [num_blocks, G, G] unless per_head. content_mask: bool [B, T] or [T], as `knockout`'s.
+    softmax_fix: AtP*'s remedy for the gradient at 1 (`fluxjax.numerics.gated_attention`)."""
+    groups = layout.group_ids(content_mask)
+    G = layout.num_groups
+    shape = (config.num_blocks, config.num_heads, G, G) if per_head else (config.num_blocks, G, G)
+    return EdgeGates(gate=jnp.full(shape, value, jnp.float32), groups=jnp.asarray(groups),
+                     stream_counts=(layout.n_img, *layout.ref_counts), softmax_fix=softmax_fix)
 
 
 def drop_reference(layout: TokenLayout, from_block: int) -> DropReference:

@@ -164,6 +164,10 @@ class KeyGroups:
     groups: jax.Array  # int32 [B or 1, Lq]
     segments: tuple[tuple[int, int, tuple[int, ...]], ...] = struct.field(pytree_node=False)
     key_groups: jax.Array | None = None  # int32 [B or 1, Lk]; None: the keys are `groups`' tokens
+    # float [G, G] or [H, G, G] (one table per head), or None: edge gates (`gated_attention`)
+    gate: jax.Array | None = None
+    # static: the gates' gradient with each query's softmax change taken exactly (`gated_attention`)
+    softmax_fix: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def keys(self):
@@ -317,9 +321,14 @@ def _head_mask(group_mask):
 
 
 def _lse_and_normalised(p_v, denom, row_max):
-    """o = p_v / denom and lse = row_max + log(denom), with rows that read no key at -inf."""
-    lse = jnp.where(denom > 0, jnp.where(jnp.isfinite(row_max), row_max, 0.0) + jnp.log(denom), -jnp.inf)
-    return p_v / denom[..., None], lse
+    """o = p_v / denom and lse = row_max + log(denom), with rows that read no key at lse -inf and o 0.
+
+    The empty rows divide by 1 and take log(1) inside the `where`, so reverse mode sees no 0 / 0
+    there (a NaN in an unselected branch of `where` still poisons its gradient)."""
+    read = denom > 0
+    safe = jnp.where(read, denom, 1.0)
+    lse = jnp.where(read, jnp.where(jnp.isfinite(row_max), row_max, 0.0) + jnp.log(safe), -jnp.inf)
+    return p_v / safe[..., None], lse
 
 
 def _partial_dense(q, k, v, group_mask=None):
@@ -557,6 +566,72 @@ def _grouped_attention(q, k, v, kg: KeyGroups, partial):
     return (o / total[..., None]).astype(v.dtype)
 
 
+def _rows(table, groups):
+    """A table [G, G] or per head [H, G, G] looked up by query group: [B, Lq, 1 or H, G]."""
+    if table.ndim == 2:
+        return table[groups][:, :, None]
+    return jnp.moveaxis(table[:, groups], 0, 2)
+
+
+def gated_attention(q, k, v, kg: KeyGroups, partial):
+    """Attention with edge gates: queries of group gq weigh the keys of group gk by gate[(h,) gq, gk].
+
+    Each key group of each segment is attended apart (a multi-group segment once per group, its
+    keys masked to that group), and the partial results are merged with log-weights
+    lse + log(gate), -inf where the table cuts the edge. So p(q, k) is proportional to
+    gate[group(q), group(k)] exp(s(q, k)) over the keys q reads: gate = 1 everywhere is the plain
+    attention, gate = 0 on an edge is its knockout, exactly (the same partial kernels, the same
+    merge; tests/fluxjax/test_edge_gates.py), and the gate is differentiable in between without an
+    [Lq, Lk] array. d out / d gate at 1 is the knockout linearised (attribution patching).
+
+    softmax_fix (AtP*'s remedy where linearising the softmax fails, Kramar et al. 2024): the
+    gradient of each query's log-weight of group gk is scaled by 1 / (1 - w), w the query's
+    attention mass on gk. Cutting the edge changes the query's output by exactly
+    -w (o_gk - o) / (1 - w), the linear term divided by (1 - w); so the gradient at gate = 1 then
+    takes the attention's own change exactly and linearises only what follows it. The forward at
+    gate = 1 is unchanged (log 1 = 0); the gates then only serve their gradient.
+    """
+    B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
+    if kg.key_groups is None and Lk != Lq:
+        raise ValueError(f"KeyGroups without key_groups needs queries and keys from one sequence; got {Lq} queries "
+                         f"and {Lk} keys (give key_groups, every key's group, for keys from elsewhere)")
+    kg.check(Lk)
+    gate = jnp.broadcast_to(kg.gate, kg.allowed.shape) if kg.gate.ndim < kg.allowed.ndim else kg.gate
+    allowed = jnp.broadcast_to(kg.allowed, gate.shape)
+    # log(gate) where the edge is open; log(1) inside the where keeps reverse mode free of log(0)
+    log_w = jnp.where(allowed & (gate > 0), jnp.log(jnp.where(allowed & (gate > 0), gate, 1.0)), -jnp.inf)
+    log_w = jnp.broadcast_to(_rows(log_w, kg.groups), (B, Lq, log_w.shape[0] if log_w.ndim == 3 else 1,
+                                                         log_w.shape[-1]))  # [B, Lq, 1 or H, G]
+    keys = jnp.broadcast_to(kg.keys, (B, Lk))
+    outs, lses, which = [], [], []
+    for start, stop, key_groups in kg.segments:
+        ks, vs = k[:, start:stop], v[:, start:stop]
+        for g in key_groups:
+            if len(key_groups) == 1:
+                o, lse = partial(q, ks, vs)
+            else:  # this group's keys of the segment only
+                key_onehot = keys[:, start:stop, None] == g  # [B, S, 1]
+                o, lse = partial(q, ks, vs, (jnp.ones((B, Lq, 1), bool), key_onehot))
+            outs.append(o)
+            lses.append(lse)
+            which.append(g)
+    lse = jnp.stack(lses)  # [P, B, Lq, H], without the gates
+    gates = jnp.moveaxis(log_w[..., np.asarray(which)], -1, 0)  # [P, B, Lq, 1 or H]
+    if kg.softmax_fix:
+        weighted = jax.lax.stop_gradient(lse + gates)
+        top = jnp.max(weighted, axis=0)
+        share = jnp.exp(weighted - jnp.where(jnp.isfinite(top), top, 0.0))
+        share = share / jnp.sum(share, axis=0)
+        gates = gates * (1.0 / jnp.maximum(1.0 - share, 1e-6))
+    lse = lse + gates
+    top = jnp.max(lse, axis=0)
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))  # any finite shift: the weights are ratios
+    w = jnp.exp(lse - top)  # [P, B, Lq, H]; 0 where a group was not read
+    total = jnp.sum(w, axis=0)
+    o = sum(wp[..., None] * op for wp, op in zip(w, outs))  # o is 0, not NaN, where a group was empty
+    return (o / total[..., None]).astype(v.dtype)
+
+
 def default_implementation(dtype, masked: bool = False, head_dim: int = 128) -> str:
     """The attention implementation `attention` uses when none is named, per backend:
 
@@ -606,6 +681,8 @@ def attention(q, k, v, mask=None, options: RuntimeOptions | str | None = None, *
     partial = {"xla": _partial_dense, "cudnn": _partial_cudnn,
                "blocked": functools.partial(_partial_blocked, block=options.query_block),
                "pallas": functools.partial(_partial_pallas, block=options.pallas_block)}[implementation]
+    if isinstance(mask, KeyGroups) and mask.gate is not None:  # every kernel: gates enter through the merge
+        return gated_attention(q, k, v, mask, _partial_dense if implementation == "xla" else partial)
     if isinstance(mask, KeyGroups):
         if implementation == "xla":
             mask = mask.dense_mask()

@@ -34,7 +34,7 @@ from flax import struct
 from fluxjax.blocks import BlockOut, Modulations, double_block, single_block
 from fluxjax.captures import WHOLE_IMAGE_STREAM, Capture, Captures
 from fluxjax.config import Flux2Config
-from fluxjax.interventions import DropReference, Interventions, Knockout
+from fluxjax.interventions import DropReference, Interventions
 from fluxjax.layout import key_segments
 from fluxjax.numerics import KeyGroups, attention
 from fluxjax.options import RuntimeOptions
@@ -50,6 +50,8 @@ def stream_lanes(n_txt: int, n_stream: int, num_ref_tokens: int | None, iv: Inte
     n_ref = num_ref_tokens
     if n_ref is None and iv.knockout is not None and iv.knockout.stream_counts is not None:
         n_ref = sum(iv.knockout.stream_counts[1:])
+    if n_ref is None and iv.gates is not None and iv.gates.stream_counts is not None:
+        n_ref = sum(iv.gates.stream_counts[1:])
     if n_ref is None and iv.drop_reference is not None:
         n_ref = iv.drop_reference.num_ref_tokens
     if n_ref is not None and not 0 <= n_ref < n_stream:
@@ -144,6 +146,7 @@ class LayerValues:
     index: jax.Array  # int32 []: the global block index (substitution blocks compare to it)
     slots: dict  # capture buffer key -> int32 []: where this block's value goes, -1 if nowhere
     allowed: jax.Array | None  # bool [G, G] or [H, G, G]: its knockout table, None without a knockout
+    gate: jax.Array | None  # float [G, G] or [H, G, G]: its edge gates, None without gates
     cached: tuple | None  # (k, v) [B, N_ref, H, K]: the references' keys and values, None without a cache
 
 
@@ -159,22 +162,29 @@ def _layer_values(iv: Interventions, capture: Capture, config: Flux2Config, star
                 table[b] = j
         slots[kind.key] = table[idx]
     allowed = None if iv.knockout is None else iv.knockout.allowed[start:stop]
-    return LayerValues(index=idx, slots=slots, allowed=allowed, cached=cached)
+    gate = None if iv.gates is None else iv.gates.gate[start:stop]
+    return LayerValues(index=idx, slots=slots, allowed=allowed, gate=gate, cached=cached)
 
 
-def _attend(knockout: Knockout | None, layer: LayerValues, n_txt: int, runtime: RuntimeOptions):
+def _attend(iv: Interventions, layer: LayerValues, n_txt: int, runtime: RuntimeOptions):
     """This layer's attention: the cached reference keys and values appended after the sequence's own,
-    the knockout table applied as key groups (no [L, L] mask), through `fluxjax.numerics.attention`."""
+    the knockout table and the edge gates applied as key groups (no [L, L] mask), through
+    `fluxjax.numerics.attention`."""
+    knockout, gates = iv.knockout, iv.gates
+
     def attend(q, k, v):
         if layer.cached is not None:
             k = jnp.concatenate([k, layer.cached[0].astype(k.dtype)], axis=1)
             v = jnp.concatenate([v, layer.cached[1].astype(v.dtype)], axis=1)
         mask = None
-        if layer.allowed is not None:
+        if layer.allowed is not None or layer.gate is not None:
             n_q, n_k = q.shape[1], k.shape[1]  # the references are last: a drop truncates the groups
-            mask = KeyGroups(allowed=layer.allowed, groups=knockout.groups[:, :n_q],
-                             segments=key_segments(n_txt, n_k, layer.allowed.shape[-1], knockout.stream_counts),
-                             key_groups=None if n_k == n_q else knockout.groups[:, :n_k])
+            own = knockout if knockout is not None else gates
+            allowed = layer.allowed if layer.allowed is not None else jnp.ones(layer.gate.shape[-2:], bool)
+            mask = KeyGroups(allowed=allowed, groups=own.groups[:, :n_q],
+                             segments=key_segments(n_txt, n_k, allowed.shape[-1], own.stream_counts),
+                             key_groups=None if n_k == n_q else own.groups[:, :n_k], gate=layer.gate,
+                             softmax_fix=gates is not None and gates.softmax_fix)
         return attention(q, k, v, mask, runtime)
 
     return attend
@@ -292,7 +302,7 @@ def _scan(block, stacked, values: LayerValues, h, buffers, lanes: Lanes, iv: Int
         h = _substitute(h, lanes, subs, "input", layer.index)
         buffers = _record(buffers, capture, layer.slots, "input", h, lanes)
         edit = (lambda point, value: _substitute(value, lanes, subs, point, layer.index)) if inner else None
-        res: BlockOut = block(p, h, _attend(iv.knockout, layer, lanes.n_txt, runtime), edit)
+        res: BlockOut = block(p, h, _attend(iv, layer, lanes.n_txt, runtime), edit)
         for point in INNER:
             if getattr(res, point) is not None:
                 buffers = _record(buffers, capture, layer.slots, point, getattr(res, point), lanes)
