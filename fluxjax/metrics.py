@@ -213,6 +213,16 @@ def _foreground_mask(lab: np.ndarray, shape: tuple[int, int], background_delta: 
     return ciede2000(lab, background) > background_delta
 
 
+def foreground_mask(image: Image.Image | np.ndarray, *, background_delta: float = 10.0,
+                    border: float = 0.03) -> np.ndarray:
+    """bool [H, W]: the pixels that stand out from the image's border colour (as `dominant_colour`
+    sees the foreground, at full size): more than `background_delta` CIEDE2000 from the median
+    colour of a border ring `border` of the shorter side wide."""
+    rgb = as_rgb_array(image)
+    return _foreground_mask(srgb_to_lab(rgb).reshape(-1, 3), rgb.shape[:2], background_delta,
+                            border).reshape(rgb.shape[:2])
+
+
 def foreground_share(image: Image.Image | np.ndarray, *, background_delta: float = 10.0, border: float = 0.03,
                      max_side: int = 256) -> float:
     """The share of the image that stands out from its border colour, as `dominant_colour` sees it:

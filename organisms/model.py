@@ -153,7 +153,11 @@ def organism_interventions(organism: Organism, layout: TokenLayout, content_mask
         if not np.array_equal(*np.broadcast_arrays(np.asarray(extra.groups), np.asarray(own.groups))):
             raise ValueError("the knockout was built from another content mask than this run's; build it with "
                              "this run's content mask")
-    allowed = jnp.logical_and(extra.allowed, own.allowed)
+    own_allowed = own.allowed  # [blocks, G, G]; with a head axis for a knockout per head [blocks, H, G, G]
+    if np.ndim(extra.allowed) == 4 and np.shape(extra.allowed)[:2] == (organism.transformer.num_blocks,
+                                                                       organism.transformer.num_heads):
+        own_allowed = own_allowed[:, None]
+    allowed = jnp.logical_and(extra.allowed, own_allowed)
     if not isinstance(allowed, jax.core.Tracer):
         check_knockout(np.asarray(allowed).reshape(-1, *allowed.shape[-2:]), own.groups, layout)
     return dataclasses.replace(iv, knockout=Knockout(allowed=allowed, groups=extra.groups,
