@@ -303,8 +303,10 @@ def checked_cells(estimate: np.ndarray, exact_all: bool, top_k: int, control: in
     return {"top": top, "control": ctrl}
 
 
-def scatter(path: Path, series: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str) -> Path:
-    """Estimate (x) against exact (y) per method, with the diagonal."""
+def scatter(series: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str) -> bytes:
+    """A PNG: estimate (x) against exact (y) per method, with the diagonal."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -322,10 +324,10 @@ def scatter(path: Path, series: Sequence[tuple[str, np.ndarray, np.ndarray]], ti
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    return path
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,11 +376,11 @@ def _problem_parts(model, s: Settings):
     return model, obj, options, target, decode, clean, foreground
 
 
-def attribute(model, s: Settings, out: Path, *, timing: bool = False, log=print) -> dict:
-    """Estimates and exact checks of every kind and method of `s` on one edit; writes cells.csv,
-    summary.json and the scatter plots into `out`, returns the summary."""
+def attribute(model, s: Settings, *, timing: bool = False, log=print) -> tuple[dict, dict[str, bytes | str]]:
+    """Estimates and exact checks of every kind and method of `s` on one edit: (the summary, the files
+    to write: summary.json, cells.csv and a scatter plot per kind, by name)."""
     model, obj, options, target, decode, clean, foreground = _problem_parts(model, s)
-    out.mkdir(parents=True, exist_ok=True)
+    files = {}
     summary = {"object": obj, "colour": s.colour, "source_colour": s.source_colour, "seed": s.seed,
                "steps": options.num_steps, "foreground_pixels": int(foreground.sum()), "kinds": {}}
     rows = []
@@ -447,21 +449,21 @@ def attribute(model, s: Settings, out: Path, *, timing: bool = False, log=print)
                 result["methods"][method]["cost_ratio"] = seconds[method]["run"] / seconds["exact"]["run"]
                 log(f"  cost {method}: {seconds[method]['run']:.2f} s against the exact sweep's "
                     f"{seconds['exact']['run']:.2f} s: {result['methods'][method]['cost_ratio']:.3f}x")
-        result["scatter"] = scatter(out / f"scatter-{kind}.png", series,
-                                    f"{kind}: estimate vs exact ({len(run_idx)} cells)").name
+        result["scatter"] = f"scatter-{kind}.png"
+        files[result["scatter"]] = scatter(series, f"{kind}: estimate vs exact ({len(run_idx)} cells)")
         summary["kinds"][kind] = result
         for i in run_idx:
             rows.append({"kind": kind, "cell": names[i], "exact": float(exact[i]),
                          **{f"estimate_{m}": float(e[i]) for m, e in estimates.items()},
                          "checked_as": ",".join(k for k, idx in picked.items() if i in idx)})
     columns = ["kind", "cell", "exact", *[f"estimate_{m}" for m in ("atp", "ig", "fix")], "checked_as"]
-    (out / "cells.csv").write_text(metrics.rows_to_csv(rows, columns))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    files["cells.csv"] = metrics.rows_to_csv(rows, columns)
+    files["summary.json"] = json.dumps(summary, indent=2) + "\n"
+    return summary, files
 
 
-def sections(summary: dict, out: Path, title: str = "Attribution patching") -> list[report.Section]:
-    """The report's section of one model's attribution (figures and scatter plots)."""
+def sections(summary: dict, folder: Path, title: str = "Attribution patching") -> list[report.Section]:
+    """The report's section of one model's attribution; `folder` holds its files."""
     rows = []
     for kind, res in summary["kinds"].items():
         for method, f in res["methods"].items():
@@ -475,7 +477,7 @@ def sections(summary: dict, out: Path, title: str = "Attribution patching") -> l
                          "Estimates: attribution patching (experiments.attribute); exact: the interventions run."),
              report.Table("Estimate against exact", ["kind", "method", "cells", "exact runs", "spearman",
                                                      "top5 in top10", "cost"], rows, fmt),
-             report.FigureRow([report.Figure(out / res["scatter"], kind) for kind, res in summary["kinds"].items()])]
+             report.FigureRow([report.Figure(folder / res["scatter"], kind) for kind, res in summary["kinds"].items()])]
     return [report.Section(title, items)]
 
 
@@ -506,6 +508,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --time: wait until the 1-minute load average is below LOAD")
 
 
+def settings_from_json(entry: dict) -> Settings:
+    """Settings from their JSON form (a run config's)."""
+    return Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
+
+
 def settings_from(args) -> Settings:
     return Settings(kinds=tuple(args.kinds), methods=tuple(args.methods), obj=args.object, colour=args.colour,
                     source_colour=args.source_colour, seed=args.seed, steps=args.steps,
@@ -530,7 +537,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     out = args.out or Path("runs/attribution") / models.name(args.model)
-    summary = attribute(model, s, out, timing=args.time)
+    summary, files = attribute(model, s, timing=args.time)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     path = report.write_report(out, f"Attribution patching: {models.name(args.model)}", sections(summary, out),
                                config={"settings": dataclasses.asdict(s)}, command=" ".join(sys.argv))
     print(f"report: {path}")

@@ -50,7 +50,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experiments import cli, drop, knockout, lens, models, patching, report, study, tables
+from experiments import attribute, cli, drop, knockout, lens, models, patching, report, study, tables
 from experiments.hosts import Hosts
 from experiments.sweep import POSITIONS
 
@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quick", action="store_true",
                    help="with --study on a model folder: the 4-task subset of the colour bucket (red, green, blue, "
                         "yellow ball, seed 0) instead of the whole bucket, the study's n (320 tasks, 448 pairs)")
+    g.add_argument("--attribution", action="store_true",
+                   help="also attribution patching (experiments.attribute): every patch and knockout edge estimated "
+                        "from one backward pass, the top 10 and 10 random cells run exactly (recomputed each "
+                        "invocation: a few minutes on an organism)")
     g.add_argument("--plan", action="store_true",
                    help="check the inputs and print how many tasks and pairs each experiment would run; run nothing")
 
@@ -158,6 +162,8 @@ def settings_of(args: argparse.Namespace, model: models.Spec, found: list | None
         settings = plan(model.config, args.blocks, args.source_steps, model.kind, args.pairs)
     if found is not None and "patching" in settings:
         patching.check_tasks(settings["patching"], found)
+    if getattr(args, "attribution", False):
+        settings["attribution"] = dataclasses.asdict(attribute.Settings())
     return settings
 
 
@@ -200,6 +206,11 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
             if name in settings:  # the pair tasks resolve the patching pairs only
                 sections += module.run(ctx, [*found, *pair_found] if name == "patching" else found, settings[name],
                                        name)
+        if "attribution" in settings:  # derived files: recomputed by every invocation that runs
+            summary, files = attribute.attribute(model, attribute.settings_from_json(settings["attribution"]))
+            for file, data in files.items():
+                run.write_derived(f"attribution/{file}", data)
+            sections += attribute.sections(summary, run.path / "attribution")
         path = run.path / "report.html"
         counts = cli.cell_counts(run, hosts)
         if hosts.writer:  # the run's own files: process 0's, once every process's cells are done

@@ -123,6 +123,8 @@ EXAMPLES = {
     ("docs/interventions.md", 'per_head = fluxjax.knockout(config, layout, content, "ref->text[padding]", heads=[0]) \\'):
         ("python", "test_interventions_examples"),
     ("docs/interventions.md", "k = 3"): ("python", "test_interventions_examples"),
+    ("docs/interventions.md", "gates = fluxjax.edge_gates(config, layout, content)       # every gate 1: the plain "
+                              "forward"): ("python", "test_interventions_examples"),
     ("docs/interventions.md", 'names = [f"b{b}.image.attn_out" for b in range(config.num_blocks)]'):
         ("python", "test_interventions_examples"),
     ("docs/interventions.md", "other_txt = jax.random.normal(jax.random.key(3), txt.shape)"):
