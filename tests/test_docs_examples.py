@@ -122,6 +122,11 @@ EXAMPLES = {
         ("python", "test_interventions_examples"),
     ("docs/interventions.md", 'per_head = fluxjax.knockout(config, layout, content, "ref->text[padding]", heads=[0]) \\'):
         ("python", "test_interventions_examples"),
+    ("docs/attribution.md", "python -m experiments.attribute --model text-routed --exact all --attn-impl xla --out "
+                            "runs/attribution/text-routed"):
+        ("slow", "test_docs_attribution_commands (tests/experiments/test_attribute.py): every command at one sampler "
+                 "step, the top 3 and 3 control cells instead of --exact all, no --wait-quiet, --out in a scratch "
+                 "folder"),
     ("docs/interventions.md", "k = 3"): ("python", "test_interventions_examples"),
     ("docs/interventions.md", "gates = fluxjax.edge_gates(config, layout, content)       # every gate 1: the plain "
                               "forward"): ("python", "test_interventions_examples"),

@@ -63,3 +63,31 @@ def test_command_on_an_organism(tmp_path):
     cells = (out / "cells.csv").read_text()
     assert "ref[0]->image" not in cells and "ref[0]->text[content]" not in cells
     assert (out / "scatter-edges.png").stat().st_size > 0 and (out / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_docs_attribution_commands(tmp_path):
+    """docs/attribution.md's commands as written, shrunk to one sampler step, the top 3 and 3 control
+    cells (--exact all -> --exact sample), no wait for a quiet machine, and an output folder in
+    tmp_path."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "docs" / "attribution.md").read_text()
+    block = re.search(r"^```sh\n(.*?)^```", text, re.S | re.M).group(1)
+    commands = [line for line in block.splitlines() if line.startswith("python -m experiments.attribute")]
+    assert len(commands) >= 2
+    for i, command in enumerate(commands):
+        args = shlex.split(command.replace("--exact all", "--exact sample"))[3:]
+        if "--wait-quiet" in args:  # the timing command: timed at tiny size, without waiting for a quiet machine
+            at = args.index("--wait-quiet")
+            del args[at:at + 2]
+        args = [a for a in args if a != "--out"] if "--out" not in args else args[:args.index("--out")] + \
+            args[args.index("--out") + 2:]
+        args += ["--steps", "1", "--top-k", "3", "--control", "3", "--ig-points", "2", "--out", str(tmp_path / str(i))]
+        subprocess.run([sys.executable, "-m", "experiments.attribute", *args], cwd=repo, check=True)
+        assert json.loads((tmp_path / str(i) / "summary.json").read_text())["kinds"]
