@@ -16,7 +16,7 @@ from fluxjax import numerics
 from fluxjax.layout import key_segments
 
 # Per-group partial attentions merged by their LSE weights vs one softmax (or fewer partials): the
-# same terms summed in another order, float32 rounding only (as tests/test_attention_groups.py's
+# same terms summed in another order, float32 rounding only (as tests/fluxjax/test_attention_groups.py's
 # GROUP_TOL, measured there at 3.6e-7 to 4.8e-7 for the merge).
 GROUP_TOL = 1e-6
 # Central differences in float32 with step 1e-2: truncation O(1e-4) relative, rounding of a metric
