@@ -198,6 +198,16 @@ def test_training_batches_carry_the_cuts():
     assert organism_interventions(TINY_ROUTED, T2I_LAYOUT, content) is None  # no reference: nothing to cut
 
 
+def test_a_per_head_knockout_keeps_the_cuts_in_every_head():
+    content = np.zeros((1, EDIT_LAYOUT.n_txt), bool)
+    content[0, :4] = True
+    extra = fluxjax.knockout(TINY, EDIT_LAYOUT, content, "image->text[padding]", heads=[1])
+    merged = organism_interventions(TINY_ROUTED, EDIT_LAYOUT, content, fluxjax.Interventions(knockout=extra))
+    expected = extra & fluxjax.knockout(TINY, EDIT_LAYOUT, content, TEXT_ROUTED.cuts)
+    assert merged.knockout.allowed.shape == (TINY.num_blocks, TINY.num_heads, 4, 4)
+    assert np.array_equal(np.asarray(merged.knockout.allowed), np.asarray(expected.allowed))
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 
