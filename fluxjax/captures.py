@@ -1,4 +1,5 @@
-"""What a forward returns besides its output: the activations at the sites a `Capture` names.
+"""What a forward returns besides its output: the activations at the sites a `Capture` names, and
+the attention flow a `Capture(flow=fluxjax.Flow(...))` asks for (`caps.flow`, `fluxjax.flow`).
 
     capture = fluxjax.Capture(sites=("b3.text.output", fluxjax.site(17, "image", "attn_out")))
     out, caps = fluxjax.forward(..., capture=capture, num_ref_tokens=layout.n_ref)

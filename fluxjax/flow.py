@@ -135,6 +135,20 @@ class AttentionFlow:
         return norms if carried else mass
 
 
+def check_knockout_groups(knockout, groups: TokenGroups | None) -> None:
+    """Raise a ValueError where a knockout and the flow's groups are concrete and differ (the table
+    would cut by other groups than the flow reports)."""
+    a = getattr(knockout, "groups", None)  # None, or a per-step value: nothing to compare here
+    if a is None or groups is None or any(isinstance(x, jax.core.Tracer) for x in (a, groups.groups)):
+        return
+    a, b = np.asarray(a), np.asarray(groups.groups)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        return  # the forward's shape checks say what is wrong
+    if not (a[:, None] == b[None]).all():
+        raise ValueError("the knockout and the flow's groups differ (another layout or content mask); build both "
+                         "from one layout and content mask")
+
+
 def group_means(rows, groups, num_groups: int):
     """[B, H, G, G] from per-query rows [B, Lq, H, G] (queries' groups int32 [B or 1, Lq]): the mean
     of each query group's rows, NaN for a group without queries."""

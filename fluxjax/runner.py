@@ -34,7 +34,7 @@ from flax import struct
 from fluxjax.blocks import BlockOut, Modulations, double_block, single_block
 from fluxjax.captures import WHOLE_IMAGE_STREAM, Capture, Captures
 from fluxjax.config import Flux2Config
-from fluxjax.flow import AttentionFlow, Flow, TokenGroups, group_means
+from fluxjax.flow import AttentionFlow, Flow, TokenGroups, check_knockout_groups, group_means
 from fluxjax.interventions import DropReference, Interventions, Knockout
 from fluxjax.layout import key_segments
 from fluxjax.numerics import KeyGroups, attention, attention_flow
@@ -221,6 +221,7 @@ def check_flow(flow: Flow | None, groups: TokenGroups | None, iv: Interventions,
                               knock.stream_counts not in (None, groups.stream_counts)):
         raise ValueError("the knockout and the flow's groups come from different layouts; build both from one "
                          "layout and content mask")
+    check_knockout_groups(knock, groups)
 
 
 # --- the layers of a scan -------------------------------------------------------------------------

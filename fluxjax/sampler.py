@@ -35,7 +35,7 @@ import numpy as np
 
 from fluxjax.captures import Capture, Captures, as_capture
 from fluxjax.config import Flux2Config
-from fluxjax.flow import TokenGroups
+from fluxjax.flow import TokenGroups, check_knockout_groups
 from fluxjax.interventions import Interventions, check_sites, is_per_step
 from fluxjax.model import forward
 from fluxjax.options import RuntimeOptions, runtime_options
@@ -218,6 +218,8 @@ def sample(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids, i
     check_sites(interventions, config)  # before compiling: inside, a site is a traced value
     capture = as_capture(capture)
     capture.validate(config)
+    if capture.flow is not None:  # concrete here; inside the program they are traced
+        check_knockout_groups(getattr(interventions, "knockout", None), groups)
     return _denoise(params, noise, jnp.asarray(txt), jnp.asarray(txt_ids),
                     jnp.asarray(img_ids), None if refs is None else jnp.asarray(refs),
                     None if uncond_txt is None else jnp.asarray(uncond_txt), sigmas,

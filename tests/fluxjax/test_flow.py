@@ -228,6 +228,12 @@ def test_flow_needs_groups_that_fit(model):
     with pytest.raises(ValueError, match="this forward's layout"):
         fluxjax.forward(params, TINY, *data, capture=capture, num_ref_tokens=LAYOUT.n_ref,
                         groups=fluxjax.token_groups(small, CONTENT))
+    other = CONTENT.copy()
+    other[0, 10] = True
+    knock = fluxjax.Interventions(knockout=fluxjax.knockout(TINY, LAYOUT, CONTENT, "ref->image"))
+    with pytest.raises(ValueError, match="one layout and content mask"):
+        fluxjax.forward(params, TINY, *data, capture=capture, num_ref_tokens=LAYOUT.n_ref, interventions=knock,
+                        groups=fluxjax.token_groups(LAYOUT, other))
     with pytest.raises(ValueError, match="out of range"):
         fluxjax.Capture(flow=fluxjax.Flow(blocks=(TINY.num_blocks,))).validate(TINY)
     with pytest.raises(TypeError, match="block indices"):
