@@ -90,7 +90,7 @@ def _tables():
 # every other (kernel, table) pair is in the slow tier
 CASES = [(kernel, table) for kernel in ("blocked", "pallas", "dense", "cudnn", "xla")
          for table in ("all", "knockout", "per head")]
-FAST = {("blocked", "per head"), ("cudnn", "per head"), ("blocked", "all")}
+FAST = {("blocked", "per head"), ("cudnn", "per head")}
 
 
 @pytest.mark.parametrize("kernel,table", [pytest.param(*c, marks=() if c in FAST else pytest.mark.slow) for c in CASES])
@@ -175,8 +175,8 @@ def test_flow_reads_the_knockout(model):
 
 def test_chosen_blocks_compile_once(model):
     """Blocks asked for are static (a lax.cond skips the others); groups are values: another content
-    mask reuses the program. The chosen blocks' tables are those of a capture of every block, and
-    capturing changes the output by rounding only."""
+    mask reuses the program. Capturing changes the output by rounding only. (The tables of chosen
+    blocks against the dense path: test_sampler_flow_per_step.)"""
     params, data = model
     fwd.clear_cache()
     chosen = fluxjax.Capture(flow=fluxjax.Flow(blocks=(1, 4), tokens=(4,)))
@@ -186,11 +186,9 @@ def test_chosen_blocks_compile_once(model):
     _, caps_other = _run(model, None, chosen, content=other)
     assert fwd._cache_size() == 1
     assert not np.isnan(np.asarray(caps_other.flow.at(4)[2, :, 0])).any()  # sample 2 has content now
-    _, every = _run(model, "blocked")
     plain = fwd(params, TINY, *data, num_ref_tokens=LAYOUT.n_ref)[0]
     assert rel_err(np.asarray(out), np.asarray(plain)) <= FLOW_TOL
-    for b in (1, 4):
-        assert np.nanmax(np.abs(np.asarray(caps.flow.at(b) - every.flow.at(b)))) <= FLOW_TOL
+    np.testing.assert_allclose(np.nansum(np.asarray(caps.flow.mass), -1)[:, :2], 1.0, atol=FLOW_TOL)
     np.testing.assert_array_equal(np.asarray(caps.flow.tokens_at(4)), np.asarray(caps.flow.token_mass[0]))
     with pytest.raises(KeyError, match="block 2"):
         caps.flow.at(2)
