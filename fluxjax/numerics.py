@@ -537,20 +537,21 @@ def _grouped_attention(q, k, v, kg: KeyGroups, partial, flow: bool = False, carr
     may_read = kg.may_read()
     may_read = jnp.broadcast_to(may_read, (B, *may_read.shape[1:]))  # [B, Lq, (H,) G]
     keys = jnp.broadcast_to(kg.keys, (B, Lk))
-    outs, lses, part_groups = [], [], []
+    parts = []  # (key group or None for several, o, lse) of every part of the merge
     for start, stop, key_groups in kg.segments:
         reads = may_read[..., np.asarray(key_groups)]  # [B, Lq, (H,) m]
         ks, vs = k[:, start:stop], v[:, start:stop]
         if len(key_groups) == 1:  # one group: read whole or not at all, through the LSE weight alone
             o, lse = partial(q, ks, vs)
-            lse = jnp.where(reads[..., 0] if reads.ndim == 4 else reads, lse, -jnp.inf)  # [B, Lq, H]
-            outs.append(o), lses.append(lse), part_groups.append(key_groups[0])
+            parts.append((key_groups[0], o, jnp.where(reads[..., 0] if reads.ndim == 4 else reads, lse, -jnp.inf)))
             continue
         key_onehot = keys[:, start:stop, None] == np.asarray(key_groups)  # [B, S, m]
-        for j in range(len(key_groups)) if flow else (None,):  # with flow: one part per group
-            group_mask = (reads, key_onehot) if j is None else (reads[..., j:j + 1], key_onehot[..., j:j + 1])
-            o, lse = partial(q, ks, vs, group_mask)
-            outs.append(o), lses.append(lse), part_groups.append(None if j is None else key_groups[j])
+        if not flow:
+            parts.append((None, *partial(q, ks, vs, (reads, key_onehot))))
+            continue
+        for j, group in enumerate(key_groups):  # with flow: one part per group, the mask narrowed to it
+            parts.append((group, *partial(q, ks, vs, (reads[..., j:j + 1], key_onehot[..., j:j + 1]))))
+    part_groups, outs, lses = zip(*parts)
     if len(outs) == 1 and not flow:  # one segment: already normalised over every key a query may read
         return outs[0].astype(v.dtype)
     lse = jnp.stack(lses)  # [P, B, Lq, H]
