@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 KLEIN = "/models/FLUX.2-klein-9B"  # where the docs put a real model folder
 
@@ -132,7 +132,7 @@ EXAMPLES = {
                     "one's"),
     ("docs/gpu.md", 'run(carry=[".whl"], timeout_s=300, command='):
         ("omitted", "calls of the device tool, not shell commands; both GPU commands run with --tiny on CPU in "
-                    "tests/test_gpu_check.py"),
+                    "tests/benchmarks/test_gpu_check.py"),
     ("docs/judging.md", "pip install -e '.[judge]'      # anthropic and openai; hf: needs the reference extra "
                         "(transformers, torch)"):
         ("slow", "test_judging_commands: the colour judge and agreement with the metric run; pip install is "
@@ -147,7 +147,7 @@ EXAMPLES = {
     ("docs/organisms.md", "python -m organisms.evaluate runs/organisms/direct/organism      --out "
                           "runs/organisms/direct/eval      --n 64"): ("slow", "test_organism_training_commands, "
                                                                               "--n 2"),
-    ("docs/organisms.md", "import numpy as np"): ("python", "tests/test_organisms_committed.py::"
+    ("docs/organisms.md", "import numpy as np"): ("python", "tests/organisms/test_organisms_committed.py::"
                                                             "test_docs_example_runs_and_draws_what_it_says"),
     ("docs/organisms.md", "python -m organisms.train --organism direct --out runs/organisms/t2i-first   --minutes 60 "
                           "--seed 0 --t2i-first 500"):
