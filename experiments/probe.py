@@ -9,7 +9,9 @@ and position group, fits ridge-regression probes and scores them on held-out tas
 
 Position groups of the text stream: `content` (the mean over the instruction's own tokens),
 `padding` (the mean over every other text position) at every kept step, and each position alone
-(`p0`, `p1`, ...; `--positions`) at the last (`--position-steps`). Another stream's sites give one group, `all` (the mean over its tokens).
+(`p0`, `p1`, ...; `--positions`) at the first and the last (`--position-steps`): at the first
+step the noisy image holds nothing of the reference yet, so what the text holds there came from
+the reference, not from the picture drawn so far. Another stream's sites give one group, `all` (the mean over its tokens).
 
 Held out: k-fold cross-validation over the tasks (`--folds`, folds stratified by class, seeded),
 so every task is predicted once by a probe that never saw it, and n is the number of tasks.
@@ -162,12 +164,12 @@ def r_squared(predicted: np.ndarray, target: np.ndarray) -> float:
 
 def probe_store(store: storelib.Store, *, name: str, label: str = "colour", folds: int = DEFAULT_FOLDS,
                 seed: int = 0, ridge: float = DEFAULT_RIDGE, positions: str = "all",
-                steps: Sequence[int] | None = None, position_steps: str = "last") -> list[dict]:
+                steps: Sequence[int] | None = None, position_steps: str = "first,last") -> list[dict]:
     """Every probe of a store: one row per site, kept step and position group (module docstring),
     with its shuffled-label control. name: the store's name in the rows (e.g. edit, t2i).
     positions: the single positions probed ('all', 'none', 'a:b' or 'a,b'), at the steps
-    `position_steps` names ('last', 'all', or step indices 'a,b'). steps: which kept steps (the
-    sampler's step indices; default all kept)."""
+    `position_steps` names ('all', or step indices and 'first' / 'last', comma-separated). steps:
+    which kept steps (the sampler's step indices; default all kept)."""
     from fluxjax.metrics import wilson_interval
 
     rows_written = np.flatnonzero(store.written())
@@ -182,13 +184,14 @@ def probe_store(store: storelib.Store, *, name: str, label: str = "colour", fold
     if folds < 2:
         raise ValueError(f"{store.path}: {n} tasks are too few for held-out probes (two folds at least)")
     content = store.text_content()[rows_written]
+    content_share = content.mean(0)  # per text position: the share of tasks in which it is the instruction's
     kept = store.steps
     chosen = kept if steps is None else [s for s in kept if s in steps]
     text_tokens = store.attrs["tokens"]["text"]
     single = parse_positions(positions, text_tokens)
-    at_positions = {"last": [chosen[-1]], "all": chosen}.get(position_steps)
-    if at_positions is None:
-        at_positions = [int(v) for v in position_steps.split(",")]
+    at_positions = chosen if position_steps == "all" else [
+        {"first": chosen[0], "last": chosen[-1]}.get(v.strip()) if v.strip() in ("first", "last") else int(v)
+        for v in position_steps.split(",") if v.strip()]
     out = []
     for site in store.sites:
         block, stream, point = _site_parts(site)
@@ -209,7 +212,9 @@ def probe_store(store: storelib.Store, *, name: str, label: str = "colour", fold
                 results[prefix] = (lab, pred)
             for g, group in enumerate(groups):
                 row = {"store": name, "site": site, "block": block, "stream": stream, "point": point, "step": step,
-                       "group": group, "n": n, "classes": classes, "chance": 1.0 / classes}
+                       "group": group, "n": n, "classes": classes, "chance": 1.0 / classes,
+                       "content_share": float(content_share[int(group[1:])]) if group[0] == "p" and
+                       group[1:].isdigit() and stream == "text" else None}
                 for prefix, (lab, pred) in results.items():
                     correct, total = accuracy(pred[g, :, :classes].argmax(-1), lab.y)
                     low, high = wilson_interval(correct, total)
@@ -273,9 +278,13 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _membership(share: float) -> str:
+    return "content" if share == 1 else "padding" if share == 0 else f"content in {100 * share:.0f} %"
+
+
 def heatmap_sections(folder: Path, rows: Sequence[Mapping], store_names: Sequence[str], num_double_blocks=None):
-    """Figures: per store, block x position group at the last step (every group), and block x
-    (step, content / padding)."""
+    """Figures: per store, block x position group (every group) at each step whose positions were
+    probed, and block x (step, content / padding)."""
     from experiments import report
     from fluxjax.files import atomic_write_bytes
 
@@ -290,14 +299,17 @@ def heatmap_sections(folder: Path, rows: Sequence[Mapping], store_names: Sequenc
         steps = sorted({r["step"] for r in mine})
         value = {(r["block"], r["step"], r["group"]): r["accuracy"] for r in mine}
         groups = list(dict.fromkeys(r["group"] for r in mine))
-        last = steps[-1]
-        png = report.heatmap_plot(blocks, groups, [[value.get((b, last, g)) for b in blocks] for g in groups],
-                                  colour_label="held-out accuracy", vmin=0.0, vmax=1.0, ylabel="position group",
-                                  title=f"{name}: colour probe, text {point}, step {last}",
-                                  num_double_blocks=num_double_blocks)
-        path = atomic_write_bytes(folder / "plots" / f"probe-{name}-groups.png", png)
-        figures.append(report.Figure(path=path, caption=f"{name}: held-out accuracy per block and position group "
-                                                        f"(content mean, padding mean, each position) at step {last}"))
+        share = {r["group"]: r["content_share"] for r in mine if r.get("content_share") not in (None, "")}
+        labels = [f"{g} ({_membership(float(share[g]))})" if g in share else f"{g} mean" for g in groups]
+        for step in [s for s in steps if any(g in share for (_, at, g) in value if at == s)] or steps[-1:]:
+            png = report.heatmap_plot(blocks, labels, [[value.get((b, step, g)) for b in blocks] for g in groups],
+                                      colour_label="held-out accuracy", vmin=0.0, vmax=1.0, ylabel="position group",
+                                      title=f"{name}: colour probe, text {point}, step {step}",
+                                      num_double_blocks=num_double_blocks)
+            path = atomic_write_bytes(folder / "plots" / f"probe-{name}-groups-step{step}.png", png)
+            figures.append(report.Figure(path=path, caption=f"{name}: held-out accuracy per block and position group "
+                                                            f"(content mean, padding mean, each position) at step "
+                                                            f"{step}"))
         rows_steps = [(s, g) for s in steps for g in ("content", "padding") if (blocks[0], s, g) in value]
         png = report.heatmap_plot(blocks, [f"step {s} {g}" for s, g in rows_steps],
                                   [[value.get((b, s, g)) for b in blocks] for s, g in rows_steps],
@@ -309,15 +321,16 @@ def heatmap_sections(folder: Path, rows: Sequence[Mapping], store_names: Sequenc
     return figures
 
 
-def write_outputs(folder: str | os.PathLike, rows: Sequence[Mapping], store_names: Sequence[str], *,
-                  command: str | None = None, notes: str = "", num_double_blocks=None) -> Path:
-    """probe.csv, probe.md, the heatmaps and report.html in `folder`; returns the report's path."""
+def section(folder: str | os.PathLike, rows: Sequence[Mapping], store_names: Sequence[str], *, notes: str = "",
+            num_double_blocks=None, title: str = "Linear probes of the reference colour"):
+    """The report section of `rows` (`probe_store`'s, of the stores `store_names`), its files
+    written in `folder`: probe.csv (every probe), probe.md (the content and padding means at the
+    last step) and the heatmaps under plots/."""
     from experiments import report
     from fluxjax import metrics
     from fluxjax.files import atomic_write_text
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "probe.csv", metrics.rows_to_csv(list(rows)))
     last = max(r["step"] for r in rows)
     summary = summary_rows(rows, last)
@@ -325,15 +338,26 @@ def write_outputs(folder: str | os.PathLike, rows: Sequence[Mapping], store_name
     atomic_write_text(folder / "probe.md", f"Colour probes at step {last}: held-out accuracy [95 % Wilson interval]\n\n"
                       + markdown_table(summary, columns))
     chance = rows[0]["chance"]
-    sections = [report.Section("Probes", [
+    return report.Section(title, [
         report.Text(f"Ridge probes of the reference colour ({rows[0]['classes']} classes, chance "
                     f"{100 * chance:.1f} %), {rows[0]['n']} tasks, held out by cross-validation over the tasks; "
-                    f"95 % Wilson intervals. Controls: the same probes on shuffled labels, and on the store collected "
-                    f"without the reference where one is given. {notes}"),
+                    f"95 % Wilson intervals. Controls: the same probes on shuffled labels, and (t2i) on the same tasks "
+                    f"collected without the reference, where given. Decodable is not used: the knockouts and the "
+                    f"lens say which positions the model reads. {notes}"),
         *heatmap_sections(folder, rows, store_names, num_double_blocks),
         report.Table(title=f"Content and padding means at step {last}", columns=columns, rows=summary,
                      formats={"Lab R2": "{:.2f}"}),
-        report.Text("Every probe (each position, each step): probe.csv.")])]
+        report.Text("Every probe (each position, each step): probe.csv.")])
+
+
+def write_outputs(folder: str | os.PathLike, rows: Sequence[Mapping], store_names: Sequence[str], *,
+                  command: str | None = None, notes: str = "", num_double_blocks=None) -> Path:
+    """probe.csv, probe.md, the heatmaps and report.html in `folder`; returns the report's path."""
+    from experiments import report
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sections = [section(folder, rows, store_names, notes=notes, num_double_blocks=num_double_blocks, title="Probes")]
     return report.write_report(folder, "Linear probes of the reference colour", sections, command=command)
 
 
@@ -360,9 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"ridge penalty per feature (default {DEFAULT_RIDGE})")
     parser.add_argument("--positions", default="all",
                         help="single text positions probed: 'all', 'none', 'a:b' or 'a,b' (default all)")
-    parser.add_argument("--position-steps", default="last",
-                        help="steps at which single positions are probed: 'last', 'all' or 'a,b' (default last; the "
-                             "content and padding means are probed at every step)")
+    parser.add_argument("--position-steps", default="first,last",
+                        help="steps at which single positions are probed: 'all', or step indices and first / last, "
+                             "comma-separated (default first,last; the content and padding means are probed at every "
+                             "step)")
     parser.add_argument("--steps", default=None, help="sampler steps probed, 'a,b' (default every kept step)")
     args = parser.parse_args(argv)
     try:

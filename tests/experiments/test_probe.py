@@ -59,10 +59,10 @@ def test_probe_command_writes_its_report(known, tmp_path, capsys):
                        "--positions", "3:5"]) == 0
     printed = capsys.readouterr().out
     assert "| edit | b1.text.output | padding | 48 |" in printed
-    for name in ("probe.csv", "probe.md", "report.html", "plots/probe-edit-groups.png", "plots/probe-t2i-steps.png"):
+    for name in ("probe.csv", "probe.md", "report.html", "plots/probe-edit-groups-step1.png", "plots/probe-edit-groups-step0.png", "plots/probe-t2i-steps.png"):
         assert (tmp_path / "p" / name).is_file(), name
     header, *lines = (tmp_path / "p" / "probe.csv").read_text().splitlines()
-    groups_per_text_site = 2 * 2 + 2  # content and padding at both steps, p3 and p4 at the last
+    groups_per_text_site = 2 * 2 + 2 * 2  # content and padding at both steps, p3 and p4 at the first and last
     assert len(lines) == 2 * (2 * groups_per_text_site + 2)  # two stores; two text sites and one image site
 
 
@@ -71,3 +71,23 @@ def test_probe_refuses_what_it_cannot_probe(known, tmp_path):
         probe.probe_store(known, name="edit", label="shape")
     with pytest.raises(ValueError, match="out of 0..5"):
         probe.parse_positions("4,9", T)
+
+
+@pytest.mark.slow
+def test_text_routed_padding_carries_the_colour(tmp_path):
+    """The text-routed organism (240 tasks, 8 colours): the padding mean gives the colour at every
+    block (the lens finds it there); shuffled labels and the run without a reference stay near chance."""
+    from experiments import collect
+
+    for name, extra in (("edit", []), ("t2i", ["--no-reference"])):
+        assert collect.main(["--model", "text-routed", "--keep-steps", "last", "--no-progress",
+                             "--out", str(tmp_path / name), *extra]) == 0
+    rows = [row for name in ("edit", "t2i") for row in probe.probe_store(
+        storelib.Store(tmp_path / name / "collect.zarr"), name=name, positions="none")]
+    assert len({r["site"] for r in rows}) == 6 and {r["n"] for r in rows} == {240}
+    for r in rows:
+        if r["store"] == "edit" and r["group"] == "padding":
+            assert r["accuracy"] >= 0.95, r
+        assert r["shuffled_accuracy"] <= 0.25, r  # chance 12.5 %
+        if r["store"] == "t2i":
+            assert r["accuracy"] <= 0.25, r
