@@ -195,9 +195,8 @@ def probe_store(store: storelib.Store, *, name: str, label: str = "colour", fold
     out = []
     for site in store.sites:
         block, stream, point = _site_parts(site)
-        values = store.read(site, rows_written)  # [n, step, token, D]
-        for step in chosen:
-            at = values[:, kept.index(step)]
+        for step in chosen:  # one site and step in memory at a time: [n, token, D]
+            at = store.read(site, rows_written, [kept.index(step)])[:, 0]
             if stream == "text":
                 groups, x = position_features(at, content, single if step in at_positions else ())
             else:
@@ -223,7 +222,6 @@ def probe_store(store: storelib.Store, *, name: str, label: str = "colour", fold
                     if lab.lab is not None:
                         row[f"{prefix}lab_r2"] = r_squared(pred[g, :, classes:], lab.lab)
                 out.append(row)
-        del values
     return out
 
 
