@@ -61,9 +61,13 @@ class Labels:
     y: np.ndarray  # int [n]: class index per task
     lab: np.ndarray | None  # float [n, 3]: the reference's CIELAB per task, where every task gives it
 
-    def shuffled(self, seed: int) -> "Labels":
-        """The same labels permuted among the tasks (the class and Lab of a task move together)."""
-        order = np.random.default_rng(seed).permutation(len(self.y))
+    def shuffled(self, seed: int, draws: int = 100) -> "Labels":
+        """The same labels permuted among the tasks (the class and Lab of a task move together): of
+        `draws` seeded permutations, the one that leaves the fewest tasks their own class (at a
+        few tasks a random permutation may give every task its class back)."""
+        rng = np.random.default_rng(seed)
+        orders = [rng.permutation(len(self.y)) for _ in range(draws)]
+        order = min(orders, key=lambda o: int((self.y[o] == self.y).sum()))
         return Labels(self.classes, self.y[order], None if self.lab is None else self.lab[order])
 
 
