@@ -168,3 +168,25 @@ def test_killed_collection_resumes_to_an_undisturbed_one(tmp_path):
     assert_same_bytes(arrays(tmp_path / "killed" / "collect.zarr"), arrays(tmp_path / "whole" / "collect.zarr"))
     assert json.loads((tmp_path / "killed" / "collect.zarr" / ".zattrs").read_text()) == \
         json.loads((tmp_path / "whole" / "collect.zarr" / ".zattrs").read_text())
+
+
+def test_run_all_plans_the_probes(capsys):
+    from experiments import run_all
+
+    assert run_all.main(["--model", "text-routed", "--probe", "--plan"]) == 0
+    assert "  probe: 8 tasks collected with and without the reference" in capsys.readouterr().out
+    assert run_all.probe_plan(type("C", (), {"num_blocks": 3})(), "organism")["collect_t2i"] == {
+        "sites": ["b0.text.output", "b1.text.output", "b2.text.output"], "keep_steps": "all", "chunk_tasks": 16,
+        "knockout": None, "knockout_layers": "all", "reference": False}
+
+
+@pytest.mark.slow
+def test_run_all_probe_adds_the_probes_to_the_main_job(tmp_path):
+    from experiments import run_all
+
+    out = tmp_path / "main"
+    assert run_all.main(["--model", "text-routed", "--blocks", "0,3", "--colours", "red,blue", "--objects", "circle",
+                         "--seeds", "0,1", "--probe", "--no-progress", "--out", str(out)]) == 0
+    assert storelib.Store(out / "collect.zarr").written().all() and storelib.Store(out / "collect-t2i.zarr").written().all()
+    assert "Linear probes of the reference colour" in (out / "report.html").read_text()
+    assert (out / "probe.csv").is_file() and (out / "plots" / "probe-edit-groups-step0.png").is_file()
