@@ -332,7 +332,7 @@ def section(folder: str | os.PathLike, rows: Sequence[Mapping], store_names: Seq
     from fluxjax import metrics
     from fluxjax.files import atomic_write_text
 
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # the figures' paths must lie inside the report's folder as resolved
     atomic_write_text(folder / "probe.csv", metrics.rows_to_csv(list(rows)))
     last = max(r["step"] for r in rows)
     summary = summary_rows(rows, last)

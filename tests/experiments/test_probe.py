@@ -54,9 +54,9 @@ def test_probe_finds_the_carrier_and_nothing_else(known):
     assert {k[2] for k in by if k[0] == "b0.text.output"} == {"content", "padding", *(f"p{p}" for p in range(T))}
 
 
-def test_probe_command_writes_its_report(known, tmp_path, capsys):
-    assert probe.main([str(known.path), "--baseline", str(known.path), "--out", str(tmp_path / "p"),
-                       "--positions", "3:5"]) == 0
+def test_probe_command_writes_its_report(known, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --out relative to the working directory
+    assert probe.main([str(known.path), "--baseline", str(known.path), "--out", "p", "--positions", "3:5"]) == 0
     printed = capsys.readouterr().out
     assert "| edit | b1.text.output | padding | 48 |" in printed
     for name in ("probe.csv", "probe.md", "report.html", "plots/probe-edit-groups-step1.png", "plots/probe-edit-groups-step0.png", "plots/probe-t2i-steps.png"):
