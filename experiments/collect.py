@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from experiments import cli, knockout as knockoutlib, report
+from experiments import cli, knockout as knockoutlib, models, report
 from experiments import store as storelib
 from experiments.context import Context, load_reference
 from fluxjax import metrics
@@ -76,8 +76,6 @@ def add_arguments(parser) -> None:
 
 
 def settings(args, config) -> dict:
-    from experiments import models
-
     n = config.num_blocks
     blocks = [] if args.blocks == "none" else cli.parse_blocks(args.blocks, n, "--blocks")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
