@@ -27,7 +27,8 @@ The experiments, in the study's order (see each module's --help):
     2. padding-only and content-only T2I Lens (the same sweep)
     3. attention knockout (experiments.knockout): the eight single edges and ref->text+ref->image at
        all blocks, the double blocks only and the single blocks only, and the main four edges cut
-       from block k on, k swept
+       from block k on, k swept; beside it the attention flow (experiments.flow): every edge's
+       attention mass per block and step, in one plain edit per task, next to its knockout's effect
     4. dropping the reference after block k (experiments.drop), k swept, the removal form checked
        against the mask form at the middle k
     5. I2I -> I2I patching (experiments.patching) between colours of one object (the study's pairs),
@@ -53,14 +54,14 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experiments import cli, collect, drop, knockout, lens, models, patching, probe, report, study, tables
+from experiments import cli, collect, drop, flow, knockout, lens, models, patching, probe, report, study, tables
 from experiments.hosts import Hosts
 from experiments.sweep import POSITIONS
 
 NAME = "run_all"
 TITLE = "The five experiments"
 DEFAULT_MODELS = "direct,text-routed"
-EXPERIMENTS = ("lens", "study_lens", "knockout", "drop", "patching")  # in the order they run
+EXPERIMENTS = ("lens", "study_lens", "knockout", "flow", "drop", "patching")  # in the order they run
 COLOUR_SUBSETS = {  # per model kind: (colours, objects, seeds) of the default colour-bucket subset
     "organism": ("red,yellow,green,blue", "circle,triangle", "0"),  # 8 tasks, 24 study-rule pairs
     "folder": ("red,green,blue,yellow", "ball", "0"),
@@ -107,6 +108,8 @@ def plan(config, blocks_spec: str, source_steps: int, kind: str, pairs: Path | N
                      "layers": ["all", f":{depth}", f"{depth}:"], "sweep": list(knockout.MAIN_SETTINGS),
                      "sweep_from": sorted(set(blocks) | {0}), "sweep_mode": "suffix", "window": 3,
                      "sweep_index": "study", "sweep_steps": knockout.sweep_steps(None, kind)},
+        "flow": {"blocks": list(range(n)), "token_blocks": sorted({max(depth - 1, 0), min(depth, n - 1)}),
+                 "carried": True},
         "drop": {"blocks": ks, "check_removal": [ks[len(ks) // 2]]},
         "patching": {"blocks": blocks, "positions": positions, "pairs": patching.pair_file(pairs), "mode": "replace"},
     }
@@ -115,6 +118,7 @@ def plan(config, blocks_spec: str, source_steps: int, kind: str, pairs: Path | N
     lens.validate(out["lens"], config)
     lens.validate(out["study_lens"], config)
     knockout.validate(out["knockout"], config)
+    flow.validate(out["flow"], config)
     drop.validate(out["drop"], config)
     patching.validate(out["patching"], config)
     return out
@@ -223,7 +227,7 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
         sections = lens.run(ctx, found, settings["lens"], "lens")
         if "study_lens" in settings:
             sections += lens.run(ctx, found, settings["study_lens"], "study-lens")
-        for name, module in (("knockout", knockout), ("drop", drop), ("patching", patching)):
+        for name, module in (("knockout", knockout), ("flow", flow), ("drop", drop), ("patching", patching)):
             if name in settings:  # the pair tasks resolve the patching pairs only
                 sections += module.run(ctx, [*found, *pair_found] if name == "patching" else found, settings[name],
                                        name)
@@ -325,7 +329,7 @@ def _plot_caption(png: Path) -> str:
 def counts(checked: cli.Checked) -> dict[str, str]:
     """What each experiment of one model's plan runs: '<n> tasks' or '<n> pairs'."""
     out = {}
-    for name in ("lens", "study_lens", "knockout", "drop"):
+    for name in ("lens", "study_lens", "knockout", "flow", "drop"):
         if name in checked.settings:
             out[name] = f"{len(checked.found)} tasks"
     if "patching" in checked.settings:

@@ -109,6 +109,10 @@ EXAMPLES = {
                   "checkout of the study's repository (its task and pair files; counted on a mock of its layout in "
                   "test_study_files.py)"),
     ("docs/experiments.md", "from experiments import sweep"): ("python", "test_experiments_sweep_example"),
+    ("docs/flow.md", "import fluxjax"): ("python", "test_flow_examples"),
+    ("docs/flow.md", "import jax, jax.numpy as jnp, numpy as np"): ("python", "test_flow_examples"),
+    ("docs/flow.md", "python -m experiments.flow --model text-routed --colours red,blue --objects circle"):
+        ("slow", "test_flow_command (about a minute on 2 cores)"),
     ("docs/interventions.md", "import fluxjax"): ("python", "test_interventions_examples"),
     ("docs/interventions.md", "out, caps = fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids,"):
         ("omitted", "the signature, with `...` for the arguments; every argument is used in the blocks after it"),
@@ -260,6 +264,27 @@ def test_interventions_examples(scratch):
     assert namespace["result"].images.shape == (1, 32, 32, 3)
     assert namespace["result"].captures.text.shape == (8, 1, 1, 32, 128)
     assert namespace["plain"].images.dtype == np.uint8
+
+
+def test_flow_examples(scratch):
+    """docs/flow.md's two blocks: on the text-routed organism, the shapes and numbers the text shows."""
+    namespace: dict = {}
+    for key in [k for k, (how, _) in EXAMPLES.items() if k[0] == "docs/flow.md" and how == "python"]:
+        run_python(block(*key).text, namespace, scratch)
+    flow = namespace["result"].captures.flow
+    assert flow.mass.shape == (8, 6, 1, 4, 4, 4) and flow.tokens_at(1).shape == (8, 1, 160, 4, 4)
+    assert float(np.abs(np.asarray(namespace["mass"][:, 2, 3])).max()) == 0.0  # the image reads no reference
+    caps = namespace["caps"]
+    assert caps.flow.at(2).shape == (1, 2, 4, 4) and caps.flow.tokens_at(2).shape == (1, 48, 2, 4)
+
+
+@pytest.mark.slow
+def test_flow_command(scratch):
+    [command] = commands(block("docs/flow.md", "python -m experiments.flow --model text-routed --colours red,blue "
+                                               "--objects circle").text)
+    shell(command, scratch, timeout=1200)
+    assert (scratch / "runs" / "flow" / "flow-edges.csv").is_file()
+    assert (scratch / "runs" / "flow" / "plots" / "flow-mass.png").is_file()
 
 
 def test_organisms_edit_example(scratch, capsys):
