@@ -34,7 +34,10 @@ The experiments, in the study's order (see each module's --help):
     5. I2I -> I2I patching (experiments.patching) between colours of one object (the study's pairs),
        block swept
 and the study's colour T2I Lens (diagonal form, block 17's place), so that the report's study
-table holds every colour cell of the study.
+table holds every colour cell of the study. With --probe, also linear probes of the reference
+colour: every block's text stream collected at every step with and without the reference
+(experiments.collect, stores collect.zarr and collect-t2i.zarr in the run folder) and probed per
+block, position group and step (experiments.probe), beside the knockouts, lens and patching.
 
 With one model, --out is its run folder; with several (--model a,b), each gets the run folder
 --out/<name> and --out/report.html compares them. Every experiment writes its cells under
@@ -51,7 +54,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experiments import attribute, cli, drop, flow, knockout, lens, models, patching, report, study, tables
+from experiments import (attribute, cli, collect, drop, flow, knockout, lens, models, patching, probe, report, study,
+                         tables)
 from experiments.hosts import Hosts
 from experiments.sweep import POSITIONS
 
@@ -83,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also attribution patching (experiments.attribute): every patch and knockout edge estimated "
                         "from one backward pass, the top 10 and 10 random cells run exactly (recomputed each "
                         "invocation: a few minutes on an organism)")
+    g.add_argument("--probe", action="store_true",
+                   help="also collect every block's text stream for the tasks, with the reference and without it, and "
+                        "probe it for the reference's colour (experiments.collect, experiments.probe)")
     g.add_argument("--plan", action="store_true",
                    help="check the inputs and print how many tasks and pairs each experiment would run; run nothing")
 
@@ -166,9 +173,30 @@ def settings_of(args: argparse.Namespace, model: models.Spec, found: list | None
         settings = plan(model.config, args.blocks, args.source_steps, model.kind, args.pairs)
     if found is not None and "patching" in settings:
         patching.check_tasks(settings["patching"], found)
+    if args.probe:
+        settings.update(probe_plan(model.config, model.kind))
     if getattr(args, "attribution", False):
         settings["attribution"] = dataclasses.asdict(attribute.Settings())
     return settings
+
+
+def probe_plan(config, kind: str) -> dict:
+    """The collections of --probe: every block's text output at every step, with and without the reference."""
+    every = {"sites": [f"b{b}.text.output" for b in range(config.num_blocks)], "keep_steps": "all",
+             "chunk_tasks": collect.DEFAULT_CHUNK_TASKS[kind], "knockout": None, "knockout_layers": "all"}
+    return {"collect": {**every, "reference": True}, "collect_t2i": {**every, "reference": False}}
+
+
+def probe_sections(ctx, found: Sequence, settings: Mapping) -> list[report.Section]:
+    """--probe: the two collections, then the probes of both (process 0 writes their files)."""
+    stores = {"edit": collect.collect(ctx, found, settings["collect"], "collect"),
+              "t2i": collect.collect(ctx, found, settings["collect_t2i"], "collect-t2i")}
+    if not ctx.hosts.writer:
+        return []
+    rows = [row for name, store in stores.items() for row in probe.probe_store(store, name=name)]
+    return [probe.section(ctx.run.path, rows, list(stores), num_double_blocks=ctx.model.config.depth,
+                          notes="The stores: collect.zarr (the edit) and collect-t2i.zarr (no reference) in this "
+                                "run folder.")]
 
 
 def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str, checked: cli.Checked,
@@ -210,6 +238,8 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
             if name in settings:  # the pair tasks resolve the patching pairs only
                 sections += module.run(ctx, [*found, *pair_found] if name == "patching" else found, settings[name],
                                        name)
+        if "collect" in settings:
+            sections += probe_sections(ctx, found, settings)
         if "attribution" in settings:  # derived files: recomputed by every invocation that runs
             summary, files = attribute.attribute(model, attribute.settings_from_json(settings["attribution"]))
             for file, data in files.items():
@@ -317,6 +347,8 @@ def counts(checked: cli.Checked) -> dict[str, str]:
     if "patching" in checked.settings:
         pairs = patching.pairs_of(checked.settings["patching"], [*checked.found, *checked.pair_found])
         out["patching"] = f"{len(pairs)} pairs"
+    if "collect" in checked.settings:
+        out["probe"] = f"{len(checked.found)} tasks collected with and without the reference"
     return out
 
 

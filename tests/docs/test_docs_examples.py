@@ -153,6 +153,12 @@ EXAMPLES = {
                  "test_judge.py and test_judge_hf.py); agreement with an API judge needs its verdicts"),
     ("docs/judging.md", '{"system": "...",'): ("text", "the questions file's shape (test_judge.py loads such files)"),
     ("docs/organisms.md", "import fluxjax"): ("python", "test_organisms_edit_example"),
+    ("docs/probes.md", "import json, tensorstore as ts"):
+        ("python", "test_probes_store_example, on a store of the same layout written without a model"),
+    ("docs/probes.md", "python -m experiments.collect --model text-routed --out runs/collect/text-routed"):
+        ("omitted", "four collections of the organisms' 240 tasks and two probe runs (tens of minutes here); "
+                    "tests/experiments/test_probe.py::test_text_routed_padding_carries_the_colour (slow) runs the "
+                    "text-routed pair and probes it, test_collect.py and test_probe.py run both commands at tiny size"),
     ("docs/sharding.md", "import functools"): ("python", "test_sharding_example: 8 host devices, a tiny checkpoint"),
     ("docs/sharding.md", GLOBAL_MESH): ("python", "test_sharding_example: after the usage block, one "
                                                        "process of 8 host devices (several: tests/experiments/test_hosts.py)"),
@@ -371,6 +377,18 @@ def test_sharding_example(scratch):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-2:] == ["(2, 4, 128)", "(2, 4, 128) {'data': 1, 'fsdp': 8}"], done.stdout
+
+
+def test_probes_store_example(scratch):
+    from experiments import store as storelib
+
+    store = storelib.create(scratch / "runs" / "collect" / "text-routed" / "collect.zarr", tasks=["t0", "t1"],
+                            sites={"b3.text.output": (4, 8)}, steps=[0, 7], dtype=np.float32, text_tokens=4,
+                            chunk_tasks=1, attrs={"labels": {"t0": {"colour": "red"}, "t1": {"colour": "blue"}}})
+    for i in range(2):
+        store.write_chunk(i, {"b3.text.output": np.full((1, 2, 4, 8), i, np.float32)}, np.array([[1, 0, 0, 0]], bool))
+    found = run_python(block("docs/probes.md", "import json, tensorstore as ts").text, {}, scratch)
+    assert found["x"].shape == (2, 4, 8) and found["padding"].sum() == 6 and found["colours"] == ["red", "blue"]
 
 
 def test_experiments_sweep_example(scratch, tmp_path_factory):
