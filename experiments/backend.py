@@ -20,7 +20,9 @@ kinds of model have `Editing`'s two methods, this same path:
     edit = model.prepare("draw a ring in this color", [swatch], seed=0)   # edit.layout, edit.content_mask
     cut = fluxjax.knockout(model.config, edit.layout, edit.content_mask, "ref->text[padding]")
     result = model.edit(edit, interventions=fluxjax.Interventions(knockout=cut),
-                        capture=fluxjax.Capture(text=(1,)))  # result.images uint8 [1, H, W, 3], result.captures
+                        capture=fluxjax.Capture(sites=("b1.text.output",)))
+    result.images                                            # uint8 [1, H, W, 3]
+    result.captures["b1.text.output"]                        # [steps, 1, T, D]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 a vmapped sweep over intervention values (`prepare`, `run` and `Edit` live in `experiments.backend`).
 
     edit = sweep.prepare(model, text, references=["red.png"], seed=task.seed, height=64, width=64)
-    pixels, captures = sweep.run(model, edit, options, capture=Capture(text=(3,)))
+    pixels, captures = sweep.run(model, edit, options, capture=Capture(sites=("b3.text.output",)))
     pixels = sweep.sweep(model, edit, options, [Interventions(knockout=k) for k in tables])  # [V, H, W, 3]
 
 An `Edit` holds everything a sampler call needs except the interventions: the prompt embeddings,
