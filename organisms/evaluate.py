@@ -326,8 +326,7 @@ def main(argv=None):
         rows += [(e.instruction, e.reference, img, e.target) for e, img in zip(examples[:4], out_images[:4])]
     sample_grid(rows).save(out / "samples.png")  # columns: reference, sample, ground truth
     for r in rates:
-        print(f"{org[0].name:12s} {r.setting:32s} {r.passed:3d}/{r.n:3d} = {r.rate:.0%} "
-              f"[{r.low:.0%}, {r.high:.0%}]   ({r.criterion})")
+        print(f"{org[0].name:12s} {r.setting:32s} {r.text:32s} ({r.criterion})")
 
 
 if __name__ == "__main__":
