@@ -99,7 +99,8 @@ def test_design_sweep_runs_a_variant(tmp_path):
     out = tmp_path / "sweep.jsonl"
     design_sweep.main(["--variant", "tr-j2-t10", "--out", str(out), "--steps", "1", "--n", "2"])
     row = json.loads(out.read_text())
-    assert row["variant"] == "tr-j2-t10" and row["step"] == 1 and 0.0 <= row["swatch shape"] <= 1.0
+    assert row["variant"] == "tr-j2-t10" and row["step"] == 1
+    assert row["swatch shape"]["n"] == 2 and 0.0 <= row["swatch shape"]["low"] <= row["swatch shape"]["high"] <= 1.0
 
 
 def test_tasks_draw_what_their_instructions_say():
