@@ -9,7 +9,7 @@ comes and goes then falls on both sides alike. Reported: the total time of the t
 have (same node id), each side's own total, the slowest tests of each and the shared tests whose time
 changed most (every shared test's pair of times is in the JSON). A test present at one commit only
 is counted apart. `--files` restricts the run to the test files matching a glob (e.g.
-'tests/test_sharding.py').
+'tests/fluxjax/test_sharding.py').
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.suite_time", description=__doc__.splitlines()[0])
     ap.add_argument("old")
     ap.add_argument("new", nargs="?", default="HEAD")
-    ap.add_argument("--files", default="tests/test_*.py", help="glob of the test files to run (default: all)")
+    ap.add_argument("--files", default="tests/*/test_*.py", help="glob of the test files to run (default: all)")
     ap.add_argument("--out", default=str(common.RESULTS_DIR / "suite_time"))
     args = ap.parse_args(argv)
     args.old, args.new = (subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], check=True,

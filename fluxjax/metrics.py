@@ -52,7 +52,7 @@ STUDY_COLOURS: Mapping[str, tuple[int, int, int]] = {
 
 # An edit "has" a colour when its dominant colour is within this CIEDE2000 of it. 15 stays under
 # the closest pair of the colour bucket's colours (blue/purple, 18.8; red/orange 21.6; checked in
-# tests/test_experiment_infra.py), and leaves room for the shading of a drawn object.
+# tests/experiments/test_experiment_infra.py), and leaves room for the shading of a drawn object.
 COLOUR_MATCH_DE00 = 15.0
 
 # D65 reference white (CIE 1931 2-degree observer), XYZ scaled to Y = 1.

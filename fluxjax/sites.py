@@ -15,7 +15,7 @@ or `(17, "text", "attn_out")`:
             output     what the block returns (the input of the next block)
 
 The points are defined on diffusers' module boundaries (`Flux2Transformer2DModel`), so a PyTorch
-forward hook on the same module is their reference (tests/test_sites_parity.py):
+forward hook on the same module is their reference (tests/fluxjax/test_sites_parity.py):
 
     double block b  `transformer_blocks[b]`
       input      forward pre-hook on the block: `encoder_hidden_states` (text) and `hidden_states`

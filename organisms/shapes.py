@@ -10,7 +10,7 @@
 3. Square and bar both fill their box; the bounding box's aspect ratio (long / short side) tells
    them apart: each shape's score is its IoU minus ASPECT_WEIGHT |log aspect - log expected|.
 
-Validated on ground-truth scenes in tests/test_organisms.py (at least 95 % required).
+Validated on ground-truth scenes in tests/organisms/test_organisms.py (at least 95 % required).
 """
 
 from __future__ import annotations

@@ -579,7 +579,7 @@ def test_a_questions_file_reaches_the_judge(server, tmp_path, monkeypatch):
         == len(STYLE_TASKS)
 
 
-STUDY_CHECKOUT = Path(__file__).resolve().parent / "study_checkout"  # laid out as the study's, our own words
+STUDY_CHECKOUT = Path(__file__).resolve().parents[1] / "study_checkout"  # laid out as the study's, our own words
 
 
 def _asked(server: FakeServer) -> list[tuple[str, list[str]]]:
@@ -705,7 +705,7 @@ def test_a_killed_judging_run_resumes(server, tmp_path):
     env = {**os.environ, "OPENAI_API_KEY": KEY, "TQDM_DISABLE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "experiments.judge", str(run_path), "--judge",
                              f"openai:judge-model@{server.url}", "--concurrency", "1", "--no-progress"],
-                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL,
+                            cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60

@@ -26,7 +26,7 @@ from fluxjax.conversion.transformer_keys import BFL_PREFIX, expected_source_shap
 
 torch = pytest.importorskip("torch")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The bars (TOL_T0, TOL_GENERAL, BF16_RATIO) are defined, with their reasons, in flux2ref.models.
 
 TINY_NO_GUIDANCE = dataclasses.replace(TINY, use_guidance_embed=False)

@@ -1,7 +1,7 @@
 """The T2I Lens one text position at a time and under a knockout, on the text-routed organism
 against its known routing (docs/organisms.md): its reference reaches the image only through the
 text padding positions (`ref->image` and `ref->text[content]` are cut in every block), and at
-block 2 the padding already holds the colour (tests/test_study_protocol.py)."""
+block 2 the padding already holds the colour (tests/experiments/test_study_protocol.py)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from PIL import Image
 from experiments import lens, sweep
 
 TASK = "solid_red_circle_s0"
-BLOCKS = (2, 5)  # the padding holds the colour at 2; 5 is the last block (tests/test_study_protocol.py)
+BLOCKS = (2, 5)  # the padding holds the colour at 2; 5 is the last block (tests/experiments/test_study_protocol.py)
 POSITIONS = range(9)  # the grid's positions: <start>, the six instruction words, <end>, one <pad>
 # Cells per vmapped call: (3 groups + 9 positions) x 2 blocks = 24 cells take 4 calls of one program,
 # the knockout runs' 3 groups x 2 blocks one call of the same width (and so of the same program).
 CHUNK = 6
-PIXEL_TOL = 1  # as tests/test_experiments.py: a vmapped cell may land one uint8 level away
+PIXEL_TOL = 1  # as tests/experiments/test_experiments.py: a vmapped cell may land one uint8 level away
 
 
 def _lens(out, *extra):

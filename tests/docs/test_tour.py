@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-TOUR = Path(__file__).resolve().parent.parent / "docs" / "tour.py"
+TOUR = Path(__file__).resolve().parents[2] / "docs" / "tour.py"
 
 
 @pytest.mark.slow  # 40 s on 2 cores; the experiments it walks through are tested in test_experiments.py

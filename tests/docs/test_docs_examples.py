@@ -36,9 +36,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 KLEIN = "/models/FLUX.2-klein-9B"  # where the docs put a real model folder
+GLOBAL_MESH = "mesh = sharding.global_mesh(data=1, fsdp=jax.device_count())  # (process, local device) order, fsdp filled first"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,7 @@ EXAMPLES = {
                     "one's"),
     ("docs/gpu.md", 'run(carry=[".whl"], timeout_s=300, command='):
         ("omitted", "calls of the device tool, not shell commands; both GPU commands run with --tiny on CPU in "
-                    "tests/test_gpu_check.py"),
+                    "tests/benchmarks/test_gpu_check.py"),
     ("docs/judging.md", "pip install -e '.[judge]'      # anthropic and openai; hf: needs the reference extra "
                         "(transformers, torch)"):
         ("slow", "test_judging_commands: the colour judge and agreement with the metric run; pip install is "
@@ -142,12 +143,14 @@ EXAMPLES = {
     ("docs/judging.md", '{"system": "...",'): ("text", "the questions file's shape (test_judge.py loads such files)"),
     ("docs/organisms.md", "import fluxjax"): ("python", "test_organisms_edit_example"),
     ("docs/sharding.md", "import functools"): ("python", "test_sharding_example: 8 host devices, a tiny checkpoint"),
+    ("docs/sharding.md", GLOBAL_MESH): ("python", "test_sharding_example: after the usage block, one "
+                                                       "process of 8 host devices (several: tests/experiments/test_hosts.py)"),
     ("docs/organisms.md", "python -m organisms.train --organism direct      --out runs/organisms/direct      "
                           "--minutes 60 --seed 0"): ("slow", "test_organism_training_commands, --minutes capped"),
     ("docs/organisms.md", "python -m organisms.evaluate runs/organisms/direct/organism      --out "
                           "runs/organisms/direct/eval      --n 64"): ("slow", "test_organism_training_commands, "
                                                                               "--n 2"),
-    ("docs/organisms.md", "import numpy as np"): ("python", "tests/test_organisms_committed.py::"
+    ("docs/organisms.md", "import numpy as np"): ("python", "tests/organisms/test_organisms_committed.py::"
                                                             "test_docs_example_runs_and_draws_what_it_says"),
     ("docs/organisms.md", "python -m organisms.train --organism direct --out runs/organisms/t2i-first   --minutes 60 "
                           "--seed 0 --t2i-first 500"):
@@ -327,14 +330,15 @@ noise = img[:, :layout.n_img]
 def test_sharding_example(scratch):
     """docs/sharding.md's usage block on 8 host devices (a subprocess: the device count is fixed at
     start), with a tiny transformer saved where it loads from, and a batch of 2."""
-    code = SHARDING_PRELUDE + block("docs/sharding.md", "import functools").text + "\nprint(latents.shape)\n"
+    code = (SHARDING_PRELUDE + block("docs/sharding.md", "import functools").text + "\nprint(latents.shape)\n"
+            + block("docs/sharding.md", GLOBAL_MESH).text + "\nprint(out.shape, dict(mesh.shape))\n")
     script = scratch / "sharding_example.py"
     script.write_text(code)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, str(script)], cwd=scratch, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("(2, 4, 128)"), done.stdout
+    assert done.stdout.strip().splitlines()[-2:] == ["(2, 4, 128)", "(2, 4, 128) {'data': 1, 'fsdp': 8}"], done.stdout
 
 
 def test_experiments_sweep_example(scratch, tmp_path_factory):

@@ -130,7 +130,7 @@ def test_a_neutral_patching_output_is_judged_by_which_colour_is_closer():
 # ---------------------------------------------------------------------------------------------
 # knockout layer modes, additive patching, one compiled call per sweep chunk
 
-PIXEL_TOL = 1  # as tests/test_experiments.py: a vmapped cell may land one uint8 level away
+PIXEL_TOL = 1  # as tests/experiments/test_experiments.py: a vmapped cell may land one uint8 level away
 
 
 def _image(path):

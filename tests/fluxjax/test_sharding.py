@@ -24,7 +24,8 @@ import pytest
 
 import fluxjax
 from fluxjax import sharding
-from reference import TINY, rel_err
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
+from reference import TINY, rel_err  # noqa: E402
 
 SHARDED_TOL = 1e-6  # fp32: sharded matmuls sum in a different order (partial sums, reduce-scatter); ~5e-7 measured
 MESHES = ((8, 1), (2, 4), (1, 8))
@@ -144,7 +145,7 @@ def runs(tmp_path_factory):
     8-device worker runs: XLA compiles mostly on one core, so the two overlap."""
     out_dir = str(tmp_path_factory.mktemp("sharded"))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), out_dir], env=env, cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -236,7 +237,7 @@ def test_dev_plan_as_xla_reads_it_and_as_documented(runs):
     facts = runs[0]
     total, replicated, per_device = dev_plan_bytes(8)
     assert facts["dev_bf16_bytes_per_device"] == per_device
-    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "sharding.md")).read()
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "sharding.md")).read()
     for number in (total, replicated, per_device):
         assert f"{number:,}" in doc, f"docs/sharding.md does not state {number:,}"
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCKED = ("torch", "diffusers", "transformers")
 # Prepended to each child script: a meta-path finder that refuses every BLOCKED package.
 BLOCKER = f"""import sys

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks import common, gpu_check, gpu_plan, gpu_rehearsal
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # float32 and shared weights: fluxjax and diffusers differ by float32 rounding orders only (7.6e-7
 # to 1.1e-6 measured on the tiny model; the timestep sinusoid's floor, 5e-5, bounds it).
 TINY_PARITY = 5e-5

@@ -19,7 +19,7 @@ from PIL import Image
 from experiments import grids, report, runs, tasks
 from fluxjax import files, metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # ---------------------------------------------------------------------------------------------
 # tasks

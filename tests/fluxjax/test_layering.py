@@ -15,7 +15,7 @@ import os
 import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("fluxjax", "conversion", "organisms", "experiments", "flux2ref", "benchmarks", "tests")
 # What each top-level folder may import of the repository (besides itself).
 ALLOWED = {

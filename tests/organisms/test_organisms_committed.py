@@ -137,9 +137,9 @@ def test_docs_example_runs_and_draws_what_it_says(monkeypatch):
     from fluxjax.metrics import COLOUR_MATCH_DE00, colour_error, reference_colour
     from organisms.shapes import classify
 
-    root = pathlib.Path(__file__).parents[1]
+    root = pathlib.Path(__file__).parents[2]
     blocks = re.findall(r"```python\n(.*?)```", (root / "docs" / "organisms.md").read_text(), re.S)
-    [block] = [b for b in blocks if b.startswith("import numpy as np\n")]  # the other: tests/test_docs_examples.py
+    [block] = [b for b in blocks if b.startswith("import numpy as np\n")]  # the other: tests/docs/test_docs_examples.py
     monkeypatch.chdir(root)
     namespace: dict = {}
     exec(compile(block, "docs/organisms.md, example", "exec"), namespace)

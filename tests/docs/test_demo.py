@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEMO = Path(__file__).resolve().parent.parent / "docs" / "demo.py"
+DEMO = Path(__file__).resolve().parents[2] / "docs" / "demo.py"
 
 
 def test_the_demo_notebook_runs_on_a_model_folder(tiny_model_folder, tmp_path, monkeypatch):

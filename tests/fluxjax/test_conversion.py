@@ -30,7 +30,7 @@ from fluxjax.conversion.transformer import params_from_state
 from fluxjax.conversion.transformer_keys import BFL_PREFIX, expected_source_shapes
 from fluxjax.checkpoint import CONFIG_FILE, CheckpointError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEY = "transformer_blocks.1.attn.to_k.weight"  # a key to break
 
 

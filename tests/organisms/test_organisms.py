@@ -47,7 +47,7 @@ def test_organisms_import_without_torch():
         assert "torch" not in sys.modules
         print("clean")
     """)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0 and "clean" in done.stdout, done.stderr[-3000:]

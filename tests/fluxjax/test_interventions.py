@@ -417,7 +417,7 @@ def test_docs_examples_run():
     import pathlib
     import re
 
-    doc = (pathlib.Path(__file__).parents[1] / "docs" / "interventions.md").read_text()
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "interventions.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
     assert len(blocks) >= 6
     namespace: dict = {}

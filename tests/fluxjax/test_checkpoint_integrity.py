@@ -27,7 +27,7 @@ from fluxjax.config import Flux2Config
 from fluxjax.trees import named_leaves
 from fluxjax.vae import VAEConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TREE = {"big": np.arange(64 * 256, dtype=np.float32).reshape(64, 256),  # 64 KiB: most of the data file
         "small": {"bias": np.linspace(-1, 1, 7, dtype=np.float32)}}
 LIKE = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), TREE)

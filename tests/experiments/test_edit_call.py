@@ -5,7 +5,7 @@ a tiny random model folder.
 The experiment here is `experiments.knockout` on one colour task: its run folder holds the baseline
 edit (one sampler call) and the knockout's image (a vmapped sweep call). The one-call edit is
 compared with both: the plain edit bit for bit; the knockout to within 1 of 255, the rounding a
-vmapped call may differ by from a single one (docs/experiments.md, tests/test_experiments.py).
+vmapped call may differ by from a single one (docs/experiments.md, tests/experiments/test_experiments.py).
 """
 
 from __future__ import annotations
