@@ -267,7 +267,7 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
         one = np.zeros((1, content.size), bool)
         one[0, p] = True
         masks.append((f"pos{p}", one, p))
-    values = [captures[at][-1] for at in text_sites]  # [1, T, D] per block at the last source step, shared by its cells
+    values = [captures[at][-1] for at in text_sites]  # [1, T, D] per block, the last source step: shared by its cells
     cells, labels = [], []
     for pos, mask, p in masks:
         for k, value in zip(blocks, values):
