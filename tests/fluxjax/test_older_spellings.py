@@ -1,7 +1,7 @@
 """The older spellings of sites and captures (integer text sites, `BLOCK0_INPUT`, `Capture(text=...)`,
-`Capture(image=...)`) keep working (tests/test_sites.py: they give what the named sites give); one
-that is wrong fails in one line naming the new spelling; and the repository's own code and docs
-use the new one."""
+`Capture(image=...)`) keep working (tests/fluxjax/test_sites.py: they give what the named sites
+give); one that is wrong fails in one line naming the new spelling; and the repository's own code
+and docs use the new one."""
 
 from __future__ import annotations
 
