@@ -18,6 +18,8 @@
     experiments.tables   metrics rows, the study's pass rules, tables, plots and grids of a report
     experiments.study    the study's table cell for cell, and how a model's blocks map to its 32
     experiments.lens, .knockout, .drop, .patching, .run_all    the commands
+    experiments.store    the activation store: captures of many tasks in a zarr group (TensorStore; no fluxjax)
+    experiments.collect, .probe    the captures of a task set kept on disk; linear probes of them
 
 The first five import no torch, diffusers or jax; matplotlib is imported only when a plot is drawn.
 """

@@ -42,6 +42,7 @@ from fluxjax import pipeline
 from fluxjax import sampler as samplerlib
 from fluxjax import sharding
 from fluxjax.config import Flux2Config
+from fluxjax.flow import token_groups
 from fluxjax.interventions import Capture, Captures, Interventions
 from fluxjax.layout import TokenLayout
 from fluxjax.options import RuntimeOptions
@@ -167,11 +168,13 @@ def run(model, edit: Edit, options: samplerlib.SamplerOptions, interventions: In
     model = backend(model)
     shared = placement is not None and placement.shared
     interventions = model.with_cuts(edit.layout, edit.content_mask, interventions)
+    flow = isinstance(capture, Capture) and capture.flow is not None
     latents, captures = samplerlib.sample(placement.params if shared else model.params, model.config, options,
                                           edit.txt, edit.txt_ids, edit.layout.img_ids(), noise=edit.noise,
                                           refs=edit.refs, uncond_txt=edit.uncond, interventions=interventions,
                                           capture=capture, sigmas=model.sigmas(options.num_steps),
-                                          runtime=runtime)
+                                          runtime=runtime,
+                                          groups=token_groups(edit.layout, edit.content_mask) if flow else None)
     if shared:
         latents, captures = sharding.to_host((latents, captures))
     return model.decode(latents, edit.height, edit.width), captures

@@ -27,13 +27,17 @@ The experiments, in the study's order (see each module's --help):
     2. padding-only and content-only T2I Lens (the same sweep)
     3. attention knockout (experiments.knockout): the eight single edges and ref->text+ref->image at
        all blocks, the double blocks only and the single blocks only, and the main four edges cut
-       from block k on, k swept
+       from block k on, k swept; beside it the attention flow (experiments.flow): every edge's
+       attention mass per block and step, in one plain edit per task, next to its knockout's effect
     4. dropping the reference after block k (experiments.drop), k swept, the removal form checked
        against the mask form at the middle k
     5. I2I -> I2I patching (experiments.patching) between colours of one object (the study's pairs),
        block swept
 and the study's colour T2I Lens (diagonal form, block 17's place), so that the report's study
-table holds every colour cell of the study.
+table holds every colour cell of the study. With --probe, also linear probes of the reference
+colour: every block's text stream collected at every step with and without the reference
+(experiments.collect, stores collect.zarr and collect-t2i.zarr in the run folder) and probed per
+block, position group and step (experiments.probe), beside the knockouts, lens and patching.
 
 With one model, --out is its run folder; with several (--model a,b), each gets the run folder
 --out/<name> and --out/report.html compares them. Every experiment writes its cells under
@@ -50,14 +54,14 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experiments import cli, drop, knockout, lens, models, patching, report, study, tables
+from experiments import cli, collect, drop, flow, knockout, lens, models, patching, probe, report, study, tables
 from experiments.hosts import Hosts
 from experiments.sweep import POSITIONS
 
 NAME = "run_all"
 TITLE = "The five experiments"
 DEFAULT_MODELS = "direct,text-routed"
-EXPERIMENTS = ("lens", "study_lens", "knockout", "drop", "patching")  # in the order they run
+EXPERIMENTS = ("lens", "study_lens", "knockout", "flow", "drop", "patching")  # in the order they run
 COLOUR_SUBSETS = {  # per model kind: (colours, objects, seeds) of the default colour-bucket subset
     "organism": ("red,yellow,green,blue", "circle,triangle", "0"),  # 8 tasks, 24 study-rule pairs
     "folder": ("red,green,blue,yellow", "ball", "0"),
@@ -78,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quick", action="store_true",
                    help="with --study on a model folder: the 4-task subset of the colour bucket (red, green, blue, "
                         "yellow ball, seed 0) instead of the whole bucket, the study's n (320 tasks, 448 pairs)")
+    g.add_argument("--probe", action="store_true",
+                   help="also collect every block's text stream for the tasks, with the reference and without it, and "
+                        "probe it for the reference's colour (experiments.collect, experiments.probe)")
     g.add_argument("--plan", action="store_true",
                    help="check the inputs and print how many tasks and pairs each experiment would run; run nothing")
 
@@ -101,6 +108,8 @@ def plan(config, blocks_spec: str, source_steps: int, kind: str, pairs: Path | N
                      "layers": ["all", f":{depth}", f"{depth}:"], "sweep": list(knockout.MAIN_SETTINGS),
                      "sweep_from": sorted(set(blocks) | {0}), "sweep_mode": "suffix", "window": 3,
                      "sweep_index": "study", "sweep_steps": knockout.sweep_steps(None, kind)},
+        "flow": {"blocks": list(range(n)), "token_blocks": sorted({max(depth - 1, 0), min(depth, n - 1)}),
+                 "carried": True},
         "drop": {"blocks": ks, "check_removal": [ks[len(ks) // 2]]},
         "patching": {"blocks": blocks, "positions": positions, "pairs": patching.pair_file(pairs), "mode": "replace"},
     }
@@ -109,6 +118,7 @@ def plan(config, blocks_spec: str, source_steps: int, kind: str, pairs: Path | N
     lens.validate(out["lens"], config)
     lens.validate(out["study_lens"], config)
     knockout.validate(out["knockout"], config)
+    flow.validate(out["flow"], config)
     drop.validate(out["drop"], config)
     patching.validate(out["patching"], config)
     return out
@@ -158,7 +168,28 @@ def settings_of(args: argparse.Namespace, model: models.Spec, found: list | None
         settings = plan(model.config, args.blocks, args.source_steps, model.kind, args.pairs)
     if found is not None and "patching" in settings:
         patching.check_tasks(settings["patching"], found)
+    if args.probe:
+        settings.update(probe_plan(model.config, model.kind))
     return settings
+
+
+def probe_plan(config, kind: str) -> dict:
+    """The collections of --probe: every block's text output at every step, with and without the reference."""
+    every = {"sites": [f"b{b}.text.output" for b in range(config.num_blocks)], "keep_steps": "all",
+             "chunk_tasks": collect.DEFAULT_CHUNK_TASKS[kind], "knockout": None, "knockout_layers": "all"}
+    return {"collect": {**every, "reference": True}, "collect_t2i": {**every, "reference": False}}
+
+
+def probe_sections(ctx, found: Sequence, settings: Mapping) -> list[report.Section]:
+    """--probe: the two collections, then the probes of both (process 0 writes their files)."""
+    stores = {"edit": collect.collect(ctx, found, settings["collect"], "collect"),
+              "t2i": collect.collect(ctx, found, settings["collect_t2i"], "collect-t2i")}
+    if not ctx.hosts.writer:
+        return []
+    rows = [row for name, store in stores.items() for row in probe.probe_store(store, name=name)]
+    return [probe.section(ctx.run.path, rows, list(stores), num_double_blocks=ctx.model.config.depth,
+                          notes="The stores: collect.zarr (the edit) and collect-t2i.zarr (no reference) in this "
+                                "run folder.")]
 
 
 def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str, checked: cli.Checked,
@@ -196,10 +227,12 @@ def run_model(parser: argparse.ArgumentParser, args: argparse.Namespace, out: st
         sections = lens.run(ctx, found, settings["lens"], "lens")
         if "study_lens" in settings:
             sections += lens.run(ctx, found, settings["study_lens"], "study-lens")
-        for name, module in (("knockout", knockout), ("drop", drop), ("patching", patching)):
+        for name, module in (("knockout", knockout), ("flow", flow), ("drop", drop), ("patching", patching)):
             if name in settings:  # the pair tasks resolve the patching pairs only
                 sections += module.run(ctx, [*found, *pair_found] if name == "patching" else found, settings[name],
                                        name)
+        if "collect" in settings:
+            sections += probe_sections(ctx, found, settings)
         path = run.path / "report.html"
         counts = cli.cell_counts(run, hosts)
         if hosts.writer:  # the run's own files: process 0's, once every process's cells are done
@@ -296,12 +329,14 @@ def _plot_caption(png: Path) -> str:
 def counts(checked: cli.Checked) -> dict[str, str]:
     """What each experiment of one model's plan runs: '<n> tasks' or '<n> pairs'."""
     out = {}
-    for name in ("lens", "study_lens", "knockout", "drop"):
+    for name in ("lens", "study_lens", "knockout", "flow", "drop"):
         if name in checked.settings:
             out[name] = f"{len(checked.found)} tasks"
     if "patching" in checked.settings:
         pairs = patching.pairs_of(checked.settings["patching"], [*checked.found, *checked.pair_found])
         out["patching"] = f"{len(pairs)} pairs"
+    if "collect" in checked.settings:
+        out["probe"] = f"{len(checked.found)} tasks collected with and without the reference"
     return out
 
 

@@ -22,6 +22,7 @@ _EXPORTS = {
     "Knockout": "interventions", "Substitution": "interventions", "allow_all": "interventions",
     "cut_reference": "interventions", "drop_reference": "interventions", "knockout": "interventions",
     "per_step": "interventions", "stack": "interventions", "substitution": "interventions",
+    "AttentionFlow": "flow", "Flow": "flow", "TokenGroups": "flow", "token_groups": "flow",
     "TokenLayout": "layout",
     "forward": "model",
     "RuntimeOptions": "options",

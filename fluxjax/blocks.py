@@ -5,14 +5,15 @@ once per forward and shared by every block of a kind (`Modulations`).
 
 A block knows nothing of interventions, caches or kernels. It takes:
 
-    attend  (q, k, v) [B, L, H, K] -> [B, L, H, K], the attention of this layer: the runner's
-            closure over `fluxjax.numerics.attention` with the layer's knockout, cached keys and
-            kernel options
+    attend  (q, k, v) [B, L, H, K] -> (o [B, L, H, K], measured), the attention of this layer:
+            the runner's closure over `fluxjax.numerics.attention` with the layer's knockout, cached
+            keys and kernel options; `measured` is what it measured besides (the attention flow,
+            `fluxjax.flow`; None where nothing was asked for), handed back untouched
     edit    (point, value) -> value or None: applied to the attention and MLP contributions
             ("attn_out", "mlp_out"; `fluxjax.sites`) before they are gated into the residual stream
 
-and returns one `BlockOut`: the new streams, those two contributions (after `edit`), and the joint
-keys and values after QK-norm and RoPE. Streams are (text, image stream) pairs in double blocks
+and returns one `BlockOut`: the new streams, those two contributions (after `edit`), the joint
+keys and values after QK-norm and RoPE, and what `attend` measured. Streams are (text, image stream) pairs in double blocks
 and the joint [text, image stream] array in single blocks; a contribution has its block's form.
 """
 
@@ -27,7 +28,7 @@ from flax import struct
 from fluxjax.numerics import apply_rope, linear, modulate, rms_norm, swiglu
 from fluxjax.params import QKNorm, SelfAttention
 
-Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 Edit = Callable[[str, Any], Any]
 
 
@@ -48,6 +49,7 @@ class BlockOut(NamedTuple):
     mlp_out: Any  # the MLP's; both None in a single block called without an `edit` (its fused
     #               projection does not form them)
     kv: tuple[jax.Array, jax.Array]  # joint keys and values after QK-norm and RoPE, each [B, L, H, K]
+    measured: Any = None  # what `attend` measured besides its output (the attention flow), or None
 
 
 def _heads(x, head_dim: int):
@@ -82,7 +84,7 @@ def double_block(p, txt, img, mod_txt, mod_img, rope, attend: Attend, edit: Edit
     q = apply_rope(jnp.concatenate([tq, iq], axis=1), *rope)  # text first
     k = apply_rope(jnp.concatenate([tk, ik], axis=1), *rope)
     v = jnp.concatenate([tv, iv], axis=1)
-    o = attend(q, k, v)
+    o, measured = attend(q, k, v)
     o = o.reshape(*o.shape[:2], -1)
     t_attn, i_attn = edit("attn_out", (linear(o[:, :n_txt], p.txt_attn.proj), linear(o[:, n_txt:], p.img_attn.proj)))
 
@@ -92,7 +94,7 @@ def double_block(p, txt, img, mod_txt, mod_img, rope, attend: Attend, edit: Edit
         linear(swiglu(linear(modulate(txt, t_shift2, t_scale2), p.txt_mlp.fc_in)), p.txt_mlp.fc_out),
         linear(swiglu(linear(modulate(img, i_shift2, i_scale2), p.img_mlp.fc_in)), p.img_mlp.fc_out)))
     return BlockOut(out=(txt + t_gate2 * t_mlp, img + i_gate2 * i_mlp), attn_out=(t_attn, i_attn),
-                    mlp_out=(t_mlp, i_mlp), kv=(k, v))
+                    mlp_out=(t_mlp, i_mlp), kv=(k, v), measured=measured)
 
 
 def single_block(p, z, mod, rope, attend: Attend, edit: Edit | None = None) -> BlockOut:
@@ -114,7 +116,7 @@ def single_block(p, z, mod, rope, attend: Attend, edit: Edit | None = None) -> B
     q = apply_rope(rms_norm(_heads(q, head_dim), norm.query_norm), *rope)
     k = apply_rope(rms_norm(_heads(k, head_dim), norm.key_norm), *rope)
     v = _heads(v, head_dim)
-    a = attend(q, k, v)
+    a, measured = attend(q, k, v)
     a = a.reshape(*a.shape[:2], -1)
     m = swiglu(mlp)
     out = linear(jnp.concatenate([a, m], axis=-1), p.linear2)  # attention rows first
@@ -123,4 +125,4 @@ def single_block(p, z, mod, rope, attend: Attend, edit: Edit | None = None) -> B
         attn_part, mlp_part = linear(a, p.linear2[:D]), linear(m, p.linear2[D:])
         attn_out, mlp_out = edit("attn_out", attn_part), edit("mlp_out", mlp_part)
         out = jnp.where((attn_out != attn_part) | (mlp_out != mlp_part), attn_out + mlp_out, out)
-    return BlockOut(out=z + gate * out, attn_out=attn_out, mlp_out=mlp_out, kv=(k, v))
+    return BlockOut(out=z + gate * out, attn_out=attn_out, mlp_out=mlp_out, kv=(k, v), measured=measured)

@@ -1,4 +1,5 @@
-"""What a forward returns besides its output: the activations at the sites a `Capture` names.
+"""What a forward returns besides its output: the activations at the sites a `Capture` names, and
+the attention flow a `Capture(flow=fluxjax.Flow(...))` asks for (`caps.flow`, `fluxjax.flow`).
 
     capture = fluxjax.Capture(sites=("b3.text.output", fluxjax.site(17, "image", "attn_out")))
     out, caps = fluxjax.forward(..., capture=capture, num_ref_tokens=layout.n_ref)
@@ -25,6 +26,7 @@ from collections.abc import Iterable, Mapping
 import jax
 from flax import struct
 
+from fluxjax.flow import AttentionFlow, Flow
 from fluxjax.sites import EMBED, STREAMS, Site, as_site, static_index
 
 WHOLE_IMAGE_STREAM = "image_stream"  # the older image capture: image tokens then references (a lane, not a stream)
@@ -49,12 +51,14 @@ class Capture:
     sites: the sites to capture, each once (any spelling of `fluxjax.sites`).
     text, image, image_tokens: the older spelling (module docstring); image_tokens None keeps the
     whole image stream, which needs a fixed stream length (so not with `DropReference`).
+    flow: the attention flow to measure (`fluxjax.Flow`; the forward then needs `groups=`), or None.
     """
 
     sites: tuple[Site, ...] = ()
     text: tuple[int, ...] = ()
     image: tuple[int, ...] = ()
     image_tokens: int | None = None
+    flow: Flow | None = None
 
     def __post_init__(self):
         sites = self.sites
@@ -84,6 +88,8 @@ class Capture:
             if tokens <= 0:
                 raise ValueError(f"Capture image_tokens must be positive or None, got {tokens}")
             object.__setattr__(self, "image_tokens", tokens)
+        if self.flow is not None and not isinstance(self.flow, Flow):
+            raise TypeError(f"Capture flow must be a fluxjax.Flow (e.g. Flow(blocks=(3, 5))), got {self.flow!r}")
 
     def validate(self, config) -> None:
         """Raise a ValueError for a site this model (`config`) does not have."""
@@ -95,6 +101,8 @@ class Capture:
                                      f"'embed.{name}.output', 'b<k>.{name}.output'")
         for s in self.sites:
             s.check(config.num_blocks)
+        if self.flow is not None:
+            self.flow.validate(config.num_blocks)
 
     def plan(self) -> tuple[tuple[Kind, tuple[int, ...]], ...]:
         """Each buffer's kind and the blocks it holds, in order: the older text sites first."""
@@ -133,6 +141,7 @@ class Captures:
     buffers: dict = struct.field(default_factory=dict)  # buffer key -> [n, ..., B, tokens, D]
     index: tuple[tuple[str, str, int], ...] = struct.field(pytree_node=False, default=())
     legacy_text: int = struct.field(pytree_node=False, default=0)  # leading text.output entries of Capture.text
+    flow: AttentionFlow | None = None  # the attention flow where `Capture.flow` asked for it
 
     def __getitem__(self, key) -> jax.Array:
         name = as_site(key).name

@@ -92,6 +92,12 @@ def _references_read_references(knockout: Knockout | None, config: Flux2Config, 
     return knockout.replace(allowed=jnp.logical_and(knockout.allowed, own))
 
 
+def _no_flow(capture: Capture) -> None:
+    if capture.flow is not None:
+        raise ValueError("the KV forwards do not measure attention flow; measure it with fluxjax.forward or "
+                         "fluxjax.sample (Capture(flow=...), groups=...)")
+
+
 def forward_kv_extract(params, config: Flux2Config, img, refs, txt, timestep, img_ids, ref_ids, txt_ids,
                        guidance=None, *, ref_timestep: float = 0.0, interventions: Interventions | None = None,
                        capture: Capture | None = None, runtime: RuntimeOptions | None = None):
@@ -107,6 +113,7 @@ def forward_kv_extract(params, config: Flux2Config, img, refs, txt, timestep, im
     n_txt, n_ref, n_img = txt.shape[1], refs.shape[1], img.shape[1]
     lanes = Lanes(n_txt, n_img, n_ref)
     validate(iv, cap, config, img.shape[0], lanes, True, dtype)
+    _no_flow(cap)
     s, g = scale_timestep(timestep, dtype), _guidance(guidance, dtype)
     vec = conditioning(params, config, s, g)
     # diffusers: torch.full_like(timestep * 1000, ref_fixed_timestep * 1000), in the model dtype
@@ -138,6 +145,7 @@ def forward_kv_cached(params, config: Flux2Config, img, txt, timestep, img_ids, 
     n_txt = txt.shape[1]
     lanes = Lanes(n_txt, img.shape[1], 0)
     validate(iv, cap, config, img.shape[0], lanes, True, dtype, cached_refs=cache.num_ref_tokens)
+    _no_flow(cap)
     vec = conditioning(params, config, scale_timestep(timestep, dtype), _guidance(guidance, dtype))
     x, c = embed(params, img, txt)
     z, captures, _ = run_blocks(params, config, c, x, modulations(params, vec), positions(config, txt_ids, img_ids),

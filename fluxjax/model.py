@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from fluxjax.blocks import Modulations
 from fluxjax.captures import Capture, Captures, as_capture
 from fluxjax.config import Flux2Config
+from fluxjax.flow import TokenGroups
 from fluxjax.interventions import Interventions, validate
 from fluxjax.numerics import linear, modulate, rope_tables, timestep_embedding
 from fluxjax.options import RuntimeOptions, runtime_options
@@ -100,7 +101,7 @@ def final_layer(params: Flux2Weights, vec, x):
 def forward(params: Flux2Weights, config: Flux2Config, img, txt, timestep, img_ids, txt_ids, guidance=None, *,
             interventions: Interventions | None = None, capture: Capture | None = None,
             num_ref_tokens: int | None = None, runtime: RuntimeOptions | None = None,
-            attn_impl: str | None = None) -> tuple[jax.Array, Captures]:
+            attn_impl: str | None = None, groups: TokenGroups | None = None) -> tuple[jax.Array, Captures]:
     """FLUX.2 transformer forward with the semantics of diffusers' `Flux2Transformer2DModel.forward`.
 
     img: [B, N, in_channels], noisy-image tokens then reference tokens; txt: [B, T, C];
@@ -110,6 +111,8 @@ def forward(params: Flux2Weights, config: Flux2Config, img, txt, timestep, img_i
     num_ref_tokens: how many of img's tokens are references (`layout.n_ref`), needed by image and
     reference sites unless a knockout or reference removal already says it. runtime: the attention
     kernel and its tiles (`fluxjax.RuntimeOptions`; `attn_impl="xla"` is the older spelling).
+    groups: every token's group (`fluxjax.token_groups(layout, content_mask)`), needed by a capture
+    of the attention flow (`Capture(flow=fluxjax.Flow(...))`, `fluxjax.flow`).
 
     Returns (output [B, N', out_channels], Captures): N' = N, or N minus the reference tokens when
     they are dropped; the captures hold what `capture` asked for. jit with config, capture,
@@ -124,5 +127,5 @@ def forward(params: Flux2Weights, config: Flux2Config, img, txt, timestep, img_i
                        None if guidance is None else scale_timestep(guidance, dtype))
     x, c = embed(params, img, txt)
     z, captures, _ = run_blocks(params, config, c, x, modulations(params, vec), positions(config, txt_ids, img_ids),
-                                lanes, iv, cap, runtime)
+                                lanes, iv, cap, runtime, groups=groups)
     return final_layer(params, vec, z[:, n_txt:]), captures

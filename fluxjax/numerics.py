@@ -523,8 +523,12 @@ def _partial_pallas(q, k, v, group_mask=None, block: int = PALLAS_BLOCK, interpr
     return o, lse.reshape(B, H, nq * bq)[:, :, :Lq].swapaxes(1, 2)
 
 
-def _grouped_attention(q, k, v, kg: KeyGroups, partial):
-    """Attend to each key segment with `partial` and merge the results with the table's weights."""
+def _grouped_attention(q, k, v, kg: KeyGroups, partial, flow: bool = False, carried: bool = False):
+    """Attend to each key segment with `partial` and merge the results with the table's weights.
+
+    flow: also return where the attention went (`attention_flow`): a segment of several groups is
+    then attended once per group (its mask narrowed to that group's keys), so that every part of
+    the merge is one group and its weight exp(lse_part - lse) is that group's attention mass."""
     B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
     if kg.key_groups is None and Lk != Lq:
         raise ValueError(f"KeyGroups without key_groups needs queries and keys from one sequence; got {Lq} queries "
@@ -533,19 +537,22 @@ def _grouped_attention(q, k, v, kg: KeyGroups, partial):
     may_read = kg.may_read()
     may_read = jnp.broadcast_to(may_read, (B, *may_read.shape[1:]))  # [B, Lq, (H,) G]
     keys = jnp.broadcast_to(kg.keys, (B, Lk))
-    outs, lses = [], []
+    parts = []  # (key group or None for several, o, lse) of every part of the merge
     for start, stop, key_groups in kg.segments:
         reads = may_read[..., np.asarray(key_groups)]  # [B, Lq, (H,) m]
         ks, vs = k[:, start:stop], v[:, start:stop]
         if len(key_groups) == 1:  # one group: read whole or not at all, through the LSE weight alone
             o, lse = partial(q, ks, vs)
-            lse = jnp.where(reads[..., 0] if reads.ndim == 4 else reads, lse, -jnp.inf)  # [B, Lq, H]
-        else:
-            key_onehot = keys[:, start:stop, None] == np.asarray(key_groups)  # [B, S, m]
-            o, lse = partial(q, ks, vs, (reads, key_onehot))
-        outs.append(o)
-        lses.append(lse)
-    if len(kg.segments) == 1:  # one segment: already normalised over every key a query may read
+            parts.append((key_groups[0], o, jnp.where(reads[..., 0] if reads.ndim == 4 else reads, lse, -jnp.inf)))
+            continue
+        key_onehot = keys[:, start:stop, None] == np.asarray(key_groups)  # [B, S, m]
+        if not flow:
+            parts.append((None, *partial(q, ks, vs, (reads, key_onehot))))
+            continue
+        for j, group in enumerate(key_groups):  # with flow: one part per group, the mask narrowed to it
+            parts.append((group, *partial(q, ks, vs, (reads[..., j:j + 1], key_onehot[..., j:j + 1]))))
+    part_groups, outs, lses = zip(*parts)
+    if len(outs) == 1 and not flow:  # one segment: already normalised over every key a query may read
         return outs[0].astype(v.dtype)
     lse = jnp.stack(lses)  # [P, B, Lq, H]
     top = jnp.max(lse, axis=0)
@@ -554,7 +561,108 @@ def _grouped_attention(q, k, v, kg: KeyGroups, partial):
     total = jnp.sum(w, axis=0)
     # where(): a segment a query read nothing of may hold NaN (0 / 0) in its output; its weight is 0
     o = sum(jnp.where(wp[..., None] > 0, wp[..., None] * op, 0.0) for wp, op in zip(w, outs))
-    return (o / total[..., None]).astype(v.dtype)
+    o = (o / total[..., None]).astype(v.dtype)
+    if not flow:
+        return o
+    share = w / total  # [P, B, Lq, H]: each part's (one group's) attention mass
+    norms = [jnp.where(sp > 0, sp * jnp.linalg.norm(jnp.where(sp[..., None] > 0, op, 0.0), axis=-1), 0.0)
+             for sp, op in zip(share, outs)] if carried else None
+    return o, _per_group(share, part_groups, kg.allowed.shape[-1]), \
+        None if norms is None else _per_group(norms, part_groups, kg.allowed.shape[-1])
+
+
+def _per_group(parts, part_groups, num_groups: int):
+    """float32 [B, Lq, H, G] from per-part values [B, Lq, H] (each part one group's keys); 0 for a
+    group without keys here (a reference after its removal)."""
+    zero = jnp.zeros_like(parts[0])
+    return jnp.stack([sum((p for p, g in zip(parts, part_groups) if g == group), zero)
+                      for group in range(num_groups)], axis=-1)
+
+
+def _blocked_flow(q, k, v, kg: KeyGroups, carried: bool, block: int = ATTENTION_QUERY_BLOCK):
+    """`attention_flow` on the CPU: the blocked kernel's one pass over every key (as `KeyGroups.whole`),
+    which also sums each query block's unnormalised probabilities per key group (a [Q, S] x [S, G]
+    product beside the [Q, S] x [S, K] one) and, for `carried`, contracts each group's keys with
+    the values apart: a one-group segment by its slice of the keys (no extra work: the slices add
+    up to the whole contraction), a segment of several groups once per group."""
+    B, Lq, H, _ = q.shape
+    G = kg.allowed.shape[-1]
+    if G > 31:
+        raise ValueError(f"the blocked kernel takes at most 31 key groups, got {G}")
+    Lk = k.shape[1]
+    kg.check(Lk)
+    scale = q.shape[-1] ** -0.5
+    keys = jnp.broadcast_to(kg.keys, (B, Lk))
+    key_onehot = (keys[..., None] == jnp.arange(G)).astype(jnp.float32)  # [B, S, G]
+    bit = (1 << np.arange(G)).astype(np.int32)
+    may_read = kg.may_read()
+    bits = jnp.broadcast_to(jnp.sum(jnp.where(may_read, bit, 0), axis=-1), (B, *may_read.shape[1:-1]))
+    key_bits = jnp.asarray(bit)[keys]  # int32 [B, S]
+    query_side, head_side = ((bits,), ()) if bits.ndim == 2 else ((), (bits,))
+
+    def per_query(q_i, kt_h, v_h, reads_i):  # [B, Q, K], [B, K, S], [B, S, K], int32 [B, Q]
+        logits = jnp.einsum("bqk,bks->bqs", q_i, kt_h, preferred_element_type=jnp.float32) * scale
+        logits = jnp.where((reads_i[:, :, None] & key_bits[:, None, :]) != 0, logits, -jnp.inf)
+        row_max = jnp.max(logits, axis=-1)
+        p = jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0.0)[..., None])
+        denom = jnp.sum(p, axis=-1)
+        p_v = jnp.einsum("bqs,bsk->bqk", p.astype(v_h.dtype), v_h, preferred_element_type=jnp.float32)
+        o, _ = _lse_and_normalised(p_v, denom, row_max)
+        mass = jnp.einsum("bqs,bsg->bqg", p, key_onehot) / denom[..., None]
+        if not carried:
+            return o.astype(v_h.dtype), mass, None
+        norms, part_groups = [], []
+        for start, stop, key_groups in kg.segments:
+            p_s, v_s = p[:, :, start:stop], v_h[:, start:stop]
+            for g in key_groups:
+                p_g = p_s if len(key_groups) == 1 else p_s * key_onehot[:, None, start:stop, g]
+                part = jnp.einsum("bqs,bsk->bqk", p_g.astype(v_h.dtype), v_s, preferred_element_type=jnp.float32)
+                norms.append(jnp.linalg.norm(part, axis=-1) / denom)
+                part_groups.append(g)
+        return o.astype(v_h.dtype), mass, _per_group(norms, part_groups, G)
+
+    return _heads_and_query_blocks(q, k, v, per_query, query_side, block, head_side)
+
+
+def _dense_flow(q, k, v, kg: KeyGroups, carried: bool):
+    """`attention_flow` from the [B, H, Lq, Lk] float32 probabilities in full: the reference form."""
+    G = kg.allowed.shape[-1]
+    logits = jnp.einsum("bqhk,blhk->bhql", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    p, denom = _unnormalised_softmax(logits, _with_heads(kg.dense_mask()))
+    p = p / denom[..., None]  # [B, H, Lq, Lk]
+    key_onehot = (kg.keys[..., None] == jnp.arange(G)).astype(jnp.float32)  # [B or 1, Lk, G]
+    o = jnp.einsum("bhql,blhk->bqhk", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(v.dtype)
+    mass = jnp.einsum("bhql,blg->bqhg", p, key_onehot)
+    if not carried:
+        return o, mass, None
+    parts = jnp.einsum("bhql,blg,blhk->bqhgk", p, key_onehot, v.astype(jnp.float32))
+    return o, mass, jnp.linalg.norm(parts, axis=-1)
+
+
+def attention_flow(q, k, v, groups: KeyGroups, options: RuntimeOptions | str | None = None, *,
+                   carried: bool = False):
+    """`attention` with `groups` (a `KeyGroups`: its table applied as a knockout, an all-True table
+    for none) and where the attention went, per key group, without an [Lq, Lk] array.
+
+    Returns (o [B, Lq, H, K], as `attention` returns it; mass float32 [B, Lq, H, G]; carried float32
+    [B, Lq, H, G] or None):
+      mass[b, q, h, g]     sum of the softmax probabilities of query q (head h) over the keys of
+                           group g: exp(lse_g - lse), the share of the merge's part of group g
+      carried[b, q, h, g]  || sum_{k in g} p[q, k] v_k ||_2 over the head dim: the norm of the
+                           attention output that group g's keys contribute (`carried=True`)
+    Every kernel of `attention`: "xla" from the dense probabilities (the reference); "blocked"
+    in its one pass (`_blocked_flow`); "cudnn" and "pallas" per segment, from their log-sum-exp
+    residuals, the text span's content and padding as two parts.
+    """
+    options = runtime_options(options)
+    implementation = options.attention or default_implementation(q.dtype, head_dim=q.shape[-1])
+    if implementation == "xla":
+        return _dense_flow(q, k, v, groups, carried)
+    if implementation == "blocked":
+        return _blocked_flow(q, k, v, groups, carried, block=options.query_block)
+    partial = {"cudnn": _partial_cudnn,
+               "pallas": functools.partial(_partial_pallas, block=options.pallas_block)}[implementation]
+    return _grouped_attention(q, k, v, groups, partial, flow=True, carried=carried)
 
 
 def default_implementation(dtype, masked: bool = False, head_dim: int = 128) -> str:

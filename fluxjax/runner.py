@@ -34,9 +34,10 @@ from flax import struct
 from fluxjax.blocks import BlockOut, Modulations, double_block, single_block
 from fluxjax.captures import WHOLE_IMAGE_STREAM, Capture, Captures
 from fluxjax.config import Flux2Config
+from fluxjax.flow import AttentionFlow, Flow, TokenGroups, check_knockout_groups, group_means
 from fluxjax.interventions import DropReference, Interventions, Knockout
 from fluxjax.layout import key_segments
-from fluxjax.numerics import KeyGroups, attention
+from fluxjax.numerics import KeyGroups, attention, attention_flow
 from fluxjax.options import RuntimeOptions
 from fluxjax.sites import EMBED, Lanes
 
@@ -134,6 +135,95 @@ def _record(buffers: dict, capture: Capture, slots: dict, point: str, h, lanes: 
     return out
 
 
+# --- attention flow (fluxjax.flow) -------------------------------------------------------------------
+# Buffers beside the captures': "flow.mass" [n, B, H, G, G] at Flow.blocks, "flow.token_mass"
+# [m, B, L, H, G] at Flow.tokens, and their "carried" twins; slots "flow" and "flow.tokens".
+
+FLOW_TABLES, FLOW_TOKENS = "flow", "flow.tokens"
+
+
+def _flow_buffers(flow: Flow | None, groups: TokenGroups | None, batch: int, heads: int, length: int) -> dict:
+    if flow is None:
+        return {}
+    G = groups.num_groups
+    names = ("mass", "carried") if flow.carried else ("mass",)
+    out = {f"flow.{n}": jnp.zeros((len(flow.blocks), batch, heads, G, G), jnp.float32) for n in names}
+    out.update({f"flow.token_{n}": jnp.zeros((len(flow.tokens), batch, length, heads, G), jnp.float32)
+                for n in names})
+    return out
+
+
+def _flow_slots(flow: Flow | None, num_blocks: int) -> dict:
+    """Slot tables [num_blocks] of the flow buffers (-1: not kept)."""
+    if flow is None:
+        return {}
+    slots = {}
+    for key, blocks in ((FLOW_TABLES, flow.blocks), (FLOW_TOKENS, flow.tokens)):
+        table = np.full(num_blocks, -1, np.int32)
+        table[list(blocks)] = np.arange(len(blocks), dtype=np.int32)
+        slots[key] = table
+    return slots
+
+
+def _put(buf, slot, value):
+    """buf with `value` at `slot`, or unchanged for slot -1 (slot 0 rewritten with its own value)."""
+    at = jnp.maximum(slot, 0)
+    value = jnp.where(slot >= 0, value, jax.lax.dynamic_index_in_dim(buf, at, 0, keepdims=False))
+    return jax.lax.dynamic_update_index_in_dim(buf, value, at, 0)
+
+
+def _record_flow(buffers: dict, slots: dict, measured, groups: TokenGroups) -> dict:
+    """`buffers` with one block's measured flow (mass, carried: [B, Lq, H, G] each) written to its
+    slots: the [G, G] means over each query group, and the per-token rows (NaN past Lq)."""
+    if measured is None:
+        return buffers
+    out = dict(buffers)
+    for name, rows in zip(("mass", "carried"), measured):
+        if rows is None:
+            continue
+        B, Lq = rows.shape[:2]
+        qgroups = jnp.broadcast_to(groups.groups[:, :Lq], (B, Lq))
+        out[f"flow.{name}"] = _put(buffers[f"flow.{name}"], slots[FLOW_TABLES],
+                                   group_means(rows, qgroups, groups.num_groups))
+        tokens = buffers[f"flow.token_{name}"]
+        if tokens.shape[0]:
+            padded = jnp.pad(rows, ((0, 0), (0, tokens.shape[2] - Lq), (0, 0), (0, 0)), constant_values=jnp.nan)
+            out[f"flow.token_{name}"] = _put(tokens, slots[FLOW_TOKENS], padded)
+    return out
+
+
+def _end_flow(buffers: dict, flow: Flow | None) -> tuple[dict, AttentionFlow | None]:
+    """The capture buffers without the flow's, and the flow's as an `AttentionFlow`."""
+    if flow is None:
+        return buffers, None
+    rest = {k: v for k, v in buffers.items() if not k.startswith("flow.")}
+    return rest, AttentionFlow(mass=buffers["flow.mass"], carried=buffers.get("flow.carried"),
+                               token_mass=buffers["flow.token_mass"], token_carried=buffers.get("flow.token_carried"),
+                               blocks=flow.blocks, token_blocks=flow.tokens)
+
+
+def check_flow(flow: Flow | None, groups: TokenGroups | None, iv: Interventions, lanes: Lanes, batch: int) -> None:
+    """Raise a ValueError that says what to fix where `groups` do not fit the flow asked for."""
+    if flow is None:
+        return
+    if groups is None:
+        raise ValueError("Capture(flow=...) measures attention between token groups: pass groups="
+                         "fluxjax.token_groups(layout, content_mask)")
+    shape = np.shape(groups.groups)
+    if len(shape) != 2 or shape[0] not in (1, batch) or shape[1] != lanes.length:
+        raise ValueError(f"flow groups of shape {shape} do not fit this forward's joint sequence [B, T + N] = "
+                         f"{(batch, lanes.length)}; build them from this forward's layout")
+    if sum(groups.stream_counts) != lanes.n_img + lanes.n_ref:
+        raise ValueError(f"flow groups were built for an image stream of {sum(groups.stream_counts)} tokens, this "
+                         f"forward has {lanes.n_img + lanes.n_ref}; build them from this forward's layout")
+    knock = iv.knockout
+    if knock is not None and (np.shape(knock.allowed)[-1] != groups.num_groups or
+                              knock.stream_counts not in (None, groups.stream_counts)):
+        raise ValueError("the knockout and the flow's groups come from different layouts; build both from one "
+                         "layout and content mask")
+    check_knockout_groups(knock, groups)
+
+
 # --- the layers of a scan -------------------------------------------------------------------------
 
 
@@ -158,24 +248,52 @@ def _layer_values(iv: Interventions, capture: Capture, config: Flux2Config, star
             if b >= 0:
                 table[b] = j
         slots[kind.key] = table[idx]
+    slots.update({key: table[idx] for key, table in _flow_slots(capture.flow, config.num_blocks).items()})
     allowed = None if iv.knockout is None else iv.knockout.allowed[start:stop]
     return LayerValues(index=idx, slots=slots, allowed=allowed, cached=cached)
 
 
-def _attend(knockout: Knockout | None, layer: LayerValues, n_txt: int, runtime: RuntimeOptions):
+def _attend(knockout: Knockout | None, layer: LayerValues, n_txt: int, runtime: RuntimeOptions,
+            flow: Flow | None = None, groups: TokenGroups | None = None, measure: str = "none"):
     """This layer's attention: the cached reference keys and values appended after the sequence's own,
-    the knockout table applied as key groups (no [L, L] mask), through `fluxjax.numerics.attention`."""
+    the knockout table applied as key groups (no [L, L] mask), through `fluxjax.numerics.attention`.
+    measure: "none", "all" (every layer of the scan measures its flow: `attention_flow` with the
+    flow's groups) or "some" (those with a flow slot; the others run the plain attention under a
+    `lax.cond` and report zeros)."""
+    def key_groups(n_q, n_k, allowed, source, stream_counts):  # the references are last: a drop truncates
+        return KeyGroups(allowed=allowed, groups=source[:, :n_q],
+                         segments=key_segments(n_txt, n_k, allowed.shape[-1], stream_counts),
+                         key_groups=None if n_k == n_q else source[:, :n_k])
+
+    def plain(q, k, v):
+        mask = None
+        if layer.allowed is not None:
+            mask = key_groups(q.shape[1], k.shape[1], layer.allowed, knockout.groups, knockout.stream_counts)
+        return attention(q, k, v, mask, runtime)
+
+    def measured(q, k, v):
+        G = groups.num_groups
+        allowed = jnp.ones((G, G), bool) if layer.allowed is None else layer.allowed
+        source = groups.groups if knockout is None else knockout.groups
+        o, mass, carried = attention_flow(q, k, v, key_groups(q.shape[1], k.shape[1], allowed, source,
+                                                               groups.stream_counts), runtime, carried=flow.carried)
+        return o, (mass, carried)
+
     def attend(q, k, v):
         if layer.cached is not None:
             k = jnp.concatenate([k, layer.cached[0].astype(k.dtype)], axis=1)
             v = jnp.concatenate([v, layer.cached[1].astype(v.dtype)], axis=1)
-        mask = None
-        if layer.allowed is not None:
-            n_q, n_k = q.shape[1], k.shape[1]  # the references are last: a drop truncates the groups
-            mask = KeyGroups(allowed=layer.allowed, groups=knockout.groups[:, :n_q],
-                             segments=key_segments(n_txt, n_k, layer.allowed.shape[-1], knockout.stream_counts),
-                             key_groups=None if n_k == n_q else knockout.groups[:, :n_k])
-        return attention(q, k, v, mask, runtime)
+        if measure == "none":
+            return plain(q, k, v), None
+        if measure == "all":
+            return measured(q, k, v)
+        shapes = jax.eval_shape(measured, q, k, v)[1]
+
+        def unmeasured(q, k, v):
+            return plain(q, k, v), jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+        wanted = (layer.slots[FLOW_TABLES] >= 0) | (layer.slots[FLOW_TOKENS] >= 0)
+        return jax.lax.cond(wanted, measured, unmeasured, q, k, v)
 
     return attend
 
@@ -222,7 +340,8 @@ def _without_references(h, mods: Modulations, lanes: Lanes):
 
 
 def run_blocks(params, config: Flux2Config, txt, img, mods: Modulations, rope, lanes: Lanes, iv: Interventions,
-               capture: Capture, runtime: RuntimeOptions, *, cache=None, keep_kv: bool = False):
+               capture: Capture, runtime: RuntimeOptions, *, cache=None, keep_kv: bool = False,
+               groups: TokenGroups | None = None):
     """Every block on the embedded streams, with interventions and captures.
 
     txt: [B, T, D]; img: the image stream [B, N, D] (image tokens, then references); rope: (cos,
@@ -230,7 +349,8 @@ def run_blocks(params, config: Flux2Config, txt, img, mods: Modulations, rope, l
     token counts. cache: None, or per-block reference keys and values ((double k, double v),
     (single k, single v)), each [blocks, B, N_ref, H, K], appended to every block's own. keep_kv:
     also return every block's reference keys and values in that form (zeros where the references
-    have left the sequence).
+    have left the sequence). groups: every token's group (`fluxjax.flow.TokenGroups`), the rows
+    and columns of the attention flow where `capture.flow` asks for it.
 
     Returns (the joint stream after the last block [B, L', D], Captures, the reference keys and
     values or None).
@@ -238,8 +358,11 @@ def run_blocks(params, config: Flux2Config, txt, img, mods: Modulations, rope, l
     subs, nd = _substitutions(iv), config.depth
     n_ref = lanes.n_ref
     inner = any(s.point in INNER for s in subs) or any(k.point in INNER for k, _ in capture.plan())
+    flow = capture.flow
+    check_flow(flow, groups, iv, lanes, txt.shape[0])
     h = _substitute((txt, img), lanes, subs, "output", EMBED)
     buffers = _begin_captures(capture, h, lanes)
+    buffers.update(_flow_buffers(flow, groups, txt.shape[0], config.num_heads, lanes.length))
     kept = {True: [], False: []}
 
     for seg in block_segments(config, iv.drop_reference):
@@ -267,13 +390,16 @@ def run_blocks(params, config: Flux2Config, txt, img, mods: Modulations, rope, l
         offset = 0 if seg.double else nd
         cached = None if cache is None else tuple(a[seg.start - offset:seg.stop - offset] for a in cache[part])
         values = _layer_values(iv, capture, config, seg.start, seg.stop, cached)
+        measured = [] if flow is None else [b for b in flow.measured if seg.start <= b < seg.stop]
+        measure = "none" if not measured else "all" if len(measured) == seg.stop - seg.start else "some"
         h, buffers, kv = _scan(block, stacked, values, h, buffers, lanes, iv, capture, runtime, inner,
-                               keep_kv and n_ref > 0, n_ref)
+                               keep_kv and n_ref > 0, n_ref, groups, measure)
         kept[seg.double].append(kv)
 
     if isinstance(h, tuple):  # a model without single blocks
         h = jnp.concatenate(h, axis=1)
-    captures = Captures(buffers=buffers, index=capture.index(), legacy_text=len(capture.text))
+    buffers, measured_flow = _end_flow(buffers, flow)
+    captures = Captures(buffers=buffers, index=capture.index(), legacy_text=len(capture.text), flow=measured_flow)
     if not keep_kv:
         return h, captures, None
     both = tuple(tuple(jnp.concatenate(parts, axis=0) for parts in zip(*kept[d])) if kept[d] else None
@@ -282,7 +408,8 @@ def run_blocks(params, config: Flux2Config, txt, img, mods: Modulations, rope, l
 
 
 def _scan(block, stacked, values: LayerValues, h, buffers, lanes: Lanes, iv: Interventions, capture: Capture,
-          runtime: RuntimeOptions, inner: bool, keep_kv: bool, n_ref: int):
+          runtime: RuntimeOptions, inner: bool, keep_kv: bool, n_ref: int, groups: TokenGroups | None = None,
+          measure: str = "none"):
     """One run of blocks of one kind under `lax.scan`: the loop every configuration shares."""
     subs = _substitutions(iv)
 
@@ -292,7 +419,9 @@ def _scan(block, stacked, values: LayerValues, h, buffers, lanes: Lanes, iv: Int
         h = _substitute(h, lanes, subs, "input", layer.index)
         buffers = _record(buffers, capture, layer.slots, "input", h, lanes)
         edit = (lambda point, value: _substitute(value, lanes, subs, point, layer.index)) if inner else None
-        res: BlockOut = block(p, h, _attend(iv.knockout, layer, lanes.n_txt, runtime), edit)
+        attend = _attend(iv.knockout, layer, lanes.n_txt, runtime, capture.flow, groups, measure)
+        res: BlockOut = block(p, h, attend, edit)
+        buffers = _record_flow(buffers, layer.slots, res.measured, groups)
         for point in INNER:
             if getattr(res, point) is not None:
                 buffers = _record(buffers, capture, layer.slots, point, getattr(res, point), lanes)

@@ -35,6 +35,7 @@ import numpy as np
 
 from fluxjax.captures import Capture, Captures, as_capture
 from fluxjax.config import Flux2Config
+from fluxjax.flow import TokenGroups, check_knockout_groups
 from fluxjax.interventions import Interventions, check_sites, is_per_step
 from fluxjax.model import forward
 from fluxjax.options import RuntimeOptions, runtime_options
@@ -187,7 +188,7 @@ def start(params, config: Flux2Config, options: SamplerOptions, txt, img_ids, re
 def sample(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids, img_ids, *, noise=None, seed=None,
            refs=None, uncond_txt=None, interventions: Interventions | None = None,
            capture: Capture | None = None, sigmas=None, runtime: RuntimeOptions | None = None,
-           attn_impl: str | None = None):
+           attn_impl: str | None = None, groups: TokenGroups | None = None):
     """Denoise from noise to clean latents.
 
     params, config: the transformer. txt: [B, T, C] prompt embeddings; txt_ids: int [T, 4].
@@ -200,7 +201,8 @@ def sample(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids, i
     step its own slice (module docstring). capture: static spec (or sites); captures come from the
     conditional branch. sigmas: float32 [num_steps + 1] to override the FLUX.2 schedule of N_img
     tokens. runtime: the attention kernel (`fluxjax.RuntimeOptions`; `attn_impl=` is the older
-    spelling).
+    spelling). groups: every token's group (`fluxjax.token_groups(layout, content_mask)`), for a
+    capture of the attention flow (`fluxjax.flow`).
 
     Latents live in the model's dtype (diffusers keeps them in the prompt embeddings' dtype, the
     same one whenever the embeddings are in the model dtype, as the pipelines produce them).
@@ -216,17 +218,19 @@ def sample(params, config: Flux2Config, options: SamplerOptions, txt, txt_ids, i
     check_sites(interventions, config)  # before compiling: inside, a site is a traced value
     capture = as_capture(capture)
     capture.validate(config)
+    if capture.flow is not None:  # concrete here; inside the program they are traced
+        check_knockout_groups(getattr(interventions, "knockout", None), groups)
     return _denoise(params, noise, jnp.asarray(txt), jnp.asarray(txt_ids),
                     jnp.asarray(img_ids), None if refs is None else jnp.asarray(refs),
                     None if uncond_txt is None else jnp.asarray(uncond_txt), sigmas,
-                    jnp.asarray(options.guidance_scale, jnp.float32), interventions,
+                    jnp.asarray(options.guidance_scale, jnp.float32), interventions, groups,
                     config=config, guidance=options.guidance, capture=capture,
                     runtime=runtime_options(runtime, attn_impl))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "guidance", "capture", "runtime"))
-def _denoise(params, noise, txt, txt_ids, img_ids, refs, uncond_txt, sigmas, guidance_scale, interventions, *,
-             config, guidance, capture, runtime):
+def _denoise(params, noise, txt, txt_ids, img_ids, refs, uncond_txt, sigmas, guidance_scale, interventions, groups,
+             *, config, guidance, capture, runtime):
     n_img, n_ref = noise.shape[1], 0 if refs is None else refs.shape[1]
     if refs is not None:  # the same clean references for every sample unless given per sample
         refs = jnp.broadcast_to(refs, (noise.shape[0], *refs.shape[1:])).astype(noise.dtype)
@@ -236,7 +240,7 @@ def _denoise(params, noise, txt, txt_ids, img_ids, refs, uncond_txt, sigmas, gui
         model_in = x if refs is None else jnp.concatenate([x, refs], axis=1)
         g = jnp.full(x.shape[:1], guidance_scale) if guidance == "embedded" else None
         out, caps = forward(params, config, model_in, text, t, img_ids, txt_ids, g, interventions=iv, capture=cap,
-                            num_ref_tokens=n_ref, runtime=runtime)
+                            num_ref_tokens=n_ref, runtime=runtime, groups=groups)
         return out[:, :n_img], caps
 
     def step(x, xs):

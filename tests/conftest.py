@@ -20,3 +20,14 @@ def tiny_model_folder(tmp_path_factory) -> str:
     from flux2ref.folder import build_model_folder
 
     return build_model_folder(tmp_path_factory.mktemp("models") / "tiny-klein", seed=0)
+
+
+@pytest.fixture
+def cudnn_version(monkeypatch):
+    """jax reads cuDNN's version from the CUDA plugin at trace time (tracing or lowering the cuDNN
+    kernel on a machine without CUDA); report 9.12 without one (any 9.x takes the bias path)."""
+    import types
+
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    monkeypatch.setattr(fa, "cuda_versions", types.SimpleNamespace(cudnn_get_version=lambda: 91200))

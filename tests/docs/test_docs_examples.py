@@ -109,6 +109,10 @@ EXAMPLES = {
                   "checkout of the study's repository (its task and pair files; counted on a mock of its layout in "
                   "test_study_files.py)"),
     ("docs/experiments.md", "from experiments import sweep"): ("python", "test_experiments_sweep_example"),
+    ("docs/flow.md", "import fluxjax"): ("python", "test_flow_examples"),
+    ("docs/flow.md", "import jax, jax.numpy as jnp, numpy as np"): ("python", "test_flow_examples"),
+    ("docs/flow.md", "python -m experiments.flow --model text-routed --colours red,blue --objects circle"):
+        ("slow", "test_flow_command (about a minute on 2 cores)"),
     ("docs/interventions.md", "import fluxjax"): ("python", "test_interventions_examples"),
     ("docs/interventions.md", "out, caps = fluxjax.forward(params, config, img, txt, t, img_ids, txt_ids,"):
         ("omitted", "the signature, with `...` for the arguments; every argument is used in the blocks after it"),
@@ -142,6 +146,12 @@ EXAMPLES = {
                  "test_judge.py and test_judge_hf.py); agreement with an API judge needs its verdicts"),
     ("docs/judging.md", '{"system": "...",'): ("text", "the questions file's shape (test_judge.py loads such files)"),
     ("docs/organisms.md", "import fluxjax"): ("python", "test_organisms_edit_example"),
+    ("docs/probes.md", "import json, tensorstore as ts"):
+        ("python", "test_probes_store_example, on a store of the same layout written without a model"),
+    ("docs/probes.md", "python -m experiments.collect --model text-routed --out runs/collect/text-routed"):
+        ("omitted", "four collections of the organisms' 240 tasks and two probe runs (tens of minutes here); "
+                    "tests/experiments/test_probe.py::test_text_routed_padding_carries_the_colour (slow) runs the "
+                    "text-routed pair and probes it, test_collect.py and test_probe.py run both commands at tiny size"),
     ("docs/sharding.md", "import functools"): ("python", "test_sharding_example: 8 host devices, a tiny checkpoint"),
     ("docs/sharding.md", GLOBAL_MESH): ("python", "test_sharding_example: after the usage block, one "
                                                        "process of 8 host devices (several: tests/experiments/test_hosts.py)"),
@@ -256,6 +266,27 @@ def test_interventions_examples(scratch):
     assert namespace["plain"].images.dtype == np.uint8
 
 
+def test_flow_examples(scratch):
+    """docs/flow.md's two blocks: on the text-routed organism, the shapes and numbers the text shows."""
+    namespace: dict = {}
+    for key in [k for k, (how, _) in EXAMPLES.items() if k[0] == "docs/flow.md" and how == "python"]:
+        run_python(block(*key).text, namespace, scratch)
+    flow = namespace["result"].captures.flow
+    assert flow.mass.shape == (8, 6, 1, 4, 4, 4) and flow.tokens_at(1).shape == (8, 1, 160, 4, 4)
+    assert float(np.abs(np.asarray(namespace["mass"][:, 2, 3])).max()) == 0.0  # the image reads no reference
+    caps = namespace["caps"]
+    assert caps.flow.at(2).shape == (1, 2, 4, 4) and caps.flow.tokens_at(2).shape == (1, 48, 2, 4)
+
+
+@pytest.mark.slow
+def test_flow_command(scratch):
+    [command] = commands(block("docs/flow.md", "python -m experiments.flow --model text-routed --colours red,blue "
+                                               "--objects circle").text)
+    shell(command, scratch, timeout=1200)
+    assert (scratch / "runs" / "flow" / "flow-edges.csv").is_file()
+    assert (scratch / "runs" / "flow" / "plots" / "flow-mass.png").is_file()
+
+
 def test_organisms_edit_example(scratch, capsys):
     namespace = run_python(block("docs/organisms.md", "import fluxjax").text, {}, scratch)
     from fluxjax import metrics
@@ -339,6 +370,18 @@ def test_sharding_example(scratch):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-2:] == ["(2, 4, 128)", "(2, 4, 128) {'data': 1, 'fsdp': 8}"], done.stdout
+
+
+def test_probes_store_example(scratch):
+    from experiments import store as storelib
+
+    store = storelib.create(scratch / "runs" / "collect" / "text-routed" / "collect.zarr", tasks=["t0", "t1"],
+                            sites={"b3.text.output": (4, 8)}, steps=[0, 7], dtype=np.float32, text_tokens=4,
+                            chunk_tasks=1, attrs={"labels": {"t0": {"colour": "red"}, "t1": {"colour": "blue"}}})
+    for i in range(2):
+        store.write_chunk(i, {"b3.text.output": np.full((1, 2, 4, 8), i, np.float32)}, np.array([[1, 0, 0, 0]], bool))
+    found = run_python(block("docs/probes.md", "import json, tensorstore as ts").text, {}, scratch)
+    assert found["x"].shape == (2, 4, 8) and found["padding"].sum() == 6 and found["colours"] == ["red", "blue"]
 
 
 def test_experiments_sweep_example(scratch, tmp_path_factory):

@@ -21,7 +21,7 @@ from PIL import Image
 
 pytest.importorskip("torch")
 
-from experiments import cli, drop, knockout, lens, patching, run_all, runs, sweep  # noqa: E402
+from experiments import cli, drop, flow, knockout, lens, patching, run_all, runs, sweep  # noqa: E402
 
 PIXEL_TOL = 1  # max |difference| on 0..255 between two computations of one image (module docstring)
 
@@ -179,7 +179,12 @@ def test_run_all_writes_every_experiment_and_one_report(folder, cache, tmp_path)
     for prefix, names in (("lens", TASKS), ("knockout", TASKS), ("drop", TASKS),
                           ("patching", [f"{TASKS[0]}__{TASKS[1]}", f"{TASKS[1]}__{TASKS[0]}"])):
         check_report(out, prefix, names)
-    assert len(list((out / "plots").glob("*.png"))) == 8
+    assert len(list((out / "plots").glob("*.png"))) == 10  # the flow's two heatmaps among them
+    # the attention flow beside the knockouts of the same run folder
+    assert html_escape(flow.TITLE, quote=False) in html and "Flow per edge beside its knockout" in html
+    assert "No knockout cells" not in html
+    edges = read_csv(out / "flow-edges.csv")
+    assert len(edges) == len(TASKS) * 5 * len(flow.EDGES)
     config = json.loads((out / "config.json").read_text())
     assert config["settings"]["lens"]["blocks"] == [0, 1, 2, 3, 4]
     assert config["settings"]["knockout"]["layers"] == ["all", ":2", "2:"]
@@ -190,7 +195,7 @@ def test_run_all_writes_every_experiment_and_one_report(folder, cache, tmp_path)
 
 
 def test_help_of_every_command(capsys):
-    for module in (lens, knockout, drop, patching, run_all):
+    for module in (lens, knockout, flow, drop, patching, run_all):
         with pytest.raises(SystemExit) as e:
             module.main(["--help"])
         assert e.value.code == 0

@@ -10,14 +10,13 @@ Three levels:
 
 Tracing and lowering the cuDNN kernel on a machine without CUDA needs one stand-in: jax asks the
 CUDA plugin for cuDNN's version at trace time (`check_cudnn_version`), and the plugin is absent
-here, so `cudnn_version` below reports 9.12 (any 9.x takes the bias path). Nothing else is faked:
+here, so the `cudnn_version` fixture (conftest.py) reports 9.12 (any 9.x takes the bias path). Nothing else is faked:
 the batching rule, abstract evaluation and CUDA lowering are jax's own.
 """
 
 from __future__ import annotations
 
 import re
-import types
 
 import jax
 import jax.numpy as jnp
@@ -145,14 +144,6 @@ def test_gradients_under_vmap(qkv):
 
 
 # --- the real cuDNN kernel, traced and lowered on a CPU machine -----------------------------------
-
-
-@pytest.fixture
-def cudnn_version(monkeypatch):
-    """jax reads cuDNN's version from the CUDA plugin at trace time; report 9.12 without one."""
-    from jax._src.cudnn import fused_attention_stablehlo as fa
-
-    monkeypatch.setattr(fa, "cuda_versions", types.SimpleNamespace(cudnn_get_version=lambda: 91200))
 
 
 def test_cudnn_kernel_traces_under_vmap(qkv, cudnn_version):
