@@ -84,9 +84,10 @@ def example_interventions(config, layout, rng, dtype=jnp.float32):
     content[0, : layout.n_txt // 8] = True
     padding = layout.text_mask("text[padding]", content)
     value = jnp.asarray(rng.standard_normal((1, layout.n_txt, config.hidden_size)), dtype)
-    iv = fluxjax.Interventions(substitutions=(fluxjax.substitution(config.depth, value, padding),),
+    at = fluxjax.site(config.depth, "text", "output")
+    iv = fluxjax.Interventions(substitutions=(fluxjax.substitution(at, value, padding),),
                                knockout=fluxjax.knockout(config, layout, content, "ref->text"))
-    capture = fluxjax.Capture(text=(config.depth,), image=(config.depth - 1,), image_tokens=layout.n_img)
+    capture = fluxjax.Capture(sites=(at, fluxjax.site(config.depth - 1, "image", "output")))
     return iv, capture
 
 

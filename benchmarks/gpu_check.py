@@ -236,7 +236,7 @@ def sweep(params, setup: Setup, host, sigmas, n_cells: int, plain_edit, log):
     args = (params, jnp.asarray(host["txt"], dtype), jnp.asarray(layout.txt_ids()), jnp.asarray(layout.img_ids()),
             jnp.asarray(host["noise"], dtype), jnp.asarray(host["refs"], dtype), None, stack(cells),
             jnp.asarray(sigmas))
-    kw = dict(config=config, options=fluxjax.SamplerOptions(num_steps=STEPS, guidance="none"), attn_impl=None)
+    kw = dict(config=config, options=fluxjax.SamplerOptions(num_steps=STEPS, guidance="none"), runtime=None)
     t0 = time.perf_counter()
     compiled = _sample_many.lower(*args, **kw).compile()
     compile_s = time.perf_counter() - t0

@@ -124,7 +124,7 @@ def programs(shapes: gpu_models.Shapes, chunk: int, cells: int, tiny: bool) -> d
         out[f"sweep of {v} knockout cells"] = plan_of(
             lambda p, txt, noise, refs, ivs, sigmas: _sample_many(
                 p, txt, jnp.asarray(layout.txt_ids()), jnp.asarray(layout.img_ids()), noise, refs, None, ivs, sigmas,
-                config=config, options=options, attn_impl=None), params, c, noise, refs, ivs, sigmas)
+                config=config, options=options, runtime=None), params, c, noise, refs, ivs, sigmas)
     vae = fluxjax.vae_param_shapes(shapes.vae)
     from fluxjax import vae as vaelib
 

@@ -167,7 +167,7 @@ def fluxjax_phase(args, log: common.RowLog, budget: common.Budget) -> None:
                 c0, t0 = compiles.seconds, time.perf_counter()
                 padded = part + [part[-1]] * (self.chunk - len(part))
                 out = sweep.sweep(self.model, edit, options or self.options, padded, chunk=self.chunk,
-                                  attn_impl=self.attn_impl)[:len(part)]
+                                  runtime=self.runtime)[:len(part)]
                 last_s = time.perf_counter() - t0
                 log.row("sweep call", seconds=last_s, compile_s=compiles.seconds - c0, cells=len(part),
                         chunk=self.chunk, **common.device_memory())
@@ -181,7 +181,7 @@ def fluxjax_phase(args, log: common.RowLog, budget: common.Budget) -> None:
     config = {"experiment": knockout.NAME, "settings": settings, "model": {"name": model.name, "dtype": dtype},
               "chunk": args.chunk}
     run = runs.open_run(work, "knockout", config)
-    ctx = TimedContext(model=model, run=run, options=model.options, chunk=args.chunk, attn_impl=None,
+    ctx = TimedContext(model=model, run=run, options=model.options, chunk=args.chunk, runtime=None,
                        show_progress=False)
     c0, t0 = compiles.seconds, time.perf_counter()
     try:

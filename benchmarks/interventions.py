@@ -141,7 +141,8 @@ def main(argv=None):
         q, k, v, allowed, groups = a
         return numerics.attention(q, k, v, numerics.KeyGroups(allowed, groups, segments).dense_mask(), "blocked")
 
-    sub_at = [fluxjax.Interventions(substitutions=(fluxjax.substitution(s, value, padding),)) for s in range(nb)]
+    sub_at = [fluxjax.Interventions(substitutions=(fluxjax.substitution(fluxjax.site(b, "text", "output"), value,
+                                                                        padding),)) for b in range(nb)]
     programs = {  # name: (function, interventions argument)
         "plain": (fwd, None),
         "knockout": (fwd, fluxjax.Interventions(knockout=fluxjax.knockout(config, layout, content, "ref->text"))),

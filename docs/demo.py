@@ -49,7 +49,8 @@ from PIL import Image
 
 from experiments import grids, sweep
 from fluxjax import metrics, pipeline
-from fluxjax.interventions import BLOCK0_INPUT, Capture, Interventions, knockout, per_step, substitution
+from fluxjax.interventions import Capture, Interventions, knockout, per_step, substitution
+from fluxjax.sites import site
 
 MODEL = os.environ.get("FLUXJAX_DEMO_MODEL", "/models/FLUX.2-klein-9B")  # a model folder, diffusers layout
 SIZE = int(os.environ.get("FLUXJAX_DEMO_SIZE", "1024"))  # output and reference side, pixels
@@ -103,10 +104,11 @@ def show(title: str, rows, labels=None) -> Image.Image:
 
 # %%
 BLOCK = config.depth - 1  # the last double block: the study's double block 7 on klein-9B
+AT = site(BLOCK, "text", "output")  # its text stream's output: "b<BLOCK>.text.output"
 edit = sweep.prepare(model, text(INSTRUCTION), references=[reference], seed=SEED, height=SIZE, width=SIZE)
 source = sweep.prepare(model, text(INSTRUCTION), references=[second], seed=SEED, height=SIZE, width=SIZE)
-plain = sweep.run(model, edit, options, capture=Capture(text=(BLOCK,)))[0][0]
-source_edit, source_captures = sweep.run(model, source, options, capture=Capture(text=(BLOCK,)))
+plain = sweep.run(model, edit, options, capture=Capture(sites=(AT,)))[0][0]  # the source's program, compiled once
+source_edit, source_captures = sweep.run(model, source, options, capture=Capture(sites=(AT,)))
 source_edit = source_edit[0]
 
 
@@ -128,12 +130,12 @@ show("The two edits", [[grids.Panel("reference", picture(reference)), grids.Pane
 
 # %%
 one_step = dataclasses.replace(options, num_steps=1)
-_, captures = sweep.run(model, edit, one_step, capture=Capture(text=(BLOCK,)))
-kept = captures.text[-1, 0]  # [1, T, D]: the last (only) step, the one block captured
+_, captures = sweep.run(model, edit, one_step, capture=Capture(sites=(AT,)))
+kept = captures[AT][-1]  # [1, T, D]: the last (only) step
 target = sweep.prepare(model, text(""), seed=SEED + 1, height=SIZE, width=SIZE)
 positions = ("all", "padding", "content")
 lens = sweep.sweep(model, target, options, [
-    Interventions(substitutions=(substitution(BLOCK0_INPUT, kept, edit.text_mask(p)),)) for p in positions])
+    Interventions(substitutions=(substitution("embed.text.output", kept, edit.text_mask(p)),)) for p in positions])
 show(f"T2I Lens: block {BLOCK} fed to block 0", [[grids.Panel(f"{p} positions", image, caption(image))
                                                   for p, image in zip(positions, lens)]])
 
@@ -160,9 +162,9 @@ show("Attention knockout, every block", [[grids.Panel(cut, image, caption(image)
 # reference's colour, so a transfer raises it).
 
 # %%
-values = per_step(source_captures.text[:, 0])  # [steps, 1, T, D]
+values = per_step(source_captures[AT])  # [steps, 1, T, D]
 patched = sweep.sweep(model, edit, options, [
-    Interventions(substitutions=(substitution(BLOCK, values, edit.text_mask(p)),)) for p in positions])
+    Interventions(substitutions=(substitution(AT, values, edit.text_mask(p)),)) for p in positions])
 show(f"I2I -> I2I patching at block {BLOCK}: the second edit's text stream into the first",
      [[grids.Panel(f"{p} positions", image, caption(image)) for p, image in zip(positions, patched)]])
 

@@ -20,7 +20,9 @@ kinds of model have `Editing`'s two methods, this same path:
     edit = model.prepare("draw a ring in this color", [swatch], seed=0)   # edit.layout, edit.content_mask
     cut = fluxjax.knockout(model.config, edit.layout, edit.content_mask, "ref->text[padding]")
     result = model.edit(edit, interventions=fluxjax.Interventions(knockout=cut),
-                        capture=fluxjax.Capture(text=(1,)))  # result.images uint8 [1, H, W, 3], result.captures
+                        capture=fluxjax.Capture(sites=("b1.text.output",)))
+    result.images                                            # uint8 [1, H, W, 3]
+    result.captures["b1.text.output"]                        # [steps, 1, T, D]
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from fluxjax.config import Flux2Config
 from fluxjax.flow import token_groups
 from fluxjax.interventions import Capture, Captures, Interventions
 from fluxjax.layout import TokenLayout
+from fluxjax.options import RuntimeOptions
 from fluxjax.sampler import SamplerOptions
 from fluxjax.text import TextConditioning
 
@@ -81,7 +84,7 @@ class ModelBackend(Protocol):
 
     def edit(self, prompt, references=(), *, seed: int = 0, height: int | None = None, width: int | None = None,
              interventions: Interventions | None = None, capture: Capture | None = None,
-             options: SamplerOptions | None = None, attn_impl: str | None = None) -> EditResult: ...
+             options: SamplerOptions | None = None, runtime: RuntimeOptions | None = None) -> EditResult: ...
 
 
 # Text positions of a substitution: the names of the command line and the token groups they cover.
@@ -155,7 +158,7 @@ class Placement:
 
 
 def run(model, edit: Edit, options: samplerlib.SamplerOptions, interventions: Interventions | None = None,
-        capture: Capture | None = None, attn_impl: str | None = None,
+        capture: Capture | None = None, runtime: RuntimeOptions | None = None,
         placement: Placement | None = None) -> tuple[np.ndarray, Captures | None]:
     """One sampler call: (pixels uint8 [1, H, W, 3], captures with a leading [num_steps] axis or None).
 
@@ -170,7 +173,7 @@ def run(model, edit: Edit, options: samplerlib.SamplerOptions, interventions: In
                                           edit.txt, edit.txt_ids, edit.layout.img_ids(), noise=edit.noise,
                                           refs=edit.refs, uncond_txt=edit.uncond, interventions=interventions,
                                           capture=capture, sigmas=model.sigmas(options.num_steps),
-                                          attn_impl=attn_impl,
+                                          runtime=runtime,
                                           groups=token_groups(edit.layout, edit.content_mask) if flow else None)
     if shared:
         latents, captures = sharding.to_host((latents, captures))
@@ -217,7 +220,7 @@ class Editing:
 
     def edit(self, prompt, references=(), *, seed: int = 0, height: int | None = None, width: int | None = None,
              interventions: Interventions | None = None, capture: Capture | None = None,
-             options: SamplerOptions | None = None, attn_impl: str | None = None) -> EditResult:
+             options: SamplerOptions | None = None, runtime: RuntimeOptions | None = None) -> EditResult:
         """Run one edit: `prompt` (with `references`, `seed`, size as `prepare`) or an edit `prepare`
         made, with `interventions` at every step and `capture` kept (`fluxjax.sampler.sample`), under
         the model's own cuts and schedule. options: the sampler's (default the model's)."""
@@ -228,7 +231,7 @@ class Editing:
             edit = prompt
         else:
             edit = self.prepare(prompt, references, seed=seed, height=height, width=width)
-        images, captures = run(self, edit, options or self.options, interventions, capture, attn_impl=attn_impl)
+        images, captures = run(self, edit, options or self.options, interventions, capture, runtime=runtime)
         return EditResult(images=images, captures=captures, edit=edit)
 
 

@@ -42,6 +42,7 @@ from experiments import hosts as hostlib
 from experiments import models, report, runs, tasks as tasklib
 from experiments.context import Context
 from experiments.hosts import Hosts
+from fluxjax.options import ATTENTION_KERNELS, RuntimeOptions
 
 # ---------------------------------------------------------------------------------------------
 # names
@@ -148,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str, model_de
                    help=f"sweep cells per vmapped compiled call (default {models.TINY_CHUNK} for organisms; for a "
                         f"model folder as many as the accelerator's free memory holds, {models.FOLDER_CHUNK} on "
                         f"CPU; 0: a whole sweep at once)")
-    g.add_argument("--attn-impl", choices=("xla", "blocked", "cudnn", "pallas"), default=None,
+    g.add_argument("--attn-impl", choices=ATTENTION_KERNELS, default=None,
                    help="attention implementation (default: measured per backend, see docs/attention.md: "
                         "'blocked' on CPU, 'cudnn' on GPU, 'pallas' on TPU)")
     t = parser.add_argument_group("tasks")
@@ -458,7 +459,8 @@ def open_context(args: argparse.Namespace, model, run: runs.RunFolder, hosts: Ho
     """The context of one invocation: the model, the open run folder, the sampling options asked for,
     and the processes and devices it runs on."""
     return Context(model=model, run=run, options=sampler_options(model, args.steps), chunk=chunk_size(args),
-                   attn_impl=args.attn_impl, show_progress=not args.no_progress, hosts=hosts or Hosts(),
+                   runtime=RuntimeOptions(attention=args.attn_impl), show_progress=not args.no_progress,
+                   hosts=hosts or Hosts(),
                    placement=placement)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from experiments import models, runs, tasks as tasklib
 from experiments.hosts import Hosts
 from fluxjax import metrics
+from fluxjax.options import RuntimeOptions
 
 
 @dataclasses.dataclass
@@ -40,7 +41,7 @@ class Context:
     run: runs.RunFolder
     options: Any  # fluxjax.sampler.SamplerOptions of every edit
     chunk: int | None = models.TINY_CHUNK
-    attn_impl: str | None = None
+    runtime: RuntimeOptions | None = None  # the attention kernel and its tiles (None: the backend's default)
     show_progress: bool = True
     judged_property: str = "colour"  # the reference property its rows are about (their `property`)
     hosts: Hosts = dataclasses.field(default_factory=Hosts)  # this process among the command's processes
@@ -98,7 +99,7 @@ class Context:
         from experiments import sweep
 
         options = options or self.options
-        out = sweep.run(self.model, edit, options, interventions, capture, attn_impl=self.attn_impl,
+        out = sweep.run(self.model, edit, options, interventions, capture, runtime=self.runtime,
                         placement=self.placement)
         self._advance(options)
         return out
@@ -108,7 +109,7 @@ class Context:
         from experiments import sweep
 
         options = options or self.options
-        chunk = sweep.fitting_chunk(self.model, edit, options, cells, self.chunk, self.attn_impl,
+        chunk = sweep.fitting_chunk(self.model, edit, options, cells, self.chunk, self.runtime,
                                     placement=self.placement)
 
         def chunk_done(done: int, total: int):
@@ -116,7 +117,7 @@ class Context:
             if self._lines is not None:
                 self._lines.chunk(self._task, done, total)
 
-        return sweep.sweep(self.model, edit, options, cells, chunk=chunk, attn_impl=self.attn_impl,
+        return sweep.sweep(self.model, edit, options, cells, chunk=chunk, runtime=self.runtime,
                            placement=self.placement, on_chunk=chunk_done)
 
     # cells --------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ text positions, only text[padding], or only text[content] (--positions; content 
 instruction's tokens in the edit's prompt). The other positions keep the empty prompt's values.
 Which stream is replaced is the form (--form):
 
-    input      the text stream fed to block 0 (site BLOCK0_INPUT, the output of the text input
-               projection); the target runs the model's steps (the study's style, identity,
+    input      the text stream fed to block 0 (site 'embed.text.output', the output of the text
+               input projection); the target runs the model's steps (the study's style, identity,
                add and remove cells: block 7 -> block 0, four steps)
-    diagonal   the text stream at the output of the same block k (a substitution at site k); the
+    diagonal   the text stream at the output of the same block k (site 'b<k>.text.output'); the
                target runs --target-steps steps, default 1 (the study's colour cell: block 17, one
                step, against a one-step t2i_clean)
 
@@ -232,7 +232,8 @@ def _on(s: Mapping, side: str) -> bool:
 
 
 def _task(ctx: Context, task, s: Mapping, cell) -> dict:
-    from fluxjax.interventions import BLOCK0_INPUT, Capture, Interventions, substitution
+    from fluxjax.interventions import Capture, Interventions, substitution
+    from fluxjax.sites import site
 
     base = ctx.baselines(task)
     ref_lab = ctx.reference_lab(task)
@@ -240,10 +241,11 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
     source = ctx.edit(task.instruction, task.reference, task.seed, task.height, task.width)
     source_iv = Interventions(knockout=_knockout(ctx, s, source)) if _on(s, "source") else None
     image = "image" in categories_of(s)
-    capture = Capture(text=blocks, image=blocks if image else (), image_tokens=source.layout.n_img if image else None)
+    text_sites = [site(k, "text", "output") for k in blocks]
+    image_sites = [site(k, "image", "output") for k in blocks] if image else []
+    capture = Capture(sites=(*text_sites, *image_sites))
     pixels, captures = ctx.sample(source, source_iv, capture=capture, options=_steps(ctx, s["source_steps"]))
     cell.write_image("source.png", pixels[0])
-    kept = captures.text[-1]  # [n_blocks, 1, T, D] at the last source step
     target_options = _steps(ctx, s["target_steps"])
     if target_options.num_steps == ctx.options.num_steps:
         clean, clean_file = base["t2i-next-seed"], ctx.baseline_file(task, "t2i-next-seed")
@@ -265,18 +267,17 @@ def _task(ctx: Context, task, s: Mapping, cell) -> dict:
         one = np.zeros((1, content.size), bool)
         one[0, p] = True
         masks.append((f"pos{p}", one, p))
-    values = [kept[j] for j in range(len(blocks))]  # one array per block, shared by its cells
+    values = [captures[at][-1] for at in text_sites]  # [1, T, D] per block, the last source step: shared by its cells
     cells, labels = [], []
     for pos, mask, p in masks:
         for k, value in zip(blocks, values):
-            site = BLOCK0_INPUT if s["form"] == "input" else k
-            cells.append(Interventions(substitutions=(substitution(site, value, mask),), knockout=target_cut))
+            at = site(-1, "text", "output") if s["form"] == "input" else site(k, "text", "output")
+            cells.append(Interventions(substitutions=(substitution(at, value, mask),), knockout=target_cut))
             labels.append((pos, k, p))
     images = list(ctx.sweep(target, cells, options=target_options)) if cells else []
     if image:  # the image stream's cells: another intervention structure, so another sweep
-        kept_image = captures.image[-1]  # [n_blocks, 1, N_img, D] at the last source step
-        image_cells = [Interventions(image_substitutions=(substitution(k, kept_image[j]),), knockout=target_cut)
-                       for j, k in enumerate(blocks)]
+        image_cells = [Interventions(substitutions=(substitution(at, captures[at][-1]),), knockout=target_cut)
+                       for at in image_sites]  # [1, N_img, D] at the last source step
         images += list(ctx.sweep(target, image_cells, options=target_options))
         labels += [("image", k, None) for k in blocks]
     unconditional = ctx.sample(target, options=target_options)[0][0]  # the target unpatched

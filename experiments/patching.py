@@ -108,6 +108,7 @@ def pair_key(source, target) -> str:
 
 def _pair(ctx: Context, source, target, s: Mapping, cell) -> dict:
     from fluxjax.interventions import Capture, Interventions, per_step, substitution
+    from fluxjax.sites import site
 
     if (source.width, source.height) != (target.width, target.height):
         raise ValueError(f"pair {source.task_id} -> {target.task_id}: sizes differ; patched edits share the size")
@@ -116,16 +117,18 @@ def _pair(ctx: Context, source, target, s: Mapping, cell) -> dict:
     src_lab, tgt_lab = ctx.reference_lab(source), ctx.reference_lab(target)
     blocks = tuple(s["blocks"])
     src = ctx.edit(source.instruction, source.reference, source.seed, source.height, source.width)
-    _, captures = ctx.sample(src, capture=Capture(text=blocks))  # text [S, n_blocks, 1, T, D]
+    sites = [site(k, "text", "output") for k in blocks]
+    _, captures = ctx.sample(src, capture=Capture(sites=sites))
     tgt = ctx.edit(target.instruction, target.reference, target.seed, target.height, target.width)
-    values, keep = captures.text, 0.0
+    values, keep = [captures[at] for at in sites], 0.0  # [S, 1, T, D] per block: one slice per step
     if s["mode"] == "add":  # the source's step-s activations minus the unpatched target's
-        values, keep = values - ctx.sample(tgt, capture=Capture(text=blocks))[1].text, 1.0
+        unpatched = ctx.sample(tgt, capture=Capture(sites=sites))[1]
+        values, keep = [v - unpatched[at] for v, at in zip(values, sites)], 1.0
     cells, labels = [], []
     for pos in s["positions"]:
         mask = tgt.text_mask(pos)
-        for j, k in enumerate(blocks):
-            cells.append(Interventions(substitutions=(substitution(k, per_step(values[:, j]), mask, keep),)))
+        for at, k, value in zip(sites, blocks, values):
+            cells.append(Interventions(substitutions=(substitution(at, per_step(value), mask, keep),)))
             labels.append((pos, k))
     images = ctx.sweep(tgt, cells)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.runs import CODE_VERSION_FILE, RunFolder, atomic_write_text
+from fluxjax.metrics import percent  # noqa: F401  (a share as every report writes it: '86 %', '12.5 %')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,14 +157,6 @@ def heatmap_plot(blocks: Sequence[int], rows: Sequence[str], values: Sequence[Se
 @dataclasses.dataclass(frozen=True)
 class Text:
     text: str  # plain text; blank lines separate paragraphs
-
-
-def percent(value: float | None) -> str:
-    """A share as every report writes it: '86 %', '12.5 %', '0.4 %' (the study's way), 'n/a' for none."""
-    if value is None or value == "":
-        return "n/a"
-    text = f"{100 * float(value):.1f}"
-    return f"{text[:-2] if text.endswith('.0') else text} %"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 a vmapped sweep over intervention values (`prepare`, `run` and `Edit` live in `experiments.backend`).
 
     edit = sweep.prepare(model, text, references=["red.png"], seed=task.seed, height=64, width=64)
-    pixels, captures = sweep.run(model, edit, options, capture=Capture(text=(3,)))
+    pixels, captures = sweep.run(model, edit, options, capture=Capture(sites=("b3.text.output",)))
     pixels = sweep.sweep(model, edit, options, [Interventions(knockout=k) for k in tables])  # [V, H, W, 3]
 
 An `Edit` holds everything a sampler call needs except the interventions: the prompt embeddings,
@@ -39,15 +39,16 @@ from fluxjax import sampler as samplerlib
 from fluxjax import sharding
 from fluxjax.interventions import Capture, Captures, Interventions, check_sites, stack
 from fluxjax.layout import TokenLayout
+from fluxjax.options import RuntimeOptions
 
 
-@functools.partial(jax.jit, static_argnames=("config", "options", "attn_impl"))
+@functools.partial(jax.jit, static_argnames=("config", "options", "runtime"))
 def _sample_many(params, txt, txt_ids, img_ids, noise, refs, uncond, interventions, sigmas, *, config, options,
-                 attn_impl):
+                 runtime):
     """The sampler vmapped over the leading V axis of every intervention array: [V, 1, N_img, P]."""
     def one(iv):
         return samplerlib.sample(params, config, options, txt, txt_ids, img_ids, noise=noise, refs=refs,
-                                 uncond_txt=uncond, interventions=iv, sigmas=sigmas, attn_impl=attn_impl)[0]
+                                 uncond_txt=uncond, interventions=iv, sigmas=sigmas, runtime=runtime)[0]
 
     return jax.vmap(one)(interventions)
 
@@ -87,7 +88,7 @@ _PROGRAM_BYTES: dict = {}  # (program shape) -> XLA's planned bytes for one and 
 
 
 def fitting_chunk(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence[Interventions],
-                  chunk, attn_impl: str | None = None, free_bytes: int | None = None,
+                  chunk, runtime: RuntimeOptions | None = None, free_bytes: int | None = None,
                   placement: Placement | None = None) -> int | None:
     """Cells per call (per model replica, with a placement) for `sweep`: an int or None as given, or
     for an `AutoChunk` the most cells whose compiled program fits in the device's free memory (XLA's
@@ -105,7 +106,7 @@ def fitting_chunk(model, edit: Edit, options: samplerlib.SamplerOptions, cells: 
     model = backend(model)
     replicas = 1 if placement is None else placement.replicas
     cell = model.with_cuts(edit.layout, edit.content_mask, cells[0])  # every cell has its structure and shapes
-    key = (model.config, options, attn_impl, jax.tree.structure(cell), edit.txt.shape, edit.noise.shape,
+    key = (model.config, options, runtime, jax.tree.structure(cell), edit.txt.shape, edit.noise.shape,
            tuple((a.shape, a.dtype) for a in jax.tree.leaves(cell)), None if placement is None else placement.mesh)
     if key not in _PROGRAM_BYTES:
         def program_bytes(v):  # XLA's plan per device: for a mesh, each device's part of the program
@@ -116,7 +117,7 @@ def fitting_chunk(model, edit: Edit, options: samplerlib.SamplerOptions, cells: 
             compiled = _sample_many.lower(
                 params, edit.txt, jnp.asarray(edit.txt_ids), jnp.asarray(edit.layout.img_ids()), edit.noise,
                 edit.refs, edit.uncond, stacked, model.sigmas(options.num_steps), config=model.config,
-                options=options, attn_impl=attn_impl).compile()
+                options=options, runtime=runtime).compile()
             mem = compiled.memory_analysis()
             return int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
 
@@ -132,7 +133,7 @@ def call_size(n_cells: int, chunk: int | None, replicas: int = 1) -> int:
 
 
 def sweep(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence[Interventions], *,
-          chunk: int | None = None, attn_impl: str | None = None, placement: Placement | None = None,
+          chunk: int | None = None, runtime: RuntimeOptions | None = None, placement: Placement | None = None,
           on_chunk: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Every cell's image, as vmapped calls of one compiled sampler: uint8 [V, H, W, 3].
 
@@ -142,7 +143,7 @@ def sweep(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence
     docstring); None: the default device. on_chunk(cells done, cells): called after each call
     (progress).
     """
-    chunk = fitting_chunk(model, edit, options, cells, chunk, attn_impl, placement=placement)
+    chunk = fitting_chunk(model, edit, options, cells, chunk, runtime, placement=placement)
     model = backend(model)
     cells = [model.with_cuts(edit.layout, edit.content_mask, iv) for iv in cells]
     if not cells:
@@ -159,7 +160,7 @@ def sweep(model, edit: Edit, options: samplerlib.SamplerOptions, cells: Sequence
             padded, params = sharding.put(padded, sharding.batch_sharding(placement.mesh)), placement.params
         latents = _sample_many(params, edit.txt, jnp.asarray(edit.txt_ids), jnp.asarray(edit.layout.img_ids()),
                                edit.noise, edit.refs, edit.uncond, padded, model.sigmas(options.num_steps),
-                               config=model.config, options=options, attn_impl=attn_impl)
+                               config=model.config, options=options, runtime=runtime)
         if placement is not None:
             latents = sharding.to_host(latents)
         pixels = model.decode(latents[:, 0], edit.height, edit.width)

@@ -47,6 +47,7 @@ import numpy as np
 
 from experiments import grids, report, runs
 from fluxjax import metrics
+from fluxjax.metrics import rate_text  # '62.5 % [30.6 %, 86.3 %]': the reports' one format
 
 THRESHOLD = metrics.COLOUR_MATCH_DE00
 
@@ -317,14 +318,6 @@ def baseline_panels(base: Mapping[str, np.ndarray], edit_row: Mapping, t2i_row: 
 
 
 CONTROL = "control (not judged)"  # a control row's question in a rate table
-
-
-def rate_text(rate: float | None, low: float | None, high: float | None) -> str:
-    """'62.5 % [30.6 %, 86.3 %]': a rate and its 95 % interval in the reports' one format
-    (`report.percent`; '' where there is no rate)."""
-    if rate is None:
-        return ""
-    return f"{report.percent(rate)} [{report.percent(low)}, {report.percent(high)}]"
 
 
 def difference_text(diff: float | None, low: float | None, high: float | None) -> str:

@@ -25,7 +25,7 @@ TINY_KLEIN: Flux2Config = dataclasses.replace(
     FLUX2_KLEIN_4B, in_channels=4 * LATENT_CHANNELS, context_in_dim=3 * QWEN3_HIDDEN, hidden_size=64, num_heads=2,
     depth=2, depth_single_blocks=3, axes_dim=(8, 8, 8, 8))
 # Tiny in width, [klein] 9B's 8 double + 24 single blocks: a folder on which commands written for the
-# real model (--block 17, Capture(text=(17,))) check and run as they would there.
+# real model (--block 17, Capture(sites=("b17.text.output",))) check and run as they would there.
 TINY_KLEIN_9B_BLOCKS: Flux2Config = dataclasses.replace(TINY_KLEIN, depth=8, depth_single_blocks=24)
 
 CORPUS = [

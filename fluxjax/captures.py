@@ -76,7 +76,10 @@ class Capture:
             if isinstance(legacy, (str, bytes, Mapping)) or not isinstance(legacy, Iterable):
                 raise TypeError(f"Capture {name} must be a tuple of site indices (e.g. {name}=(3,)), got {legacy!r}; "
                                 "or name sites: Capture(sites=('b3.text.output',))")
-            legacy = tuple(static_index(s, f"capture {name} site") for s in legacy)
+            try:
+                legacy = tuple(static_index(s, f"capture {name} site") for s in legacy)
+            except TypeError as e:
+                raise TypeError(f"{e}; or name sites: Capture(sites=('b3.{name}.output',))") from None
             if len(set(legacy)) != len(legacy):
                 raise ValueError(f"capture {name} sites {legacy} repeat a site; ask for each site once")
             object.__setattr__(self, name, legacy)
@@ -94,7 +97,8 @@ class Capture:
             for s in getattr(self, name):
                 if not EMBED <= s < config.num_blocks:
                     raise ValueError(f"capture {name} site {s} out of range: this model's sites are -1 (input of "
-                                     f"block 0) and its blocks 0..{config.num_blocks - 1}")
+                                     f"block 0) and its blocks 0..{config.num_blocks - 1}; named: "
+                                     f"'embed.{name}.output', 'b<k>.{name}.output'")
         for s in self.sites:
             s.check(config.num_blocks)
         if self.flow is not None:

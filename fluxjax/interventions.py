@@ -213,8 +213,8 @@ def _first_block(point: str) -> int:
 
 def _range_error(what: str, sub: Substitution, block: int, nb: int) -> ValueError:
     if (sub.stream, sub.point) == ("text", "output"):
-        return ValueError(f"{what}: site {block} out of range: this model's sites are -1 (input of block 0) "
-                          f"and its blocks 0..{nb - 1}")
+        return ValueError(f"{what}: site {block} out of range: this model's sites are -1 (input of block 0, "
+                          f"'embed.text.output') and its blocks 0..{nb - 1} ('b<k>.text.output')")
     return ValueError(f"{what}: block {block} out of range for {sub.stream}.{sub.point}: this model's "
                       f"blocks are {_first_block(sub.point)}..{nb - 1}")
 
@@ -436,7 +436,8 @@ def substitution(site, value, mask=None, keep=0.0) -> Substitution:
         raise ValueError(f"substitution site must be a scalar{' per step' if site_steps else ''}, got shape "
                          f"{site.shape}; to sweep sites, stack substitutions (fluxjax.interventions.stack)")
     if _is_concrete(site) and site.size and int(site.min()) < BLOCK0_INPUT:
-        raise ValueError(f"substitution site {int(site.min())}: use -1 (input of block 0) or a block index")
+        raise ValueError(f"substitution site {int(site.min())}: use -1 (input of block 0) or a block index, or "
+                         "name the site, e.g. 'embed.text.output' or 'b3.text.output'")
     keep_dtype = _dtype_of(keep)
     if keep_dtype == np.bool_ or jnp.issubdtype(keep_dtype, jnp.complexfloating) or np.ndim(keep) != 0:
         raise TypeError(f"substitution keep must be a real scalar (0.0 replaces, 1.0 adds), got {keep!r}")

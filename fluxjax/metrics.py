@@ -16,7 +16,8 @@ Images are uint8 RGB arrays [H, W, 3] or PIL images, read as sRGB. Colours are c
   reference's colour; an edit takes the colour when it is at most `COLOUR_MATCH_DE00`.
 - `foreground_share(image)`: the share of pixels that stand out from the border (no object: about 0).
 - `mean_abs_diff`, `ssim`: change of an intervened edit against the baseline edit.
-- `pass_rates`: the share of passes per setting, written as CSV, each with its 95 % interval:
+- `pass_rates`: the share of passes per setting, written as CSV, each with its 95 % interval
+  (`percent`, `rate_text`, `pass_rate_text`: the one way reports write them):
   `wilson_interval` for a proportion, `paired_difference_interval` for the difference between two
   proportions measured on the same tasks (a rate against its control; Bonett and Price's adjusted
   Wald interval).
@@ -363,6 +364,38 @@ def paired_difference_interval(pairs: Sequence[tuple[bool, bool]], z: float = Z9
     return (b - c) / n, max(-1.0, centre - half), min(1.0, centre + half)
 
 
+def percent(value: float | None) -> str:
+    """A share as every report writes it: '86 %', '12.5 %', '0.4 %' (the study's way), 'n/a' for none."""
+    if value is None or value == "":
+        return "n/a"
+    text = f"{100 * float(value):.1f}"
+    return f"{text[:-2] if text.endswith('.0') else text} %"
+
+
+def rate_text(rate: float | None, low: float | None, high: float | None) -> str:
+    """'62.5 % [30.6 %, 86.3 %]': a rate and its 95 % interval in the reports' one format
+    (`percent`; '' where there is no rate)."""
+    if rate is None:
+        return ""
+    return f"{percent(rate)} [{percent(low)}, {percent(high)}]"
+
+
+def pass_rate_text(passed: int, n: int) -> str:
+    """'5/8 = 62.5 % [30.6 %, 86.3 %]': passes of n, the rate and its 95 % Wilson interval ('0/0 = n/a')."""
+    interval = wilson_interval(passed, n)
+    if interval is None:
+        return f"{passed}/{n} = n/a"
+    return f"{passed}/{n} = {rate_text(passed / n, *interval)}"
+
+
+def interval_fields(passed: int, n: int) -> dict:
+    """{n, passed, rate, low, high}: a pass rate with its 95 % Wilson interval, as the pass-rate
+    files write it (rate, low and high None where n = 0)."""
+    interval = wilson_interval(passed, n)
+    return {"n": n, "passed": passed, "rate": passed / n if n else None,
+            "low": None if interval is None else interval[0], "high": None if interval is None else interval[1]}
+
+
 @dataclasses.dataclass(frozen=True)
 class PassRate:
     setting: str
@@ -385,6 +418,11 @@ class PassRate:
     def high(self) -> float | None:
         interval = wilson_interval(self.passed, self.n)
         return None if interval is None else interval[1]
+
+    @property
+    def text(self) -> str:
+        """'5/8 = 62.5 % [30.6 %, 86.3 %]' (`pass_rate_text`)."""
+        return pass_rate_text(self.passed, self.n)
 
 
 def pass_rates(records: Iterable[Mapping], *, criterion: str, threshold: float | None,

@@ -128,7 +128,8 @@ def as_site(value) -> Site:
     if block is None:
         raise TypeError(f"{value!r} is not a site; write {_SPELLING}")
     if block < EMBED:
-        raise ValueError(f"text site {block} out of range: -1 is the input of block 0, b >= 0 the output of block b")
+        raise ValueError(f"text site {block} out of range: -1 is the input of block 0, b >= 0 the output of block b; "
+                         f"e.g. 'embed.text.output', 'b3.text.output' or {_SPELLING}")
     return Site(block, "text", "output")
 
 

@@ -5,8 +5,9 @@
 RUN_DIR holds the training run's `summary.json` and `train_settings.json` (a run folder of
 `organisms.train`, or a committed organism's folder); EVAL_DIR the `pass_rates.json` of
 `organisms.evaluate`. Rows: steps and training time, the final loss, then every measure of the
-evaluations in the order of the first one (`k/n = rate [low, high]` each, the bracket its 95 %
-Wilson interval; a measure an evaluation lacks is left blank). The regime settings of each run
+evaluations in the order of the first one (`k/n = 62.5 % [30.6 %, 86.3 %]` each, the bracket its
+95 % Wilson interval, in the reports' one format: `fluxjax.metrics.pass_rate_text`; a measure an
+evaluation lacks is left blank). The regime settings of each run
 (those `organisms.train` writes only when set) head its column.
 """
 
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 
 from fluxjax.files import atomic_write_text
-from fluxjax.metrics import wilson_interval
+from fluxjax.metrics import pass_rate_text
 from organisms.text import TEXT_LENGTH
 from organisms.train import REGIME_DEFAULTS
 
@@ -35,13 +36,7 @@ def column(run_dir: Path, eval_dir: Path) -> dict:
             "steps": f"{summary['steps_done']} of {summary['steps']}",
             "minutes": f"{summary['train_seconds'] / 60:.1f}",
             "loss": f"{summary['final_loss_mean_last_50']:.4f}",
-            "rates": {r["setting"]: _rate(r["passed"], r["n"]) for r in rates}}
-
-
-def _rate(passed: int, n: int) -> str:
-    """'k/n = rate [low, high]', the bracket the 95 % Wilson interval."""
-    low, high = wilson_interval(passed, n)
-    return f"{passed}/{n} = {passed / n:.0%} [{low:.0%}, {high:.0%}]"
+            "rates": {r["setting"]: pass_rate_text(r["passed"], r["n"]) for r in rates}}
 
 
 def table(columns: dict[str, dict]) -> str:

@@ -5,7 +5,8 @@
 One variant per process (run several side by side on one accelerator). Each trains with the
 training step of `organisms.train` (no checkpoints: this is a design probe, not a run to keep) and
 at each evaluation step appends one JSON line to --out: the variant, step, seconds, the mean loss
-of the last 100 steps and `organisms.evaluate.quality` of the EMA parameters on held-out seeds.
+of the last 100 steps and `organisms.evaluate.quality` of the EMA parameters on held-out seeds,
+each measure as {n, passed, rate, low, high} (low, high: the rate's 95 % Wilson interval).
 
 A variant sets the scene design (`organisms.data.SceneDesign`), the RoPE base and
 the training length and batch; everything else is `TrainSettings`' default. The organisms' design
@@ -23,6 +24,7 @@ import time
 import jax
 import numpy as np
 
+from fluxjax.metrics import PassRate, interval_fields
 from organisms.data import SceneDesign
 from organisms.evaluate import quality
 from organisms.model import ORGANISMS
@@ -43,6 +45,11 @@ VARIANTS = {  # name: (organism, centre jitter, size range, batch, steps, evalua
     "d-j2-t10": ("direct", 2.0, (8.0, 11.0), 32, 3000, (1000, 2000, 3000), 10),
     "tr-j0-t10": ("text-routed", 0.0, (8.0, 11.0), 32, 3000, (1000, 2000, 3000), 10),
 }
+
+
+def rate_fields(rates: list[PassRate]) -> dict:
+    """{measure: {n, passed, rate, low, high}}: each pass rate with its 95 % Wilson interval."""
+    return {r.setting: interval_fields(r.passed, r.n) for r in rates}
 
 
 def main(argv=None):
@@ -73,7 +80,7 @@ def main(argv=None):
         row = {"variant": args.variant, "step": step, "of": steps, "seconds": round(t0 - start, 1),
                "loss_last100": float(np.mean(losses[-100:])), "eval_seconds": round(time.perf_counter() - t0, 1),
                "last": last, "device": jax.devices()[0].device_kind,
-               **{r.setting: round(r.rate, 3) for r in rates}}
+               **rate_fields(rates)}
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)

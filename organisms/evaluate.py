@@ -202,10 +202,11 @@ def patching(organism, mode: str = "padding", block: int | None = None, n: int =
     examples, seeds = swatch_tasks(4 * n)
     sources = [examples[s] for s, _ in pairs]
     targets = [examples[t] for _, t in pairs]
-    _, caps = _run(org, sources, [seeds[s] for s, _ in pairs], capture=fluxjax.Capture(text=(block,)))
+    at = fluxjax.site(block, "text", "output")
+    _, caps = _run(org, sources, [seeds[s] for s, _ in pairs], capture=fluxjax.Capture(sites=(at,)))
     _, content = org[0].tokenize([e.instruction for e in targets])
     mask = org[0].layout(refs=True).text_mask(MODES[mode], content)
-    sub = fluxjax.substitution(block, per_step(caps.text[:, 0]), mask)  # value [S, B, T, D]: one slice per step
+    sub = fluxjax.substitution(at, per_step(caps[at]), mask)  # value [S, B, T, D]: one slice per step
     out = _images(_run(org, targets, [seeds[t] for _, t in pairs],
                        interventions=fluxjax.Interventions(substitutions=(sub,)))[0])
     verdicts = [closer_to_source(o, _swatch_lab(s), _swatch_lab(t))[0] for o, s, t in zip(out, sources, targets)]
@@ -218,11 +219,12 @@ def lens(organism, mode: str = "all", block: int | None = None, n: int = 64) -> 
     org = _load(organism)
     block = default_block(org) if block is None else block
     examples, seeds = swatch_tasks(n)
-    _, caps = _run(org, examples, seeds, capture=fluxjax.Capture(text=(block,)), num_steps=1)
+    at = fluxjax.site(block, "text", "output")
+    _, caps = _run(org, examples, seeds, capture=fluxjax.Capture(sites=(at,)), num_steps=1)
     _, content = org[0].tokenize([e.instruction for e in examples])
     empty = org[0].tokenize([""] * n)
     mask = org[0].layout(refs=False).text_mask(MODES[mode], content)
-    sub = fluxjax.substitution(fluxjax.BLOCK0_INPUT, caps.text[0, 0], mask)  # the 1-step run's only step
+    sub = fluxjax.substitution("embed.text.output", caps[at][0], mask)  # the 1-step run's only step
     out = _images(_run(org, examples, _next_seeds(seeds), refs=False, tokens=empty,
                        interventions=fluxjax.Interventions(substitutions=(sub,)))[0])
     shown = [colour_error(o, _swatch_lab(e)) <= COLOUR_MATCH_DE00 for o, e in zip(out, examples)]
@@ -324,8 +326,7 @@ def main(argv=None):
         rows += [(e.instruction, e.reference, img, e.target) for e, img in zip(examples[:4], out_images[:4])]
     sample_grid(rows).save(out / "samples.png")  # columns: reference, sample, ground truth
     for r in rates:
-        print(f"{org[0].name:12s} {r.setting:32s} {r.passed:3d}/{r.n:3d} = {r.rate:.0%} "
-              f"[{r.low:.0%}, {r.high:.0%}]   ({r.criterion})")
+        print(f"{org[0].name:12s} {r.setting:32s} {r.text:32s} ({r.criterion})")
 
 
 if __name__ == "__main__":

@@ -174,24 +174,25 @@ def text_features(params: OrganismParams, organism: Organism, tokens) -> jax.Arr
 
 
 def velocity(params: OrganismParams, organism: Organism, x, refs, tokens, t, interventions=None, capture=None,
-             attn_impl: str | None = None):
+             runtime: fluxjax.RuntimeOptions | None = None):
     """(The predicted velocity [B, 64, 48] of the noisy tokens x at time t [B], Captures): training's
     forward.
 
     refs: reference tokens [B, 64, 48] or None; interventions: built by `organism_interventions`
-    for this layout (on the host: the knockout needs the concrete content mask).
+    for this layout (on the host: the knockout needs the concrete content mask); runtime: the
+    attention kernel (`fluxjax.RuntimeOptions`).
     """
     layout = organism.layout(refs is not None)
     img = x if refs is None else jnp.concatenate([x, refs], axis=1)
     out, captures = fluxjax.forward(params.transformer, organism.transformer, img,
                                     text_features(params, organism, tokens), t, layout.img_ids(), layout.txt_ids(),
-                                    interventions=interventions, capture=capture, attn_impl=attn_impl)
+                                    interventions=interventions, capture=capture, runtime=runtime)
     return out[:, :layout.n_img], captures
 
 
 def generate(params: OrganismParams, organism: Organism, tokens, content_mask, *, refs=None, seed=None, noise=None,
              interventions: Interventions | None = None, capture=None, txt=None, num_steps: int | None = None,
-             attn_impl: str | None = None):
+             runtime: fluxjax.RuntimeOptions | None = None):
     """Sample image tokens [B, 64, 48] with `fluxjax.sample`, the organism's cuts applied.
 
     tokens, content_mask: from `organisms.text.tokenize`. refs: reference tokens [B or 1, 64, 48].
@@ -207,7 +208,7 @@ def generate(params: OrganismParams, organism: Organism, tokens, content_mask, *
     options = dataclasses.replace(SAMPLER, num_steps=num_steps)
     return fluxjax.sample(params.transformer, organism.transformer, options, txt, layout.txt_ids(), layout.img_ids(),
                           noise=noise, seed=seed, refs=refs, interventions=iv, capture=capture,
-                          sigmas=sigmas(num_steps), attn_impl=attn_impl)
+                          sigmas=sigmas(num_steps), runtime=runtime)
 
 
 def generate_images(params: OrganismParams, organism: Organism, instructions, references=None, *, seeds,

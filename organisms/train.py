@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from fluxjax.checkpoint import expected_leaves, read_tree, write_tree
 from fluxjax.files import atomic_directory
+from fluxjax.options import RuntimeOptions
 from fluxjax.trees import named_leaves
 from organisms import codec
 from organisms.checkpoint import save_organism
@@ -78,7 +79,8 @@ class TrainSettings:
     clip_norm: float = 1.0
     ema_decay: float = 0.999
     checkpoint_every: int = 250
-    attn_impl: str = "xla"  # fastest here for these short sequences; a runtime choice, kept for determinism
+    attn_impl: str = "xla"  # the attention kernel (`fluxjax.RuntimeOptions.attention`): fastest here for these short
+    #                         sequences; a runtime choice, kept in the settings for determinism
     # training regimes (docs/organisms.md, "Does the route emerge?"); none cuts an attention edge
     t2i_first_steps: int = 0  # the first steps are text-to-image only (FLUX.2's order: T2I, then editing)
     frozen_text_encoder: bool = False  # the text encoder keeps its initial weights (FLUX.2's is frozen)
@@ -183,7 +185,8 @@ def flow_loss(params, s: TrainSettings, part, interventions):
     """Per-sample rectified-flow loss [B]: |v(x_t, t) - (eps - x0)|^2 averaged over tokens and channels."""
     x0, eps, t = part["x0"], part["eps"], part["t"]
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-    v, _ = velocity(params, s.organism, xt, part["refs"], part["tokens"], t, interventions, attn_impl=s.attn_impl)
+    v, _ = velocity(params, s.organism, xt, part["refs"], part["tokens"], t, interventions,
+                    runtime=RuntimeOptions(attention=s.attn_impl))
     return jnp.mean(jnp.square(v - (eps - x0)), axis=(1, 2))
 
 

@@ -119,7 +119,7 @@ EXAMPLES = {
     ("docs/interventions.md", "import dataclasses"): ("python", "test_interventions_examples"),
     ("docs/interventions.md", 'out, caps = run(capture=fluxjax.Capture(sites=("embed.text.output", "b1.image.attn_out",'):
         ("python", "test_interventions_examples"),
-    ("docs/interventions.md", "_, edit = run(capture=fluxjax.Capture(text=(1,)))"):
+    ("docs/interventions.md", '_, edit = run(capture=fluxjax.Capture(sites=("b1.text.output",)))'):
         ("python", "test_interventions_examples"),
     ("docs/interventions.md", '_, sites = run(capture=fluxjax.Capture(sites=("b2.image.output", "b3.text.attn_out", '
                               '"b3.text.mlp_out")))'): ("python", "test_interventions_examples"),
@@ -269,7 +269,7 @@ def test_interventions_examples(scratch):
         run_python(block(*key).text, namespace, scratch)
     # What the one-call example says it shows.
     assert namespace["result"].images.shape == (1, 32, 32, 3)
-    assert namespace["result"].captures.text.shape == (8, 1, 1, 32, 128)
+    assert namespace["result"].captures["b1.text.output"].shape == (8, 1, 32, 128)
     assert namespace["plain"].images.dtype == np.uint8
 
 
@@ -305,7 +305,7 @@ def test_organisms_edit_example(scratch, capsys):
 
 def test_readme_python(scratch, klein_folder):
     """The README's transformer, interventions and sampling blocks, klein-9B's width shrunk (its 32
-    blocks kept, so `Capture(text=(7, 17))` is valid) and its model folder a tiny random one."""
+    blocks kept, so the site "b17.image.attn_out" is valid) and its model folder a tiny random one."""
     import dataclasses as dc
 
     import fluxjax
@@ -342,7 +342,7 @@ def test_readme_python(scratch, klein_folder):
     code = substitute(block("README.md", "from fluxjax import pipeline").text,
                       ('"FLUX.2-klein-9B/"', repr(str(klein_folder))))
     run_python(code, namespace, scratch)
-    assert (scratch / "edit.png").is_file() and namespace["result"].captures.text.shape[1] == 1
+    assert (scratch / "edit.png").is_file() and namespace["result"].captures["b17.text.output"].shape[1] == 1
 
     run_python(block("README.md", "from experiments import load_model").text, namespace, scratch)
     assert namespace["result"].images.shape == (1, 32, 32, 3)

@@ -208,7 +208,7 @@ def test_vmapped_knockout_sweep_lowers_for_cuda(cudnn_version):
         params, sds((1, layout.n_txt, config.context_in_dim), jnp.bfloat16), jnp.asarray(layout.txt_ids()),
         jnp.asarray(layout.img_ids()), sds((1, layout.n_img, config.in_channels), jnp.bfloat16),
         sds((1, layout.n_ref, config.in_channels), jnp.bfloat16), None, cells, np.linspace(1, 0, 3, dtype=np.float32),
-        config=config, options=options, attn_impl="cudnn")
+        config=config, options=options, runtime=fluxjax.RuntimeOptions(attention="cudnn"))
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     calls = _lowered_cudnn_calls(text)
     V, L = len(CELLS), layout.total
@@ -239,7 +239,7 @@ def test_vmapped_substitution_sweep_lowers_for_cuda(cudnn_version):
         params, sds((1, layout.n_txt, config.context_in_dim), jnp.bfloat16), jnp.asarray(layout.txt_ids()),
         jnp.asarray(layout.img_ids()), sds((1, layout.n_img, config.in_channels), jnp.bfloat16),
         sds((1, layout.n_ref, config.in_channels), jnp.bfloat16), None, cells, np.linspace(1, 0, 3, dtype=np.float32),
-        config=config, options=options, attn_impl="cudnn")
+        config=config, options=options, runtime=fluxjax.RuntimeOptions(attention="cudnn"))
     calls = _lowered_cudnn_calls(traced.lower(lowering_platforms=("cuda",)).as_text())
     assert len(calls) == 2 and all(name == "Softmax" for name, _ in calls), calls  # the no-bias kernel
     assert all(operands[0].startswith(f"tensor<3x{layout.total}x") for _, operands in calls)

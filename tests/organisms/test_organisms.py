@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fluxjax
-from fluxjax.metrics import COLOUR_MATCH_DE00, colour_error, reference_colour
+from fluxjax.metrics import COLOUR_MATCH_DE00, colour_error, reference_colour, wilson_interval
 from organisms import codec
 from organisms.checkpoint import load_organism
 from organisms.data import KINDS, SHAPES, SIZE, heldout_example, heldout_examples, make_example, train_example
@@ -99,7 +99,8 @@ def test_design_sweep_runs_a_variant(tmp_path):
     out = tmp_path / "sweep.jsonl"
     design_sweep.main(["--variant", "tr-j2-t10", "--out", str(out), "--steps", "1", "--n", "2"])
     row = json.loads(out.read_text())
-    assert row["variant"] == "tr-j2-t10" and row["step"] == 1 and 0.0 <= row["swatch shape"] <= 1.0
+    assert row["variant"] == "tr-j2-t10" and row["step"] == 1
+    assert row["swatch shape"]["n"] == 2 and 0.0 <= row["swatch shape"]["low"] <= row["swatch shape"]["high"] <= 1.0
 
 
 def test_tasks_draw_what_their_instructions_say():
@@ -335,9 +336,15 @@ def test_compare_puts_runs_side_by_side(tmp_path, capsys):
     assert lines[0] == "| measure | plain | frozen |"
     assert "| training regime | none (plain) | frozen_text_encoder = True |" in lines
     assert "| routing cuts in training | ref->image, ref->text[content] | ref->image, ref->text[content] |" in lines
-    # each rate with its 95 % Wilson interval: 1/2 [9, 91], 2/2 [34, 100], 0/1 [0, 79]
-    assert "| knockout ref->text | 1/2 = 50% [9%, 91%] | 2/2 = 100% [34%, 100%] |" in lines
-    assert "| lens all @ block 1 |  | 0/1 = 0% [0%, 79%] |" in lines
+    # each rate with its 95 % Wilson interval, in the one percent format of every report
+    assert "| knockout ref->text | 1/2 = 50 % [9.5 %, 90.5 %] | 2/2 = 100 % [34.2 %, 100 %] |" in lines
+    assert "| lens all @ block 1 |  | 0/1 = 0 % [0 %, 79.3 %] |" in lines
+    from experiments import report, tables
+
+    low, high = wilson_interval(1, 2)
+    row = next(line for line in lines if line.startswith("| knockout ref->text |"))
+    assert row.split(" | ")[1] == f"1/2 = {tables.rate_text(0.5, low, high)}"
+    assert tables.rate_text(0.5, low, high) == f"{report.percent(0.5)} [{report.percent(low)}, {report.percent(high)}]"
     with pytest.raises(SystemExit):
         compare.main([f"x={tmp_path}:{tmp_path}"])
     assert "summary.json does not exist" in capsys.readouterr().err
