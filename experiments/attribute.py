@@ -549,7 +549,7 @@ def main(argv=None) -> int:
         model = models.load_model(args.model)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    out = args.out or Path("runs/attribution") / models.name(args.model)
+    out = Path(args.out or Path("runs/attribution") / models.name(args.model)).absolute()  # the report's links
     summary, files = attribute(model, s, timing=args.time)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():

@@ -48,12 +48,14 @@ def test_colour_metric_is_the_distance_of_the_objects_mean_colour():
 
 
 @pytest.mark.slow
-def test_command_on_an_organism(tmp_path):
+def test_command_on_an_organism(tmp_path, monkeypatch):
     """One sampler step of the text-routed organism: every kind and method, the top 3 and 3 control
-    cells run exactly; its trained cuts are no cells."""
+    cells run exactly; its trained cuts are no cells. The output folder given relative to the working
+    directory, as on a command line."""
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "attr"
     assert attribute.main(["--model", "text-routed", "--steps", "1", "--top-k", "3", "--control", "3",
-                           "--ig-points", "2", "--attn-impl", "xla", "--out", str(out)]) == 0
+                           "--ig-points", "2", "--attn-impl", "xla", "--out", "attr"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["kinds"]) == {"patches", "edges"}
     assert set(summary["kinds"]["patches"]["methods"]) == {"atp", "ig"}
