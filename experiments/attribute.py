@@ -202,10 +202,15 @@ class Patches:
 
 def patches(model, options, source: Edit, target: Edit, metric, attn_impl: str | None = None) -> Patches:
     """The source and target edits' text streams at every block (one run each)."""
-    capture = Capture(text=tuple(range(backend(model).config.num_blocks)))
+    sites = tuple(f"b{k}.text.output" for k in range(backend(model).config.num_blocks))
+    capture = Capture(sites=sites)
+
+    def streams(caps):  # [S, blocks, B, T, D]
+        return jnp.stack([caps[s] for s in sites], axis=-4)
+
     problem = Problem(model, target, options, metric, attn_impl)
-    src = Problem(model, source, options, metric, attn_impl).latents(None, capture)[1].text
-    return Patches(problem=problem, source=src, target=problem.latents(None, capture)[1].text)
+    src = streams(Problem(model, source, options, metric, attn_impl).latents(None, capture)[1])
+    return Patches(problem=problem, source=src, target=streams(problem.latents(None, capture)[1]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 DEMO = Path(__file__).resolve().parents[2] / "docs" / "demo.py"
 
 
+@pytest.mark.slow  # 52 s in the default run
 def test_the_demo_notebook_runs_on_a_model_folder(tiny_model_folder, tmp_path, monkeypatch):
     import jupytext
     import nbclient

@@ -263,6 +263,7 @@ def test_the_checkout_imports_from_any_directory(tmp_path):
 
 # --- python blocks ----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # 107 s in the default run
 def test_interventions_examples(scratch):
     namespace: dict = {}
     for key in [k for k, (how, _) in EXAMPLES.items() if k[0] == "docs/interventions.md" and how == "python"]:
@@ -365,6 +366,7 @@ noise = img[:, :layout.n_img]
 """
 
 
+@pytest.mark.slow  # 35 s in the default run; the sharding itself: tests/fluxjax/test_sharding.py
 def test_sharding_example(scratch):
     """docs/sharding.md's usage block on 8 host devices (a subprocess: the device count is fixed at
     start), with a tiny transformer saved where it loads from, and a batch of 2."""

@@ -342,6 +342,7 @@ def test_names_blocks_and_colour_pairs():
 # model organisms through the experiment commands
 
 
+@pytest.mark.slow  # 156 s in the default run; run_all on one organism stays in the default run
 def test_run_all_on_both_organisms_puts_them_side_by_side(tmp_path):
     """The default model of the main job: both committed organisms, one run folder each, one
     comparison report; inside the experiments an organism's own cuts come with every call."""

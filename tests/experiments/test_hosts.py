@@ -311,6 +311,8 @@ def _forward_case():
     import jax
 
     import fluxjax
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (this module runs as a worker too)
     from reference import TINY
 
     layout = fluxjax.TokenLayout(12, (3, 4), ((2, 3),))
@@ -327,6 +329,8 @@ def _forward(params, layout, img, txt, t, guidance):
     import jax
 
     import fluxjax
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (this module runs as a worker too)
     from reference import TINY
 
     out, _ = jax.jit(fluxjax.forward, static_argnums=1)(params, TINY, img, txt, t, layout.img_ids(),

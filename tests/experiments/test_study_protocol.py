@@ -166,6 +166,7 @@ def test_knockout_layer_modes_are_one_vmapped_call_per_task(tmp_path, monkeypatc
         sorted(f"sweep--ref-to-image--win{k}.png" for k in range(5))
 
 
+@pytest.mark.slow  # 39 s in the default run
 def test_additive_patching_equals_replacement_in_one_step_and_adds_nothing_to_itself(tmp_path):
     from experiments import patching
 

@@ -279,6 +279,7 @@ def test_text_to_image_first_steps_hold_no_edit():
         dataclasses.replace(s, t2i_first_steps=s.steps)
 
 
+@pytest.mark.slow  # 68 s in the default run
 def test_regimes_train_without_cuts(tmp_path):
     s = dataclasses.replace(SETTINGS, organism=TINY_DIRECT, steps=4, t2i_first_steps=2, frozen_text_encoder=True)
     result = train(tmp_path / "run", s, progress=False)
@@ -296,6 +297,7 @@ def test_regimes_train_without_cuts(tmp_path):
         train(tmp_path / "run", dataclasses.replace(s, frozen_text_encoder=False), progress=False)
 
 
+@pytest.mark.slow  # 57 s in the default run
 def test_a_longer_text_runs_through_training_sampling_and_evaluation(tmp_path):
     from organisms import evaluate
 

@@ -60,6 +60,7 @@ def _rates(rates):
     return {r.setting: r.rate for r in rates}
 
 
+@pytest.mark.slow  # 36 s in the default run; per organism
 @pytest.mark.parametrize("which", ["direct", "routed"])
 def test_quality(which, request):
     rates = _rates(evaluate.quality(request.getfixturevalue(which), N)[0])
@@ -72,6 +73,7 @@ def test_direct_reads_the_reference_straight_into_the_image(direct):
     assert evaluate.knockout(direct, "ref->text", N).rate <= 0.10
 
 
+@pytest.mark.slow  # 83 s in the default run
 def test_text_routed_reads_the_reference_through_the_text_padding(routed):
     assert evaluate.knockout(routed, "ref->text[padding]", N).rate >= 0.90
     assert evaluate.patching(routed, "padding", n=N).rate >= 0.80
@@ -97,6 +99,7 @@ def _retrain(name: str, out, steps: int, **settings) -> np.ndarray:
 RTOL = 1e-3
 
 
+@pytest.mark.slow  # 65 s in the default run
 def test_retraining_reproduces_the_first_steps_of_the_committed_curve(tmp_path):
     steps = 5
     np.testing.assert_allclose(_retrain("direct", tmp_path / "direct", steps), _committed_losses("direct", steps),
@@ -128,6 +131,7 @@ def test_retraining_and_resuming_reproduce_the_first_100_steps(name, tmp_path):
     np.testing.assert_allclose(resumed, committed_curve, rtol=RTOL)
 
 
+@pytest.mark.slow  # 52 s in the default run
 def test_docs_example_runs_and_draws_what_it_says(monkeypatch):
     """The Python example of docs/organisms.md runs as written from the repository root; its
     sample is a ring in the swatch's blue."""
