@@ -189,28 +189,34 @@ def _lowered_cudnn_calls(text):
     return [(name, [t.strip() for t in types_.split(", ")]) for name, types_ in _CUSTOM_CALL.findall(text)]
 
 
+def _sweep_cudnn_calls(layout, cells, config=TINY):
+    """The cuDNN calls of the experiments' vmapped sampler over `cells` (bf16 shapes, 2 steps),
+    lowered for CUDA."""
+    from experiments.sweep import _sample_many
+
+    sds = jax.ShapeDtypeStruct
+    traced = _sample_many.trace(
+        fluxjax.param_shapes(config, jnp.bfloat16), sds((1, layout.n_txt, config.context_in_dim), jnp.bfloat16),
+        jnp.asarray(layout.txt_ids()), jnp.asarray(layout.img_ids()),
+        sds((1, layout.n_img, config.in_channels), jnp.bfloat16),
+        sds((1, layout.n_ref, config.in_channels), jnp.bfloat16), None, cells,
+        np.linspace(1, 0, 3, dtype=np.float32), config=config,
+        options=fluxjax.SamplerOptions(num_steps=2, guidance="none"), runtime=fluxjax.RuntimeOptions(attention="cudnn"))
+    return _lowered_cudnn_calls(traced.lower(lowering_platforms=("cuda",)).as_text())
+
+
 def test_vmapped_knockout_sweep_lowers_for_cuda(cudnn_version):
     """The experiments' sweep program (`experiments.sweep._sample_many`: the sampler vmapped over
     knockout tables) at tiny size in bfloat16 with cuDNN attention, lowered for the CUDA platform:
     every block's segments are cuDNN calls, the text span's with a one-head bias over V * B."""
-    from experiments.sweep import _sample_many
     from fluxjax.interventions import Interventions, stack
 
     config = TINY
     layout = fluxjax.TokenLayout(n_txt=16, img_grid=(4, 4), ref_grids=((4, 4),))
     content = np.zeros((1, layout.n_txt), bool)
     content[0, 2:6] = True
-    params = fluxjax.param_shapes(config, jnp.bfloat16)
-    sds = jax.ShapeDtypeStruct
     cells = stack([Interventions(knockout=fluxjax.knockout(config, layout, content, c)) for c in CELLS])
-    options = fluxjax.SamplerOptions(num_steps=2, guidance="none")
-    traced = _sample_many.trace(
-        params, sds((1, layout.n_txt, config.context_in_dim), jnp.bfloat16), jnp.asarray(layout.txt_ids()),
-        jnp.asarray(layout.img_ids()), sds((1, layout.n_img, config.in_channels), jnp.bfloat16),
-        sds((1, layout.n_ref, config.in_channels), jnp.bfloat16), None, cells, np.linspace(1, 0, 3, dtype=np.float32),
-        config=config, options=options, runtime=fluxjax.RuntimeOptions(attention="cudnn"))
-    text = traced.lower(lowering_platforms=("cuda",)).as_text()
-    calls = _lowered_cudnn_calls(text)
+    calls = _sweep_cudnn_calls(layout, cells)
     V, L = len(CELLS), layout.total
     # the scans hold one double and one single block body: three segments each (text, image, reference)
     assert len(calls) == 6, [c[0] for c in calls]
@@ -225,21 +231,12 @@ def test_vmapped_knockout_sweep_lowers_for_cuda(cudnn_version):
 def test_vmapped_substitution_sweep_lowers_for_cuda(cudnn_version):
     """The plain cuDNN path (no mask: `jax.nn.dot_product_attention`) under the same vmap, as the
     lens and patching experiments run it: jax's batching rule flattens V into the batch."""
-    from experiments.sweep import _sample_many
     from fluxjax.interventions import Interventions, stack, substitution
 
     config = TINY
     layout = fluxjax.TokenLayout(n_txt=16, img_grid=(4, 4), ref_grids=((4, 4),))
-    params = fluxjax.param_shapes(config, jnp.bfloat16)
-    sds = jax.ShapeDtypeStruct
     value = jnp.zeros((1, layout.n_txt, config.hidden_size), jnp.bfloat16)
     cells = stack([Interventions(substitutions=(substitution(b, value),)) for b in range(3)])
-    options = fluxjax.SamplerOptions(num_steps=2, guidance="none")
-    traced = _sample_many.trace(
-        params, sds((1, layout.n_txt, config.context_in_dim), jnp.bfloat16), jnp.asarray(layout.txt_ids()),
-        jnp.asarray(layout.img_ids()), sds((1, layout.n_img, config.in_channels), jnp.bfloat16),
-        sds((1, layout.n_ref, config.in_channels), jnp.bfloat16), None, cells, np.linspace(1, 0, 3, dtype=np.float32),
-        config=config, options=options, runtime=fluxjax.RuntimeOptions(attention="cudnn"))
-    calls = _lowered_cudnn_calls(traced.lower(lowering_platforms=("cuda",)).as_text())
+    calls = _sweep_cudnn_calls(layout, cells)
     assert len(calls) == 2 and all(name == "Softmax" for name, _ in calls), calls  # the no-bias kernel
     assert all(operands[0].startswith(f"tensor<3x{layout.total}x") for _, operands in calls)
