@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import TINY, inputs, rel_err
+from reference import GROUPS_CONTENT, GROUPS_LAYOUT, TINY, groups_forward_case, rel_err
 
 import fluxjax
 from fluxjax import numerics
@@ -28,12 +28,7 @@ from fluxjax.layout import key_segments
 # spread for the reference as much as for the merge: see test_as_accurate_as_the_reference.
 GROUP_TOL = 1e-6
 
-# Text spans whose content and padding interleave differently per sample, including a sample with
-# no content at all (its text[content] group is empty: a segment part no query reads).
-LAYOUT = fluxjax.TokenLayout(n_txt=24, img_grid=(5, 6), ref_grids=((4, 5), (3, 3)))
-CONTENT = np.zeros((3, LAYOUT.n_txt), bool)
-CONTENT[0, 2:9] = True
-CONTENT[1, [1, 4, 5, 13, 20]] = True
+LAYOUT, CONTENT = GROUPS_LAYOUT, GROUPS_CONTENT  # sample 2 has no content: an empty text[content] group
 
 SETTINGS = [  # the study's edges ("A->B": B may not read A), combinations, and the reference drop
     "ref->text", "ref->image", "ref->text[padding]", "ref->text[content]", "text->ref", "image->ref",
@@ -279,11 +274,7 @@ fwd = jax.jit(fluxjax.forward, static_argnames=("config", "capture", "attn_impl"
 
 @pytest.fixture(scope="module")
 def model():
-    params = fluxjax.init_params(TINY, jax.random.key(0))
-    img, txt = inputs(TINY, LAYOUT, batch=CONTENT.shape[0], seed=1)
-    data = (jnp.asarray(img), jnp.asarray(txt), jnp.asarray([0.4, 0.9, 0.6], jnp.float32),
-            jnp.asarray(LAYOUT.img_ids()), jnp.asarray(LAYOUT.txt_ids()))
-    return params, data
+    return groups_forward_case()
 
 
 def _run(model, iv, attn_impl):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import TINY, inputs, rel_err
+from reference import GROUPS_CONTENT, GROUPS_LAYOUT, TINY, groups_forward_case, rel_err
 
 import fluxjax
 from fluxjax import numerics
@@ -31,10 +31,7 @@ FLOW_TOL = 1e-6
 # relative to their size (measured 1.1e-6 absolute at most, 2e-7 relative).
 CARRIED_TOL = 1e-6
 
-LAYOUT = fluxjax.TokenLayout(n_txt=24, img_grid=(5, 6), ref_grids=((4, 5), (3, 3)))
-CONTENT = np.zeros((3, LAYOUT.n_txt), bool)
-CONTENT[0, 2:9] = True
-CONTENT[1, [1, 4, 5, 13, 20]] = True  # sample 2 has no content: its text[content] group is empty
+LAYOUT, CONTENT = GROUPS_LAYOUT, GROUPS_CONTENT  # sample 2 has no content: an empty text[content] group
 G = LAYOUT.num_groups
 SEGMENTS = key_segments(LAYOUT.n_txt, LAYOUT.total, G, (LAYOUT.n_img, *LAYOUT.ref_counts))
 
@@ -121,11 +118,7 @@ EVERY = fluxjax.Capture(flow=fluxjax.Flow(blocks=range(TINY.num_blocks), tokens=
 
 @pytest.fixture(scope="module")
 def model():
-    params = fluxjax.init_params(TINY, jax.random.key(0))
-    img, txt = inputs(TINY, LAYOUT, batch=CONTENT.shape[0], seed=1)
-    data = (jnp.asarray(img), jnp.asarray(txt), jnp.asarray([0.4, 0.9, 0.6], jnp.float32),
-            jnp.asarray(LAYOUT.img_ids()), jnp.asarray(LAYOUT.txt_ids()))
-    return params, data
+    return groups_forward_case()
 
 
 def _run(model, kernel, capture=EVERY, content=CONTENT, iv=None):
