@@ -250,6 +250,12 @@ def _broadcasts_to(shape, target) -> bool:
         return False
 
 
+def _is_edge_table(shape, num_blocks: int, num_heads: int) -> bool:
+    """A table over (query group, key group) edges: [num_blocks, G, G], or per head [num_blocks, H, G, G]."""
+    return (len(shape) in (3, 4) and shape[0] == num_blocks and shape[-1] == shape[-2]
+            and (len(shape) == 3 or shape[1] == num_heads))
+
+
 def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: int, lanes: Lanes,
              refs_known: bool = True, dtype=None, cached_refs: int = 0):
     """Raise a ValueError (TypeError for a dtype) that says what to fix if `iv` or `capture` do not
@@ -328,8 +334,7 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
     knock = iv.knockout
     if knock is not None:
         shape = np.shape(knock.allowed)
-        if len(shape) not in (3, 4) or shape[0] != nb or shape[-1] != shape[-2] or \
-                (len(shape) == 4 and shape[1] != config.num_heads):
+        if not _is_edge_table(shape, nb, config.num_heads):
             raise ValueError(f"knockout.allowed has shape {shape}; it must be [num_blocks, G, G] or per head "
                              f"[num_blocks, H, G, G] with num_blocks = {nb}, H = {config.num_heads}")
         if jnp.result_type(knock.allowed) != jnp.bool_:
@@ -344,8 +349,7 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
     gates = iv.gates
     if gates is not None:
         shape = np.shape(gates.gate)
-        if len(shape) not in (3, 4) or shape[0] != nb or shape[-1] != shape[-2] or \
-                (len(shape) == 4 and shape[1] != config.num_heads):
+        if not _is_edge_table(shape, nb, config.num_heads):
             raise ValueError(f"edge gates have shape {shape}; they must be [num_blocks, G, G] or per head "
                              f"[num_blocks, H, G, G] with num_blocks = {nb}, H = {config.num_heads}")
         if not jnp.issubdtype(jnp.result_type(gates.gate), jnp.floating):
