@@ -4,10 +4,21 @@
 # is in pyproject.toml). Tests run on $FLUXJAX_TEST_WORKERS processes (default 2; pytest-xdist, each
 # test file on one worker, so that a file's fixtures are built once); FLUXJAX_TEST_WORKERS=0 runs them
 # in this process.
+# `--fast` runs the fast tier instead: the library's own tests (tests/fluxjax) that run in the test
+# process against JAX alone, that is without the slow ones, without those checked against a PyTorch
+# reference (marker `parity`) and without those that start other processes (marker `processes`).
+# It keeps JAX's persistent compilation cache in .cache/jax-fast-tier (set JAX_COMPILATION_CACHE_DIR
+# to move it): a rerun compiles only the programs that changed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
 cd "$root"
+if [ "${1:-}" = --fast ]; then
+  shift
+  set -- tests/fluxjax -m "not slow and not parity and not processes" "$@"
+  export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$root/.cache/jax-fast-tier}"
+  export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}"
+fi
 workers="${FLUXJAX_TEST_WORKERS:-2}"
 if [ "$workers" = 0 ]; then
   exec "${FLUXJAX_VENV:-$root/.venv}/bin/python" -m pytest "$@"

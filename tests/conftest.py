@@ -4,6 +4,9 @@ import sys
 # Tests run on CPU in float32 at full matmul precision; 8 host devices only where a test asks.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
+from testenv import xla_flags  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_flags()  # before JAX starts; inherited by the processes tests start
 # Only the library is installed; the checkout's other folders (experiments, organisms, flux2ref, ...)
 # import from the repository root, in this process (pyproject's `pythonpath`) and in the child
 # processes the tests start.

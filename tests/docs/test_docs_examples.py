@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from testenv import host_devices
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -74,6 +75,9 @@ EXAMPLES = {
     ("README.md", "bash scripts/main.sh     # the main job: the study's five experiments, with a report"):
         ("slow", "main.sh: test_the_main_job_as_written (5-7 min); test.sh is omitted: it is this test suite "
                  "(CI runs it as .ci/run)"),
+    ("README.md", "bash scripts/test.sh --fast   # the library's own tests (tests/fluxjax) in-process: about 2.7 min "
+                  "on 2 cores"): ("shell", "test_fast_tier_selection: its selection, collected without running it "
+                                           "(running it is the fast tier itself)"),
     ("README.md", ".venv/bin/python -m experiments.run_all --model /models/FLUX.2-klein-9B --out runs/klein9b   "
                   "# every block swept"): ("check", "a real klein 9B on a GPU"),
     ("README.md", "import jax, jax.numpy as jnp"): ("python", "klein-9B sizes shrunk: test_readme_python"),
@@ -183,6 +187,26 @@ def test_every_block_is_listed():
     assert not set(EXAMPLES) - found, f"listed blocks no longer in the docs: {sorted(set(EXAMPLES) - found)}"
     for key, (how, why) in EXAMPLES.items():
         assert how in ("python", "shell", "check", "slow", "text", "omitted") and why, key
+
+
+def _collected(*args: str) -> set[str]:
+    """The test ids `bash scripts/test.sh ARGS --collect-only` selects (in one process)."""
+    done = subprocess.run(["bash", "scripts/test.sh", *args, "--collect-only", "-q", "-p", "no:cacheprovider"],
+                          cwd=REPO, env={**os.environ, "FLUXJAX_TEST_WORKERS": "0"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return {line for line in done.stdout.splitlines() if "::" in line}
+
+
+def test_fast_tier_selection():
+    """`bash scripts/test.sh --fast` selects the library's tests that run in-process against JAX alone:
+    exactly those of tests/fluxjax in the default run that are neither `parity` nor `processes`."""
+    fast = _collected("--fast")
+    library = _collected("tests/fluxjax")  # the default selection: not slow
+    left_out = _collected("tests/fluxjax", "-m", "not slow and (parity or processes)")
+    assert fast and left_out and all(t.startswith("tests/fluxjax/") for t in fast)
+    assert fast | left_out == library and not fast & left_out
+    assert len(fast) > 300, len(fast)  # the bulk of the library's tests
 
 
 def substitute(text: str, *pairs: tuple[str, str]) -> str:
@@ -374,7 +398,7 @@ def test_sharding_example(scratch):
             + block("docs/sharding.md", GLOBAL_MESH).text + "\nprint(out.shape, dict(mesh.shape))\n")
     script = scratch / "sharding_example.py"
     script.write_text(code)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, **host_devices(8)}
     done = subprocess.run([sys.executable, str(script)], cwd=scratch, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

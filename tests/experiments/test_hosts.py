@@ -27,15 +27,18 @@ import pytest
 
 from benchmarks.processes import launch, outputs, wait
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (this module runs as a worker too)
+from testenv import host_devices  # noqa: E402
+
 ARGS = ["knockout", "--model", "direct", "--colours", "red,blue,green", "--objects", "circle,triangle",
         "--seeds", "0", "--settings", "ref->image", "ref->text", "--layers", "all", ":2", "--steps", "1",
         "--chunk", "1", "--no-progress"]
 TASKS = 6
 SWEPT = 4  # cells of each task's knockout sweep
 RUN_TIMEOUT_S = 600
-ONE_DEVICE = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-TWO_DEVICES = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-FOUR_DEVICES = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+ONE_DEVICE = host_devices(1)
+TWO_DEVICES = host_devices(2)
+FOUR_DEVICES = host_devices(4)
 PAUSE_ENV = "FLUXJAX_TEST_PAUSE_AFTER_CELL"  # seconds a worker sleeps after finishing each cell
 PIXEL_TOL = 1  # of 255: fsdp-split matmuls sum in another order, so an occasional pixel rounds one level away
 SHARDED_TOL = 1e-6  # fp32: the fsdp-split matmuls sum in another order; test_sharding measured ~5e-7 in one process
@@ -312,7 +315,6 @@ def _forward_case():
 
     import fluxjax
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (this module runs as a worker too)
     from reference import TINY
 
     layout = fluxjax.TokenLayout(12, (3, 4), ((2, 3),))
@@ -330,7 +332,6 @@ def _forward(params, layout, img, txt, t, guidance):
 
     import fluxjax
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (this module runs as a worker too)
     from reference import TINY
 
     out, _ = jax.jit(fluxjax.forward, static_argnums=1)(params, TINY, img, txt, t, layout.img_ids(),

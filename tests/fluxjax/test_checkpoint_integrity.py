@@ -116,6 +116,7 @@ def test_changed_checksum_says_the_files_are_intact(tmp_path):
     refused(tree, "'small.bias'", "checksums themselves were changed")
 
 
+@pytest.mark.processes
 def test_a_tree_without_checksums_loads_once_they_are_added(tmp_path):
     tree = save(tmp_path / "tree")
     (tree / CHECKSUMS_FILE).unlink()
@@ -128,6 +129,7 @@ def test_a_tree_without_checksums_loads_once_they_are_added(tmp_path):
         add_checksums(tree)
 
 
+@pytest.mark.processes
 def test_truncated_file_gives_one_line_and_no_noise(tmp_path):
     """In a fresh process: the refusal is the only output (no TensorStore dump, no 'Exception ignored')."""
     tree = save(tmp_path / "tree")

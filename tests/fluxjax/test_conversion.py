@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from reference import TINY, diffusers_kwargs, random_state
 from safetensors.numpy import save_file
+from testenv import host_devices
 
 import fluxjax
 from fluxjax.conversion.__main__ import main as cli_main
@@ -381,6 +382,7 @@ def test_failure_midway_leaves_nothing(tmp_path, good, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.processes
 def test_cli_process_exit_codes(tmp_path, good):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
@@ -428,6 +430,7 @@ def test_native_round_trip_and_errors(tmp_path):
     assert not (tmp_path / "ck2").exists()
 
 
+@pytest.mark.processes
 def test_sharded_load_on_two_devices(tmp_path, good):
     """Params restore straight into the requested shardings (two host devices, in a subprocess)."""
     _, native = good
@@ -450,7 +453,7 @@ def test_sharded_load_on_two_devices(tmp_path, good):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         print("ok")
     """)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, **host_devices(2)}
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]

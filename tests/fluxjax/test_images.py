@@ -9,9 +9,6 @@ import pytest
 
 from fluxjax import images
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-
 
 def synthetic(width, height, mode="RGB", seed=0):
     """A smooth gradient plus noise, so resampling and cropping errors show."""
@@ -50,6 +47,7 @@ CASES = ([(size, mode) for size in [(64, 64), (100, 130), (333, 77), (512, 64)]
          + [((1500, 900), "RGB"), ((1030, 1030), "RGB"), ((1500, 900), "P"), ((1100, 1000), "L")])
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("size,mode", CASES)
 def test_preprocess_matches_pipeline(size, mode):
     image = synthetic(*size, mode=mode, seed=sum(size))
@@ -64,8 +62,9 @@ def test_preprocess_from_file(tmp_path):
     image = synthetic(200, 150, seed=3)
     path = tmp_path / "ref.png"
     image.save(path)
-    np.testing.assert_array_equal(images.preprocess_reference(str(path)), pipeline_preprocess(image))
-    np.testing.assert_array_equal(images.preprocess_reference(path), pipeline_preprocess(image))
+    want = images.preprocess_reference(image)  # (which is the pipeline's: test_preprocess_matches_pipeline)
+    np.testing.assert_array_equal(images.preprocess_reference(str(path)), want)
+    np.testing.assert_array_equal(images.preprocess_reference(path), want)
 
 
 def test_area_cap_keeps_aspect_and_bounds():
@@ -75,12 +74,20 @@ def test_area_cap_keeps_aspect_and_bounds():
     assert out.min() >= -1 and out.max() <= 1
 
 
-@pytest.mark.parametrize("size,match", [((63, 200), "at least 64"), ((64, 40), "at least 64"),
-                                        ((520, 64), "aspect ratio 8.1"), ((64, 600), "aspect ratio 9.4")])
+REFUSED = [((63, 200), "at least 64"), ((64, 40), "at least 64"), ((520, 64), "aspect ratio 8.1"),
+           ((64, 600), "aspect ratio 9.4")]
+
+
+@pytest.mark.parametrize("size,match", REFUSED)
 def test_rejects_small_and_extreme_images(size, match):
     with pytest.raises(ValueError, match=match):
         images.preprocess_reference(synthetic(*size))
-    with pytest.raises(ValueError):  # and so does the reference
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("size", [size for size, _ in REFUSED])
+def test_the_pipeline_refuses_the_same_images(size):
+    with pytest.raises(ValueError):
         pipeline_preprocess(synthetic(*size))
 
 
@@ -95,9 +102,11 @@ def test_unreadable_files_raise_clearly(tmp_path):
         images.preprocess_reference(np.zeros((64, 64, 3)))
 
 
+@pytest.mark.parity
 def test_reference_tokens_and_ids_match_pipeline():
     """Tokens of several references are packed and concatenated in order; their ids have
     T = 10, 20, 30 as in `_prepare_image_ids`, after the noisy image's (`_prepare_latent_ids`)."""
+    import torch
     from diffusers import Flux2KleinPipeline as P
 
     refs = [synthetic(64, 96, seed=1), synthetic(128, 64, "L", seed=2), synthetic(80, 80, "RGBA", seed=3)]

@@ -8,6 +8,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.processes  # every test here starts a Python process
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCKED = ("torch", "diffusers", "transformers")
 # Prepended to each child script: a meta-path finder that refuses every BLOCKED package.

@@ -10,6 +10,7 @@ on diffusers' modules that rewrite the text stream where fluxjax's sites are.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +19,10 @@ import pytest
 from reference import TINY, diffusers_transformer, inputs, rel_err, run_diffusers, state_dict_numpy
 
 import fluxjax
+from fluxjax.conversion.transformer import params_from_state
 from fluxjax.interventions import BLOCK0_INPUT
 
-torch = pytest.importorskip("torch")
-transformer_flux2 = pytest.importorskip("diffusers.models.transformers.transformer_flux2")
-from fluxjax.conversion.transformer import params_from_state  # noqa: E402
+pytestmark = pytest.mark.parity  # checked against a PyTorch model (diffusers); see pyproject.toml
 
 # The bars of the plain forward's parity (fp32 relative L2): at timestep 0 without guidance the
 # only differences are float32 rounding orders; in general the fp32 timestep sinusoid (arguments
@@ -75,6 +75,7 @@ def theirs(case, timestep, guidance=None, **kwargs):
 def torch_mask(layout, content, edges):
     """Edges 'A->B' (queries in B may not attend to keys in A) as diffusers' boolean attention mask
     [B, 1, L, L], written from the token masks alone, independently of fluxjax's knockout tables."""
+    import torch
     edges = [edges] if isinstance(edges, str) else edges
     mask = np.ones((content.shape[0], layout.total, layout.total), bool)
     for e in edges:
@@ -83,22 +84,30 @@ def torch_mask(layout, content, edges):
     return torch.as_tensor(mask[:, None])
 
 
-class _MaskedDouble(transformer_flux2.Flux2AttnProcessor):
-    def __init__(self, mask):
-        super().__init__()
-        self.mask = mask
+@functools.cache
+def _masked_processors():
+    """diffusers' double- and single-block attention processors, each applying a fixed mask
+    (diffusers is imported here, on first use, not when the tests are collected)."""
+    from diffusers.models.transformers import transformer_flux2
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, image_rotary_emb)
+    class MaskedDouble(transformer_flux2.Flux2AttnProcessor):
+        def __init__(self, mask):
+            super().__init__()
+            self.mask = mask
 
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     image_rotary_emb=None):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, image_rotary_emb)
 
-class _MaskedSingle(transformer_flux2.Flux2ParallelSelfAttnProcessor):
-    def __init__(self, mask):
-        super().__init__()
-        self.mask = mask
+    class MaskedSingle(transformer_flux2.Flux2ParallelSelfAttnProcessor):
+        def __init__(self, mask):
+            super().__init__()
+            self.mask = mask
 
-    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
-        return super().__call__(attn, hidden_states, self.mask, image_rotary_emb)
+        def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+            return super().__call__(attn, hidden_states, self.mask, image_rotary_emb)
+
+    return MaskedDouble, MaskedSingle
 
 
 @contextlib.contextmanager
@@ -107,9 +116,10 @@ def per_block_masks(model, mask, blocks):
     restore the model's own processors."""
     every = [*model.transformer_blocks, *model.single_transformer_blocks]
     saved = [b.attn.processor for b in every]
+    double, single = _masked_processors()
     try:
         for i in blocks:
-            cls = _MaskedDouble if i < len(model.transformer_blocks) else _MaskedSingle
+            cls = double if i < len(model.transformer_blocks) else single
             every[i].attn.set_processor(cls(mask))
         yield
     finally:
@@ -167,6 +177,7 @@ def test_knockout_general_timestep(case):
 
 def torch_head_mask(layout, content, edges_per_head):
     """Per-head edges as diffusers' boolean attention mask [B, H, L, L] (SDPA takes one mask per head)."""
+    import torch
     return torch.cat([torch_mask(layout, content, edges) for edges in edges_per_head], dim=1)
 
 
@@ -197,22 +208,26 @@ def test_per_head_knockout(case, blocks):
 @contextlib.contextmanager
 def substitution_hook(model, site: int, value, mask):
     """Rewrite diffusers' text stream at a fluxjax site: where(mask, value, stream)."""
+    import torch
     value, mask = torch.as_tensor(np.asarray(value)), torch.as_tensor(np.asarray(mask))[..., None]
     nd = len(model.transformer_blocks)
     if site == BLOCK0_INPUT:
         module = model.context_embedder
 
         def hook(mod, args, out):
+            import torch
             return torch.where(mask, value, out)
     elif site < nd:
         module = model.transformer_blocks[site]
 
         def hook(mod, args, out):  # (encoder_hidden_states, hidden_states)
+            import torch
             return torch.where(mask, value, out[0]), out[1]
     else:
         module = model.single_transformer_blocks[site - nd]
 
         def hook(mod, args, out):  # the joint stream, text first
+            import torch
             n_txt = value.shape[1]
             return torch.cat([torch.where(mask, value, out[:, :n_txt]), out[:, n_txt:]], dim=1)
     handle = module.register_forward_hook(hook)

@@ -8,16 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import diffusers_transformer, pipeline_encoder, pipeline_tokens, rel_err
+from test_sampler import HEIGHT, KLEIN, LATENT_TOL, N_TXT, WIDTH, _params, klein_latent_output, pil_image, tiny_vae
 
 import fluxjax
 from fluxjax import images, kv, sampler
-from reference import pipeline_encoder, pipeline_tokens, rel_err
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-from test_sampler import (HEIGHT, KLEIN, LATENT_TOL, N_TXT, WIDTH, _params, klein_latent_output,  # noqa: E402
-                          pil_image, tiny_vae)
-from reference import diffusers_transformer  # noqa: E402
 
 FORWARD_TOL = 1e-5  # fp32 forward: the transformer parity floor (sinusoid arguments, RoPE angles) is ~1e-6
 
@@ -34,6 +29,12 @@ def model():
     return module, _params(module, KLEIN)
 
 
+@pytest.fixture(scope="module")
+def params():
+    """Random [klein] parameters for the tests that need no PyTorch model (fluxjax's init rule)."""
+    return fluxjax.init_params(KLEIN, jax.random.key(4))
+
+
 def _inputs(seed=0):
     rng = np.random.default_rng(seed)
     layout = fluxjax.TokenLayout(N_TXT, (3, 4), ref_grids=((2, 3), (3, 2)))
@@ -44,7 +45,9 @@ def _inputs(seed=0):
     return layout, img, refs, txt, ids[:layout.n_img], ids[layout.n_img:]
 
 
+@pytest.mark.parity
 def test_extract_matches_diffusers(model):
+    import torch
     module, params = model
     layout, img, refs, txt, img_ids, ref_ids = _inputs()
     t = np.array([0.7, 0.7], np.float32)
@@ -71,7 +74,9 @@ def test_extract_matches_diffusers(model):
     assert rel_err(other, want.numpy()) > 100 * FORWARD_TOL
 
 
+@pytest.mark.parity
 def test_cached_matches_diffusers(model):
+    import torch
     module, params = model
     layout, img, refs, txt, img_ids, ref_ids = _inputs(seed=1)
     t0, t1 = np.full(2, 1.0, np.float32), np.full(2, 0.55, np.float32)
@@ -93,8 +98,7 @@ def test_cached_matches_diffusers(model):
                    want) <= FORWARD_TOL
 
 
-def test_empty_cache_is_the_plain_forward(model):
-    _, params = model
+def test_empty_cache_is_the_plain_forward(params):
     layout, img, _, txt, img_ids, _ = _inputs(seed=2)
     t = np.full(2, 0.4, np.float32)
     h, k = KLEIN.num_heads, KLEIN.head_dim
@@ -106,7 +110,9 @@ def test_empty_cache_is_the_plain_forward(model):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parity
 def test_kv_sampler_matches_pipeline(model):
+    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline
 
     module, params = model
@@ -169,8 +175,7 @@ def _null(iv):
 
 
 @pytest.mark.parametrize("case", ["knockout-and-substitutions", pytest.param("drop", marks=pytest.mark.slow)])
-def test_kv_path_with_interventions_equals_the_full_forward(model, case):
-    _, params = model
+def test_kv_path_with_interventions_equals_the_full_forward(params, case):
     layout, img, refs, txt, img_ids, ref_ids = _inputs(seed=3)
     content = np.zeros((2, layout.n_txt), bool)
     content[0, 1:4] = True
@@ -196,10 +201,9 @@ def test_kv_path_with_interventions_equals_the_full_forward(model, case):
 
 
 @pytest.mark.slow
-def test_kv_sampler_takes_interventions(model):
+def test_kv_sampler_takes_interventions(params):
     """`sample_kv` with per-step interventions: a capture of the image stream at every step, and those
     values substituted back step by step, change nothing."""
-    _, params = model
     layout, img, refs, txt, img_ids, ref_ids = _inputs(seed=4)
     options = sampler.SamplerOptions(num_steps=3)
     cap = fluxjax.Capture(sites=("b2.image.output",))

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from fluxjax import numerics
 
@@ -14,7 +13,9 @@ def _rand(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+@pytest.mark.parity
 def test_timestep_embedding_matches_diffusers():
+    import torch
     from diffusers.models.embeddings import get_timestep_embedding
 
     t = np.array([0.0, 1.0, 250.0, 999.0, 4000.0], np.float32)
@@ -26,7 +27,9 @@ def test_timestep_embedding_matches_diffusers():
     assert np.allclose(out[:, :128], np.cos(t[:, None] * np.exp(-np.log(1e4) * np.arange(128) / 128)), atol=1e-3)
 
 
+@pytest.mark.parity
 def test_rope_tables_match_diffusers_float64_angles():
+    import torch
     from diffusers.models.transformers.transformer_flux2 import Flux2PosEmbed
 
     rng = np.random.default_rng(0)
@@ -45,7 +48,9 @@ def test_rope_out_of_table_positions_are_nan_not_wrong():
     assert np.isnan(np.asarray(cos)[0, 0, 96:]).all()
 
 
+@pytest.mark.parity
 def test_apply_rope_matches_diffusers():
+    import torch
     from diffusers.models.embeddings import apply_rotary_emb
 
     x = _rand(2, 7, 3, 16)
@@ -55,7 +60,9 @@ def test_apply_rope_matches_diffusers():
     np.testing.assert_allclose(out, ref, atol=TIGHT)
 
 
+@pytest.mark.parity
 def test_layer_norm_and_rms_norm_match_torch():
+    import torch
     x = 3 * _rand(4, 5, 64) + 1
     ref = torch.nn.functional.layer_norm(torch.tensor(x), (64,), eps=1e-6).numpy()
     np.testing.assert_allclose(np.asarray(numerics.layer_norm(x)), ref, atol=TIGHT)
@@ -67,8 +74,10 @@ def test_layer_norm_and_rms_norm_match_torch():
     np.testing.assert_allclose(np.asarray(numerics.rms_norm(x, w)), ref, atol=TIGHT * 4)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_matches_sdpa(masked):
+    import torch
     q, k, v = _rand(2, 9, 3, 16, seed=0), _rand(2, 11, 3, 16, seed=1), _rand(2, 11, 3, 16, seed=2)
     mask = np.random.default_rng(3).random((2, 9, 11)) > 0.4 if masked else None
     if mask is not None:

@@ -24,7 +24,8 @@ from fluxjax.conversion.convert import convert_transformer
 from fluxjax.conversion.safetensors_io import SafetensorsFile
 from fluxjax.conversion.transformer_keys import BFL_PREFIX, expected_source_shapes
 
-torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.parity  # checked against a PyTorch model (diffusers); see pyproject.toml
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The bars (TOL_T0, TOL_GENERAL, BF16_RATIO) are defined, with their reasons, in flux2ref.models.
@@ -125,6 +126,7 @@ def test_guidance_changes_the_output_only_with_a_guidance_embedder(models, name)
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_bf16_error_within_the_reference_bf16_error(models, name):
+    import torch
     model, config, _, root = models(name)
     convert_transformer(root / "diffusers", root / "native-bf16", dtype="bf16")
     _, params = fluxjax.load_transformer(root / "native-bf16")
@@ -210,6 +212,7 @@ def test_final_layer_reads_bfl_rows_as_shift_then_scale(tmp_path):
     token's output when S is doubled, which only a shift does, and (2) equal a diffusers model
     whose `norm_out.linear` is set by hand to (scale = 0, shift = S), not through any converter.
     """
+    import torch
     config = TINY_NO_GUIDANCE
     D = config.hidden_size
     state = random_state(expected_source_shapes(config, "bfl"), seed=11)

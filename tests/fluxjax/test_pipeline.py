@@ -17,7 +17,6 @@ import pytest
 from fluxjax import images, pipeline, vae
 from reference import LATENT_TOL, pipeline_tokens, rel_err
 
-torch = pytest.importorskip("torch")
 
 PIXEL_MEAN_TOL = 1.0  # mean |diff| on 0..255: the study's own regression bar for re-running a task
 HEIGHT, WIDTH = 64, 96
@@ -32,13 +31,20 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(folder, tmp_path_factory):
+    """(our model loaded from the folder, its conversion cache)."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    return pipeline.load_model(folder, cache=cache, progress=False), cache
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    """diffusers' pipeline on the same folder, the reference."""
+    import torch
     from diffusers import Flux2KleinPipeline
 
-    cache = str(tmp_path_factory.mktemp("cache"))
-    model = pipeline.load_model(folder, cache=cache, progress=False)
     pipe = Flux2KleinPipeline.from_pretrained(folder).to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    return model, pipe, cache
+    return pipe
 
 
 def flat(rgb, size):
@@ -50,10 +56,12 @@ def noisy(seed, size):
     return PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("refs", [[], [("flat", (64, 80))], [("flat", (64, 80)), ("noisy", (96, 64))]],
                          ids=["t2i", "1ref", "2refs"])
-def test_images_match_diffusers_pipeline(loaded, refs):
-    model, pipe, _ = loaded
+def test_images_match_diffusers_pipeline(loaded, pipe, refs):
+    import torch
+    model, _ = loaded
     references = [flat((220, 40, 40), size) if kind == "flat" else noisy(i, size) for i, (kind, size) in enumerate(refs)]
     prompt = "draw a ball in this color"
     text = model.text_encoder.encode([prompt])
@@ -75,11 +83,13 @@ def test_images_match_diffusers_pipeline(loaded, refs):
     assert diff.mean() <= PIXEL_MEAN_TOL
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("with_reference", [False, True], ids=["t2i", "1ref"])
-def test_latents_match_diffusers_output_type_latent(loaded, with_reference):
+def test_latents_match_diffusers_output_type_latent(loaded, pipe, with_reference):
     """`fluxjax.vae.diffusers_latents` of generate's latents is the array `Flux2KleinPipeline` returns
     with output_type="latent" (denormalised, unpatchified, channels-first), from the same noise."""
-    model, pipe, _ = loaded
+    import torch
+    model, _ = loaded
     references = [noisy(3, (80, 64))] if with_reference else []
     text = model.text_encoder.encode(["draw a vase in this color"])
     grid = images.image_grid(HEIGHT, WIDTH)
@@ -99,7 +109,7 @@ def test_latents_match_diffusers_output_type_latent(loaded, with_reference):
 
 
 def test_prompt_path_equals_given_embeddings(loaded):
-    model, _, _ = loaded
+    model, _ = loaded
     text = model.text_encoder.encode(["draw a mug in this color"])
     a = pipeline.generate(model, "draw a mug in this color", seed=5, height=32, width=32)
     b = pipeline.generate(model, text=text, seed=5, height=32, width=32)
@@ -108,7 +118,7 @@ def test_prompt_path_equals_given_embeddings(loaded):
 
 
 def test_default_size_follows_first_reference_and_layout_is_planned(loaded):
-    model, _, _ = loaded
+    model, _ = loaded
     ref = flat((40, 90, 220), (96, 64))  # width 96, height 64
     planned = pipeline.plan_layout(model, [ref])
     got = pipeline.generate(model, text=model.text_encoder.encode(["draw a car in this color"]), references=[ref],
@@ -118,7 +128,7 @@ def test_default_size_follows_first_reference_and_layout_is_planned(loaded):
 
 
 def test_conversion_cache_is_reused(folder, loaded):
-    _, _, cache = loaded
+    _, cache = loaded
     entries = sorted(os.listdir(os.path.join(cache, "native")))
     assert [e.split("-")[0] for e in entries] == ["transformer", "vae"]
     stamp = {e: os.stat(os.path.join(cache, "native", e)).st_mtime_ns for e in entries}
@@ -132,7 +142,7 @@ def test_cache_in_an_older_format_is_converted_again(folder, loaded):
     from fluxjax.checkpoint import CheckpointError
     from fluxjax.vae_checkpoint import CONFIG_FILE, FORMAT_VERSION, load_vae
 
-    _, _, cache = loaded
+    _, cache = loaded
     vae_dir = pipeline.native_component(folder, "vae", cache=cache)
     meta_file = os.path.join(vae_dir, CONFIG_FILE)
     with open(meta_file) as f:
@@ -174,7 +184,7 @@ def _largest_file(folder: str) -> str:
 def test_a_damaged_cache_entry_is_converted_again_with_one_line(folder, loaded, tmp_path, caplog):
     import jax
 
-    model, _, _ = loaded
+    model, _ = loaded
     cache = str(tmp_path / "cache")
     entry = pipeline.native_component(folder, "transformer", cache=cache)
     _flip(_largest_file(os.path.join(entry, "params")))

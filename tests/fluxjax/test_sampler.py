@@ -19,8 +19,6 @@ from flux2ref.folder import tiny_vae
 from reference import (LATENT_TOL, TINY, diffusers_transformer, pipeline_encoder, pipeline_tokens, rel_err,
                        state_dict_numpy)
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 SCHEDULE_TOL = 1e-6  # the issue's bar; the port reproduces diffusers' float32 arithmetic (0 measured)
 RECOMPILED_TOL = 1e-5  # fp32, the same computation compiled as one scan vs per-step jits: XLA fuses differently
@@ -59,6 +57,7 @@ def pil_image(height, width, seed, mode="RGB"):
 def klein_latent_output(tokens, grid, vae):
     """What `Flux2KleinPipeline(output_type="latent")` returns for packed tokens, by the pipeline's own
     helpers: unpacked by ids, bn-denormalised and unpatchified to the VAE latent grid."""
+    import torch
     from diffusers import Flux2KleinPipeline as P
 
     x = torch.from_numpy(np.array(tokens, np.float32))
@@ -79,6 +78,12 @@ def models():
     )
 
 
+@pytest.fixture(scope="module")
+def klein_params():
+    """Random [klein] parameters for the tests that need no PyTorch model (fluxjax's init rule)."""
+    return fluxjax.init_params(KLEIN, jax.random.key(1))
+
+
 def _params(module, config):
     from fluxjax.conversion.transformer import params_from_state
 
@@ -96,6 +101,7 @@ def _inputs(batch=1, seed=0):
 # --- schedule -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parity
 def test_schedule_matches_diffusers_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu as reference_mu
@@ -125,10 +131,13 @@ def test_schedule_worked_values():
 
 
 def _bits(a):
+    import torch
     return np.asarray(a.view(torch.int16).numpy() if isinstance(a, torch.Tensor) else np.asarray(a).view(np.int16))
 
 
+@pytest.mark.parity
 def test_bf16_timestep_chain_matches_pipeline():
+    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
@@ -141,7 +150,9 @@ def test_bf16_timestep_chain_matches_pipeline():
             np.testing.assert_array_equal(_bits(to_model(sigmas[i:i + 1])), _bits(want))
 
 
+@pytest.mark.parity
 def test_bf16_euler_step_and_cfg_match_torch():
+    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     g = torch.Generator().manual_seed(0)
@@ -167,8 +178,10 @@ def test_bf16_euler_step_and_cfg_match_torch():
 # --- pipeline parity ----------------------------------------------------------------------------
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("ref_sizes", [(), ((64, 80),), ((64, 80), (96, 64))], ids=["t2i", "1ref", "2refs"])
 def test_klein_pipeline_parity(models, ref_sizes):
+    import torch
     transformer, params = models["klein"]
     vae = models["vae"]
     pipe = klein_pipeline(transformer, vae)
@@ -191,7 +204,9 @@ def test_klein_pipeline_parity(models, ref_sizes):
     assert rel_err(got, expected) <= LATENT_TOL
 
 
+@pytest.mark.parity
 def test_klein_base_cfg_parity(models):
+    import torch
     transformer, params = models["klein"]
     pipe = klein_pipeline(transformer, models["vae"], is_distilled=False)
     txt, noise, grid = _inputs()
@@ -207,7 +222,9 @@ def test_klein_base_cfg_parity(models):
     assert rel_err(klein_latent_output(latents, grid, models["vae"]), expected) <= LATENT_TOL
 
 
+@pytest.mark.parity
 def test_dev_pipeline_embedded_guidance_parity(models):
+    import torch
     transformer, params = models["dev"]
     vae = models["vae"]
     pipe = dev_pipeline(transformer, vae)
@@ -252,8 +269,8 @@ def _edit_setup(params_batch=1):
     return layout, txt, refs, noise
 
 
-def test_per_step_substitution_equals_python_loop(models):
-    _, params = models["klein"]
+def test_per_step_substitution_equals_python_loop(klein_params):
+    params = klein_params
     layout, txt, refs, noise = _edit_setup()
     steps = 2
     options = sampler.SamplerOptions(num_steps=steps)
@@ -275,8 +292,8 @@ def test_per_step_substitution_equals_python_loop(models):
     assert rel_err(other, got) > 1e-3
 
 
-def test_captures_are_per_step_and_self_patching_is_identity(models):
-    _, params = models["klein"]
+def test_captures_are_per_step_and_self_patching_is_identity(klein_params):
+    params = klein_params
     layout, txt, refs, noise = _edit_setup()
     options = sampler.SamplerOptions(num_steps=2)
     args = (params, KLEIN, options, txt, layout.txt_ids(), layout.img_ids())
@@ -292,8 +309,8 @@ def test_captures_are_per_step_and_self_patching_is_identity(models):
     np.testing.assert_array_equal(np.asarray(patched), np.asarray(plain))
 
 
-def test_one_compiled_program_across_seeds_and_values(models):
-    _, params = models["klein"]
+def test_one_compiled_program_across_seeds_and_values(klein_params):
+    params = klein_params
     layout, txt, refs, _ = _edit_setup()
     options = sampler.SamplerOptions(num_steps=2)
     mask = np.ones((2, 1, N_TXT), bool)
@@ -329,8 +346,8 @@ def test_seed_noise_is_deterministic_and_per_sample():
         sampler.initial_noise(-1, 1, 4, 4)
 
 
-def test_argument_errors(models):
-    _, params = models["klein"]
+def test_argument_errors(klein_params):
+    params = klein_params
     layout, txt, refs, noise = _edit_setup()
     args = (params, KLEIN, sampler.KLEIN_DISTILLED, txt, layout.txt_ids(), layout.img_ids())
     with pytest.raises(ValueError, match="exactly one"):

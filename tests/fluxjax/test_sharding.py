@@ -26,6 +26,7 @@ import fluxjax
 from fluxjax import sharding
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, when run as a script
 from reference import TINY, rel_err  # noqa: E402
+from testenv import host_devices  # noqa: E402
 
 SHARDED_TOL = 1e-6  # fp32: sharded matmuls sum in a different order (partial sums, reduce-scatter); ~5e-7 measured
 MESHES = ((8, 1), (2, 4), (1, 8))
@@ -144,7 +145,7 @@ def runs(tmp_path_factory):
     """(facts, sharded outputs, single-device outputs). The single-device runs happen here while the
     8-device worker runs: XLA compiles mostly on one core, so the two overlap."""
     out_dir = str(tmp_path_factory.mktemp("sharded"))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, **host_devices(8)}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), out_dir], env=env, cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -170,6 +171,7 @@ def runs(tmp_path_factory):
     return facts, sharded, single
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("mesh", MESHES, ids=[f"{d}x{f}" for d, f in MESHES])
 @pytest.mark.parametrize("kind", ["forward", "sampler"])
 def test_sharded_equals_single_device(runs, kind, mesh):
@@ -180,6 +182,7 @@ def test_sharded_equals_single_device(runs, kind, mesh):
         assert rel_err(got[name], want[name]) <= SHARDED_TOL, (name, rel_err(got[name], want[name]))
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("mesh", MESHES, ids=[f"{d}x{f}" for d, f in MESHES])
 def test_params_are_split_over_fsdp_and_replicated_over_data(runs, mesh):
     facts = runs[0]
@@ -199,6 +202,7 @@ def test_params_are_split_over_fsdp_and_replicated_over_data(runs, mesh):
     assert got["params"]["bytes_per_device"] == (total - small) // fsdp + small
 
 
+@pytest.mark.processes
 def test_checkpoint_loads_into_shards(runs):
     facts = runs[0]
     loaded = facts["loaded"]
@@ -233,6 +237,7 @@ def test_dev_plan_gives_each_of_8_devices_an_eighth():
     assert per_device <= (total - replicated) / 8 + replicated
 
 
+@pytest.mark.processes
 def test_dev_plan_as_xla_reads_it_and_as_documented(runs):
     facts = runs[0]
     total, replicated, per_device = dev_plan_bytes(8)

@@ -19,10 +19,10 @@ import pytest
 from reference import TINY, TOL_T0, diffusers_transformer, inputs, rel_err, state_dict_numpy
 
 import fluxjax
+from fluxjax.conversion.transformer import params_from_state
 from fluxjax.sites import POINTS, STREAMS
 
-torch = pytest.importorskip("torch")
-from fluxjax.conversion.transformer import params_from_state  # noqa: E402
+pytestmark = pytest.mark.parity  # checked against a PyTorch model (diffusers); see pyproject.toml
 
 NB, ND, D = TINY.num_blocks, TINY.depth, TINY.hidden_size  # 2 double (0, 1) + 3 single (2, 3, 4)
 LAYOUT = fluxjax.TokenLayout(n_txt=8, img_grid=(3, 4), ref_grids=((2, 3), (2, 2)))
@@ -62,6 +62,7 @@ class Hooks:
         """parts: the tensors a module passes here, by what they hold: 'text', 'image_stream' (image
         tokens, then references) or 'joint' ([text, image, refs]). Applies this (block, point)'s
         substitutions to them, records its sites; returns the parts."""
+        import torch
         for stream in STREAMS:
             if "joint" in parts:
                 name, lane = "joint", _lane(stream, joint=True)
@@ -130,7 +131,9 @@ class Hooks:
 
     def _single_parts(self, b):
         """to_out's input is [attention output | SwiGLU output]: its rows split the fused projection."""
+        import torch
         def hook(mod, args, out):
+            import torch
             x, w = args[0], mod.weight
             attn = torch.nn.functional.linear(x[..., :D], w[:, :D])
             mlp = torch.nn.functional.linear(x[..., D:], w[:, D:])
@@ -142,6 +145,7 @@ class Hooks:
 
 
 def theirs(model, subs=None):
+    import torch
     hooks = Hooks(model["module"], subs)
     with hooks.installed(), torch.no_grad():
         out = model["module"](torch.as_tensor(model["img"]), torch.as_tensor(model["txt"]), torch.zeros(2),

@@ -8,12 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+import text_fixtures as fx
 
 from fluxjax import text
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-import text_fixtures as fx  # noqa: E402
 
 PROMPTS = ["draw a ball in this color", "café crème: make the hat purple"]
 # Prompts whose text also occurs in the template ("user", "assistant", "INST"), with odd spacing,
@@ -45,14 +42,17 @@ def _dev_pipeline(model, processor):
                          tokenizer=processor, transformer=None)
 
 
+@pytest.mark.parity
 def test_system_message_is_the_pipelines():
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
     assert text.SYSTEM_MESSAGE == SYSTEM_MESSAGE
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kind", ["qwen3", "mistral3"])
 def test_embeddings_equal_pipeline_encode_prompt(kind, qwen3, mistral3):
+    import torch
     if kind == "qwen3":
         model, tok = qwen3
         encoder, pipe = text.qwen3_encoder(model, tok), _klein_pipeline(model, tok)
@@ -148,6 +148,7 @@ def test_cache_returns_identical_arrays_without_rerunning(qwen3, tmp_path):
 
 
 def test_bfloat16_features_survive_the_cache(tmp_path):
+    import torch
     import ml_dtypes
 
     model = fx.qwen3_model(seed=2, num_layers=10).to(torch.bfloat16)
@@ -165,6 +166,7 @@ def test_bad_layers_raise(qwen3):
         text.qwen3_encoder(model, tok, layers=(9, 18, 40))
 
 
+@pytest.mark.processes
 def test_library_modules_do_not_import_torch():
     code = ("import sys; import fluxjax, fluxjax.text, fluxjax.sampler, fluxjax.images, fluxjax.schedule; "
             "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; assert not bad, bad")

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from fluxjax.checkpoint import CheckpointError
 from fluxjax.conversion.vae import detect_vae_format, vae_params_from_state
@@ -51,6 +50,7 @@ from flux2ref.models import random_state, randomize_  # noqa: E402  (shared with
 
 
 def diffusers_vae(config: vae.VAEConfig, seed: int = 0):
+    import torch
     from diffusers import AutoencoderKLFlux2
 
     torch.manual_seed(seed)
@@ -66,6 +66,7 @@ def images(batch, height, width, seed=0):
 
 
 def nchw(x):
+    import torch
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 
 
@@ -81,6 +82,7 @@ def pipeline():
 
 def reference_tokens(model, x):
     """diffusers' own reference-image path: `_encode_vae_image` (posterior mean, patchify, bn) + `_pack_latents`."""
+    import torch
     P = pipeline()
     fake_self = types.SimpleNamespace(vae=model, _patchify_latents=P._patchify_latents)
     with torch.no_grad():
@@ -90,6 +92,7 @@ def reference_tokens(model, x):
 
 def reference_decode_tokens(model, tokens, height, width):
     """The decode branch of `Flux2KleinPipeline.__call__`: scatter by ids, undo bn, unpatchify, decode."""
+    import torch
     P = pipeline()
     th, tw = height // 16, width // 16
     t = torch.from_numpy(np.asarray(tokens))
@@ -108,6 +111,7 @@ _jit_decode_tokens = jax.jit(vae.decode_tokens, static_argnums=(1, 3, 4))
 
 def check_parity(config, model, params, x):
     """Posterior mean, normalised packed tokens and decoded tokens against the diffusers pipeline path."""
+    import torch
     with torch.no_grad():
         mean_ref = nhwc(model.encode(nchw(x)).latent_dist.mode())
     mean = _jit_encode(params, config, x)
@@ -135,26 +139,30 @@ def tiny():
     return model, vae_params_from_state(state_numpy(model), TINY, "diffusers")
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("size", [(32, 48), (48, 32), (64, 64)])
 def test_tiny_parity_with_diffusers(tiny, size):
     model, params = tiny
     check_parity(TINY, model, params, images(2, *size, seed=size[0] + size[1]))
 
 
+@pytest.mark.parity
 def test_real_width_parity_with_diffusers_64px():
     model = diffusers_vae(vae.FLUX2_VAE, seed=2)
     params = vae_params_from_state(state_numpy(model), vae.FLUX2_VAE, "diffusers")
     check_parity(vae.FLUX2_VAE, model, params, images(1, 64, 64, seed=3))
 
 
-def test_encode_to_tokens_is_encode_patchify_normalize_pack(tiny):
-    _, params = tiny
+def test_encode_to_tokens_is_encode_patchify_normalize_pack():
+    # random parameters read through the diffusers table (no PyTorch model needed here)
+    params = vae_params_from_state(random_state(expected_source_shapes(TINY, "diffusers"), seed=1), TINY, "diffusers")
     x = images(2, 32, 48, seed=7)
     tokens = jax.jit(vae.encode_to_tokens, static_argnums=1)(params, TINY, x)
     steps = vae.pack(vae.normalize(params, TINY, vae.patchify(_jit_encode(params, TINY, x))))
     np.testing.assert_allclose(tokens, steps, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parity
 def test_variants_without_attention_and_quant_convs():
     config = dataclasses.replace(TINY, mid_block_add_attention=False, use_quant_conv=False,
                                  use_post_quant_conv=False, decoder_block_out_channels=(16, 16, 32, 32),
@@ -177,6 +185,12 @@ def test_patchify_channel_order_and_inverse():
             for pj in range(2):
                 np.testing.assert_array_equal(p[:, :, :, ch * 4 + pi * 2 + pj], z[:, pi::2, pj::2, ch])
     np.testing.assert_array_equal(vae.unpatchify(p), z)
+
+
+@pytest.mark.parity
+def test_patchify_is_the_pipelines():
+    z = np.arange(2 * 4 * 6 * 3, dtype=np.float32).reshape(2, 4, 6, 3)
+    p = np.asarray(vae.patchify(z))
     P = pipeline()
     np.testing.assert_array_equal(nhwc(P._patchify_latents(nchw(z))), p)
     np.testing.assert_array_equal(nhwc(P._unpatchify_latents(nchw(p))), z)
@@ -186,17 +200,26 @@ def test_pack_is_row_major_and_unpack_inverts():
     x = np.random.default_rng(0).standard_normal((2, 3, 5, 8)).astype(np.float32)
     t = np.asarray(vae.pack(x))
     np.testing.assert_array_equal(t[:, 1 * 5 + 4], x[:, 1, 4])
-    P = pipeline()
-    np.testing.assert_array_equal(t, P._pack_latents(nchw(x)).numpy())
     np.testing.assert_array_equal(vae.unpack(t, (3, 5)), x)
-    ids = P._prepare_latent_ids(nchw(x))
-    np.testing.assert_array_equal(nchw(vae.unpack(t, (3, 5))).numpy(),
-                                  P._unpack_latents_with_ids(torch.from_numpy(t), ids).numpy())
     with pytest.raises(ValueError, match="token grid"):
         vae.unpack(t, (5, 5))
 
 
+@pytest.mark.parity
+def test_pack_and_unpack_are_the_pipelines():
+    import torch
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 8)).astype(np.float32)
+    t = np.asarray(vae.pack(x))
+    P = pipeline()
+    np.testing.assert_array_equal(t, P._pack_latents(nchw(x)).numpy())
+    ids = P._prepare_latent_ids(nchw(x))
+    np.testing.assert_array_equal(nchw(vae.unpack(t, (3, 5))).numpy(),
+                                  P._unpack_latents_with_ids(torch.from_numpy(t), ids).numpy())
+
+
+@pytest.mark.parity
 def test_normalize_is_batchnorm_eval_and_denormalize_inverts(tiny):
+    import torch
     model, params = tiny
     x = np.random.default_rng(1).standard_normal((2, 3, 4, TINY.token_channels)).astype(np.float32)
     with torch.no_grad():
@@ -218,16 +241,28 @@ def test_image_sizes_must_be_multiples_of_16():
 # Shapes, config, init
 
 
+FLUX2_VAE_PARAMETERS = 84_046_371  # AutoencoderKLFlux2's parameters and batch-norm statistics
+
+
+def _full_preset_count() -> int:
+    shapes = jax.eval_shape(lambda: vae.init_vae_params(vae.FLUX2_VAE, jax.random.key(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+
+
 def test_full_preset_shapes_and_count_without_memory():
+    assert _full_preset_count() == FLUX2_VAE_PARAMETERS
+    assert vae.FLUX2_VAE.token_channels == 128 and vae.FLUX2_VAE.pixels_per_token == (16, 16)
+
+
+@pytest.mark.parity
+def test_full_preset_count_is_diffusers():
+    import torch
     from diffusers import AutoencoderKLFlux2
 
-    shapes = jax.eval_shape(lambda: vae.init_vae_params(vae.FLUX2_VAE, jax.random.key(0)))
-    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
     with torch.device("meta"):
         ref = AutoencoderKLFlux2()
     ref_n = sum(p.numel() for p in ref.parameters()) + ref.bn.running_mean.numel() + ref.bn.running_var.numel()
-    assert n == ref_n == 84_046_371
-    assert vae.FLUX2_VAE.token_channels == 128 and vae.FLUX2_VAE.pixels_per_token == (16, 16)
+    assert ref_n == _full_preset_count() == FLUX2_VAE_PARAMETERS
 
 
 def test_config_validation():
@@ -256,7 +291,9 @@ def test_tables_cover_every_leaf_once():
         assert len({r.key for r in rows.values()}) == len(rows)
 
 
+@pytest.mark.parity
 def test_diffusers_table_is_exactly_the_diffusers_state_dict():
+    import torch
     from diffusers import AutoencoderKLFlux2
 
     with torch.device("meta"):
@@ -265,10 +302,12 @@ def test_diffusers_table_is_exactly_the_diffusers_state_dict():
     assert expected_source_shapes(vae.FLUX2_VAE, "diffusers") == state
 
 
+@pytest.mark.parity
 def test_bfl_mapping_agrees_with_diffusers_ldm_converter(tmp_path):
     """A random BFL-format file goes through diffusers' own LDM VAE converter into a strictly loaded
     `AutoencoderKLFlux2`; fluxjax's BFL conversion of the same file must equal fluxjax's diffusers
     conversion of that model, leaf for leaf, and give the same outputs."""
+    import torch
     from diffusers import AutoencoderKLFlux2
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from safetensors import safe_open
