@@ -8,7 +8,7 @@
 # process against JAX alone, that is without the slow ones, without those checked against a PyTorch
 # reference (marker `parity`) and without those that start other processes (marker `processes`).
 # It keeps JAX's persistent compilation cache in .cache/jax-fast-tier (set JAX_COMPILATION_CACHE_DIR
-# to move it): a rerun compiles only the programs that changed.
+# to move it; at most 512 MiB): a rerun compiles only the programs that changed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
@@ -18,6 +18,8 @@ if [ "${1:-}" = --fast ]; then
   set -- tests/fluxjax -m "not slow and not parity and not processes" "$@"
   export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$root/.cache/jax-fast-tier}"
   export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}"
+  # bounded: the least recently used entries go past 512 MiB (one run of the tier writes about 32 MiB)
+  export JAX_COMPILATION_CACHE_MAX_SIZE="${JAX_COMPILATION_CACHE_MAX_SIZE:-536870912}"
 fi
 workers="${FLUXJAX_TEST_WORKERS:-2}"
 if [ "$workers" = 0 ]; then
