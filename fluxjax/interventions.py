@@ -256,6 +256,23 @@ def _is_edge_table(shape, num_blocks: int, num_heads: int) -> bool:
             and (len(shape) == 3 or shape[1] == num_heads))
 
 
+def _check_edges(what: str, table, groups, stream_counts, config: Flux2Config, batch: int, lanes: Lanes,
+                 cached_refs: int):
+    """Raise if an edge table (a knockout's or the edge gates') and its token groups do not fit this
+    forward: [num_blocks, (H,) G, G], groups [B or 1, T + N], built for this image stream."""
+    nb, heads, shape = config.num_blocks, config.num_heads, np.shape(table)
+    if not _is_edge_table(shape, nb, heads):
+        raise ValueError(f"{what} table has shape {shape}; it must be [num_blocks, G, G] or per head "
+                         f"[num_blocks, H, G, G] with num_blocks = {nb}, H = {heads}")
+    g_shape, length = np.shape(groups), lanes.length + cached_refs
+    if len(g_shape) != 2 or g_shape[1] != length or g_shape[0] not in (1, batch):
+        raise ValueError(f"{what} groups of shape {g_shape} do not match this forward's joint sequence "
+                         f"[B, T + N] = {(batch, length)}; build the {what} from this forward's layout")
+    if stream_counts is not None and sum(stream_counts) != length - lanes.n_txt:
+        raise ValueError(f"{what} built for an image stream of {sum(stream_counts)} tokens, this forward has "
+                         f"{length - lanes.n_txt}; build the {what} from this forward's layout")
+
+
 def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: int, lanes: Lanes,
              refs_known: bool = True, dtype=None, cached_refs: int = 0):
     """Raise a ValueError (TypeError for a dtype) that says what to fix if `iv` or `capture` do not
@@ -331,39 +348,18 @@ def validate(iv: Interventions, capture: Capture, config: Flux2Config, batch: in
             why = ("this forward has no reference tokens" if lanes.n_ref == 0 else
                    f"the references leave the sequence at block {drop.from_block}")
             raise ValueError(f"capture site {s.name}: {why}")
-    knock = iv.knockout
+    knock, gates = iv.knockout, iv.gates
     if knock is not None:
-        shape = np.shape(knock.allowed)
-        if not _is_edge_table(shape, nb, config.num_heads):
-            raise ValueError(f"knockout.allowed has shape {shape}; it must be [num_blocks, G, G] or per head "
-                             f"[num_blocks, H, G, G] with num_blocks = {nb}, H = {config.num_heads}")
+        _check_edges("knockout", knock.allowed, knock.groups, knock.stream_counts, config, batch, lanes, cached_refs)
         if jnp.result_type(knock.allowed) != jnp.bool_:
             raise ValueError(f"knockout.allowed must be boolean, got {jnp.result_type(knock.allowed)}")
-        g_shape, length = np.shape(knock.groups), lanes.length + cached_refs
-        if len(g_shape) != 2 or g_shape[1] != length or g_shape[0] not in (1, batch):
-            raise ValueError(f"knockout groups of shape {g_shape} do not match this forward's joint sequence "
-                             f"[B, T + N] = {(batch, length)}; build the knockout from this forward's layout")
-        if knock.stream_counts is not None and sum(knock.stream_counts) != length - lanes.n_txt:
-            raise ValueError(f"the knockout was built for an image stream of {sum(knock.stream_counts)} tokens, this "
-                             f"forward has {length - lanes.n_txt}; build it from this forward's layout")
-    gates = iv.gates
     if gates is not None:
-        shape = np.shape(gates.gate)
-        if not _is_edge_table(shape, nb, config.num_heads):
-            raise ValueError(f"edge gates have shape {shape}; they must be [num_blocks, G, G] or per head "
-                             f"[num_blocks, H, G, G] with num_blocks = {nb}, H = {config.num_heads}")
+        _check_edges("edge gates", gates.gate, gates.groups, gates.stream_counts, config, batch, lanes, cached_refs)
         if not jnp.issubdtype(jnp.result_type(gates.gate), jnp.floating):
             raise TypeError(f"edge gates must be floating point, got {jnp.result_type(gates.gate)}")
-        g_shape, length = np.shape(gates.groups), lanes.length + cached_refs
-        if len(g_shape) != 2 or g_shape[1] != length or g_shape[0] not in (1, batch):
-            raise ValueError(f"edge gate groups of shape {g_shape} do not match this forward's joint sequence "
-                             f"[B, T + N] = {(batch, length)}; build the gates from this forward's layout")
-        if knock is not None and np.shape(knock.allowed)[-1] != shape[-1]:
+        if knock is not None and np.shape(knock.allowed)[-1] != np.shape(gates.gate)[-1]:
             raise ValueError(f"the knockout has {np.shape(knock.allowed)[-1]} token groups, the edge gates "
-                             f"{shape[-1]}; build both from this forward's layout")
-        if knock is None and gates.stream_counts is not None and sum(gates.stream_counts) != length - lanes.n_txt:
-            raise ValueError(f"the edge gates were built for an image stream of {sum(gates.stream_counts)} tokens, "
-                             f"this forward has {length - lanes.n_txt}; build them from this forward's layout")
+                             f"{np.shape(gates.gate)[-1]}; build both from this forward's layout")
     if drop is not None:
         if not 0 <= drop.from_block <= nb:
             raise ValueError(f"drop_reference from block {drop.from_block} out of range: give 0..{nb} (this model "

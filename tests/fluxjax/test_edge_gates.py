@@ -65,6 +65,18 @@ def test_open_gates_are_the_plain_forward_and_closed_ones_the_knockout(model, at
     assert rel_err(np.asarray(_forward(model, fluxjax.Interventions(gates=closed), attn_impl)), cut) <= GROUP_TOL
 
 
+def test_gates_that_do_not_fit_the_forward_fail_in_one_line(model):
+    ones = _gates()
+    wrong = [(ones.replace(gate=ones.gate[:-1]), ValueError, r"edge gates table has shape \(4, "),
+             (ones.replace(gate=ones.gate.astype(jnp.int32)), TypeError, "edge gates must be floating point"),
+             (ones.replace(groups=ones.groups[:, :-1]), ValueError, "edge gates groups of shape"),
+             (ones.replace(stream_counts=(1,)), ValueError, "edge gates built for an image stream of 1 tokens")]
+    for gates, error, match in wrong:
+        with pytest.raises(error, match=match) as e:
+            _forward(model, fluxjax.Interventions(gates=gates))
+        assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("attn_impl", ["blocked", "xla"])
 def test_gated_attention_equals_key_group_attention(attn_impl):
     """Gates shared by the heads or per head, with a knockout: open gates leave the knockout as it is;
