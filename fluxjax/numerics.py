@@ -197,8 +197,13 @@ class KeyGroups:
         key_groups = tuple(sorted({g for _, _, gs in self.segments for g in gs}))
         return self.replace(segments=((0, self.segments[-1][1], key_groups),))
 
-    def check(self, length: int):
-        """Raise if the segments do not tile [0, length) in order, each with at least one group."""
+    def check(self, num_queries: int, length: int):
+        """Raise if the keys need key_groups and have none, or if the segments do not tile the `length`
+        keys [0, length) in order, each with at least one group."""
+        if self.key_groups is None and length != num_queries:
+            raise ValueError(f"KeyGroups without key_groups needs queries and keys from one sequence; got "
+                             f"{num_queries} queries and {length} keys (give key_groups, every key's group, for "
+                             "keys from elsewhere)")
         at = 0
         for start, stop, key_groups in self.segments:
             if start != at or stop <= start or not key_groups:
@@ -532,6 +537,19 @@ def _partial_pallas(q, k, v, group_mask=None, block: int = PALLAS_BLOCK, interpr
     return o, lse.reshape(B, H, nq * bq)[:, :, :Lq].swapaxes(1, 2)
 
 
+def _merge(lse, outs):
+    """(o, w, total): the attention over every part of a merge from each part's normalised output
+    outs[p] [B, Lq, H, K] and log-sum-exp lse[p] [P, B, Lq, H]; w [P, B, Lq, H] each part's weight
+    (0 where it was not read) and total their sum. A part a query read nothing of may hold NaN
+    (0 / 0) in its output: its weight is 0 and it adds 0."""
+    top = jnp.max(lse, axis=0)
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))  # any finite shift: the weights are ratios
+    w = jnp.exp(lse - top)
+    total = jnp.sum(w, axis=0)
+    o = sum(jnp.where(wp[..., None] > 0, wp[..., None] * op, 0.0) for wp, op in zip(w, outs))
+    return o / total[..., None], w, total
+
+
 def _grouped_attention(q, k, v, kg: KeyGroups, partial, flow: bool = False, carried: bool = False):
     """Attend to each key segment with `partial` and merge the results with the table's weights.
 
@@ -539,10 +557,7 @@ def _grouped_attention(q, k, v, kg: KeyGroups, partial, flow: bool = False, carr
     then attended once per group (its mask narrowed to that group's keys), so that every part of
     the merge is one group and its weight exp(lse_part - lse) is that group's attention mass."""
     B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
-    if kg.key_groups is None and Lk != Lq:
-        raise ValueError(f"KeyGroups without key_groups needs queries and keys from one sequence; got {Lq} queries "
-                         f"and {Lk} keys (give key_groups, every key's group, for keys from elsewhere)")
-    kg.check(Lk)
+    kg.check(Lq, Lk)
     may_read = kg.may_read()
     may_read = jnp.broadcast_to(may_read, (B, *may_read.shape[1:]))  # [B, Lq, (H,) G]
     keys = jnp.broadcast_to(kg.keys, (B, Lk))
@@ -563,14 +578,8 @@ def _grouped_attention(q, k, v, kg: KeyGroups, partial, flow: bool = False, carr
     part_groups, outs, lses = zip(*parts)
     if len(outs) == 1 and not flow:  # one segment: already normalised over every key a query may read
         return outs[0].astype(v.dtype)
-    lse = jnp.stack(lses)  # [P, B, Lq, H]
-    top = jnp.max(lse, axis=0)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    w = jnp.exp(lse - top)  # [P, B, Lq, H]; 0 where a segment was not read
-    total = jnp.sum(w, axis=0)
-    # where(): a segment a query read nothing of may hold NaN (0 / 0) in its output; its weight is 0
-    o = sum(jnp.where(wp[..., None] > 0, wp[..., None] * op, 0.0) for wp, op in zip(w, outs))
-    o = (o / total[..., None]).astype(v.dtype)
+    o, w, total = _merge(jnp.stack(lses), outs)
+    o = o.astype(v.dtype)
     if not flow:
         return o
     share = w / total  # [P, B, Lq, H]: each part's (one group's) attention mass
@@ -599,7 +608,7 @@ def _blocked_flow(q, k, v, kg: KeyGroups, carried: bool, block: int = ATTENTION_
     if G > 31:
         raise ValueError(f"the blocked kernel takes at most 31 key groups, got {G}")
     Lk = k.shape[1]
-    kg.check(Lk)
+    kg.check(Lq, Lk)
     scale = q.shape[-1] ** -0.5
     keys = jnp.broadcast_to(kg.keys, (B, Lk))
     key_onehot = (keys[..., None] == jnp.arange(G)).astype(jnp.float32)  # [B, S, G]
@@ -700,10 +709,7 @@ def gated_attention(q, k, v, kg: KeyGroups, partial):
     gate = 1 is unchanged (log 1 = 0); the gates then only serve their gradient.
     """
     B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
-    if kg.key_groups is None and Lk != Lq:
-        raise ValueError(f"KeyGroups without key_groups needs queries and keys from one sequence; got {Lq} queries "
-                         f"and {Lk} keys (give key_groups, every key's group, for keys from elsewhere)")
-    kg.check(Lk)
+    kg.check(Lq, Lk)
     gate = jnp.broadcast_to(kg.gate, kg.allowed.shape) if kg.gate.ndim < kg.allowed.ndim else kg.gate
     allowed = jnp.broadcast_to(kg.allowed, gate.shape)
     # log(gate) where the edge is open; log(1) inside the where keeps reverse mode free of log(0)
@@ -731,13 +737,7 @@ def gated_attention(q, k, v, kg: KeyGroups, partial):
         share = jnp.exp(weighted - jnp.where(jnp.isfinite(top), top, 0.0))
         share = share / jnp.sum(share, axis=0)
         gates = gates * (1.0 / jnp.maximum(1.0 - share, 1e-6))
-    lse = lse + gates
-    top = jnp.max(lse, axis=0)
-    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))  # any finite shift: the weights are ratios
-    w = jnp.exp(lse - top)  # [P, B, Lq, H]; 0 where a group was not read
-    total = jnp.sum(w, axis=0)
-    o = sum(wp[..., None] * op for wp, op in zip(w, outs))  # o is 0, not NaN, where a group was empty
-    return (o / total[..., None]).astype(v.dtype)
+    return _merge(lse + gates, outs)[0].astype(v.dtype)
 
 
 def default_implementation(dtype, masked: bool = False, head_dim: int = 128) -> str:

@@ -46,13 +46,12 @@ INNER = ("attn_out", "mlp_out")  # the points inside a block, reached through it
 
 def stream_lanes(n_txt: int, n_stream: int, num_ref_tokens: int | None, iv: Interventions) -> tuple[Lanes, bool]:
     """The forward's lanes and whether it knows which image-stream tokens are references: from
-    `num_ref_tokens`, else from the knockout's layout or the reference removal; otherwise the whole
+    `num_ref_tokens`, else from the layout the knockout or the edge gates were built for, or the reference removal; otherwise the whole
     image stream counts as image (which the older captures and text-only interventions need)."""
     n_ref = num_ref_tokens
-    if n_ref is None and iv.knockout is not None and iv.knockout.stream_counts is not None:
-        n_ref = sum(iv.knockout.stream_counts[1:])
-    if n_ref is None and iv.gates is not None and iv.gates.stream_counts is not None:
-        n_ref = sum(iv.gates.stream_counts[1:])
+    for edges in (iv.knockout, iv.gates):  # either knows the layout it was built for
+        if n_ref is None and edges is not None and edges.stream_counts is not None:
+            n_ref = sum(edges.stream_counts[1:])
     if n_ref is None and iv.drop_reference is not None:
         n_ref = iv.drop_reference.num_ref_tokens
     if n_ref is not None and not 0 <= n_ref < n_stream:

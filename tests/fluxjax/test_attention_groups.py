@@ -75,7 +75,7 @@ def test_segments_tile_the_sequence():
     assert dropped == EXACT[:2]
     kg = numerics.KeyGroups(jnp.ones((5, 5), bool), jnp.zeros((1, 83), jnp.int32), ((0, 24, (0, 1)), (30, 83, (2,))))
     with pytest.raises(ValueError, match="tile"):
-        kg.check(83)
+        kg.check(83, 83)
 
 
 @functools.lru_cache(maxsize=None)
