@@ -409,17 +409,3 @@ def test_vmap_over_seeds_equals_loop(params, data):
                                                       data["img_ids"], data["txt_ids"], interventions=knock)[0]))(noise)
     for s in range(3):
         assert rel_err(swept[s], run(params, data, img=noise[s], interventions=knock)[0]) <= SWEEP_TOL
-
-
-@pytest.mark.slow
-def test_docs_examples_run():
-    """Every Python example of docs/interventions.md runs as written (after its signature sketch)."""
-    import pathlib
-    import re
-
-    doc = (pathlib.Path(__file__).parents[2] / "docs" / "interventions.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
-    assert len(blocks) >= 6
-    namespace: dict = {}
-    for i, block in enumerate(blocks[1:], 1):
-        exec(compile(block, f"docs/interventions.md, example {i}", "exec"), namespace)
